@@ -1,0 +1,208 @@
+"""The SignCert-PO core (`grpo_signcert.signcert_advantages`) checked against the paper's theorems,
+numerically, on random and adversarial inputs. Every expected value is computed independently of the
+function under test: by brute force over head perturbations, by scipy, or by the definition."""
+
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import minimize
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from grpo_signcert import signcert_advantages  # noqa: E402
+
+
+def linear_rm_batch(seed, B=3, K=6, d=5, scale=1.0):
+    """A batch whose rewards come from a linear head, r = w^T h + b, as the theorems assume."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, K, d, generator=g, dtype=torch.float64) * scale
+    w = torch.randn(d, generator=g, dtype=torch.float64)
+    b = torch.randn((), generator=g, dtype=torch.float64)
+    return h, w, b
+
+
+def group_adv(h, w, b):
+    """Dr.GRPO advantage of every completion under head (w, b), computed from the definition."""
+    r = h @ w + b
+    return r - r.mean(dim=1, keepdim=True)
+
+
+seeds = st.integers(min_value=0, max_value=2**31 - 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds, B=st.integers(1, 4), K=st.integers(2, 9), d=st.integers(1, 8))
+def test_radius_is_smallest_sign_flipping_perturbation(seed, B, K, d):
+    """Thm 3.1 / eq. (8): a perturbation of norm Delta_j (just over) along the flipping direction flips
+    sign A_j; no perturbation of smaller norm does (random directions, and the worst direction scaled down)."""
+    h, w, b = linear_rm_batch(seed, B, K, d)
+    A = group_adv(h, w, b)
+    _, radius, _ = signcert_advantages(h @ w + b, h, quantile=0.0)
+    radius = radius.double()  # float64 inputs are computed in float64
+    hbar = h.mean(dim=1, keepdim=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    for i in range(B):
+        for j in range(K):
+            dev = h[i, j] - hbar[i, 0]
+            if A[i, j].abs() < 1e-9 or dev.norm() < 1e-9:
+                continue
+            direction = -torch.sign(A[i, j]) * dev / dev.norm()
+            # |A| / ||dev|| recomputed here in float64 (the function returns float32)
+            assert radius[i, j] == pytest.approx((A[i, j].abs() / dev.norm()).item(), rel=1e-5)
+            flip = group_adv(h, w + direction * radius[i, j] * (1 + 1e-4), b)[i, j]
+            assert torch.sign(flip) == -torch.sign(A[i, j])
+            almost = group_adv(h, w + direction * radius[i, j] * (1 - 1e-4), b)[i, j]
+            assert torch.sign(almost) == torch.sign(A[i, j])
+            deltas = torch.randn(200, d, generator=g, dtype=torch.float64)
+            norms = torch.rand(200, 1, generator=g, dtype=torch.float64) * radius[i, j] * 0.999
+            deltas = deltas / deltas.norm(dim=1, keepdim=True) * norms
+            perturbed = torch.stack([group_adv(h, w + dl, b)[i, j] for dl in deltas])
+            assert (torch.sign(perturbed) == torch.sign(A[i, j])).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reweighted_advantage_is_worst_case_in_eps_ball(seed):
+    """Thm 3.2 / eq. (9)-(10): Atilde_j = min over ||delta|| <= eps of sign(A_j) A_j(w + delta), times
+    sign(A_j), found here by scipy (constrained minimisation) and bounded by many random directions."""
+    h, w, b = linear_rm_batch(seed, B=2, K=5, d=4)
+    A = group_adv(h, w, b)
+    Atilde, _, eps = signcert_advantages(h @ w + b, h, quantile=0.3)
+    eps = eps.item()
+    assert eps > 0
+    rng = np.random.default_rng(seed)
+    for i in range(2):
+        for j in range(5):
+            s = torch.sign(A[i, j]).item()
+
+            def objective(delta, i=i, j=j, s=s):  # what the adversary minimises: the signed advantage
+                return s * group_adv(h, w + torch.from_numpy(delta), b)[i, j].item()
+
+            ball = {"type": "ineq", "fun": lambda delta: eps**2 - delta @ delta}
+            best = min(
+                minimize(objective, rng.normal(size=4) * eps / 4, constraints=[ball], method="SLSQP", tol=1e-12).fun
+                for _ in range(3)
+            )
+            assert s * Atilde[i, j].item() == pytest.approx(best, abs=1e-5)
+            # no direction of the ball does better than the closed form
+            dirs = rng.normal(size=(500, 4))
+            dirs = dirs / np.linalg.norm(dirs, axis=1, keepdims=True) * eps
+            assert min(objective(dl) for dl in dirs) >= s * Atilde[i, j].item() - 1e-5
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=seeds, K=st.integers(2, 9), scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_quantile_zero_is_exactly_dr_grpo(seed, K, scale):
+    h, w, b = linear_rm_batch(seed, B=4, K=K, scale=scale)
+    r = (h @ w + b).float()
+    adv, _, eps = signcert_advantages(r, h.float(), quantile=0.0)
+    assert eps.item() == 0.0
+    assert torch.equal(adv, r - r.mean(dim=1, keepdim=True))  # bitwise: eq. (4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, K=st.integers(2, 9))
+def test_zero_sum_obstruction_for_every_head(seed, K):
+    """Appendix D: sum_j A_j(w') = 0 for every head w', so robustifying the summed advantage is vacuous."""
+    h, w, b = linear_rm_batch(seed, B=3, K=K)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        w2, b2 = torch.randn(w.shape, generator=g, dtype=torch.float64) * 10, torch.randn((), generator=g).double()
+        adv, _, _ = signcert_advantages(h @ w2 + b2, h, quantile=0.0)
+        assert adv.double().sum(dim=1).abs().max() < 1e-4 * (1 + (h @ w2).abs().max())
+        assert group_adv(h, w2, b2).sum(dim=1).abs().max() < 1e-9 * (1 + (h @ w2).abs().max())
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, q=st.sampled_from([0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.9]))
+def test_fraction_with_nonpositive_rho_is_about_q(seed, q):
+    h, w, b = linear_rm_batch(seed, B=16, K=8)
+    adv, radius, eps = signcert_advantages(h @ w + b, h, quantile=q)
+    rho = 1 - eps / radius  # eq. (11)
+    n = radius.numel()
+    assert abs((rho <= 0).float().mean().item() - q) <= 1.0 / n + 1e-6
+    # and the re-weighting is rho * A (eq. 11) wherever the radius is finite
+    A = (h @ w + b) - (h @ w + b).mean(dim=1, keepdim=True)
+    assert torch.allclose(adv.double(), rho.double() * A, atol=1e-5, rtol=1e-4)
+
+
+def test_eps_is_the_quantile_of_the_radii_by_sorting():
+    h, w, b = linear_rm_batch(7, B=5, K=4)  # 20 radii: the 0.25-quantile interpolates sorted[4.75]
+    _, radius, eps = signcert_advantages(h @ w + b, h, quantile=0.25)
+    s = radius.flatten().sort().values
+    assert eps.item() == pytest.approx((s[4] + 0.75 * (s[5] - s[4])).item(), rel=1e-6)
+    _, radius, eps_inv = signcert_advantages(h @ w + b, h, quantile=0.25, eps_mode="inv_delta")
+    s = (1 / radius).flatten().sort().values
+    assert eps_inv.item() == pytest.approx((s[4] + 0.75 * (s[5] - s[4])).item(), rel=1e-6)
+
+
+def test_clip_sets_flipped_completions_to_zero_and_keeps_the_rest():
+    h, w, b = linear_rm_batch(3, B=8, K=8)
+    unclipped, radius, eps = signcert_advantages(h @ w + b, h, quantile=0.4)
+    clipped, _, eps_c = signcert_advantages(h @ w + b, h, quantile=0.4, clip=True)
+    assert eps == eps_c
+    flipped = radius < eps
+    assert flipped.any() and (~flipped).any()
+    A = group_adv(h, w, b)
+    assert (torch.sign(unclipped[flipped]) == -torch.sign(A[flipped])).all()  # unclipped: opposite sign
+    assert (clipped[flipped] == 0).all()
+    assert torch.equal(clipped[~flipped], unclipped[~flipped])
+
+
+def test_edge_cases_zero_advantage_and_identical_features():
+    # group 0: all rewards equal (A = 0); group 1: identical features (||h - hbar|| = 0, Delta = inf)
+    h = torch.randn(2, 4, 3)
+    h[1] = h[1, 0]
+    r = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 2.0, 3.0]])
+    adv, radius, eps = signcert_advantages(r, h, quantile=0.5)
+    assert (adv[0] == 0).all()
+    assert torch.isinf(radius[1]).all()
+    assert torch.equal(adv[1], r[1] - r[1].mean())  # rho = 1
+    assert torch.isfinite(eps) and eps == 0.0  # the finite radii of group 0 are all 0
+    # every feature identical everywhere: no finite radius at all, eps = 0
+    adv, radius, eps = signcert_advantages(r, torch.ones(2, 4, 3), quantile=0.5)
+    assert eps == 0 and torch.equal(adv, r - r.mean(dim=1, keepdim=True))
+
+
+def test_gather_makes_eps_global():
+    """The trainer passes accelerator.gather: each shard then uses the eps of the whole batch."""
+    h, w, b = linear_rm_batch(11, B=6, K=4)
+    r = h @ w + b
+    full_adv, _, full_eps = signcert_advantages(r, h, quantile=0.3)
+    _, all_radius, _ = signcert_advantages(r, h, quantile=0.0)
+    for shard in (slice(0, 2), slice(2, 6)):
+        adv, _, eps = signcert_advantages(r[shard], h[shard], 0.3, gather=lambda t: all_radius)
+        assert eps == full_eps
+        assert torch.equal(adv, full_adv[shard])
+    _, _, local_eps = signcert_advantages(r[:2], h[:2], 0.3)
+    assert local_eps != full_eps
+
+
+def test_no_gradient_flows_and_dtypes():
+    h = torch.randn(2, 4, 3, requires_grad=True)
+    r = torch.randn(2, 4, requires_grad=True)
+    adv, radius, eps = signcert_advantages(r.bfloat16(), h.bfloat16(), quantile=0.3)
+    assert not adv.requires_grad and not radius.requires_grad and not eps.requires_grad
+    assert adv.dtype == radius.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "rewards, features, quantile, kwargs, message",
+    [
+        (torch.zeros(2, 4), torch.zeros(2, 3, 5), 0.3, {}, "features must have shape"),
+        (torch.zeros(8), torch.zeros(8, 5), 0.3, {}, "rewards must have shape"),
+        (torch.zeros(2, 1), torch.zeros(2, 1, 5), 0.3, {}, "K >= 2"),
+        (torch.zeros(2, 4), torch.zeros(2, 4, 5), 1.5, {}, "quantile must lie in"),
+        (torch.zeros(2, 4), torch.zeros(2, 4, 5), -0.1, {}, "quantile must lie in"),
+        (torch.tensor([[0.0, math.nan]]), torch.zeros(1, 2, 5), 0.3, {}, "NaN"),
+        (torch.zeros(1, 2), torch.full((1, 2, 5), math.inf), 0.3, {}, "NaN or inf"),
+        (torch.zeros(2, 4), torch.zeros(2, 4, 5), 0.3, {"eps_mode": "delta_inv"}, "eps_mode"),
+    ],
+)
+def test_bad_input_raises_clear_error(rewards, features, quantile, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        signcert_advantages(rewards, features, quantile, **kwargs)
