@@ -1,0 +1,314 @@
+"""End-to-end and unit tests of the pipeline stages sft.py -> gen_prefs.py -> train_rm.py -> eval_gold.py.
+
+Every stage runs in a subprocess on a micro world built here in a second (a ByteLevel BPE tokenizer
+trained in-process, 24 TL;DR rows, random GPT-NeoX models of a few thousand parameters), so the
+tests do not depend on tiny_world.py's build time. Nothing is downloaded (HF_HUB_OFFLINE=1).
+    python -m pytest tests/test_stages.py -q
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+TOPICS = {"pets": ["cat", "dog", "fish", "leash"], "money": ["rent", "loan", "bank", "paycheck"], "food": ["pizza", "bread", "sauce", "dinner"]}
+
+
+def make_rows(split: str, n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        sub = rng.choice(list(TOPICS))
+        a, b = rng.sample(TOPICS[sub], 2)
+        post = f"my mom broke the {a} today . then my friend lost the {b} . please help me ."
+        rows.append({"id": f"{split}-{i}", "subreddit": sub, "title": f"problem with my {a}", "post": post, "summary": f"{a} and {b}"})
+    return rows
+
+
+def build_micro_world(root: Path) -> Path:
+    """{root}/data/{train,validation,test}.jsonl, tokenizer/, base_policy/ (CausalLM), gold_rm/ (SeqCls, score head)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification, PreTrainedTokenizerFast
+
+    splits = {"train": make_rows("train", 24, 0), "validation": make_rows("validation", 8, 1), "test": make_rows("test", 8, 2)}
+    (root / "data").mkdir(parents=True)
+    for split, rows in splits.items():
+        with open(root / "data" / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    texts = [f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR: {r['summary']}" for rows in splits.values() for r in rows]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tokenizer.save_pretrained(root / "tokenizer")
+    eos = tokenizer.eos_token_id
+    config = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=256, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(GPTNeoXConfig(**config)).save_pretrained(root / "base_policy")
+    tokenizer.save_pretrained(root / "base_policy")
+    GPTNeoXForSequenceClassification(GPTNeoXConfig(**config, num_labels=1)).save_pretrained(root / "gold_rm")
+    tokenizer.save_pretrained(root / "gold_rm")
+    return root
+
+
+def run(args: list[str], launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = (launcher or [sys.executable]) + args
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Path:
+    return build_micro_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="session")
+def sft_dir(world) -> Path:
+    out = world / "sft"
+    # enough steps on 24 rows for the policy to emit EOS often, so that gen_prefs makes pairs
+    run(["sft.py", "--model-name-or-path", str(world / "base_policy"), "--dataset", str(world / "data"), "--output-dir", str(out),
+         "--num-train-epochs", "15", "--per-device-train-batch-size", "8", "--learning-rate", "1e-2", "--max-eval-samples", "8", "--logging-steps", "5"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def prefs_dir(world, sft_dir) -> Path:
+    out = world / "prefs"
+    run(["gen_prefs.py", "--policy-path", str(sft_dir), "--gold-rm-path", str(world / "gold_rm"), "--dataset", str(world / "data"),
+         "--output-dir", str(out), "--num-test-prompts", "8", "--max-new-tokens", "8", "--generation-batch-size", "16"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def rm_dir(world, sft_dir, prefs_dir) -> Path:
+    out = world / "rm"
+    run(["train_rm.py", "--sft-path", str(sft_dir), "--prefs-path", str(prefs_dir), "--dataset", str(world / "data"), "--output-dir", str(out),
+         "--per-device-train-batch-size", "4", "--eval-steps", "2", "--logging-steps", "1", "--num-norm-samples", "8"])
+    return out
+
+
+def eval_args(world, sft_dir, rm_dir, out) -> list[str]:
+    return ["eval_gold.py", "--policy-path", str(sft_dir), "--gold-rm-path", str(world / "gold_rm"), "--proxy-rm", str(rm_dir),
+            "--dataset", str(world / "data"), "--num-prompts", "7", "--max-new-tokens", "8", "--output-dir", str(out)]
+
+
+# ---------------------------------------------------------------- end to end
+def test_sft_writes_a_trained_model(sft_dir):
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "metrics.jsonl", "eval.json"):
+        assert (sft_dir / name).is_file(), name
+    losses = [m["losses/sft_loss"] for m in read_jsonl(sft_dir / "metrics.jsonl") if "losses/sft_loss" in m]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+    assert json.loads((sft_dir / "eval.json").read_text())["eval/loss"] > 0
+    assert not list(sft_dir.parent.glob(".sft.tmp-*")), "the staging dir must be moved into place"
+
+
+def test_gen_prefs_pairs(prefs_dir):
+    stats = json.loads((prefs_dir / "stats.json").read_text())
+    for split, n_prompts in (("train", 24), ("test", 8)):
+        rows = read_jsonl(prefs_dir / f"{split}.jsonl")
+        assert stats[f"{split}/num_prompts"] == n_prompts
+        assert stats[f"{split}/num_pairs"] == len(rows) == round(n_prompts * (1 - stats[f"{split}/tie_rate"]))
+        assert 0 <= stats[f"{split}/eos_rate"] <= 1
+        for r in rows:
+            assert {"id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score"} <= set(r)
+            assert r["chosen_score"] > r["rejected_score"] and r["prompt"].endswith("TL;DR:")
+    assert len(read_jsonl(prefs_dir / "train.jsonl")) > 0
+
+
+def test_train_rm_saves_offset_and_accuracy(rm_dir):
+    config = json.loads((rm_dir / "config.json").read_text())
+    assert isinstance(config["reward_offset"], float) and len(config["id2label"]) == 1
+    assert (rm_dir / "model.safetensors").is_file() and (rm_dir / "tokenizer.json").is_file()
+    summary = json.loads((rm_dir / "eval.json").read_text())
+    assert 0.0 <= summary["eval/accuracy"] <= 1.0
+    assert summary["eval/reward_offset"] == pytest.approx(config["reward_offset"])
+    assert any("eval/accuracy" in m for m in read_jsonl(rm_dir / "metrics.jsonl")[:-1]), "periodic evaluation"
+
+
+def test_train_rm_offset_centres_references(world, rm_dir):
+    """Reference responses scored by the saved RM, minus reward_offset, average 0."""
+    import train_rm
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    tok = AutoTokenizer.from_pretrained(rm_dir)
+    rows = read_jsonl(world / "data" / "validation.jsonl")
+    seqs = [train_rm.rm_input_ids(tok, *train_rm.to_prompt_response(r, "tldr", tok, 128), 256) for r in rows]
+    ids, mask = train_rm.pad_right(seqs, tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        rewards = train_rm.reward_at_last_token(rm, ids, mask)[0]
+    assert (rewards.mean() - rm.config.reward_offset).abs() < 1e-4
+
+
+def test_eval_gold_metrics_match_samples(world, sft_dir, rm_dir):
+    out = world / "eval1"
+    run(eval_args(world, sft_dir, rm_dir, out))
+    metrics = json.loads((out / "eval.json").read_text())
+    samples = read_jsonl(out / "samples.jsonl")
+    assert len(samples) == 7 == metrics["eval/num_prompts"]
+    assert 0.0 <= metrics["eval/win_rate"] <= 1.0
+    assert metrics["eval/win_rate"] == pytest.approx(np.mean([s["gold_score"] > s["reference_gold_score"] for s in samples]))
+    assert metrics["eval/gold_reward_mean"] == pytest.approx(np.mean([s["gold_score"] for s in samples]))
+    assert metrics["eval/eos_rate"] == pytest.approx(np.mean([s["has_eos"] for s in samples]))
+    assert "eval/proxy_reward_mean" in metrics and all("proxy_score" in s for s in samples)
+    for s in samples:
+        if not s["has_eos"]:
+            assert s["gold_score"] == -1.0 and s["length"] == 8
+
+
+def test_eval_gold_two_processes_match_one(world, sft_dir, rm_dir):
+    """2 CPU processes (configs/cpu_2proc.yaml): each scores its share; the gathered result equals 1 process."""
+    one, two = world / "eval1p", world / "eval2p"
+    run(eval_args(world, sft_dir, rm_dir, one))
+    run(eval_args(world, sft_dir, rm_dir, two), launcher=[sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/cpu_2proc.yaml")])
+    a, b = read_jsonl(one / "samples.jsonl"), read_jsonl(two / "samples.jsonl")
+    assert json.load(open(two / "eval.json"))["world_size"] == 2  # really two processes
+    assert [s["id"] for s in a] == [s["id"] for s in b]  # the same prompts, in the same order
+    # references do not depend on sampling: their gold and proxy scores must agree across process counts
+    np.testing.assert_allclose([s["reference_gold_score"] for s in a], [s["reference_gold_score"] for s in b], atol=1e-5)
+    np.testing.assert_allclose([s["reference_proxy_score"] for s in a], [s["reference_proxy_score"] for s in b], atol=1e-5)
+
+
+# ---------------------------------------------------------------- units: reward at the last real token, EOS
+def tiny_rm(eos: int = 0):
+    from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                           max_position_embeddings=64, eos_token_id=eos, pad_token_id=eos, num_labels=1)
+    return GPTNeoXForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize("script", ["gen_prefs", "train_rm", "eval_gold"])
+def test_reward_read_at_last_real_token_with_left_and_right_padding(script):
+    mod = __import__(script)
+    rm, eos = tiny_rm(), 0
+    # prompt | response ending with EOS (== pad); one response also contains... nothing after EOS
+    seqs = [[5, 6, 7, 8, 9, eos], [3, 4, 11, eos], [12, 13, 14, 15, 16, 17, 18, 19, eos], [21, 22, eos, ]]
+    with torch.no_grad():
+        alone = [mod.reward_at_last_token(rm, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in seqs]
+        # right padding with pad == eos
+        n = max(map(len, seqs))
+        ids = torch.tensor([s + [eos] * (n - len(s)) for s in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs])
+        right_r, right_h = mod.reward_at_last_token(rm, ids, mask)
+        # left-padded prompts + right-padded completions (how a generated batch looks)
+        prompts, responses = [s[:2] for s in seqs], [s[2:] for s in seqs]
+        p, q = max(map(len, prompts)), max(map(len, responses))
+        ids = torch.tensor([[eos] * (p - len(a)) + a + b + [eos] * (q - len(b)) for a, b in zip(prompts, responses)])
+        mask = torch.tensor([[0] * (p - len(a)) + [1] * (len(a) + len(b)) + [0] * (q - len(b)) for a, b in zip(prompts, responses)])
+        both_r, both_h = mod.reward_at_last_token(rm, ids, mask)
+    for i, (r, h) in enumerate(alone):
+        assert torch.allclose(right_r[i], r[0], atol=1e-5) and torch.allclose(both_r[i], r[0], atol=1e-5)
+        assert torch.allclose(right_h[i], h[0], atol=1e-5) and torch.allclose(both_h[i], h[0], atol=1e-5)
+        assert torch.allclose(rm.score(h)[0, 0], r[0])  # the reward is the head applied to the returned feature
+    # and it is NOT what reading the last non-pad token would give (the token before the EOS)
+    with torch.no_grad():
+        wrong = mod.reward_at_last_token(rm, torch.tensor([seqs[0][:-1]]), torch.ones(1, len(seqs[0]) - 1, dtype=torch.long))[0]
+    assert not torch.allclose(wrong, alone[0][0])
+
+
+@pytest.mark.parametrize("script", ["gen_prefs", "eval_gold"])
+def test_truncate_after_eos_and_penalty(script):
+    mod = __import__(script)
+    eos = pad = 0
+    tokens = torch.tensor([[5, eos, 7, eos], [5, 6, 7, 8], [eos, 1, 2, 3], [4, 5, 6, eos]])
+    out, lengths, has_eos = mod.truncate_after_eos(tokens, eos, pad)
+    assert out.tolist() == [[5, eos, pad, pad], [5, 6, 7, 8], [eos, pad, pad, pad], [4, 5, 6, eos]]
+    assert lengths.tolist() == [2, 4, 1, 4] and has_eos.tolist() == [True, False, True, True]
+    scores = mod.apply_missing_eos_penalty(torch.tensor([0.5, 2.0, -0.3, 1.0]), has_eos, -1.0)
+    assert scores.tolist() == pytest.approx([0.5, -1.0, -0.3, 1.0])
+    # eos != pad: tokens after the EOS become pad, the EOS stays
+    out, lengths, _ = mod.truncate_after_eos(torch.tensor([[3, 9, 4, 9]]), 9, 1)
+    assert out.tolist() == [[3, 9, 1, 1]] and lengths.tolist() == [2]
+
+
+# ---------------------------------------------------------------- bad input
+def test_missing_model_path_is_a_clear_error(world):
+    proc = run(["sft.py", "--model-name-or-path", str(world / "nope"), "--dataset", str(world / "data")], check=False)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr and "tiny_world.py" in proc.stderr
+
+
+def test_causal_lm_as_gold_is_a_clear_error(world):
+    proc = run(["eval_gold.py", "--policy-path", str(world / "base_policy"), "--gold-rm-path", str(world / "base_policy"),
+                "--dataset", str(world / "data"), "--output-dir", str(world / "bad")], check=False)
+    assert proc.returncode != 0 and "is not a reward model" in proc.stderr and "GPTNeoXForCausalLM" in proc.stderr
+
+
+@pytest.mark.parametrize("script", ["gen_prefs", "eval_gold"])
+def test_check_reward_config(world, script):
+    mod = __import__(script)
+    mod.check_reward_config(str(world / "gold_rm"), False, "--gold-rm-path")  # a reward model: fine
+    with pytest.raises(ValueError, match="is not a reward model.*ForSequenceClassification"):
+        mod.check_reward_config(str(world / "base_policy"), False, "--gold-rm-path")
+
+
+def test_dataset_without_needed_columns(tmp_path, world):
+    (tmp_path / "train.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    (tmp_path / "validation.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    proc = run(["sft.py", "--model-name-or-path", str(world / "base_policy"), "--dataset", str(tmp_path)], check=False)
+    assert proc.returncode != 0 and "['answer', 'question']" in proc.stderr and "summary" in proc.stderr and "instruction" in proc.stderr
+
+
+def test_prefs_without_pair_columns(tmp_path):
+    import train_rm
+
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    with pytest.raises(ValueError, match=r"need \['prompt', 'chosen', 'rejected'\]"):
+        train_rm.load_pairs(tmp_path / "train.jsonl")
+    with pytest.raises(FileNotFoundError, match="run gen_prefs.py first"):
+        train_rm.load_pairs(tmp_path / "test.jsonl")
+
+
+@pytest.mark.parametrize("script", ["sft", "train_rm"])
+def test_batch_sizes_that_do_not_divide(script):
+    mod = __import__(script)
+    assert mod.exact_div(64, 16, "x") == 4
+    with pytest.raises(ValueError, match="valid values are multiples of 16"):
+        mod.exact_div(40, 16, "--total-batch-size")
+
+
+def test_total_batch_size_error_end_to_end(world, sft_dir, prefs_dir):
+    proc = run(["train_rm.py", "--sft-path", str(sft_dir), "--prefs-path", str(prefs_dir), "--dataset", str(world / "data"),
+                "--per-device-train-batch-size", "4", "--total-batch-size", "10", "--output-dir", str(world / "bad_rm")], check=False)
+    assert proc.returncode != 0 and "valid values are multiples of 4" in proc.stderr
+
+
+# ---------------------------------------------------------------- presets
+@pytest.mark.parametrize("script", ["sft", "gen_prefs", "train_rm", "eval_gold"])
+def test_presets_and_overrides(script, monkeypatch):
+    mod = __import__(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py"])
+    tiny = mod.parse_args()
+    assert tiny.preset == "tiny" and "tiny_world" in str(tiny.dataset)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--preset", "paper", "--seed", "7"])
+    paper = mod.parse_args()
+    assert paper.preset == "paper" and paper.dataset == "vwxyzjn/summarize_from_feedback_tldr_3_filtered" and paper.seed == 7
+    if script == "sft":
+        assert (paper.learning_rate, paper.lr_scheduler_type, paper.num_train_epochs, paper.per_device_train_batch_size, paper.mixed_precision) == (3e-6, "cosine", 1, 16, "bf16")
+        assert paper.model_name_or_path == "EleutherAI/pythia-1b"
+    if script == "train_rm":
+        assert (paper.learning_rate, paper.warmup_ratio, paper.weight_decay, paper.num_train_epochs, paper.max_length, paper.per_device_train_batch_size) == (2e-5, 0.03, 0.1, 1, 512, 16)
+    if script in ("gen_prefs", "eval_gold"):
+        assert paper.max_new_tokens == 53 and paper.gold_rm_path == "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"
+    if script == "gen_prefs":
+        assert (paper.num_completions, paper.temperature) == (2, 1.0)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--preset", "paper", "--dataset", "elsewhere"])
+    assert mod.parse_args().dataset == "elsewhere"  # explicit flags beat the preset

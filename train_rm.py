@@ -1,0 +1,506 @@
+"""Stage 3 of the gold-model pipeline: the proxy reward model, Bradley-Terry on the gold-labelled pairs.
+
+The proxy RM is the SFT backbone with a fresh scalar head:
+`AutoModelForSequenceClassification.from_pretrained(sft_path, num_labels=1)`, the `score` Linear
+re-initialised with std 1/sqrt(hidden + 1) (as summarize_from_feedback_details) from `--seed`, so
+that several seeds give the ensemble members UWO needs (`--seed 2 --output-dir runs/tiny_world/rm_2`).
+All parameters are trained with the Bradley-Terry loss `-log sigmoid(r(x, y_chosen) - r(x, y_rejected))`.
+The reward is read at the last real token (the EOS appended to every response), found from the
+attention mask (pad == eos), from the same last-layer feature h that SignCert-PO perturbs: r = w^T h.
+
+Input format (the RL stage must feed the proxy the same): token ids of the prompt, then of the
+response, then EOS, in the SFT tokenizer; inputs longer than `--max-length` lose their beginning.
+
+Normalisation: after training, the mean reward of the reference responses of `--num-norm-samples`
+prompts of the validation split is stored as `reward_offset` in the saved config.json; the proxy
+reward is `score(h) - config.reward_offset`, so that reference responses score about 0 (the GPT-NeoX
+`score` Linear has no bias to absorb it). Downstream scripts subtract it.
+
+Accuracy: the fraction of held-out pairs (`{prefs_path}/test.jsonl`, on-policy completions of
+held-out prompts labelled by the gold) where the proxy ranks the gold-chosen response strictly higher;
+every `--eval-steps` updates and at the end.
+
+Paper setting (appendix F.4): Pythia-1B SFT backbone, lr 2e-5, cosine, warmup 0.03, weight decay 0.1,
+1 epoch, max length 512, per-device batch 16, gradient checkpointing, bf16, 8 GPUs. The tiny preset
+uses lr 1e-3 (our choice: the tiny backbone is small and trained from scratch; 2e-5 barely moves it)
+and otherwise the paper's schedule.
+
+Run it:
+    python train_rm.py                                     # tiny world, after gen_prefs.py
+    accelerate launch --config_file configs/cpu_2proc.yaml train_rm.py --seed 2 --output-dir runs/tiny_world/rm_2
+    accelerate launch --config_file configs/deepspeed_zero2.yaml train_rm.py --preset paper
+Logged metrics: losses/rm_loss, train/accuracy, train/reward_margin (chosen - rejected),
+charts/learning_rate, eval/accuracy, eval/reward_margin, and at the end eval/reference_reward_mean
+(before the offset) = eval/reward_offset, eval/chosen_reward_mean and eval/rejected_reward_mean (after).
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import tyro
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, gather_object
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (head init and data order: vary it to train ensemble members)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "signcert-po"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+
+    # Algorithm specific arguments
+    preset: Literal["tiny", "paper"] = "tiny"
+    """`tiny`: the offline tiny world on a CPU; `paper`: Pythia-1B on TL;DR as in the paper. Explicit flags override the preset"""
+    sft_path: str = "runs/tiny_world/sft"
+    """the SFT model whose backbone becomes the proxy RM (output of sft.py)"""
+    trust_remote_code: bool = False
+    """allow custom modelling code from the hub (off: only code shipped with transformers runs)"""
+    prefs_path: str = "runs/tiny_world/prefs"
+    """folder with train.jsonl and test.jsonl of gold-labelled pairs (output of gen_prefs.py)"""
+    dataset: str = "runs/tiny_world/data"
+    """hub id or local path of the prompts + reference responses used for the reward offset"""
+    dataset_config: Optional[str] = None
+    """hub dataset config (e.g. `alpaca_instructions` for tatsu-lab/alpaca_farm)"""
+    norm_split: str = "validation"
+    """split whose reference responses define reward 0 (AlpacaFarm: `val`)"""
+    num_norm_samples: int = 256
+    """reference responses averaged for the offset"""
+    max_train_pairs: Optional[int] = None
+    """use only the first N training pairs (default: all)"""
+    output_dir: str = "runs/tiny_world/rm"
+    """where the proxy RM (+ tokenizer, metrics.jsonl, eval.json) is written (atomically)"""
+    max_length: int = 256
+    """tokens of prompt + response + EOS (longer inputs lose their beginning)"""
+    max_prompt_length: int = 128
+    """prompt budget of the reference prompts (as in sft.py / gen_prefs.py)"""
+    num_train_epochs: int = 1
+    """passes over the training pairs"""
+    learning_rate: float = 1e-3
+    """peak learning rate of AdamW"""
+    lr_scheduler_type: str = "cosine"
+    """transformers scheduler name"""
+    warmup_ratio: float = 0.03
+    """fraction of the updates spent in linear warmup"""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not on biases and norms)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (<= 0: off)"""
+    per_device_train_batch_size: int = 32
+    """pairs per device per forward pass"""
+    gradient_accumulation_steps: int = 1
+    """forward passes per update (ignored when --total-batch-size is given)"""
+    total_batch_size: Optional[int] = None
+    """pairs per update over all devices; sets gradient_accumulation_steps (must be a multiple of per_device_train_batch_size * world_size)"""
+    per_device_eval_batch_size: int = 64
+    """sequences per forward pass in evaluation"""
+    eval_steps: int = 100
+    """held-out accuracy every N updates (and at the end)"""
+    logging_steps: int = 10
+    """log the training loss every N updates"""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """autocast precision (the paper: bf16)"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory (the paper: on)"""
+
+    # to be filled in runtime
+    world_size: int = 0
+    """number of processes"""
+    batch_size: int = 0
+    """pairs per update, all processes: per_device_train_batch_size * world_size * gradient_accumulation_steps"""
+    num_updates: int = 0
+    """optimiser updates in the whole run"""
+    run_name: str = ""
+    """f"{exp_name}__{seed}__{time}", the same on every process"""
+
+
+PRESETS = {
+    "tiny": Args(),
+    "paper": Args(
+        preset="paper",
+        sft_path="runs/paper/sft",
+        prefs_path="runs/paper/prefs",
+        dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered",
+        num_norm_samples=1024,
+        output_dir="runs/paper/rm",
+        max_length=512,
+        max_prompt_length=512,
+        learning_rate=2e-5,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=32,
+        eval_steps=200,
+        mixed_precision="bf16",
+        gradient_checkpointing=True,
+    ),
+}
+
+
+def parse_args() -> Args:
+    # `--preset` picks the defaults; every other flag still overrides them
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="tiny", choices=PRESETS)
+    return tyro.cli(Args, default=PRESETS[pre.parse_known_args()[0].preset])
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    if a % b != 0:
+        raise ValueError(f"{what}: {a} is not a multiple of {b}; valid values are multiples of {b}, e.g. {b}, {2 * b}, {4 * b}")
+    return a // b
+
+
+def require_path(path: str, flag: str) -> None:
+    """A local-looking path that does not exist is an error now, not a confusing hub lookup later."""
+    if (path.startswith((".", "/", "~")) or path.count("/") != 1) and not Path(path).exists():
+        raise FileNotFoundError(f"{flag} {path} does not exist (run the previous stage, `python tiny_world.py` for the tiny world, or pass {flag})")
+
+
+# ---------------------------------------------------------------- data
+TLDR_COLUMNS = ("subreddit", "title", "post", "summary")
+ALPACA_COLUMNS = ("instruction", "input", "output")
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def read_rows(path: Path) -> list[dict]:
+    if path.suffix in (".jsonl", ".json"):
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if path.suffix == ".parquet":
+        import datasets
+
+        return datasets.Dataset.from_parquet(str(path)).to_list()
+    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
+
+
+def load_split(dataset: str, split: str, config: Optional[str] = None) -> list[dict]:
+    """Rows of one split from a hub id or a local path (folder of {split}.jsonl/.parquet, one file, or save_to_disk)."""
+    path = Path(dataset)
+    if path.is_file():
+        return read_rows(path)
+    if path.is_dir():
+        for name in (f"{split}.jsonl", f"{split}.parquet", f"{split}.json"):
+            if (path / name).is_file():
+                return read_rows(path / name)
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            import datasets
+
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise ValueError(f"{dataset} has splits {list(data)}, not {split!r}: pass one of them")
+                data = data[split]
+            return data.to_list()
+        found = sorted(p.name for p in path.iterdir())
+        raise FileNotFoundError(f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})")
+    # a path-looking string that does not exist is a mistake, not a hub id
+    if dataset.startswith((".", "/", "~")) or dataset.count("/") != 1 or path.suffix in (".jsonl", ".parquet", ".json"):
+        raise FileNotFoundError(f"dataset {dataset!r} does not exist (run `python tiny_world.py` for the tiny world, or pass --dataset)")
+    import datasets
+
+    try:
+        return datasets.load_dataset(dataset, config, split=split).to_list()
+    except Exception as e:
+        raise RuntimeError(f"could not load {dataset!r} (config {config}, split {split}) from the hub: {e}") from e
+
+
+def detect_format(rows: list[dict], where: str) -> str:
+    columns = set(rows[0]) if rows else set()
+    if set(TLDR_COLUMNS) <= columns:
+        return "tldr"
+    if set(ALPACA_COLUMNS) <= columns:
+        return "alpaca"
+    raise ValueError(f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} or the AlpacaFarm columns {list(ALPACA_COLUMNS)}")
+
+
+def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
+    """build(text) -> prompt; cut `text` at a whitespace boundary until the prompt has <= max_len tokens."""
+    while True:
+        prompt = build(text)
+        n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        if n <= max_len:
+            return prompt
+        if not text:
+            raise ValueError(f"prompt is {n} tokens even with an empty post/input; raise --max-prompt-length (now {max_len})")
+        # jump close to the budget in one step, then back off to the previous whitespace
+        cut = min(len(text) - 1, int(len(text) * max_len / n))
+        space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
+        text = text[: max(space, 0)].rstrip()
+
+
+def to_prompt_response(row: dict, fmt: str, tokenizer, max_prompt_length: int) -> tuple[str, str]:
+    if fmt == "tldr":
+        build = lambda post: f"SUBREDDIT: r/{row['subreddit']}\n\nTITLE: {row['title']}\n\nPOST: {post}\n\nTL;DR:"
+        return fit_prompt(build, row["post"].strip(), tokenizer, max_prompt_length), " " + row["summary"].strip()
+    if row["input"]:
+        build = lambda inp: ALPACA_PROMPT_INPUT.format(instruction=row["instruction"], input=inp)
+        return fit_prompt(build, row["input"], tokenizer, max_prompt_length), row["output"]
+    build = lambda ins: ALPACA_PROMPT_NO_INPUT.format(instruction=ins)
+    return fit_prompt(build, row["instruction"], tokenizer, max_prompt_length), row["output"]
+
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def load_pairs(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run gen_prefs.py first, or pass --prefs-path (a folder with train.jsonl and test.jsonl)")
+    rows = read_rows(path)
+    if not rows:
+        raise ValueError(f"{path} has no pairs: gen_prefs.py dropped every pair as a tie? (see its stats.json)")
+    if not set(PAIR_COLUMNS) <= set(rows[0]):
+        raise ValueError(f"{path} has columns {sorted(rows[0])}; preference pairs need {list(PAIR_COLUMNS)} (the output of gen_prefs.py)")
+    return rows
+
+
+# ---------------------------------------------------------------- models
+def rm_input_ids(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
+    """The proxy's input: prompt ids, response ids, EOS (the RL stage concatenates policy tokens the same way)."""
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids + tokenizer(response, add_special_tokens=False).input_ids
+    return (ids + [tokenizer.eos_token_id])[-max_length:]  # keep the end: that is where the reward is read
+
+
+def pad_right(seqs: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [pad_token_id] * (n - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs], device=device)
+    return ids, mask
+
+
+def reward_at_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One backbone forward -> (reward (B,), feature h (B, H)) at the last real token of every row.
+
+    The last real token comes from the attention mask (pad == eos, so searching pad ids would read the
+    wrong token); position ids count real tokens only, so left padding changes nothing.
+    `reward = score(h)`, the `score` head applied to h (eq. r = w^T h of METHOD.md section 1).
+    """
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (attention_mask * positions).argmax(1)  # the largest position whose mask is 1
+    feature = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return model.score(feature).squeeze(-1), feature
+
+
+class LastTokenReward(torch.nn.Module):
+    """Makes the scoring the wrapped module's forward: DDP/DeepSpeed sync gradients only through it."""
+
+    def __init__(self, rm):
+        super().__init__()
+        self.rm = rm
+
+    def forward(self, input_ids, attention_mask):
+        return reward_at_last_token(self.rm, input_ids, attention_mask)[0]
+
+
+@torch.no_grad()
+def score_seqs(rm, seqs: list[list[int]], batch_size: int, pad_token_id: int, accelerator) -> list[float]:
+    """Rewards of this process's sequences (no offset)."""
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        ids, mask = pad_right(seqs[i : i + batch_size], pad_token_id, accelerator.device)
+        with accelerator.autocast():
+            out += reward_at_last_token(rm, ids, mask)[0].float().tolist()
+    return out
+
+
+# ---------------------------------------------------------------- outputs
+def staging_dir(target: str, run_name: str) -> Path:
+    """A temp dir next to the target: everything is written there, then moved in place at once."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{run_name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_dir(tmp: Path, target: str) -> None:
+    # os.replace cannot overwrite a non-empty directory: move the old one aside first
+    target = Path(target)
+    old = target.parent / f".{target.name}.old-{tmp.name}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class MetricsLogger:
+    def __init__(self, path: Path, args: Args, enabled: bool):
+        self.enabled, self.path, self.wandb = enabled, path, None
+        if enabled and args.track:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, config=asdict(args))
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    args.world_size = PartialState(cpu=not torch.cuda.is_available()).num_processes  # before the Accelerator: DeepSpeed fixes accumulation at init
+    if args.total_batch_size is not None:
+        args.gradient_accumulation_steps = exact_div(
+            args.total_batch_size, args.per_device_train_batch_size * args.world_size, "--total-batch-size must be a multiple of per_device_train_batch_size * world_size"
+        )
+    args.batch_size = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    # no GPU: the processes that `accelerate launch --multi_gpu` starts run on the CPU (gloo)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision)
+    run_name = [f"{args.exp_name}__{args.seed}__{int(time.time())}"]
+    broadcast_object_list(run_name)  # rank 0's clock, so all ranks agree
+    args.run_name = run_name[0]
+    # same seed on every rank: identical head init, one shared data order that accelerate shards
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+    # inputs first: a bad path or bad data fails before the model is loaded
+    require_path(args.sft_path, "--sft-path")
+    require_path(args.prefs_path, "--prefs-path")
+    train_pairs = load_pairs(Path(args.prefs_path) / "train.jsonl")[: args.max_train_pairs]
+    test_pairs = load_pairs(Path(args.prefs_path) / "test.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(args.sft_path, trust_remote_code=args.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {args.sft_path} has no eos_token: the reward is read at the EOS; pick a tokenizer with one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    norm_rows = load_split(args.dataset, args.norm_split, args.dataset_config)[: args.num_norm_samples]
+    fmt = detect_format(norm_rows, f"{args.dataset} [{args.norm_split}]")
+    references = [rm_input_ids(tokenizer, *to_prompt_response(r, fmt, tokenizer, args.max_prompt_length), args.max_length) for r in norm_rows]
+    encode = lambda rows: [(rm_input_ids(tokenizer, r["prompt"], r["chosen"], args.max_length), rm_input_ids(tokenizer, r["prompt"], r["rejected"], args.max_length)) for r in rows]
+    train_data, test_data = encode(train_pairs), encode(test_pairs)
+    steps_per_epoch = math.ceil(math.ceil(len(train_data) / (args.per_device_train_batch_size * args.world_size)) / args.gradient_accumulation_steps)
+    args.num_updates = steps_per_epoch * args.num_train_epochs
+    if accelerator.is_main_process:
+        print(f"{args.run_name}: {len(train_data)} train / {len(test_data)} test pairs, {len(references)} references for the offset")
+        for k, v in asdict(args).items():
+            print(f"  {k}: {v}")
+
+    rm = AutoModelForSequenceClassification.from_pretrained(args.sft_path, num_labels=1, trust_remote_code=args.trust_remote_code)
+    if not isinstance(getattr(rm, "score", None), torch.nn.Linear):
+        raise ValueError(f"{type(rm).__name__} has no linear `score` head; the proxy RM needs an architecture whose classification head is `score` (GPT-NeoX, Llama, Qwen2, ...)")
+    torch.nn.init.normal_(rm.score.weight, std=1 / math.sqrt(rm.config.hidden_size + 1))  # fresh head, seeded
+    rm.config.pad_token_id = tokenizer.pad_token_id
+    if args.gradient_checkpointing:
+        rm.gradient_checkpointing_enable()
+    model = LastTokenReward(rm)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]  # no decay on biases and norms
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+        lr=args.learning_rate,
+    )
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * args.num_updates), num_training_steps=args.num_updates)
+    train_loader = torch.utils.data.DataLoader(train_data, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=lambda b: b)
+    model, optimizer, scheduler, train_loader = accelerator.prepare(model, optimizer, scheduler, train_loader)
+
+    out = staging_dir(args.output_dir, args.run_name) if accelerator.is_main_process else None
+    logger = MetricsLogger(out / "metrics.jsonl" if out else None, args, accelerator.is_main_process)
+    pad = tokenizer.pad_token_id
+
+    def evaluate() -> dict:
+        """Held-out pairs, split between processes: proxy accuracy against the gold labels."""
+        rm_eval = accelerator.unwrap_model(model).rm
+        rm_eval.eval()
+        with accelerator.split_between_processes(test_data) as mine:
+            chosen = score_seqs(rm_eval, [c for c, _ in mine], args.per_device_eval_batch_size, pad, accelerator)
+            rejected = score_seqs(rm_eval, [r for _, r in mine], args.per_device_eval_batch_size, pad, accelerator)
+        rm_eval.train()
+        margins = np.array(gather_object([c - r for c, r in zip(chosen, rejected)]))
+        return {"eval/accuracy": float((margins > 0).mean()), "eval/reward_margin": float(margins.mean())}
+
+    update, window = 0, []
+    start = time.time()
+    progress = tqdm(total=args.num_updates, desc="rm", disable=not accelerator.is_main_process)
+    model.train()
+    for epoch in range(args.num_train_epochs):
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                # chosen and rejected in one forward: the same padding, the same batch statistics
+                ids, mask = pad_right([c for c, _ in batch] + [r for _, r in batch], pad, accelerator.device)
+                rewards = model(ids, mask).float()
+                margin = rewards[: len(batch)] - rewards[len(batch) :]
+                loss = -torch.nn.functional.logsigmoid(margin).mean()  # Bradley-Terry
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            window.append(torch.stack([loss.detach(), (margin > 0).float().mean(), margin.detach().mean()]))
+            if not accelerator.sync_gradients:
+                continue
+            update += 1
+            progress.update(1)
+            if update % args.logging_steps == 0 or update == args.num_updates:
+                w = accelerator.reduce(torch.stack(window).mean(0), reduction="mean")
+                metrics = {"losses/rm_loss": w[0].item(), "train/accuracy": w[1].item(), "train/reward_margin": w[2].item(), "charts/learning_rate": scheduler.get_last_lr()[0]}
+                progress.set_postfix(loss=f"{metrics['losses/rm_loss']:.3f}", acc=f"{metrics['train/accuracy']:.2f}")
+                logger.log(metrics, update)
+                window = []
+            if update % args.eval_steps == 0 and update != args.num_updates:
+                logger.log(evaluate(), update)
+    progress.close()
+
+    # final evaluation, then the offset that makes reference responses score ~0
+    final = evaluate()
+    rm = accelerator.unwrap_model(model).rm
+    rm.eval()
+    with accelerator.split_between_processes(references) as mine:
+        reference_rewards = gather_object(score_seqs(rm, mine, args.per_device_eval_batch_size, pad, accelerator))
+    offset = float(np.mean(reference_rewards))
+    with accelerator.split_between_processes(test_data) as mine:
+        chosen = gather_object(score_seqs(rm, [c for c, _ in mine], args.per_device_eval_batch_size, pad, accelerator))
+        rejected = gather_object(score_seqs(rm, [r for _, r in mine], args.per_device_eval_batch_size, pad, accelerator))
+    final.update({
+        "eval/reference_reward_mean": offset,
+        "eval/reward_offset": offset,
+        "eval/chosen_reward_mean": float(np.mean(chosen)) - offset,
+        "eval/rejected_reward_mean": float(np.mean(rejected)) - offset,
+    })
+    logger.log(final, update)
+    state_dict = accelerator.get_state_dict(model)  # every rank must call it (DeepSpeed gathers)
+    if accelerator.is_main_process:
+        rm.config.reward_offset = offset  # rewards are score(h) - reward_offset
+        rm.save_pretrained(out, state_dict={k.removeprefix("rm."): v for k, v in state_dict.items()})
+        tokenizer.save_pretrained(out)
+        summary = {**final, "num_updates": update, "train_seconds": time.time() - start, "run_name": args.run_name}
+        (out / "eval.json").write_text(json.dumps(summary, indent=1))
+        commit_dir(out, args.output_dir)
+        print(f"saved {args.output_dir}: " + json.dumps(summary))
+    accelerator.wait_for_everyone()
