@@ -40,6 +40,7 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
@@ -241,60 +242,96 @@ def dr_grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_ra
     return loss, (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
-# ------------------------------------------------------------------------- data
-def load_rows(dataset, split, config=None):
-    """The rows of a split: a hub id, or a local folder ({split}.jsonl / {split}.parquet / save_to_disk)
-    or file (.jsonl / .parquet)."""
+# ------------------------------------------------------------------------- data (as in the stage scripts)
+TLDR_COLUMNS = ("subreddit", "title", "post", "summary")
+ALPACA_COLUMNS = ("instruction", "input", "output")
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def read_rows(path: Path) -> list[dict]:
+    if path.suffix in (".jsonl", ".json"):
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if path.suffix == ".parquet":
+        import datasets
+
+        return datasets.Dataset.from_parquet(str(path)).to_list()
+    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
+
+
+def load_split(dataset: str, split: str, config: Optional[str] = None) -> list[dict]:
+    """Rows of one split from a hub id or a local path (folder of {split}.jsonl/.parquet, one file, or save_to_disk)."""
+    path = Path(dataset)
+    if path.is_file():
+        return read_rows(path)
+    if path.is_dir():
+        for name in (f"{split}.jsonl", f"{split}.parquet", f"{split}.json"):
+            if (path / name).is_file():
+                return read_rows(path / name)
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            import datasets
+
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise ValueError(f"{dataset} has splits {list(data)}, not {split!r}: pass one of them")
+                data = data[split]
+            return data.to_list()
+        found = sorted(p.name for p in path.iterdir())
+        raise FileNotFoundError(f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})")
+    # a path-looking string that does not exist is a mistake, not a hub id
+    if dataset.startswith((".", "/", "~")) or dataset.count("/") != 1 or path.suffix in (".jsonl", ".parquet", ".json"):
+        raise FileNotFoundError(f"dataset {dataset!r} does not exist (run `python tiny_world.py` for the tiny world, or pass --dataset)")
     import datasets
 
-    if os.path.isdir(dataset):
-        if os.path.exists(os.path.join(dataset, "dataset_dict.json")):
-            return datasets.load_from_disk(dataset)[split]
-        if os.path.exists(os.path.join(dataset, "state.json")):
-            return datasets.load_from_disk(dataset)
-        for ext, builder in (("jsonl", "json"), ("parquet", "parquet")):
-            path = os.path.join(dataset, f"{split}.{ext}")
-            if os.path.exists(path):
-                return datasets.load_dataset(builder, data_files=path, split="train")
-        raise FileNotFoundError(f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk dataset")
-    if os.path.isfile(dataset):
-        return datasets.load_dataset("parquet" if dataset.endswith(".parquet") else "json", data_files=dataset, split="train")
-    if dataset.startswith((".", "/", "~")) or dataset.endswith((".jsonl", ".json", ".parquet")) or dataset.count("/") != 1:
-        raise FileNotFoundError(f"dataset {dataset!r} does not exist (give a hub id `owner/name` or an existing path; "
-                                "for the tiny world run `python tiny_world.py` first)")
-    return datasets.load_dataset(dataset, config, split=split)
+    try:
+        return datasets.load_dataset(dataset, config, split=split).to_list()
+    except Exception as e:
+        raise RuntimeError(f"could not load {dataset!r} (config {config}, split {split}) from the hub: {e}") from e
 
 
-TLDR_COLUMNS, ALPACA_COLUMNS = {"subreddit", "title", "post"}, {"instruction", "input"}
+def detect_format(rows: list[dict], where: str) -> str:
+    columns = set(rows[0]) if rows else set()
+    if set(TLDR_COLUMNS) <= columns:
+        return "tldr"
+    if set(ALPACA_COLUMNS) <= columns:
+        return "alpaca"
+    raise ValueError(f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} or the AlpacaFarm columns {list(ALPACA_COLUMNS)}")
 
 
-def build_prompts(rows, tokenizer, max_prompt_length):
-    """Prompt strings: the OpenAI TL;DR format (POST truncated at a word to fit) or the Alpaca format."""
-    columns = set(rows.column_names)
-    if TLDR_COLUMNS <= columns:
-        prompts = []
-        for r in rows:
-            post = r["post"]
-            while True:
-                p = f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {post}\n\nTL;DR:"
-                excess = len(tokenizer(p).input_ids) - max_prompt_length
-                if excess <= 0 or not post:
-                    break
-                post = post[: max(0, len(post) - 4 * excess)].rsplit(" ", 1)[0]  # ~4 characters a token
-            prompts.append(p)
-        return prompts
-    if ALPACA_COLUMNS <= columns:
-        head = "Below is an instruction that describes a task"
-        return [
-            f"{head}, paired with an input that provides further context. Write a response that appropriately "
-            f"completes the request.\n\n### Instruction:\n{r['instruction']}\n\n### Input:\n{r['input']}\n\n### Response:"
-            if r["input"]
-            else f"{head}. Write a response that appropriately completes the request.\n\n### Instruction:\n"
-            f"{r['instruction']}\n\n### Response:"
-            for r in rows
-        ]
-    raise ValueError(f"the dataset has columns {sorted(columns)}; it needs the TL;DR columns {sorted(TLDR_COLUMNS)} "
-                     f"or the AlpacaFarm columns {sorted(ALPACA_COLUMNS)}")
+def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
+    """build(text) -> prompt; cut `text` at a whitespace boundary until the prompt has <= max_len tokens."""
+    while True:
+        prompt = build(text)
+        n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        if n <= max_len:
+            return prompt
+        if not text:
+            raise ValueError(f"prompt is {n} tokens even with an empty post/input; raise --max-prompt-length (now {max_len})")
+        # jump close to the budget in one step, then back off to the previous whitespace
+        cut = min(len(text) - 1, int(len(text) * max_len / n))
+        space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
+        text = text[: max(space, 0)].rstrip()
+
+
+def build_prompts(rows, tokenizer, max_prompt_length, where):
+    """Prompt strings: the OpenAI TL;DR format (POST cut at a word to fit) or the Alpaca format."""
+    fmt = detect_format(rows, where)
+    if fmt == "tldr":
+        return [fit_prompt(lambda post, r=r: f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {post}\n\nTL;DR:",
+                           r["post"].strip(), tokenizer, max_prompt_length) for r in rows]
+    return [fit_prompt(lambda inp, r=r: ALPACA_PROMPT_INPUT.format(instruction=r["instruction"], input=inp), r["input"],
+                       tokenizer, max_prompt_length) if r["input"] else ALPACA_PROMPT_NO_INPUT.format(instruction=r["instruction"])
+            for r in rows]
 
 
 # ------------------------------------------------------------------------- models
@@ -349,18 +386,23 @@ def truncate_after_eos(response, eos_id):
 
 @torch.no_grad()
 def gold_rewards(gold, gold_tok, prompts, responses, has_eos, device, batch_size=64):
-    """The gold RM's score of prompt + response (+ EOS), through its own tokenizer (chat format if it
-    has a chat template, as Skywork does)."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
+    """The gold RM's score of each completion, through its own tokenizer: the chat format if it has a
+    chat template (Skywork), else prompt ids + response ids + EOS (the convention of the stage scripts)."""
+    seqs = []
+    for p, r, e in zip(prompts, responses, has_eos):
         if gold_tok.chat_template:
-            texts = [gold_tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                                  tokenize=False) for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size])]
+            text = gold_tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False)
+            seqs.append(gold_tok(text, add_special_tokens=False).input_ids)
         else:
-            texts = [p + r + (gold_tok.eos_token if e else "") for p, r, e in
-                     zip(prompts[i:i + batch_size], responses[i:i + batch_size], has_eos[i:i + batch_size])]
-        enc = gold_tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        out.append(reward_and_features(gold, enc.input_ids, enc.attention_mask)[0])
+            ids = gold_tok(p, add_special_tokens=False).input_ids + gold_tok(r, add_special_tokens=False).input_ids
+            seqs.append(ids + [gold_tok.eos_token_id] * int(e))
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i : i + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([s + [gold_tok.pad_token_id] * (width - len(s)) for s in chunk], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
+        out.append(reward_and_features(gold, ids, mask)[0])
     return torch.cat(out)
 
 
@@ -489,7 +531,7 @@ if __name__ == "__main__":
     args.gradient_accumulation_steps = exact_div(
         args.local_batch_size, args.micro_batch_size,
         "completions per process (--num-prompts-per-step x --num-generations / processes) over --micro-batch-size")
-    rows = load_rows(args.dataset, args.dataset_split, args.dataset_config)  # fails early on a wrong path
+    rows = load_split(args.dataset, args.dataset_split, args.dataset_config)  # fails early on a wrong path
     accelerator = Accelerator(cpu=on_cpu, gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision="bf16" if args.bf16 else "no")
     device, rank = accelerator.device, accelerator.process_index
@@ -547,7 +589,7 @@ if __name__ == "__main__":
     if ckpt:
         restore_checkpoint(accelerator, optimizer, ckpt)
 
-    prompts = build_prompts(rows, tokenizer, args.max_prompt_length)
+    prompts = build_prompts(rows, tokenizer, args.max_prompt_length, f"{args.dataset}[{args.dataset_split}]")
     if accelerator.is_main_process:
         print(f"{len(prompts)} prompts from {args.dataset}[{args.dataset_split}]; starting at step {start_step + 1} "
               f"of {args.total_steps}; writing to {args.output_dir}")
@@ -571,7 +613,7 @@ if __name__ == "__main__":
         mine = prompt_indices(step, len(prompts), args.num_prompts_per_step, args.seed)[
             rank * args.local_num_prompts : (rank + 1) * args.local_num_prompts]
         step_prompts = [prompts[i] for i in mine]
-        enc = tokenizer(step_prompts, return_tensors="pt", padding=True).to(device)
+        enc = tokenizer(step_prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         query, query_mask = enc.input_ids.repeat_interleave(K, 0), enc.attention_mask.repeat_interleave(K, 0)
         generated = in_chunks(lambda q, m: sample(accelerator.unwrap_model(policy), q, m, args, tokenizer.pad_token_id),
                               args.generation_batch_size, query, query_mask)
@@ -590,6 +632,8 @@ if __name__ == "__main__":
         texts = tokenizer.batch_decode([r[: int(m.sum()) - int(e)] for r, m, e in zip(response, response_mask, has_eos)])
         if gold is not None:
             gold_reward = gold_rewards(gold, gold_tok, [p for p in step_prompts for _ in range(K)], texts, has_eos.tolist(), device)
+            if args.missing_eos_penalty is not None:  # as eval_gold.py scores it
+                gold_reward = torch.where(has_eos, gold_reward, args.missing_eos_penalty)
         t2 = time.perf_counter()
 
         # 3. advantages: Dr.GRPO (eq. 4), then the SignCert-PO worst case (eq. 8, 10-11), eps over all processes
