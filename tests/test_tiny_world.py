@@ -1,0 +1,101 @@
+"""Tests of tiny_world.py: build a very small world in a subprocess, load it the Hugging Face way,
+and check the documented properties of the quality function on hand-made examples."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import tiny_world as tw  # noqa: E402
+
+COLUMNS = ["id", "subreddit", "title", "post", "summary"]
+
+
+def build(out, seed=1):
+    cmd = [sys.executable, os.path.join(ROOT, "tiny_world.py"), "--preset", "ci", "--seed", str(seed),
+           "--output-dir", str(out), "--gold-steps", "3"]
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("world"))
+
+
+def test_files_load(world):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world / "tokenizer", local_files_only=True)
+    policy = AutoModelForCausalLM.from_pretrained(world / "base_policy", local_files_only=True)
+    gold = AutoModelForSequenceClassification.from_pretrained(world / "gold_rm", local_files_only=True)
+    assert type(policy).__name__ == "GPTNeoXForCausalLM"
+    assert type(gold).__name__ == "GPTNeoXForSequenceClassification" and gold.config.num_labels == 1
+    assert gold.config.pad_token_id == tok.pad_token_id == policy.config.eos_token_id
+    # the gold is larger than the policy
+    assert sum(p.numel() for p in gold.parameters()) > sum(p.numel() for p in policy.parameters())
+    b = tw.encode_scored(tok, ["SUBREDDIT: r/pets\n\nTITLE: t\n\nPOST: p\n\nTL;DR:"] * 2, ["my dog", "cat"])
+    r = tw.score_at_last_token(gold, b["input_ids"], b["attention_mask"])
+    assert r.shape == (2,) and torch.isfinite(r).all()
+    world_json = json.loads((world / "world.json").read_text())
+    assert "gold_agreement_imperfect_summariser" in world_json["measured"]
+
+
+def test_jsonl_columns(world):
+    for split in ["train", "validation", "test"]:
+        lines = (world / "data" / f"{split}.jsonl").read_text().splitlines()
+        assert len(lines) > 0
+        for line in lines:
+            row = json.loads(line)
+            assert list(row) == COLUMNS and all(isinstance(row[k], str) for k in COLUMNS)
+
+
+def test_tokenizer_round_trip_and_pad_is_eos(world):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = AutoTokenizer.from_pretrained(world / "tokenizer", local_files_only=True)
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>"
+    assert tok.pad_token_id == tok.eos_token_id
+    for line in (world / "data" / "validation.jsonl").read_text().splitlines()[:20]:
+        row = json.loads(line)
+        text = tw.prompt_of(row) + " " + row["summary"]
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+        assert len(tok(tw.prompt_of(row))["input_ids"]) <= 96
+        # every summary word (with its leading space) is one token
+        assert len(tok(" " + row["summary"])["input_ids"]) == len(row["summary"].split())
+    ids = tok("x" + tok.eos_token)["input_ids"]
+    assert ids[-1] == tok.eos_token_id
+
+
+def test_deterministic(world, tmp_path):
+    other = build(tmp_path / "again")
+    for split in ["train", "validation", "test"]:
+        a = (world / "data" / f"{split}.jsonl").read_bytes()
+        b = (other / "data" / f"{split}.jsonl").read_bytes()
+        assert hashlib.sha256(a).digest() == hashlib.sha256(b).digest()
+
+
+def test_quality_properties():
+    row = {"title": "my mom broke my oven",
+           "post": "then my mom broke the oven. today my mom lost my pasta. tonight i burned the rice. any advice would help."}
+    keys = ["oven", "pasta", "rice"]
+    q = lambda summary: tw.quality(row, summary, keys)
+    assert q("oven") == 1 and q("oven and pasta") == 2 and q("oven , pasta and rice") == 2  # coverage counts to 2
+    assert q("") == 0 and q("my mom") == 0  # naming no key fact
+    assert q("oven and pasta pasta") == 1  # a repeated word lowers it
+    assert q("oven and pasta , ugh") == 1  # an invented word (absent from the post) lowers it
+    assert q("oven and pasta cake cake") == 0  # invented once (distinct words) and repeated once
+    assert q("my mom broke my oven and my pasta") == 2  # glue words and words of the post are free
+    assert q("oven and pasta " + " ".join(["the"] * 20)) == 1  # more than 12 words: too long
+    t = tw.quality_terms(row, "oven , oven and cake", keys)
+    assert t == dict(coverage=1, invented=1, repeated=1, too_long=False)

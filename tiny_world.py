@@ -1,0 +1,641 @@
+"""Build the offline "tiny world": a TL;DR-shaped summarisation task with a programmatic notion of quality.
+
+Nothing can be downloaded where this project runs, so the gold-model pipeline of Gao et al. (2023)
+(SFT -> preference pairs labelled by a gold RM -> proxy RM trained with Bradley-Terry -> RL against
+the proxy -> evaluation by the gold RM) needs a world it can build itself. This script writes one
+to disk, and every later stage reads it through the same Hugging Face code paths as the real
+`vwxyzjn/summarize_from_feedback_tldr_3_filtered` dataset and Pythia checkpoints:
+
+    {output_dir}/data/{train,validation,test}.jsonl  {"id", "subreddit", "title", "post", "summary"}
+    {output_dir}/tokenizer/      PreTrainedTokenizerFast (ByteLevel BPE, every word is one token),
+                                 eos_token = pad_token = "<|endoftext|>", as with Pythia
+    {output_dir}/base_policy/    GPTNeoXForCausalLM, random init (the "pretrained" policy to SFT)
+    {output_dir}/gold_rm/        GPTNeoXForSequenceClassification (num_labels=1, head `score`),
+                                 larger than the policy, trained on far more data than the proxy sees
+    {output_dir}/world.json      settings, sizes, vocabulary, the quality formula, measured numbers
+
+The world. A post belongs to a subreddit (a topic with its own 12 nouns). It states three KEY facts
+(a person did something to a topic noun) and is padded with 0-2 filler sentences. The reference
+summary names the key nouns, sometimes with glue fluff ("long story short"), sometimes misses one, and
+in 40% of posts ends with a comment of the writer's that the post does not contain ("ugh"), as human
+references do: that leaves a policy room to beat the references.
+
+Quality (`quality(row, summary, keys)`), in plain words: a good summary names the post's key facts,
+does not invent words that are not in the post, does not repeat itself, and stays short:
+
+    q = coverage - invented - repeated - too_long            (at most 2)
+
+coverage = how many of the three key nouns the summary names, counted up to 2; invented = distinct
+summary words, other than GLUE words (my, and, the, ...), absent from title and post; repeated =
+extra occurrences of non-glue words; too_long = more than 12 words. Why this shape: part of quality
+is easy to read from surface features (are there topic nouns, is a word foreign to the topic), and
+part needs a word-by-word match of the summary against the post (is this noun in the post, is it
+said twice). A large gold RM trained on lots of data learns both; a small proxy trained on a few
+thousand on-policy pairs learns mostly the easy part. That gap is the blind spot that RL against the
+proxy can exploit, which is the phenomenon the paper studies. (Tried and dropped: a count of all
+three keys, a per-word length cost and a "share of glue words" term: the gold RM, trained in
+minutes on a CPU, could not rank their small differences at 95%, mostly because attention averages
+and cannot easily count; each documented notion here is one the gold reaches >= 95% on.)
+
+Gold RM input convention (downstream code must follow it): the scored sequence is the token ids of
+`prompt + response` where prompt = f"SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+and response = " " + summary, truncated after its first EOS with the EOS kept (the reference is
+" " + summary + EOS). The reward is the `score` head applied to the last-layer hidden state at that
+EOS token. Because pad == eos, Hugging Face's own pooling (last token that is not pad) would read the
+token BEFORE the EOS: do not call `model(...).logits`; compute the index of the last real token from
+the attention mask and read the hidden state there, as `score_at_last_token` below does.
+"""
+
+import json
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+import tyro
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+from transformers import (
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    GPTNeoXForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment: the whole world (data, tokenizer, models) is a function of it"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    track: bool = False
+    """unused here (kept so every script has the same head); the world logs to world.json"""
+    wandb_project_name: str = "signcert-po"
+    """the wandb's project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of wandb's project"""
+    output_dir: str = "runs/tiny_world"
+    """where the world is written"""
+    threads: int = 2
+    """torch CPU threads"""
+
+    # World specific arguments
+    preset: str = "full"
+    """`full` (the real tiny world, ~3 minutes on 2 cores) or `ci` (a very small world in seconds);
+    explicit size flags below override the preset when set"""
+    num_train: int | None = None
+    """posts in data/train.jsonl (full: 12000, ci: 200)"""
+    num_validation: int | None = None
+    """posts in data/validation.jsonl (full: 1000, ci: 50)"""
+    num_test: int | None = None
+    """posts in data/test.jsonl (full: 1000, ci: 50)"""
+    reference_miss_prob: float = 0.2
+    """probability that a reference summary misses one key fact (human references are imperfect)"""
+    reference_fluff_prob: float = 0.3
+    """probability that a reference summary carries fluff words ("long story short ,"; glue, free)"""
+    reference_comment_prob: float = 0.4
+    """probability that a reference summary ends with a comment word absent from the post ("ugh"): an
+    invented word, as human references have; it leaves room for a policy to beat the references"""
+
+    # Policy and gold RM sizes
+    policy_layers: int = 2
+    """layers of base_policy (the proxy RM has the same size: it is the SFT backbone)"""
+    policy_hidden: int = 64
+    """hidden size of base_policy"""
+    gold_layers: int = 4
+    """layers of the gold RM"""
+    gold_hidden: int = 128
+    """hidden size of the gold RM"""
+    num_heads: int = 4
+    """attention heads (policy and gold)"""
+    max_position_embeddings: int = 256
+    """context length of both models (prompt <= ~80 tokens + response <= ~30)"""
+
+    # Gold RM training
+    gold_steps: int | None = None
+    """optimiser steps of gold RM training (full: 700, ci: 20)"""
+    gold_posts_per_batch: int = 8
+    """posts per gold batch; each comes with `gold_summaries_per_post` summaries"""
+    gold_summaries_per_post: int = 8
+    """summaries per post in a gold batch (reference + procedural variants)"""
+    gold_lr: float = 1e-3
+    """gold RM learning rate (AdamW, warmup then cosine)"""
+    gold_pair_coef: float = 1.0
+    """weight of the within-post Bradley-Terry loss added to the regression loss"""
+    gold_prefix_coef: float = 1.0
+    """weight of the dense loss: the score at each summary word regresses onto the quality of the
+    summary cut there (many targets per sequence; teaches the word-level judgement quickly)"""
+    gold_match_init: bool = True
+    """start the gold with the word-matching circuit of `init_match_circuit` (then train everything)"""
+    num_eval_posts: int | None = None
+    """held-out posts for measuring gold agreement (full: 400, ci: 20)"""
+
+    # to be filled in runtime
+    gold_train_summaries: int = 0
+    """summaries the gold RM sees in training (computed)"""
+
+
+PRESETS = {
+    "full": dict(num_train=12000, num_validation=1000, num_test=1000, gold_steps=700, num_eval_posts=400),
+    "ci": dict(num_train=200, num_validation=50, num_test=50, gold_steps=20, num_eval_posts=20),
+}
+
+EOS = "<|endoftext|>"
+
+# ---------------------------------------------------------------- the vocabulary of the world
+TOPICS = {
+    "relationships": "wedding anniversary ring texts date breakup apartment jealousy gift birthday "
+    "dinner ex trust phone argument promise vacation letter flowers secret",
+    "cooking": "oven pasta knife recipe garlic soup bread steak pan rice onion butter sauce cake "
+    "kitchen salt cheese fridge chicken pizza",
+    "fitness": "gym squat protein knee treadmill diet bench marathon shoulder weights yoga stretching "
+    "cardio coach sneakers bike pool injury calories deadlift",
+    "pets": "dog cat puppy leash vet collar litter kitten hamster cage fish tank treats bark fleas "
+    "parrot rabbit toy crate blanket",
+    "gaming": "console controller server guild headset raid patch keyboard mouse stream tournament "
+    "level quest character dungeon mod lag monitor savefile clan",
+    "travel": "passport flight hotel luggage visa train beach airport ticket map hostel cruise camera "
+    "tent island museum taxi backpack border ferry",
+    "jobs": "interview resume salary promotion office deadline meeting contract shift email project "
+    "raise internship desk schedule client report uniform badge training",
+    "money": "rent loan credit budget savings debt bank mortgage taxes paycheck insurance stocks "
+    "wallet bills card fees car lease crypto refund",
+}
+TOPICS = {k: v.split()[:12] for k, v in TOPICS.items()}
+PERSONS = "boyfriend girlfriend mom dad roommate boss friend sister brother neighbor".split()
+VERBS = "broke lost found bought sold forgot ruined fixed hid borrowed burned cleaned moved hated missed".split()
+TIMES = ["yesterday", "today", "tonight", "last week", "this morning", "on sunday"]
+KEY_SENTENCES = [
+    "{time} my {person} {verb} my {noun}.",
+    "then my {person} {verb} the {noun}.",
+    "my {person} {verb} the {noun} {time}.",
+    "{time} i {verb} the {noun} because of my {person}.",
+]
+FILLERS = [
+    "i do not know what to do.",
+    "any advice would help.",
+    "it has been a long week.",
+    "sorry for the long post.",
+    "this is my first post here.",
+    "i feel really stupid about it.",
+    "please help me out.",
+]
+TITLES = [
+    "my {person} {verb} my {noun}",
+    "need advice about my {noun}",
+    "problem with the {noun}",
+    "what do i do about the {noun}",
+]
+# glue words are free in a summary: they never count as invented or repeated
+GLUE = set("my the a and i to is was with of too then also so but now are problems mess long story short tldr".split())
+FLUFF = ["long story short ,", "so", "tldr"]
+COMMENTS = ["ugh", "annoying", "crazy", "honestly", "seriously", "whatever", "lol", "sigh"]
+CONTENT = sorted({w for ws in TOPICS.values() for w in ws})
+FILLER_WORDS = sorted({w for s in FILLERS for w in re.findall(r"[a-z]+", s)} - GLUE)
+
+
+def words(text):
+    """Lower-case words of a text, punctuation dropped: the unit quality is defined on."""
+    return re.findall(r"[a-z]+", text.lower())
+
+
+# ---------------------------------------------------------------- posts and references
+def make_post(rng):
+    """One post: its dataset row plus the hidden facts (the three key nouns, the person, the verbs)."""
+    subreddit = rng.choice(sorted(TOPICS))
+    keys = rng.sample(TOPICS[subreddit], 3)
+    person = rng.choice(PERSONS)
+    verbs = rng.sample(VERBS, 3)
+    sents = [rng.choice(KEY_SENTENCES).format(time=rng.choice(TIMES), person=person, verb=v, noun=k)
+             for k, v in zip(keys, verbs)]
+    fillers = rng.sample(FILLERS, rng.choice([0, 1, 2]))
+    for f in fillers:  # fillers anywhere; the key facts keep their order, so a summary can follow the post
+        sents.insert(rng.randint(0, len(sents)), f)
+    title = rng.choice(TITLES).format(person=person, verb=verbs[0], noun=keys[0])
+    facts = dict(keys=keys, person=person, verbs=verbs)
+    return dict(subreddit=subreddit, title=title, post=" ".join(sents)), facts
+
+
+def make_reference(rng, facts, miss_prob, fluff_prob, comment_prob):
+    """A human-like reference: names the key nouns (sometimes misses one), sometimes with fluff, sometimes
+    with a comment of the writer's that the post does not contain."""
+    k = list(facts["keys"])
+    if rng.random() < miss_prob:
+        k.pop(rng.randrange(3))
+    p, v = facts["person"], facts["verbs"][0]
+    listed = " and ".join(k) if len(k) == 2 else f"{k[0]} , {k[1]} and {k[2]}"
+    templates = [
+        f"my {p} {v} my {listed}" if k[0] == facts["keys"][0] else f"my {p} and my {listed}",
+        f"{listed} problems with my {p}",
+        f"my {listed} are a mess",
+        f"{listed}",
+    ]
+    s = rng.choice(templates)
+    if rng.random() < fluff_prob:
+        s = rng.choice(FLUFF) + " " + s
+    if rng.random() < comment_prob:
+        s = s + " , " + rng.choice(COMMENTS)
+    return s
+
+
+def prompt_of(row):
+    """The OpenAI TL;DR prompt format the pipeline uses."""
+    return f"SUBREDDIT: r/{row['subreddit']}\n\nTITLE: {row['title']}\n\nPOST: {row['post']}\n\nTL;DR:"
+
+
+# ---------------------------------------------------------------- the notion of quality
+def quality_terms(row, summary, keys):
+    """The ingredients of quality (see the module docstring)."""
+    sw = words(summary)
+    nonglue = [w for w in sw if w not in GLUE]
+    post_words = set(words(row["title"] + " " + row["post"]))
+    return dict(
+        coverage=min(2, len(set(keys) & set(sw))),  # one key noun, or two or more
+        invented=len({w for w in nonglue if w not in post_words}),
+        repeated=len(nonglue) - len(set(nonglue)),
+        too_long=len(sw) > 12,
+    )
+
+
+def quality(row, summary, keys):
+    """q = coverage - invented - repeated - too_long, at most 2. Higher is better.
+
+    coverage: how many of the post's three key nouns the summary names, counted up to 2 (a summary
+    should name the main things that happened, not necessarily everything); invented: distinct non-glue
+    words absent from title and post; repeated: extra occurrences of non-glue words; too_long: more
+    than 12 words. Glue words (my, and, the, ...) are free."""
+    t = quality_terms(row, summary, keys)
+    return t["coverage"] - t["invented"] - t["repeated"] - 1.0 * t["too_long"]
+
+
+# ---------------------------------------------------------------- procedural variants for the gold
+def edit(rng, s, row, facts, kind):
+    """One edit of a summary (a list of words) of the given kind."""
+    topic = TOPICS[row["subreddit"]]
+    nouns_at = [i for i, w in enumerate(s) if w in CONTENT]
+    if kind == "drop" and nouns_at:  # forget a noun
+        s.pop(rng.choice(nouns_at))
+    elif kind == "swap" and nouns_at:  # another noun of the same topic (not necessarily in the post)
+        s[rng.choice(nouns_at)] = rng.choice(topic)
+    elif kind == "off_topic":  # a noun of another topic, or a filler word
+        other = rng.choice([t for t in TOPICS if t != row["subreddit"]])
+        s.insert(rng.randint(0, len(s)), rng.choice(TOPICS[other] if rng.random() < 0.7 else FILLER_WORDS))
+    elif kind == "repeat" and s:  # say a word again (often a noun)
+        s.insert(rng.randint(0, len(s)), rng.choice([s[i] for i in nouns_at] if nouns_at and rng.random() < 0.7 else s))
+    elif kind == "add":  # name one more noun of the topic
+        s.insert(rng.randint(0, len(s)), rng.choice(topic))
+    elif kind == "lengthen":  # copy a stretch of the post
+        pw = words(row["title"] + " " + row["post"])
+        i = rng.randrange(len(pw))
+        s += pw[i : i + rng.randint(2, 10)]
+    elif kind == "fluff":
+        s[:0] = rng.choice(FLUFF).split()
+    elif kind == "comment":  # a word of the writer's, absent from the post
+        s += [",", rng.choice(COMMENTS)]
+    elif kind == "clean":  # keep only words of the post (and glue)
+        pw = set(words(row["title"] + " " + row["post"])) | GLUE
+        s[:] = [w for w in s if w in pw or not w.isalpha()]
+    elif kind == "truncate" and s:
+        del s[rng.randint(1, len(s)) :]
+    return s
+
+
+def variant(rng, row, facts, ref):
+    """One summary from the wide procedural distribution the gold is trained on: word salad, a stretch
+    of the post, or the reference with 0-4 random edits."""
+    r = rng.random()
+    if r < 0.08:  # word salad, from the post or from the whole vocabulary
+        pool = words(row["title"] + " " + row["post"]) if rng.random() < 0.5 else CONTENT + PERSONS + VERBS + FILLER_WORDS + sorted(GLUE)
+        return " ".join(rng.choice(pool) for _ in range(rng.randint(1, 24)))
+    if r < 0.12:  # extractive: a stretch of the post
+        pw = words(row["post"])
+        i = rng.randrange(len(pw))
+        return " ".join(pw[i : i + rng.randint(3, 20)])
+    s = ref.split()
+    kinds = ["drop", "swap", "off_topic", "repeat", "repeat", "add", "lengthen", "fluff", "truncate", "comment", "clean"]
+    for _ in range(rng.choice([0, 1, 1, 2, 2, 3, 4])):
+        s = edit(rng, s, row, facts, rng.choice(kinds))
+    return " ".join(s)
+
+
+def imperfect_sample(rng, row, facts, ref):
+    """A summary that looks like a sample of an imperfect summariser: the reference with 1-2 small
+    edits (no salad, no long copies). Used to measure gold agreement on realistic pairs."""
+    s = ref.split()
+    for _ in range(rng.choice([1, 1, 2])):
+        s = edit(rng, s, row, facts, rng.choice(["drop", "swap", "off_topic", "repeat", "add", "fluff", "comment", "clean"]))
+    return " ".join(s)
+
+
+# ---------------------------------------------------------------- tokenizer and models
+def build_tokenizer(texts, out_dir):
+    """ByteLevel BPE trained on the world's corpus, with room for every word to become one token
+    (like Pythia's GPTNeoXTokenizerFast); pad = eos = bos = <|endoftext|>, id 0."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096, min_frequency=1, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)
+    hf.padding_side = "right"
+    hf.save_pretrained(out_dir)
+    return hf
+
+
+def neox_config(tokenizer, layers, hidden, heads, max_pos, **kw):
+    return GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=4 * hidden, max_position_embeddings=max_pos, rotary_pct=0.25, use_parallel_residual=True,
+        tie_word_embeddings=False, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **kw,
+    )
+
+
+@torch.no_grad()
+def init_match_circuit(model, marker_id, sharpness=10.0, gain=3.0):
+    """Start the gold RM with a word-matching circuit, then train everything as usual.
+
+    Quality is defined on word identity (is this summary word a key, in the post, said before?), and a
+    randomly initialised RM needs far more steps than a CPU build has to discover token matching. So:
+    layer 0, last head: every position after the `marker_id` token ("DR" of "TL;DR:") attends to it and
+    writes a "summary segment" direction into the residual stream; layer 1, heads 0 and 1: query = key =
+    one projection of the token (non-rotary dims only, so the match ignores position), so a word
+    attends to all its copies, and the value reads the segment direction: the head outputs the share
+    of the word's copies that lie in the summary (1 = invented, about 1/2 = once in the post, ...).
+    All weights stay trainable; `sharpness` is the attention logit of a match, `gain` the output size."""
+    cfg = model.config
+    d, nh = cfg.hidden_size, cfg.num_attention_heads
+    hs = d // nh
+    rot = int(hs * cfg.rope_parameters["partial_rotary_factor"])
+    g = torch.Generator().manual_seed(0)
+    emb = model.gpt_neox.embed_in.weight
+    size = 0.5 * emb.norm(dim=1).mean()  # what the circuit writes: half a token embedding
+    seg_dir = torch.randn(d, generator=g)
+    seg_dir /= seg_dir.norm()
+    match_dir = torch.randn(d, generator=g)
+    match_dir -= (match_dir @ seg_dir) * seg_dir
+    match_dir /= match_dir.norm()
+    # layer 0, segment head: constant query, key = "am I the marker", value = 1 at the marker
+    blk = model.gpt_neox.layers[0]
+    x = blk.input_layernorm(emb)
+    m = x[marker_id] / x[marker_id].norm()
+    h = nh - 1
+    qkv, out = blk.attention.query_key_value, blk.attention.dense
+    base = h * 3 * hs
+    qkv.weight[base : base + 3 * hs] = 0
+    qkv.bias[base : base + 3 * hs] = 0
+    qkv.bias[base + rot] = 1.0
+    qkv.weight[base + hs + rot] = 2 * sharpness * hs**0.5 * m / x[marker_id].norm()
+    qkv.weight[base + 2 * hs] = m / x[marker_id].norm()
+    out.weight.zero_()  # layer 0 starts as the segment head alone, so layer 1 sees clean token identities
+    out.bias.zero_()
+    out.weight[:, h * hs] = size * seg_dir
+    blk.mlp.dense_4h_to_h.weight.zero_()
+    blk.mlp.dense_4h_to_h.bias.zero_()
+    # layer 1, match heads: query = key = a projection blind to the segment direction
+    blk = model.gpt_neox.layers[1]
+    x = blk.input_layernorm(emb)
+    seg_in = blk.input_layernorm(emb + size * seg_dir)  # a summary token as layer 1 sees it
+    seg_read = ((seg_in - x) @ seg_dir).mean()  # the segment signal after the layer norm
+    qkv, out = blk.attention.query_key_value, blk.attention.dense
+    for h in (0, 1):
+        proj = torch.randn(hs, d, generator=g) / d**0.5
+        proj -= (proj @ seg_dir)[:, None] * seg_dir[None, :]
+        proj[:rot] = 0
+        z = x @ proj.T
+        same = z.pow(2).sum(-1).mean()
+        diff = (z[:200] @ z[200:400].T).mean()
+        scale = (sharpness * hs**0.5 / (same - diff).clamp(min=1e-6)) ** 0.5
+        base = h * 3 * hs
+        qkv.weight[base : base + hs] = scale * proj
+        qkv.weight[base + hs : base + 2 * hs] = scale * proj
+        qkv.bias[base : base + 3 * hs] = 0
+        qkv.weight[base + 2 * hs : base + 3 * hs] = 0
+        qkv.weight[base + 2 * hs] = seg_dir / seg_read
+        out.weight[:, h * hs : (h + 1) * hs] = 0
+        out.weight[:, h * hs] = size * match_dir / 2
+
+
+def last_token_index(attention_mask):
+    """Index of the last real token of each row (works for right or left padding). With pad == eos the
+    final EOS is real (mask 1) and the pads after it are not, so this finds the EOS the reward is read at."""
+    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask * pos).argmax(dim=1)
+
+
+def score_at_last_token(model, input_ids, attention_mask):
+    """Reward of a GPTNeoXForSequenceClassification: `score` head on the hidden state at the last
+    real token (our own index, not HF's pad-based pooling, which is wrong when pad == eos)."""
+    h = model.gpt_neox(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    idx = last_token_index(attention_mask)
+    return model.score(h[torch.arange(h.shape[0]), idx]).squeeze(-1)
+
+
+def encode_scored(tokenizer, prompts, summaries):
+    """Right-padded batch of prompt + " " + summary + EOS: the gold RM's input convention."""
+    texts = [p + " " + s + EOS for p, s in zip(prompts, summaries)]
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+@torch.no_grad()
+def gold_scores(model, tokenizer, prompts, summaries, batch_size=256):
+    model.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        b = encode_scored(tokenizer, prompts[i : i + batch_size], summaries[i : i + batch_size])
+        out.append(score_at_last_token(model, b["input_ids"], b["attention_mask"]))
+    return torch.cat(out)
+
+
+def pair_agreement(scores, qualities, groups):
+    """Fraction of within-post pairs of distinct quality that the scores order like quality does."""
+    agree = total = 0
+    for idx in groups:
+        for a in range(len(idx)):
+            for b in range(a + 1, len(idx)):
+                i, j = idx[a], idx[b]
+                if abs(qualities[i] - qualities[j]) < 1e-6:
+                    continue
+                total += 1
+                agree += (scores[i] - scores[j]) * (qualities[i] - qualities[j]) > 0
+    return float(agree) / max(total, 1), total
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.gold_train_summaries = args.gold_steps * args.gold_posts_per_batch * args.gold_summaries_per_post
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    print("tiny_world settings:")
+    for k, v in asdict(args).items():
+        print(f"  {k} = {v}")
+    start = time.time()
+    out = args.output_dir
+    os.makedirs(f"{out}/data", exist_ok=True)
+
+    # 1. posts and references; separate random streams so each split depends on the seed only
+    splits = {"train": args.num_train, "validation": args.num_validation, "test": args.num_test}
+    rows, facts_of = {}, {}
+    for si, (split, n) in enumerate(splits.items()):
+        rng = random.Random(f"{args.seed}-{split}")
+        rows[split], facts_of[split] = [], []
+        for i in range(n):
+            row, facts = make_post(rng)
+            row = {"id": f"tw-{split}-{i:06d}", **row,
+                   "summary": make_reference(rng, facts, args.reference_miss_prob, args.reference_fluff_prob, args.reference_comment_prob)}
+            rows[split].append(row)
+            facts_of[split].append(facts)
+        with open(f"{out}/data/{split}.jsonl", "w") as f:
+            for row in rows[split]:
+                f.write(json.dumps({k: row[k] for k in ["id", "subreddit", "title", "post", "summary"]}) + "\n")
+        # the hidden facts, so later stages can compute the exact quality of any summary
+        with open(f"{out}/data/{split}_facts.jsonl", "w") as f:
+            for row, facts in zip(rows[split], facts_of[split]):
+                f.write(json.dumps({"id": row["id"], **facts}) + "\n")
+
+    # 2. tokenizer: trained on prompts, references and a line with every word of the vocabulary
+    # (so an invented or off-topic word is still one token)
+    corpus = [prompt_of(r) + " " + r["summary"] for r in rows["train"]]
+    corpus.append(" ".join(CONTENT + PERSONS + VERBS + FILLER_WORDS + COMMENTS + sorted(GLUE) + [t for t in TOPICS]))
+    corpus.append(" " + " ".join(CONTENT + PERSONS + VERBS + FILLER_WORDS + COMMENTS + sorted(GLUE)) + " , .")
+    tokenizer = build_tokenizer(corpus, f"{out}/tokenizer")
+    lens = [len(tokenizer(prompt_of(r))["input_ids"]) for r in rows["validation"]]
+    slens = [len(tokenizer(" " + r["summary"])["input_ids"]) for r in rows["validation"]]
+    print(f"vocab {len(tokenizer)}; prompt tokens mean {np.mean(lens):.1f} max {max(lens)}; "
+          f"summary tokens mean {np.mean(slens):.1f} max {max(slens)}")
+
+    # 3. base policy: random init, Pythia's architecture
+    policy = GPTNeoXForCausalLM(neox_config(tokenizer, args.policy_layers, args.policy_hidden, args.num_heads,
+                                            args.max_position_embeddings))
+    policy.save_pretrained(f"{out}/base_policy")
+    tokenizer.save_pretrained(f"{out}/base_policy")
+    print(f"base_policy: {sum(p.numel() for p in policy.parameters())/1e6:.2f}M params")
+
+    # 4. gold RM: regression onto quality + within-post Bradley-Terry, on fresh posts every step
+    gold_cfg = neox_config(tokenizer, args.gold_layers, args.gold_hidden, args.num_heads,
+                           args.max_position_embeddings, num_labels=1)
+    gold = GPTNeoXForSequenceClassification(gold_cfg)
+    if args.gold_match_init:
+        init_match_circuit(gold, tokenizer.convert_tokens_to_ids("DR"))
+    print(f"gold_rm: {sum(p.numel() for p in gold.parameters())/1e6:.2f}M params, "
+          f"{args.gold_train_summaries} training summaries")
+    opt = torch.optim.AdamW(gold.parameters(), lr=args.gold_lr, weight_decay=0.01)
+    warm = max(1, args.gold_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, args.gold_steps) / args.gold_steps)))
+    rng = random.Random(f"{args.seed}-gold")
+    q_mean, q_std = 0.0, 2.0  # fixed scale; references land near +2.5
+    gold.train()
+    bar = tqdm(range(args.gold_steps), desc="gold RM")
+    for step in bar:
+        prompts, sums, qs, prefix_qs = [], [], [], []
+        for _ in range(args.gold_posts_per_batch):
+            row, facts = make_post(rng)
+            ref = make_reference(rng, facts, args.reference_miss_prob, args.reference_fluff_prob, args.reference_comment_prob)
+            cands = [ref] + [variant(rng, row, facts, ref) for _ in range(args.gold_summaries_per_post - 1)]
+            for s in cands:
+                prompts.append(prompt_of(row))
+                sums.append(s)
+                qs.append(quality(row, s, facts["keys"]))
+                w = s.split()
+                prefix_qs.append([quality(row, " ".join(w[: j + 1]), facts["keys"]) for j in range(len(w))])
+        b = encode_scored(tokenizer, prompts, sums)
+        h = gold.gpt_neox(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        all_r = gold.score(h).squeeze(-1)  # (batch, seq): the score at every position
+        eos_at = last_token_index(b["attention_mask"])
+        r = all_r[torch.arange(len(sums)), eos_at]
+        # every summary word is one token, so word j of a summary sits at eos_at - len(words) + j
+        rows_i = [i for i, p in enumerate(prefix_qs) for _ in p]
+        cols_i = [int(eos_at[i]) - len(p) + j for i, p in enumerate(prefix_qs) for j in range(len(p))]
+        prefix_target = (torch.tensor([q for p in prefix_qs for q in p]) - q_mean) / q_std
+        loss_prefix = (all_r[rows_i, cols_i] - prefix_target).pow(2).mean() if rows_i else torch.zeros(())
+        target = (torch.tensor(qs) - q_mean) / q_std
+        loss_reg = (r - target).pow(2).mean()
+        rg = r.view(args.gold_posts_per_batch, -1)
+        tg = target.view(args.gold_posts_per_batch, -1)
+        diff_t = tg[:, :, None] - tg[:, None, :]
+        better = (diff_t > 1e-6).float()  # pairs (i, j) with q_i > q_j
+        loss_bt = (-torch.nn.functional.logsigmoid(rg[:, :, None] - rg[:, None, :]) * better).sum() / better.sum().clamp(min=1)
+        loss = loss_reg + args.gold_pair_coef * loss_bt + args.gold_prefix_coef * loss_prefix
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gold.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 10 == 0:
+            bar.set_postfix(reg=f"{loss_reg.item():.3f}", bt=f"{loss_bt.item():.3f}")
+
+    # 5. measure the gold on held-out posts (the test split's posts, never seen in gold training)
+    rng = random.Random(f"{args.seed}-eval")
+    measured = {}
+    for name, gen in [("procedural", variant), ("imperfect_summariser", imperfect_sample)]:
+        prompts, sums, qs, groups = [], [], [], []
+        for row, facts in list(zip(rows["test"], facts_of["test"]))[: args.num_eval_posts]:
+            cands = [row["summary"]] + [gen(rng, row, facts, row["summary"]) for _ in range(5)]
+            groups.append(list(range(len(sums), len(sums) + len(cands))))
+            for s in cands:
+                prompts.append(prompt_of(row))
+                sums.append(s)
+                qs.append(quality(row, s, facts["keys"]))
+        scores = gold_scores(gold, tokenizer, prompts, sums).tolist()
+        acc, n = pair_agreement(scores, qs, groups)
+        measured[f"gold_agreement_{name}"] = acc
+        measured[f"gold_agreement_{name}_pairs"] = n
+        print(f"gold agreement with quality, {name} pairs: {acc:.4f} ({n} pairs)")
+    ref_scores = gold_scores(gold, tokenizer, [prompt_of(r) for r in rows["test"]],
+                             [r["summary"] for r in rows["test"]])
+    measured["gold_reference_score_mean"] = ref_scores.mean().item()
+    measured["gold_reference_score_std"] = ref_scores.std().item()
+    gold.config.reward_input = ("prompt + ' ' + summary + '<|endoftext|>' (truncate after the first EOS, keep it); "
+                                "read `score` at the last real token = that EOS; pad == eos, so never use HF pooling")
+    gold.save_pretrained(f"{out}/gold_rm")
+    tokenizer.save_pretrained(f"{out}/gold_rm")
+
+    # 6. world.json
+    measured["build_seconds"] = time.time() - start
+    world = dict(
+        args=asdict(args),
+        sizes=dict(splits, vocab_size=len(tokenizer), prompt_tokens_mean=float(np.mean(lens)),
+                   prompt_tokens_max=int(max(lens)), summary_tokens_mean=float(np.mean(slens)),
+                   policy_params=sum(p.numel() for p in policy.parameters()),
+                   gold_params=sum(p.numel() for p in gold.parameters())),
+        vocabulary=dict(topics=TOPICS, persons=PERSONS, verbs=VERBS, times=TIMES, glue=sorted(GLUE)),
+        quality=dict(
+            description="A good summary names the post's key facts (key nouns), does not invent words "
+            "absent from the title+post, does not repeat itself, and stays short.",
+            formula="q = coverage - invented - repeated - too_long (at most 2); coverage = min(2, |keys & summary words|); "
+            "invented = #distinct non-glue summary words not in title+post; repeated = #extra occurrences of "
+            "non-glue words; too_long = more than 12 words; words = re.findall('[a-z]+', text.lower())",
+            keys_file="data/{split}_facts.jsonl",
+        ),
+        gold_input=dict(
+            text="prompt + ' ' + summary + '<|endoftext|>', prompt = "
+            "f'SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:'",
+            pooling="score head on the last-layer hidden state at the last real token (the first EOS of the "
+            "response, kept); compute the index from the attention mask, pad == eos so HF pooling is wrong",
+            padding="right",
+            function="tiny_world.score_at_last_token",
+        ),
+        measured=measured,
+    )
+    with open(f"{out}/world.json", "w") as f:
+        json.dump(world, f, indent=1)
+    print(json.dumps(measured, indent=1))
+    print(f"world written to {out} in {measured['build_seconds']:.0f}s")
