@@ -150,8 +150,8 @@ PRESETS = {
     "tiny": Args(),
     "paper": Args(
         preset="paper",
-        policy_model_path="runs/pythia1b_tldr/sft",
-        reward_model_path="runs/pythia1b_tldr/rm",
+        policy_model_path="runs/paper/sft",
+        reward_model_path="runs/paper/rm",
         gold_rm_path=None,
         dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered",
         quantile=0.4,

@@ -136,7 +136,7 @@ if __name__ == "__main__":
         "--proxy-rm", d("rm"), "--dataset", d("data"), "--split", args.eval_split, "--output-dir", d("eval_sft"),
         extra=args.extra_stage_args)
 
-    rm_metrics = read_json(d("rm", "rm_metrics.json")) if os.path.exists(d("rm", "rm_metrics.json")) else {}
+    rm_metrics = read_json(d("rm", "eval.json"))
     table = [("SFT", "-", read_json(d("eval_sft", "eval.json")), None)]
     runs = {}
     if args.rl:
@@ -165,7 +165,8 @@ if __name__ == "__main__":
     print("|---|---|---|---|---|---|")
     for method, seed, ev, kl in table:
         kl_s = "0" if kl is None else f"{kl:.2f}"
-        print(f"| {method} | {seed} | {ev['win_rate']:.3f} | {ev['gold_mean']:.3f} | {ev.get('proxy_mean', math.nan):.3f} | {kl_s} |")
+        print(f"| {method} | {seed} | {ev['eval/win_rate']:.3f} | {ev['eval/gold_reward_mean']:.3f} | "
+              f"{ev.get('eval/proxy_reward_mean', math.nan):.3f} | {kl_s} |")
     summary = {"root": R, "args": vars(args), "rows": [dict(method=m, seed=s, kl=k, **e) for m, s, e, k in table]}
     with open(d("pipeline_summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
