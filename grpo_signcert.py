@@ -92,11 +92,11 @@ class Args:
     """clip rho_j = 1 - eps/Delta_j at 0 (ablation; the paper is unclipped)"""
     kl_coef: float = 0.01
     """beta, the weight of the k3 KL to the reference policy in the loss"""
-    learning_rate: float = 3e-5
+    learning_rate: float = 2e-4
     """the learning rate (constant; paper: 1e-6)"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this"""
-    total_steps: int = 150
+    total_steps: int = 300
     """the number of optimiser steps (paper: 2000)"""
     num_prompts_per_step: int = 16
     """prompts per optimiser step, over all processes (paper: 32)"""

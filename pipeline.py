@@ -33,7 +33,7 @@ class Args:
     """RL seeds: each runs Dr.GRPO and SignCert-PO against the same proxy RM"""
     quantile: float = 0.3
     """SignCert-PO's quantile q (Dr.GRPO is q = 0)"""
-    rl_steps: int = 150
+    rl_steps: int = 300
     """optimiser steps of each RL run"""
     kl_coef: float = 0.01
     """beta of both RL methods"""
