@@ -16,6 +16,7 @@ killed pipeline continues where it stopped. Every artefact goes under `--root`.
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -46,12 +47,10 @@ class Args:
     when there is no GPU)"""
     world_preset: str = "full"
     """tiny_world.py's preset (`ci`: a very small world, for tests)"""
-    extra_world_args: List[str] = field(default_factory=list)
-    """extra arguments of tiny_world.py"""
-    extra_stage_args: List[str] = field(default_factory=list)
-    """extra arguments given to sft.py, gen_prefs.py, train_rm.py and eval_gold.py (e.g. sizes for tests)"""
-    extra_rl_args: List[str] = field(default_factory=list)
-    """extra arguments of grpo_signcert.py"""
+    extra_world_args: str = ""
+    """extra arguments of tiny_world.py, one string (write `--extra-world-args="--gold-steps 900"`)"""
+    extra_rl_args: str = ""
+    """extra arguments of grpo_signcert.py, one string (e.g. `--extra-rl-args="--learning-rate 1e-4"`)"""
     force: bool = False
     """redo stages whose outputs exist"""
 
@@ -124,17 +123,16 @@ if __name__ == "__main__":
     t_start = time.time()
 
     run(args, script("tiny_world.py"), d("world.json"), "--output-dir", R, "--preset", args.world_preset,
-        extra=args.extra_world_args, launch=False)
+        extra=shlex.split(args.extra_world_args), launch=False)
     world = read_json(d("world.json"))
     run(args, script("sft.py"), d("sft", "config.json"), "--model-name-or-path", d("base_policy"), "--dataset", d("data"),
-        "--output-dir", d("sft"), extra=args.extra_stage_args)
+        "--output-dir", d("sft"))
     run(args, script("gen_prefs.py"), d("prefs", "test.jsonl"), "--policy-path", d("sft"), "--gold-rm-path", d("gold_rm"),
-        "--dataset", d("data"), "--output-dir", d("prefs"), extra=args.extra_stage_args)
+        "--dataset", d("data"), "--output-dir", d("prefs"))
     run(args, script("train_rm.py"), d("rm", "config.json"), "--sft-path", d("sft"), "--prefs-path", d("prefs"),
-        "--dataset", d("data"), "--output-dir", d("rm"), extra=args.extra_stage_args)
+        "--dataset", d("data"), "--output-dir", d("rm"))
     run(args, script("eval_gold.py"), d("eval_sft", "eval.json"), "--policy-path", d("sft"), "--gold-rm-path", d("gold_rm"),
-        "--proxy-rm", d("rm"), "--dataset", d("data"), "--split", args.eval_split, "--output-dir", d("eval_sft"),
-        extra=args.extra_stage_args)
+        "--proxy-rm", d("rm"), "--dataset", d("data"), "--split", args.eval_split, "--output-dir", d("eval_sft"))
 
     rm_metrics = read_json(d("rm", "eval.json"))
     table = [("SFT", "-", read_json(d("eval_sft", "eval.json")), None)]
@@ -146,10 +144,10 @@ if __name__ == "__main__":
                 run(args, script("grpo_signcert.py"), os.path.join(out, "model", "config.json"), "--seed", str(seed),
                     "--quantile", str(q), "--kl-coef", str(args.kl_coef), "--total-steps", str(args.rl_steps),
                     "--policy-model-path", d("sft"), "--reward-model-path", d("rm"), "--gold-rm-path", d("gold_rm"),
-                    "--dataset", d("data"), "--output-dir", out, extra=args.extra_rl_args)
+                    "--dataset", d("data"), "--output-dir", out, extra=shlex.split(args.extra_rl_args))
                 run(args, script("eval_gold.py"), os.path.join(out, "eval", "eval.json"), "--policy-path",
                     os.path.join(out, "model"), "--gold-rm-path", d("gold_rm"), "--proxy-rm", d("rm"), "--dataset", d("data"),
-                    "--split", args.eval_split, "--output-dir", os.path.join(out, "eval"), extra=args.extra_stage_args)
+                    "--split", args.eval_split, "--output-dir", os.path.join(out, "eval"))
                 rows = read_metrics(os.path.join(out, "metrics.jsonl"))
                 runs[(method, seed)] = rows
                 table.append((method, seed, read_json(os.path.join(out, "eval", "eval.json")), rows[-1]["policy/kl"]))
