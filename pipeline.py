@@ -131,11 +131,11 @@ if __name__ == "__main__":
         "--dataset", d("data"), "--output-dir", d("prefs"))
     run(args, script("train_rm.py"), d("rm", "config.json"), "--sft-path", d("sft"), "--prefs-path", d("prefs"),
         "--dataset", d("data"), "--output-dir", d("rm"))
-    run(args, script("eval_gold.py"), d("eval_sft", "eval.json"), "--policy-path", d("sft"), "--gold-rm-path", d("gold_rm"),
-        "--proxy-rm", d("rm"), "--dataset", d("data"), "--split", args.eval_split, "--output-dir", d("eval_sft"))
+    run(args, script("eval_gold.py"), d(f"eval_sft_{args.eval_split}", "eval.json"), "--policy-path", d("sft"), "--gold-rm-path", d("gold_rm"),
+        "--proxy-rm", d("rm"), "--dataset", d("data"), "--split", args.eval_split, "--output-dir", d(f"eval_sft_{args.eval_split}"))
 
     rm_metrics = read_json(d("rm", "eval.json"))
-    table = [("SFT", "-", read_json(d("eval_sft", "eval.json")), None)]
+    table = [("SFT", "-", read_json(d(f"eval_sft_{args.eval_split}", "eval.json")), None)]
     runs = {}
     if args.rl:
         for seed in args.seeds:
@@ -145,12 +145,13 @@ if __name__ == "__main__":
                     "--quantile", str(q), "--kl-coef", str(args.kl_coef), "--total-steps", str(args.rl_steps),
                     "--policy-model-path", d("sft"), "--reward-model-path", d("rm"), "--gold-rm-path", d("gold_rm"),
                     "--dataset", d("data"), "--output-dir", out, extra=shlex.split(args.extra_rl_args))
-                run(args, script("eval_gold.py"), os.path.join(out, "eval", "eval.json"), "--policy-path",
+                ev_dir = os.path.join(out, f"eval_{args.eval_split}")
+                run(args, script("eval_gold.py"), os.path.join(ev_dir, "eval.json"), "--policy-path",
                     os.path.join(out, "model"), "--gold-rm-path", d("gold_rm"), "--proxy-rm", d("rm"), "--dataset", d("data"),
-                    "--split", args.eval_split, "--output-dir", os.path.join(out, "eval"))
+                    "--split", args.eval_split, "--output-dir", ev_dir)
                 rows = read_metrics(os.path.join(out, "metrics.jsonl"))
                 runs[(method, seed)] = rows
-                table.append((method, seed, read_json(os.path.join(out, "eval", "eval.json")), rows[-1]["policy/kl"]))
+                table.append((method, seed, read_json(os.path.join(ev_dir, "eval.json")), rows[-1]["policy/kl"]))
 
     # one table: the world's calibration, then each policy's gold evaluation
     print("\n" + "=" * 100)
@@ -166,8 +167,8 @@ if __name__ == "__main__":
         print(f"| {method} | {seed} | {ev['eval/win_rate']:.3f} | {ev['eval/gold_reward_mean']:.3f} | "
               f"{ev.get('eval/proxy_reward_mean', math.nan):.3f} | {kl_s} |")
     summary = {"root": R, "args": vars(args), "rows": [dict(method=m, seed=s, kl=k, **e) for m, s, e, k in table]}
-    with open(d("pipeline_summary.json"), "w") as f:
+    with open(d(f"pipeline_summary_{args.eval_split}.json"), "w") as f:
         json.dump(summary, f, indent=1)
     if runs:
         plot_figure2(runs, d("figure2.png"))
-        print(f"\nplots: {d('figure2.png')}; table: {d('pipeline_summary.json')}")
+        print(f"\nplots: {d('figure2.png')}; table: {d(f'pipeline_summary_{args.eval_split}.json')}")

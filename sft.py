@@ -88,8 +88,8 @@ class Args:
     """prompts longer than this (tokens) are shortened (TL;DR: the POST is cut at a whitespace)"""
     max_response_length: int = 32
     """reference responses are cut to this many tokens, EOS included"""
-    num_train_epochs: int = 1
-    """passes over the training data"""
+    num_train_epochs: int = 2
+    """passes over the training data (paper: 1; the tiny world's random-init model needs 2)"""
     learning_rate: float = 1e-2
     """peak learning rate of AdamW"""
     lr_scheduler_type: str = "cosine"

@@ -121,7 +121,7 @@ class Args:
 
     # Gold RM training
     gold_steps: int | None = None
-    """optimiser steps of gold RM training (full: 700, ci: 20)"""
+    """optimiser steps of gold RM training (full: 1000, ci: 20)"""
     gold_posts_per_batch: int = 8
     """posts per gold batch; each comes with `gold_summaries_per_post` summaries"""
     gold_summaries_per_post: int = 8
@@ -144,7 +144,7 @@ class Args:
 
 
 PRESETS = {
-    "full": dict(num_train=12000, num_validation=1000, num_test=1000, gold_steps=700, num_eval_posts=400),
+    "full": dict(num_train=12000, num_validation=1000, num_test=1000, gold_steps=1000, num_eval_posts=400),
     "ci": dict(num_train=200, num_validation=50, num_test=50, gold_steps=20, num_eval_posts=20),
 }
 

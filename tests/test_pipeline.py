@@ -17,7 +17,7 @@ def test_pipeline_runs_every_stage_and_writes_the_table(tmp_path):
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| method | seed | gold win rate vs reference |" in res.stdout
-    summary = json.load(open(root / "pipeline_summary.json"))
+    summary = json.load(open(root / "pipeline_summary_test.json"))
     assert [r["method"] for r in summary["rows"]] == ["SFT", "Dr.GRPO", "SignCert-PO"]
     for r in summary["rows"]:
         assert 0.0 <= r["eval/win_rate"] <= 1.0
