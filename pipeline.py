@@ -166,6 +166,17 @@ if __name__ == "__main__":
         kl_s = "0" if kl is None else f"{kl:.2f}"
         print(f"| {method} | {seed} | {ev['eval/win_rate']:.3f} | {ev['eval/gold_reward_mean']:.3f} | "
               f"{ev.get('eval/proxy_reward_mean', math.nan):.3f} | {kl_s} |")
+    if len(args.seeds) > 1:  # mean and spread over the seeds
+        print(f"\nover seeds {args.seeds}: mean (min - max)")
+        print("| method | gold win rate vs reference | mean gold reward | mean proxy reward | KL (last step) |")
+        print("|---|---|---|---|---|")
+        for method in ("Dr.GRPO", "SignCert-PO"):
+            rows = [(e, k) for m, _, e, k in table if m == method]
+            cells = []
+            for values in ([e["eval/win_rate"] for e, _ in rows], [e["eval/gold_reward_mean"] for e, _ in rows],
+                           [e["eval/proxy_reward_mean"] for e, _ in rows], [k for _, k in rows]):
+                cells.append(f"{sum(values) / len(values):.3f} ({min(values):.3f} - {max(values):.3f})")
+            print(f"| {method} | " + " | ".join(cells) + " |")
     summary = {"root": R, "args": vars(args), "rows": [dict(method=m, seed=s, kl=k, **e) for m, s, e, k in table]}
     with open(d(f"pipeline_summary_{args.eval_split}.json"), "w") as f:
         json.dump(summary, f, indent=1)
