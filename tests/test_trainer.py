@@ -12,12 +12,12 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification
+from transformers import AutoModelForSequenceClassification, GPTNeoXConfig, GPTNeoXForSequenceClassification
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from grpo_signcert import dr_grpo_loss, pairwise_agreement, reward_and_features, truncate_after_eos  # noqa: E402
-from update_worker import N as WORKER_N, T as WORKER_T  # noqa: E402
+from update_worker import N as WORKER_N, T as WORKER_T, model_and_batch  # noqa: E402
 
 # several CPU processes: `--multi_gpu` makes accelerate start them with torchrun, and the scripts, seeing no GPU,
 # run them on the CPU with gloo (`--cpu --num_processes 2` starts ONE process in accelerate 1.x)
@@ -63,26 +63,6 @@ def test_dr_grpo_normaliser_is_constant_so_splits_add_up():
     assert full.item() == pytest.approx(halves.item(), rel=1e-6)
 
 
-def worker_model_and_batch():
-    """The model and batch of tests/update_worker.py, rebuilt here for the independent computation."""
-    import update_worker as w
-
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=w.V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)
-    policy = GPTNeoXForCausalLM(config)
-    g = torch.Generator().manual_seed(1)
-    query = torch.randint(1, w.V, (w.N, w.P), generator=g)
-    qmask = torch.ones(w.N, w.P, dtype=torch.long)
-    qmask[::3, :2] = 0
-    response = torch.randint(1, w.V, (w.N, w.T), generator=g)
-    lengths = torch.randint(1, w.T + 1, (w.N,), generator=g)
-    rmask = (torch.arange(w.T).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    ref = -3.0 - torch.rand(w.N, w.T, generator=g)
-    adv = torch.randn(w.N, generator=g)
-    return policy, query, qmask, response, rmask, ref, adv
-
-
 def test_update_is_the_same_for_1x4_2x2_and_1x1_and_matches_the_full_batch_gradient(tmp_path):
     """1 process x accumulation 4, 2 processes x accumulation 2 and 1 process x 1 micro-batch give the same
     update, and it equals the gradient of the Dr.GRPO objective over the whole batch computed here with
@@ -94,7 +74,9 @@ def test_update_is_the_same_for_1x4_2x2_and_1x1_and_matches_the_full_batch_gradi
         cmd = head + [os.path.join(ROOT, "tests", "update_worker.py"), str(micro), str(procs), str(out)]
         subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=300)
         updates[(procs, micro)] = torch.load(out)
-    policy, query, qmask, response, rmask, ref, adv = worker_model_and_batch()
+    policy, batch = model_and_batch()
+    query, qmask, response, rmask = batch["query"], batch["query_mask"], batch["response"], batch["response_mask"]
+    ref, adv = batch["ref_logprobs"], batch["advantages"]
     ids, mask = torch.cat([query, response], 1), torch.cat([qmask, rmask], 1)
     logits = policy(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
     logp = torch.log_softmax(logits[:, query.shape[1] - 1 : -1], -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)

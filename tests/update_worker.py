@@ -15,8 +15,8 @@ from grpo_signcert import policy_update  # noqa: E402
 
 N, P, T, V = 16, 5, 6, 50  # completions, prompt length, max new tokens, vocabulary
 
-if __name__ == "__main__":
-    micro_batch_size, expected_processes, out_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def model_and_batch():
+    """The policy and the fixed batch (test_trainer.py rebuilds them for its independent computation)."""
     torch.manual_seed(0)
     config = GPTNeoXConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=64, max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)
@@ -30,6 +30,12 @@ if __name__ == "__main__":
     response_mask = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).long()
     batch = dict(query=query, query_mask=query_mask, response=response, response_mask=response_mask,
                  ref_logprobs=-3.0 - torch.rand(N, T, generator=g), advantages=torch.randn(N, generator=g))
+    return policy, batch
+
+
+if __name__ == "__main__":
+    micro_batch_size, expected_processes, out_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    policy, batch = model_and_batch()
     cpu = not torch.cuda.is_available()
     num_processes = PartialState(cpu=cpu).num_processes
     assert num_processes == expected_processes, f"launched {num_processes} processes, expected {expected_processes}"
