@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import free_port  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -177,7 +179,8 @@ def test_eval_gold_two_processes_match_one(world, sft_dir, rm_dir):
     """2 CPU processes (configs/cpu_2proc.yaml): each scores its share; the gathered result equals 1 process."""
     one, two = world / "eval1p", world / "eval2p"
     run(eval_args(world, sft_dir, rm_dir, one))
-    run(eval_args(world, sft_dir, rm_dir, two), launcher=[sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/cpu_2proc.yaml")])
+    run(eval_args(world, sft_dir, rm_dir, two), launcher=[sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/cpu_2proc.yaml"),
+                                                              "--main_process_port", free_port()])
     a, b = read_jsonl(one / "samples.jsonl"), read_jsonl(two / "samples.jsonl")
     assert json.load(open(two / "eval.json"))["world_size"] == 2  # really two processes
     assert [s["id"] for s in a] == [s["id"] for s in b]  # the same prompts, in the same order

@@ -17,12 +17,15 @@ from transformers import AutoModelForSequenceClassification, GPTNeoXConfig, GPTN
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from grpo_signcert import dr_grpo_loss, pairwise_agreement, reward_and_features, truncate_after_eos  # noqa: E402
+from conftest import free_port  # noqa: E402
 from update_worker import N as WORKER_N, T as WORKER_T, model_and_batch  # noqa: E402
 
 # several CPU processes: `--multi_gpu` makes accelerate start them with torchrun, and the scripts, seeing no GPU,
 # run them on the CPU with gloo (`--cpu --num_processes 2` starts ONE process in accelerate 1.x)
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1", "--mixed_precision",
-              "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+def accelerate_cmd(procs):
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1", "--mixed_precision",
+            "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", "--main_process_port", free_port(),
+            "--num_processes", str(procs)]
 
 
 # ------------------------------------------------------------------ the loss
@@ -70,7 +73,7 @@ def test_update_is_the_same_for_1x4_2x2_and_1x1_and_matches_the_full_batch_gradi
     updates = {}
     for procs, micro in ((1, 4), (2, 4), (1, 16)):
         out = tmp_path / f"{procs}_{micro}.pt"
-        head = ACCELERATE + ["--num_processes", str(procs)] if procs > 1 else [sys.executable]
+        head = accelerate_cmd(procs) if procs > 1 else [sys.executable]
         cmd = head + [os.path.join(ROOT, "tests", "update_worker.py"), str(micro), str(procs), str(out)]
         subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=300)
         updates[(procs, micro)] = torch.load(out)
@@ -153,7 +156,7 @@ def world(tmp_path_factory):
 
 
 def trainer_cmd(world, out, *extra, procs=None):
-    head = ACCELERATE + ["--num_processes", str(procs)] if procs else [sys.executable]
+    head = accelerate_cmd(procs) if procs else [sys.executable]
     return head + ["grpo_signcert.py", "--policy-model-path", str(world / "base_policy"), "--reward-model-path",
                    str(world / "rm"), "--gold-rm-path", str(world / "gold_rm"), "--dataset", str(world / "data"),
                    "--num-prompts-per-step", "4", "--num-generations", "4", "--micro-batch-size", "4",
