@@ -32,7 +32,6 @@ head, so its feature vector is set to 0 (then r_j = 0^T w + penalty and eq. (8) 
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -337,8 +336,6 @@ def build_prompts(rows, tokenizer, max_prompt_length, where):
 # ------------------------------------------------------------------------- models
 def load_reward_model(path, dtype, trust_remote_code):
     """A reward model for SignCert-PO: it must end in a linear `score` head with one output."""
-    if not os.path.exists(path) and path.startswith(("runs/", ".", "/")):
-        raise FileNotFoundError(f"reward model {path!r} does not exist (train one with train_rm.py)")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
         raise ValueError(f"{path} is not a reward model (its config says architectures={config.architectures}); "
@@ -516,7 +513,7 @@ if __name__ == "__main__":
         raise ValueError(f"--quantile must lie in [0, 1] (the paper sweeps 0.1 to 0.5; 0 is Dr.GRPO), got {args.quantile}")
     for name in ("policy_model_path", "reward_model_path", "gold_rm_path"):
         path = getattr(args, name)
-        if path and path.startswith(("runs/", "./", "/")) and not os.path.exists(path):
+        if path and path.startswith(("runs/", ".", "/")) and not os.path.exists(path):
             raise FileNotFoundError(f"--{name.replace('_', '-')} {path} does not exist: build the tiny world and its "
                                     "stages first (python pipeline.py), or give the path of your own model")
 
@@ -550,7 +547,8 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.num_processes)) if device.type == "cpu" else None
+    if device.type == "cpu":  # share the cores between the processes
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.num_processes))
 
     # models: the policy (trained), its frozen copy (KL reference), the proxy RM and, to monitor, the gold RM
     start_step, ckpt = 0, None
@@ -584,7 +582,8 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     for m in (ref_policy, rm, gold):
-        m.to(device) if m is not None else None
+        if m is not None:
+            m.to(device)
     torch.manual_seed(args.seed + rank)  # each process samples different completions
     if ckpt:
         restore_checkpoint(accelerator, optimizer, ckpt)

@@ -82,6 +82,11 @@ def read_metrics(path):
         return [json.loads(line) for line in f]
 
 
+def smooth(xs, window=10):
+    """Trailing mean over `window` steps (per-step on-policy metrics are noisy)."""
+    return [sum(xs[max(0, i - window + 1) : i + 1]) / len(xs[max(0, i - window + 1) : i + 1]) for i in range(len(xs))]
+
+
 def plot_figure2(runs, path):
     """The paper's Figure 2 on the tiny world: proxy (dashed) and gold (solid) reward vs KL, and the proxy
     RM's accuracy on on-policy pairs vs KL, one line per RL run."""
@@ -94,7 +99,6 @@ def plot_figure2(runs, path):
     colors = {"Dr.GRPO": "tab:red", "SignCert-PO": "tab:green"}
     for (method, seed), rows in runs.items():
         kl = [r["policy/kl"] for r in rows]
-        smooth = lambda xs, w=10: [sum(xs[max(0, i - w + 1) : i + 1]) / len(xs[max(0, i - w + 1) : i + 1]) for i in range(len(xs))]
         label = f"{method} (seed {seed})"
         ax_acc.plot(smooth(kl), smooth([r["rm/proxy_accuracy"] for r in rows]), color=colors[method], alpha=0.8, label=label)
         ax_rew.plot(smooth(kl), smooth([r["reward/gold"] for r in rows]), color=colors[method], alpha=0.8, label=label + " gold")
@@ -160,7 +164,7 @@ if __name__ == "__main__":
         print(f"  world.{key}: {value}")
     for key, value in rm_metrics.items():
         print(f"  rm.{key}: {value}")
-    print(f"\n| method | seed | gold win rate vs reference | mean gold reward | mean proxy reward | KL (last step) |")
+    print("\n| method | seed | gold win rate vs reference | mean gold reward | mean proxy reward | KL (last step) |")
     print("|---|---|---|---|---|---|")
     for method, seed, ev, kl in table:
         kl_s = "0" if kl is None else f"{kl:.2f}"

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from grpo_signcert import (  # noqa: E402
-    build_prompts, in_chunks, load_reward_model, load_split, response_logprobs, reward_and_features, sample,
+    build_prompts, dr_grpo_loss, in_chunks, load_reward_model, load_split, response_logprobs, reward_and_features, sample,
     signcert_advantages, truncate_after_eos)
 
 
@@ -65,8 +65,6 @@ def sync(device):
 
 def update(policy, optimizer, batch, args, device):
     """One Dr.GRPO optimiser step (ratio = 1) on the batch, micro-batched: the trainer's update without accelerate."""
-    from grpo_signcert import dr_grpo_loss
-
     n = batch["response"].shape[0]
     for s in range(0, n, args.micro_batch_size):
         mb = {k: v[s : s + args.micro_batch_size] for k, v in batch.items()}
