@@ -253,8 +253,9 @@ if __name__ == "__main__":
     print(f"| {'method':<32} | proxy reward | true reward | mass on arms 7-8 |")
     print(f"|{'-' * 34}|--------------|-------------|------------------|")
     for name, row in table.items():
-        print(f"| {name:<32} | {row['proxy_reward']:12.3f} | {row['true_reward']:11.3f} | "
-              f"{row['hacking_mass']:16.3f} |")
+        print(
+            f"| {name:<32} | {row['proxy_reward']:12.3f} | {row['true_reward']:11.3f} | {row['hacking_mass']:16.3f} |"
+        )
     print("\nSignCert-PO final true reward per q: " + ", ".join(f"q={q}: {v[1]:.3f}" for q, v in q_sweep.items()))
 
     # figures 1(a), 1(c), 1(d)

@@ -49,7 +49,13 @@ import tyro
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+)
 
 
 @dataclass
@@ -147,7 +153,9 @@ def parse_args() -> Args:
 def require_path(path: str, flag: str) -> None:
     """A local-looking path that does not exist is an error now, not a confusing hub lookup later."""
     if (path.startswith((".", "/", "~")) or path.count("/") != 1) and not Path(path).exists():
-        raise FileNotFoundError(f"{flag} {path} does not exist (run the previous stage, `python tiny_world.py` for the tiny world, or pass {flag})")
+        raise FileNotFoundError(
+            f"{flag} {path} does not exist (run the previous stage, `python tiny_world.py` for the tiny world, or pass {flag})"
+        )
 
 
 # ---------------------------------------------------------------- data
@@ -195,10 +203,14 @@ def load_split(dataset: str, split: str, config: Optional[str] = None) -> list[d
                 data = data[split]
             return data.to_list()
         found = sorted(p.name for p in path.iterdir())
-        raise FileNotFoundError(f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})")
+        raise FileNotFoundError(
+            f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})"
+        )
     # a path-looking string that does not exist is a mistake, not a hub id
     if dataset.startswith((".", "/", "~")) or dataset.count("/") != 1 or path.suffix in (".jsonl", ".parquet", ".json"):
-        raise FileNotFoundError(f"dataset {dataset!r} does not exist (run `python tiny_world.py` for the tiny world, or pass --dataset)")
+        raise FileNotFoundError(
+            f"dataset {dataset!r} does not exist (run `python tiny_world.py` for the tiny world, or pass --dataset)"
+        )
     import datasets
 
     try:
@@ -213,7 +225,9 @@ def detect_format(rows: list[dict], where: str) -> str:
         return "tldr"
     if set(ALPACA_COLUMNS) <= columns:
         return "alpaca"
-    raise ValueError(f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} or the AlpacaFarm columns {list(ALPACA_COLUMNS)}")
+    raise ValueError(
+        f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} or the AlpacaFarm columns {list(ALPACA_COLUMNS)}"
+    )
 
 
 def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
@@ -224,7 +238,9 @@ def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
         if n <= max_len:
             return prompt
         if not text:
-            raise ValueError(f"prompt is {n} tokens even with an empty post/input; raise --max-prompt-length (now {max_len})")
+            raise ValueError(
+                f"prompt is {n} tokens even with an empty post/input; raise --max-prompt-length (now {max_len})"
+            )
         # jump close to the budget in one step, then back off to the previous whitespace
         cut = min(len(text) - 1, int(len(text) * max_len / n))
         space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
@@ -242,12 +258,13 @@ def to_prompt_response(row: dict, fmt: str, tokenizer, max_prompt_length: int) -
     return fit_prompt(build, row["instruction"], tokenizer, max_prompt_length), row["output"]
 
 
-
 # ---------------------------------------------------------------- models
 def load_tokenizer(path: str, trust_remote_code: bool):
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"the tokenizer of {path} has no eos_token: completions are cut at EOS, pick a tokenizer with one")
+        raise ValueError(
+            f"the tokenizer of {path} has no eos_token: completions are cut at EOS, pick a tokenizer with one"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # Pythia convention; padding is always masked
     return tokenizer
@@ -294,14 +311,21 @@ def generate_hf(model, tokenizer, prompts: list[str], n: int, args, accelerator)
     """n samples per prompt -> token ids cut after the first EOS (EOS kept), has_eos."""
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     config = GenerationConfig(
-        do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        do_sample=True,
+        temperature=args.temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=args.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     flat = [p for p in prompts for _ in range(n)]
     responses, has_eos = [], []
     bs = args.generation_batch_size
     for i in tqdm(range(0, len(flat), bs), desc="generate", disable=not accelerator.is_main_process):
-        enc = tokenizer(flat[i : i + bs], return_tensors="pt", padding=True, add_special_tokens=False).to(accelerator.device)
+        enc = tokenizer(flat[i : i + bs], return_tensors="pt", padding=True, add_special_tokens=False).to(
+            accelerator.device
+        )
         out = model.generate(**enc, generation_config=config)[:, enc.input_ids.shape[1] :]
         out, lengths, eos = truncate_after_eos(out, tokenizer.eos_token_id, tokenizer.pad_token_id)
         responses += [row[:n] for row, n in zip(out.tolist(), lengths.tolist())]
@@ -313,9 +337,19 @@ def generate_vllm(path: str, tokenizer, prompts: list[str], n: int, args) -> tup
     try:
         from vllm import LLM, SamplingParams
     except ImportError as e:
-        raise ImportError("--use-vllm needs vLLM, which is not installed: `pip install -r requirements-vllm.txt` (GPU only), or drop --use-vllm") from e
-    llm = LLM(model=path, seed=args.seed, dtype=args.dtype, trust_remote_code=args.trust_remote_code, gpu_memory_utilization=args.vllm_gpu_memory_utilization)
-    params = SamplingParams(n=n, temperature=args.temperature, top_p=1.0, max_tokens=args.max_new_tokens, seed=args.seed)
+        raise ImportError(
+            "--use-vllm needs vLLM, which is not installed: `pip install -r requirements-vllm.txt` (GPU only), or drop --use-vllm"
+        ) from e
+    llm = LLM(
+        model=path,
+        seed=args.seed,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+    )
+    params = SamplingParams(
+        n=n, temperature=args.temperature, top_p=1.0, max_tokens=args.max_new_tokens, seed=args.seed
+    )
     responses, has_eos = [], []
     for request in llm.generate(prompts, params):
         for o in request.outputs:
@@ -338,12 +372,17 @@ def rm_input_ids(tokenizer, prompt: str, response: str, max_length: int, chat: b
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response.strip()}]
         ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids
     else:
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids + tokenizer(response, add_special_tokens=False).input_ids
+        ids = (
+            tokenizer(prompt, add_special_tokens=False).input_ids
+            + tokenizer(response, add_special_tokens=False).input_ids
+        )
         ids = ids + [tokenizer.eos_token_id]
     return ids[-max_length:]  # keep the end: that is where the reward is read
 
 
-def reward_at_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reward_at_last_token(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One backbone forward -> (reward (B,), feature h (B, H)) at the last real token of every row.
 
     The last real token comes from the attention mask (pad == eos, so searching pad ids would read the
@@ -360,11 +399,24 @@ def reward_at_last_token(model, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, prompts: list[str], responses: list[str], chat: bool, batch_size: int, max_length: int, accelerator, desc: str):
+def score_texts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    responses: list[str],
+    chat: bool,
+    batch_size: int,
+    max_length: int,
+    accelerator,
+    desc: str,
+):
     """Reward and feature of every (prompt, response), right-padded batches (see rm_input_ids for `chat`)."""
     rewards, features = [], []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not accelerator.is_main_process):
-        ids = [rm_input_ids(tokenizer, p, r, max_length, chat) for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
+        ids = [
+            rm_input_ids(tokenizer, p, r, max_length, chat)
+            for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])
+        ]
         n = max(len(x) for x in ids)
         input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (n - len(x)) for x in ids], device=accelerator.device)
         mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids], device=accelerator.device)
@@ -403,7 +455,9 @@ class MetricsLogger:
         if enabled and args.track:
             import wandb
 
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, config=asdict(args))
+            self.wandb = wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, config=asdict(args)
+            )
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:
@@ -412,7 +466,6 @@ class MetricsLogger:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-
 
 
 if __name__ == "__main__":
@@ -425,7 +478,9 @@ if __name__ == "__main__":
     args.run_name = run_name[0]
     args.output_dir = args.output_dir or f"runs/{args.run_name}"
     if args.use_vllm and args.world_size > 1:
-        raise ValueError("--use-vllm runs in one process (vLLM manages the GPUs itself): use `python eval_gold.py --use-vllm`")
+        raise ValueError(
+            "--use-vllm runs in one process (vLLM manages the GPUs itself): use `python eval_gold.py --use-vllm`"
+        )
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed + accelerator.process_index)  # different samples on each rank
@@ -442,7 +497,10 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.policy_path, args.trust_remote_code)
     rows = load_split(args.dataset, args.split, args.dataset_config)[: args.num_prompts]
     fmt = detect_format(rows, f"{args.dataset} [{args.split}]")
-    examples = [(str(r.get("id", i)), *to_prompt_response(r, fmt, tokenizer, args.max_prompt_length)) for i, r in enumerate(rows)]
+    examples = [
+        (str(r.get("id", i)), *to_prompt_response(r, fmt, tokenizer, args.max_prompt_length))
+        for i, r in enumerate(rows)
+    ]
     if accelerator.is_main_process:
         print(f"{args.run_name}: {len(examples)} prompts ({fmt} format)")
         for k, v in asdict(args).items():
@@ -454,7 +512,13 @@ if __name__ == "__main__":
         if args.use_vllm:
             responses, has_eos = generate_vllm(args.policy_path, tokenizer, prompts, 1, args)
         else:
-            policy = AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=dtype, trust_remote_code=args.trust_remote_code).to(accelerator.device).eval()
+            policy = (
+                AutoModelForCausalLM.from_pretrained(
+                    args.policy_path, dtype=dtype, trust_remote_code=args.trust_remote_code
+                )
+                .to(accelerator.device)
+                .eval()
+            )
             responses, has_eos = generate_hf(policy, tokenizer, prompts, 1, args, accelerator)
             del policy
         texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
@@ -462,12 +526,47 @@ if __name__ == "__main__":
         # 2. gold scores of the policy's and the reference responses (references always end with EOS)
         gold, gold_tokenizer = load_reward_model(args.gold_rm_path, args.trust_remote_code, dtype, accelerator.device)
         chat = bool(getattr(gold_tokenizer, "chat_template", None))  # Skywork reads the chat format
-        gold_scores = apply_missing_eos_penalty(score_texts(gold, gold_tokenizer, prompts, texts, chat, args.gold_batch_size, args.gold_max_length, accelerator, "gold")[0], eos, args.missing_eos_penalty)
-        reference_gold = score_texts(gold, gold_tokenizer, prompts, references, chat, args.gold_batch_size, args.gold_max_length, accelerator, "gold (reference)")[0]
+        gold_scores = apply_missing_eos_penalty(
+            score_texts(
+                gold,
+                gold_tokenizer,
+                prompts,
+                texts,
+                chat,
+                args.gold_batch_size,
+                args.gold_max_length,
+                accelerator,
+                "gold",
+            )[0],
+            eos,
+            args.missing_eos_penalty,
+        )
+        reference_gold = score_texts(
+            gold,
+            gold_tokenizer,
+            prompts,
+            references,
+            chat,
+            args.gold_batch_size,
+            args.gold_max_length,
+            accelerator,
+            "gold (reference)",
+        )[0]
         del gold
         records = [
-            {"id": e[0], "prompt": p, "response": t, "reference": ref, "has_eos": h, "length": len(r), "gold_score": g, "reference_gold_score": rg}
-            for e, p, t, ref, h, r, g, rg in zip(mine, prompts, texts, references, has_eos, responses, gold_scores.tolist(), reference_gold.tolist())
+            {
+                "id": e[0],
+                "prompt": p,
+                "response": t,
+                "reference": ref,
+                "has_eos": h,
+                "length": len(r),
+                "gold_score": g,
+                "reference_gold_score": rg,
+            }
+            for e, p, t, ref, h, r, g, rg in zip(
+                mine, prompts, texts, references, has_eos, responses, gold_scores.tolist(), reference_gold.tolist()
+            )
         ]
         # 3. the proxy, in its own tokenizer and the plain format of train_rm.py, minus its offset
         if args.proxy_rm is not None:
@@ -476,10 +575,38 @@ if __name__ == "__main__":
             if offset is None:
                 offset = 0.0
                 if accelerator.is_main_process:
-                    print(f"warning: {args.proxy_rm} has no config.reward_offset (not normalised by train_rm.py); using 0")
-            proxy_scores = score_texts(proxy, proxy_tokenizer, prompts, texts, False, args.gold_batch_size, args.proxy_max_length, accelerator, "proxy")[0] - offset
+                    print(
+                        f"warning: {args.proxy_rm} has no config.reward_offset (not normalised by train_rm.py); using 0"
+                    )
+            proxy_scores = (
+                score_texts(
+                    proxy,
+                    proxy_tokenizer,
+                    prompts,
+                    texts,
+                    False,
+                    args.gold_batch_size,
+                    args.proxy_max_length,
+                    accelerator,
+                    "proxy",
+                )[0]
+                - offset
+            )
             proxy_scores = apply_missing_eos_penalty(proxy_scores, eos, args.missing_eos_penalty)
-            reference_proxy = score_texts(proxy, proxy_tokenizer, prompts, references, False, args.gold_batch_size, args.proxy_max_length, accelerator, "proxy (reference)")[0] - offset
+            reference_proxy = (
+                score_texts(
+                    proxy,
+                    proxy_tokenizer,
+                    prompts,
+                    references,
+                    False,
+                    args.gold_batch_size,
+                    args.proxy_max_length,
+                    accelerator,
+                    "proxy (reference)",
+                )[0]
+                - offset
+            )
             for rec, s, rs in zip(records, proxy_scores.tolist(), reference_proxy.tolist()):
                 rec["proxy_score"], rec["reference_proxy_score"] = s, rs
     records = gather_object(records)  # in rank order = the original prompt order
@@ -487,7 +614,9 @@ if __name__ == "__main__":
     if accelerator.is_main_process:
         mean = lambda key: float(np.mean([r[key] for r in records])) if records else float("nan")
         metrics = {
-            "eval/win_rate": float(np.mean([r["gold_score"] > r["reference_gold_score"] for r in records])) if records else float("nan"),
+            "eval/win_rate": float(np.mean([r["gold_score"] > r["reference_gold_score"] for r in records]))
+            if records
+            else float("nan"),
             "eval/gold_reward_mean": mean("gold_score"),
             "eval/reference_gold_reward_mean": mean("reference_gold_score"),
             "eval/eos_rate": mean("has_eos"),
@@ -495,16 +624,27 @@ if __name__ == "__main__":
             "eval/num_prompts": len(records),
         }
         if args.proxy_rm is not None:
-            metrics.update({"eval/proxy_reward_mean": mean("proxy_score"), "eval/reference_proxy_reward_mean": mean("reference_proxy_score")})
+            metrics.update(
+                {
+                    "eval/proxy_reward_mean": mean("proxy_score"),
+                    "eval/reference_proxy_reward_mean": mean("reference_proxy_score"),
+                }
+            )
         out = staging_dir(args.output_dir, args.run_name)
         MetricsLogger(out / "metrics.jsonl", args, True).log(metrics, 0)
         with open(out / "samples.jsonl", "w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-        (out / "eval.json").write_text(json.dumps({**metrics, "policy_path": args.policy_path, "run_name": args.run_name,
-                                                     "world_size": args.world_size}, indent=1))
+        (out / "eval.json").write_text(
+            json.dumps(
+                {**metrics, "policy_path": args.policy_path, "run_name": args.run_name, "world_size": args.world_size},
+                indent=1,
+            )
+        )
         commit_dir(out, args.output_dir)
         for r in records[:2]:
-            print(f"--- {r['prompt'][-150:]!r}\n>>> policy    {r['gold_score']:+.3f} {r['response']!r}\n>>> reference {r['reference_gold_score']:+.3f} {r['reference']!r}")
+            print(
+                f"--- {r['prompt'][-150:]!r}\n>>> policy    {r['gold_score']:+.3f} {r['response']!r}\n>>> reference {r['reference_gold_score']:+.3f} {r['reference']!r}"
+            )
         print(f"wrote {args.output_dir}: " + json.dumps(metrics))
     accelerator.wait_for_everyone()

@@ -47,7 +47,13 @@ import tyro
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+)
 
 
 @dataclass
@@ -149,7 +155,9 @@ def parse_args() -> Args:
 def require_path(path: str, flag: str) -> None:
     """A local-looking path that does not exist is an error now, not a confusing hub lookup later."""
     if (path.startswith((".", "/", "~")) or path.count("/") != 1) and not Path(path).exists():
-        raise FileNotFoundError(f"{flag} {path} does not exist (run the previous stage, `python tiny_world.py` for the tiny world, or pass {flag})")
+        raise FileNotFoundError(
+            f"{flag} {path} does not exist (run the previous stage, `python tiny_world.py` for the tiny world, or pass {flag})"
+        )
 
 
 # ---------------------------------------------------------------- data
@@ -197,10 +205,14 @@ def load_split(dataset: str, split: str, config: Optional[str] = None) -> list[d
                 data = data[split]
             return data.to_list()
         found = sorted(p.name for p in path.iterdir())
-        raise FileNotFoundError(f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})")
+        raise FileNotFoundError(
+            f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})"
+        )
     # a path-looking string that does not exist is a mistake, not a hub id
     if dataset.startswith((".", "/", "~")) or dataset.count("/") != 1 or path.suffix in (".jsonl", ".parquet", ".json"):
-        raise FileNotFoundError(f"dataset {dataset!r} does not exist (run `python tiny_world.py` for the tiny world, or pass --dataset)")
+        raise FileNotFoundError(
+            f"dataset {dataset!r} does not exist (run `python tiny_world.py` for the tiny world, or pass --dataset)"
+        )
     import datasets
 
     try:
@@ -215,7 +227,9 @@ def detect_format(rows: list[dict], where: str) -> str:
         return "tldr"
     if set(ALPACA_COLUMNS) <= columns:
         return "alpaca"
-    raise ValueError(f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} or the AlpacaFarm columns {list(ALPACA_COLUMNS)}")
+    raise ValueError(
+        f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} or the AlpacaFarm columns {list(ALPACA_COLUMNS)}"
+    )
 
 
 def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
@@ -226,7 +240,9 @@ def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
         if n <= max_len:
             return prompt
         if not text:
-            raise ValueError(f"prompt is {n} tokens even with an empty post/input; raise --max-prompt-length (now {max_len})")
+            raise ValueError(
+                f"prompt is {n} tokens even with an empty post/input; raise --max-prompt-length (now {max_len})"
+            )
         # jump close to the budget in one step, then back off to the previous whitespace
         cut = min(len(text) - 1, int(len(text) * max_len / n))
         space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
@@ -244,12 +260,13 @@ def to_prompt_response(row: dict, fmt: str, tokenizer, max_prompt_length: int) -
     return fit_prompt(build, row["instruction"], tokenizer, max_prompt_length), row["output"]
 
 
-
 # ---------------------------------------------------------------- models
 def load_tokenizer(path: str, trust_remote_code: bool):
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"the tokenizer of {path} has no eos_token: completions are cut at EOS, pick a tokenizer with one")
+        raise ValueError(
+            f"the tokenizer of {path} has no eos_token: completions are cut at EOS, pick a tokenizer with one"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # Pythia convention; padding is always masked
     return tokenizer
@@ -296,14 +313,21 @@ def generate_hf(model, tokenizer, prompts: list[str], n: int, args, accelerator)
     """n samples per prompt -> token ids cut after the first EOS (EOS kept), has_eos."""
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
     config = GenerationConfig(
-        do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        do_sample=True,
+        temperature=args.temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=args.max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     flat = [p for p in prompts for _ in range(n)]
     responses, has_eos = [], []
     bs = args.generation_batch_size
     for i in tqdm(range(0, len(flat), bs), desc="generate", disable=not accelerator.is_main_process):
-        enc = tokenizer(flat[i : i + bs], return_tensors="pt", padding=True, add_special_tokens=False).to(accelerator.device)
+        enc = tokenizer(flat[i : i + bs], return_tensors="pt", padding=True, add_special_tokens=False).to(
+            accelerator.device
+        )
         out = model.generate(**enc, generation_config=config)[:, enc.input_ids.shape[1] :]
         out, lengths, eos = truncate_after_eos(out, tokenizer.eos_token_id, tokenizer.pad_token_id)
         responses += [row[:n] for row, n in zip(out.tolist(), lengths.tolist())]
@@ -315,9 +339,19 @@ def generate_vllm(path: str, tokenizer, prompts: list[str], n: int, args) -> tup
     try:
         from vllm import LLM, SamplingParams
     except ImportError as e:
-        raise ImportError("--use-vllm needs vLLM, which is not installed: `pip install -r requirements-vllm.txt` (GPU only), or drop --use-vllm") from e
-    llm = LLM(model=path, seed=args.seed, dtype=args.dtype, trust_remote_code=args.trust_remote_code, gpu_memory_utilization=args.vllm_gpu_memory_utilization)
-    params = SamplingParams(n=n, temperature=args.temperature, top_p=1.0, max_tokens=args.max_new_tokens, seed=args.seed)
+        raise ImportError(
+            "--use-vllm needs vLLM, which is not installed: `pip install -r requirements-vllm.txt` (GPU only), or drop --use-vllm"
+        ) from e
+    llm = LLM(
+        model=path,
+        seed=args.seed,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+    )
+    params = SamplingParams(
+        n=n, temperature=args.temperature, top_p=1.0, max_tokens=args.max_new_tokens, seed=args.seed
+    )
     responses, has_eos = [], []
     for request in llm.generate(prompts, params):
         for o in request.outputs:
@@ -340,12 +374,17 @@ def rm_input_ids(tokenizer, prompt: str, response: str, max_length: int, chat: b
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response.strip()}]
         ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids
     else:
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids + tokenizer(response, add_special_tokens=False).input_ids
+        ids = (
+            tokenizer(prompt, add_special_tokens=False).input_ids
+            + tokenizer(response, add_special_tokens=False).input_ids
+        )
         ids = ids + [tokenizer.eos_token_id]
     return ids[-max_length:]  # keep the end: that is where the reward is read
 
 
-def reward_at_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reward_at_last_token(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One backbone forward -> (reward (B,), feature h (B, H)) at the last real token of every row.
 
     The last real token comes from the attention mask (pad == eos, so searching pad ids would read the
@@ -362,11 +401,24 @@ def reward_at_last_token(model, input_ids: torch.Tensor, attention_mask: torch.T
 
 
 @torch.no_grad()
-def score_texts(model, tokenizer, prompts: list[str], responses: list[str], chat: bool, batch_size: int, max_length: int, accelerator, desc: str):
+def score_texts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    responses: list[str],
+    chat: bool,
+    batch_size: int,
+    max_length: int,
+    accelerator,
+    desc: str,
+):
     """Reward and feature of every (prompt, response), right-padded batches (see rm_input_ids for `chat`)."""
     rewards, features = [], []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not accelerator.is_main_process):
-        ids = [rm_input_ids(tokenizer, p, r, max_length, chat) for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])]
+        ids = [
+            rm_input_ids(tokenizer, p, r, max_length, chat)
+            for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])
+        ]
         n = max(len(x) for x in ids)
         input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (n - len(x)) for x in ids], device=accelerator.device)
         mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids], device=accelerator.device)
@@ -405,7 +457,9 @@ class MetricsLogger:
         if enabled and args.track:
             import wandb
 
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, config=asdict(args))
+            self.wandb = wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, config=asdict(args)
+            )
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:
@@ -414,7 +468,6 @@ class MetricsLogger:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-
 
 
 if __name__ == "__main__":
@@ -426,7 +479,9 @@ if __name__ == "__main__":
     broadcast_object_list(run_name)  # rank 0's clock, so all ranks agree
     args.run_name = run_name[0]
     if args.use_vllm and args.world_size > 1:
-        raise ValueError("--use-vllm runs in one process (vLLM manages the GPUs itself): use `python gen_prefs.py --use-vllm`")
+        raise ValueError(
+            "--use-vllm runs in one process (vLLM manages the GPUs itself): use `python gen_prefs.py --use-vllm`"
+        )
     if args.num_completions < 2:
         raise ValueError(f"--num-completions must be >= 2 to make a pair (got {args.num_completions})")
     random.seed(args.seed)
@@ -442,9 +497,14 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.policy_path, args.trust_remote_code)
     prompts = []
     for split, n in (("train", args.num_train_prompts), ("test", args.num_test_prompts)):
-        rows = load_split(args.dataset, args.train_split if split == "train" else args.test_split, args.dataset_config)[:n]
+        rows = load_split(args.dataset, args.train_split if split == "train" else args.test_split, args.dataset_config)[
+            :n
+        ]
         fmt = detect_format(rows, f"{args.dataset} [{split}]")
-        prompts += [(split, str(r.get("id", i)), to_prompt_response(r, fmt, tokenizer, args.max_prompt_length)[0]) for i, r in enumerate(rows)]
+        prompts += [
+            (split, str(r.get("id", i)), to_prompt_response(r, fmt, tokenizer, args.max_prompt_length)[0])
+            for i, r in enumerate(rows)
+        ]
     args.num_prompts = len(prompts)
     if accelerator.is_main_process:
         print(f"{args.run_name}: {args.num_prompts} prompts x {args.num_completions} completions ({fmt} format)")
@@ -457,7 +517,13 @@ if __name__ == "__main__":
         if args.use_vllm:
             responses, has_eos = generate_vllm(args.policy_path, tokenizer, texts, args.num_completions, args)
         else:
-            policy = AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=dtype, trust_remote_code=args.trust_remote_code).to(accelerator.device).eval()
+            policy = (
+                AutoModelForCausalLM.from_pretrained(
+                    args.policy_path, dtype=dtype, trust_remote_code=args.trust_remote_code
+                )
+                .to(accelerator.device)
+                .eval()
+            )
             responses, has_eos = generate_hf(policy, tokenizer, texts, args.num_completions, args, accelerator)
             del policy  # make room for the gold
         # 2. label with the gold (its own tokenizer: decode the policy's tokens, re-tokenise)
@@ -466,8 +532,20 @@ if __name__ == "__main__":
         flat_prompts = [t for t in texts for _ in range(args.num_completions)]
         # a gold whose tokenizer has a chat template (Skywork) reads the chat format
         chat = bool(getattr(gold_tokenizer, "chat_template", None))
-        scores, _ = score_texts(gold, gold_tokenizer, flat_prompts, response_texts, chat, args.gold_batch_size, args.gold_max_length, accelerator, "gold")
-        scores = apply_missing_eos_penalty(scores, torch.tensor(has_eos, dtype=torch.bool), args.missing_eos_penalty).tolist()
+        scores, _ = score_texts(
+            gold,
+            gold_tokenizer,
+            flat_prompts,
+            response_texts,
+            chat,
+            args.gold_batch_size,
+            args.gold_max_length,
+            accelerator,
+            "gold",
+        )
+        scores = apply_missing_eos_penalty(
+            scores, torch.tensor(has_eos, dtype=torch.bool), args.missing_eos_penalty
+        ).tolist()
         k = args.num_completions
         records = [
             {
@@ -495,26 +573,47 @@ if __name__ == "__main__":
                 if r["scores"][best] == r["scores"][worst]:
                     ties += 1  # no preference to learn from: dropped
                     continue
-                rows.append({"id": r["id"], "prompt": r["prompt"], "chosen": r["responses"][best], "rejected": r["responses"][worst],
-                             "chosen_score": r["scores"][best], "rejected_score": r["scores"][worst]})
+                rows.append(
+                    {
+                        "id": r["id"],
+                        "prompt": r["prompt"],
+                        "chosen": r["responses"][best],
+                        "rejected": r["responses"][worst],
+                        "chosen_score": r["scores"][best],
+                        "rejected_score": r["scores"][worst],
+                    }
+                )
             with open(out / f"{split}.jsonl", "w") as f:
                 for row in rows:
                     f.write(json.dumps(row) + "\n")
             all_scores = [s for r in split_records for s in r["scores"]]
-            stats.update({
-                f"{split}/num_prompts": len(split_records),
-                f"{split}/num_pairs": len(rows),
-                f"{split}/tie_rate": ties / max(len(split_records), 1),
-                f"{split}/gold_score_mean": float(np.mean(all_scores)) if all_scores else float("nan"),
-                f"{split}/eos_rate": float(np.mean([e for r in split_records for e in r["has_eos"]])) if split_records else float("nan"),
-                f"{split}/response_length_mean": float(np.mean([n for r in split_records for n in r["lengths"]])) if split_records else float("nan"),
-                f"{split}/score_margin_mean": float(np.mean([x["chosen_score"] - x["rejected_score"] for x in rows])) if rows else float("nan"),
-            })
+            stats.update(
+                {
+                    f"{split}/num_prompts": len(split_records),
+                    f"{split}/num_pairs": len(rows),
+                    f"{split}/tie_rate": ties / max(len(split_records), 1),
+                    f"{split}/gold_score_mean": float(np.mean(all_scores)) if all_scores else float("nan"),
+                    f"{split}/eos_rate": float(np.mean([e for r in split_records for e in r["has_eos"]]))
+                    if split_records
+                    else float("nan"),
+                    f"{split}/response_length_mean": float(np.mean([n for r in split_records for n in r["lengths"]]))
+                    if split_records
+                    else float("nan"),
+                    f"{split}/score_margin_mean": float(
+                        np.mean([x["chosen_score"] - x["rejected_score"] for x in rows])
+                    )
+                    if rows
+                    else float("nan"),
+                }
+            )
         stats["run_name"] = args.run_name
         logger.log({k: v for k, v in stats.items() if k != "run_name"}, 0)
         (out / "stats.json").write_text(json.dumps(stats, indent=1))
         commit_dir(out, args.output_dir)
         for r in records[:2]:
-            print(f"--- {r['prompt'][-150:]!r}\n" + "\n".join(f">>> {s:+.3f} {t!r}" for s, t in zip(r["scores"], r["responses"])))
+            print(
+                f"--- {r['prompt'][-150:]!r}\n"
+                + "\n".join(f">>> {s:+.3f} {t!r}" for s, t in zip(r["scores"], r["responses"]))
+            )
         print(f"wrote {args.output_dir}: " + json.dumps(stats))
     accelerator.wait_for_everyone()

@@ -195,23 +195,25 @@ def signcert_advantages(rewards, features, quantile, eps_mode="delta", clip=Fals
     _check_inputs(rewards, features, quantile, eps_mode)
     dtype = torch.promote_types(rewards.dtype, torch.float32)  # bf16 RM outputs: compute in float32
     rewards, features = rewards.to(dtype), features.to(dtype)
-    adv = rewards - rewards.mean(dim=1, keepdim=True)                                 # eq. (4)
-    dev = (features - features.mean(dim=1, keepdim=True)).norm(dim=-1)               # ||h_j - hbar||
-    radius = torch.where(dev > 0, adv.abs() / dev, torch.full_like(adv, math.inf))   # eq. (8)
+    adv = rewards - rewards.mean(dim=1, keepdim=True)  # eq. (4)
+    dev = (features - features.mean(dim=1, keepdim=True)).norm(dim=-1)  # ||h_j - hbar||
+    radius = torch.where(dev > 0, adv.abs() / dev, torch.full_like(adv, math.inf))  # eq. (8)
     # eps from the global batch; non-finite values (dev = 0, or A = 0 in "inv_delta") are left out.
     pool = gather(radius if eps_mode == "delta" else 1.0 / radius).flatten()
     pool = pool[torch.isfinite(pool)]
     eps = torch.quantile(pool, quantile) if quantile > 0 and pool.numel() > 0 else adv.new_zeros(())
-    shrunk = adv.abs() - eps * dev                                                   # |A_j| rho_j
+    shrunk = adv.abs() - eps * dev  # |A_j| rho_j
     if clip:
         shrunk = shrunk.clamp(min=0.0)
-    return adv.sign() * shrunk, radius, eps                                          # eq. (10)-(11)
+    return adv.sign() * shrunk, radius, eps  # eq. (10)-(11)
 
 
 def _check_inputs(rewards, features, quantile, eps_mode):
     """Clear, early errors for the mistakes a caller can make (checked on every call: it is cheap)."""
     if rewards.ndim != 2 or rewards.shape[1] < 2:
-        raise ValueError(f"rewards must have shape (B, K) with K >= 2 completions per prompt, got {tuple(rewards.shape)}")
+        raise ValueError(
+            f"rewards must have shape (B, K) with K >= 2 completions per prompt, got {tuple(rewards.shape)}"
+        )
     if features.ndim != 3 or features.shape[:2] != rewards.shape:
         raise ValueError(
             f"features must have shape (B, K, d) = {tuple(rewards.shape)} + (d,) to match rewards, got {tuple(features.shape)}"
@@ -286,10 +288,14 @@ def load_split(dataset: str, split: str, config: Optional[str] = None) -> list[d
                 data = data[split]
             return data.to_list()
         found = sorted(p.name for p in path.iterdir())
-        raise FileNotFoundError(f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})")
+        raise FileNotFoundError(
+            f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})"
+        )
     # a path-looking string that does not exist is a mistake, not a hub id
     if dataset.startswith((".", "/", "~")) or dataset.count("/") != 1 or path.suffix in (".jsonl", ".parquet", ".json"):
-        raise FileNotFoundError(f"dataset {dataset!r} does not exist (run `python tiny_world.py` for the tiny world, or pass --dataset)")
+        raise FileNotFoundError(
+            f"dataset {dataset!r} does not exist (run `python tiny_world.py` for the tiny world, or pass --dataset)"
+        )
     import datasets
 
     try:
@@ -304,7 +310,9 @@ def detect_format(rows: list[dict], where: str) -> str:
         return "tldr"
     if set(ALPACA_COLUMNS) <= columns:
         return "alpaca"
-    raise ValueError(f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} or the AlpacaFarm columns {list(ALPACA_COLUMNS)}")
+    raise ValueError(
+        f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} or the AlpacaFarm columns {list(ALPACA_COLUMNS)}"
+    )
 
 
 def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
@@ -315,7 +323,9 @@ def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
         if n <= max_len:
             return prompt
         if not text:
-            raise ValueError(f"prompt is {n} tokens even with an empty post/input; raise --max-prompt-length (now {max_len})")
+            raise ValueError(
+                f"prompt is {n} tokens even with an empty post/input; raise --max-prompt-length (now {max_len})"
+            )
         # jump close to the budget in one step, then back off to the previous whitespace
         cut = min(len(text) - 1, int(len(text) * max_len / n))
         space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
@@ -326,11 +336,26 @@ def build_prompts(rows, tokenizer, max_prompt_length, where):
     """Prompt strings: the OpenAI TL;DR format (POST cut at a word to fit) or the Alpaca format."""
     fmt = detect_format(rows, where)
     if fmt == "tldr":
-        return [fit_prompt(lambda post, r=r: f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {post}\n\nTL;DR:",
-                           r["post"].strip(), tokenizer, max_prompt_length) for r in rows]
-    return [fit_prompt(lambda inp, r=r: ALPACA_PROMPT_INPUT.format(instruction=r["instruction"], input=inp), r["input"],
-                       tokenizer, max_prompt_length) if r["input"] else ALPACA_PROMPT_NO_INPUT.format(instruction=r["instruction"])
-            for r in rows]
+        return [
+            fit_prompt(
+                lambda post, r=r: f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {post}\n\nTL;DR:",
+                r["post"].strip(),
+                tokenizer,
+                max_prompt_length,
+            )
+            for r in rows
+        ]
+    return [
+        fit_prompt(
+            lambda inp, r=r: ALPACA_PROMPT_INPUT.format(instruction=r["instruction"], input=inp),
+            r["input"],
+            tokenizer,
+            max_prompt_length,
+        )
+        if r["input"]
+        else ALPACA_PROMPT_NO_INPUT.format(instruction=r["instruction"])
+        for r in rows
+    ]
 
 
 # ------------------------------------------------------------------------- models
@@ -338,13 +363,17 @@ def load_reward_model(path, dtype, trust_remote_code):
     """A reward model for SignCert-PO: it must end in a linear `score` head with one output."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
-        raise ValueError(f"{path} is not a reward model (its config says architectures={config.architectures}); "
-                         "SignCert-PO needs a *ForSequenceClassification with a linear `score` head: train one with train_rm.py")
+        raise ValueError(
+            f"{path} is not a reward model (its config says architectures={config.architectures}); "
+            "SignCert-PO needs a *ForSequenceClassification with a linear `score` head: train one with train_rm.py"
+        )
     rm = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     head = getattr(rm, "score", None)
     if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
-        raise ValueError(f"{path}: SignCert-PO needs a reward model whose last layer is a linear head `score` with "
-                         f"one output (a *ForSequenceClassification with num_labels=1), got {head!r}")
+        raise ValueError(
+            f"{path}: SignCert-PO needs a reward model whose last layer is a linear head `score` with "
+            f"one output (a *ForSequenceClassification with num_labels=1), got {head!r}"
+        )
     return rm.eval().requires_grad_(False)
 
 
@@ -388,7 +417,9 @@ def gold_rewards(gold, gold_tok, prompts, responses, has_eos, device, batch_size
     seqs = []
     for p, r, e in zip(prompts, responses, has_eos):
         if gold_tok.chat_template:
-            text = gold_tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False)
+            text = gold_tok.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+            )
             seqs.append(gold_tok(text, add_special_tokens=False).input_ids)
         else:
             ids = gold_tok(p, add_special_tokens=False).input_ids + gold_tok(r, add_special_tokens=False).input_ids
@@ -421,8 +452,10 @@ def save_checkpoint(accelerator, policy, optimizer, step, output_dir):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
-    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               os.path.join(tmp, f"rng_{accelerator.process_index}.pt"))
+    torch.save(
+        {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        os.path.join(tmp, f"rng_{accelerator.process_index}.pt"),
+    )
     optim_state = optimizer.state_dict()  # a collective under some distributed back-ends: every rank calls it
     if accelerator.is_main_process:
         accelerator.unwrap_model(policy).save_pretrained(os.path.join(tmp, "model"), safe_serialization=True)
@@ -472,9 +505,17 @@ def in_chunks(fn, size, *tensors):
 def sample(policy, query, query_mask, args, pad_id):
     """K completions of temperature `args.temperature` (pure sampling: no top-k, no top-p), padded to
     `max_new_tokens` (generate stops early when every row has finished)."""
-    out = policy.generate(input_ids=query, attention_mask=query_mask, do_sample=True, temperature=args.temperature,
-                          top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens, pad_token_id=pad_id)
-    return F.pad(out[:, query.shape[1]:], (0, args.max_new_tokens - (out.shape[1] - query.shape[1])), value=pad_id)
+    out = policy.generate(
+        input_ids=query,
+        attention_mask=query_mask,
+        do_sample=True,
+        temperature=args.temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=args.max_new_tokens,
+        pad_token_id=pad_id,
+    )
+    return F.pad(out[:, query.shape[1] :], (0, args.max_new_tokens - (out.shape[1] - query.shape[1])), value=pad_id)
 
 
 def policy_update(accelerator, policy, optimizer, batch, args):
@@ -488,10 +529,20 @@ def policy_update(accelerator, policy, optimizer, batch, args):
         for s in range(0, batch["response"].shape[0], mbs):
             mb = {k: v[s : s + mbs] for k, v in batch.items()}
             with accelerator.accumulate(policy):
-                lp = response_logprobs(policy, mb["query"], mb["query_mask"], mb["response"], mb["response_mask"], args.temperature)
+                lp = response_logprobs(
+                    policy, mb["query"], mb["query_mask"], mb["response"], mb["response_mask"], args.temperature
+                )
                 old_lp = mb["old_logprobs"] if args.num_ppo_epochs > 1 else lp.detach()  # 1 epoch: ratio = 1
-                loss, kl = dr_grpo_loss(lp, old_lp, mb["ref_logprobs"], mb["advantages"], mb["response_mask"],
-                                        args.clip_range, args.kl_coef, normalizer=mbs * args.max_new_tokens)
+                loss, kl = dr_grpo_loss(
+                    lp,
+                    old_lp,
+                    mb["ref_logprobs"],
+                    mb["advantages"],
+                    mb["response_mask"],
+                    args.clip_range,
+                    args.kl_coef,
+                    normalizer=mbs * args.max_new_tokens,
+                )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
@@ -510,36 +561,49 @@ if __name__ == "__main__":
     pre.add_argument("--preset", default="tiny", choices=PRESETS)
     args = tyro.cli(Args, default=PRESETS[pre.parse_known_args()[0].preset])
     if not 0.0 <= args.quantile <= 1.0:
-        raise ValueError(f"--quantile must lie in [0, 1] (the paper sweeps 0.1 to 0.5; 0 is Dr.GRPO), got {args.quantile}")
+        raise ValueError(
+            f"--quantile must lie in [0, 1] (the paper sweeps 0.1 to 0.5; 0 is Dr.GRPO), got {args.quantile}"
+        )
     for name in ("policy_model_path", "reward_model_path", "gold_rm_path"):
         path = getattr(args, name)
         if path and path.startswith(("runs/", ".", "/")) and not os.path.exists(path):
-            raise FileNotFoundError(f"--{name.replace('_', '-')} {path} does not exist: build the tiny world and its "
-                                    "stages first (python pipeline.py), or give the path of your own model")
+            raise FileNotFoundError(
+                f"--{name.replace('_', '-')} {path} does not exist: build the tiny world and its "
+                "stages first (python pipeline.py), or give the path of your own model"
+            )
 
     # batch arithmetic, checked before anything heavy is loaded
     from accelerate import PartialState
 
     on_cpu = not torch.cuda.is_available()  # then `accelerate launch --multi_gpu` runs CPU processes (gloo)
     args.num_processes = PartialState(cpu=on_cpu).num_processes
-    args.local_num_prompts = exact_div(args.num_prompts_per_step, args.num_processes, "--num-prompts-per-step over the processes")
+    args.local_num_prompts = exact_div(
+        args.num_prompts_per_step, args.num_processes, "--num-prompts-per-step over the processes"
+    )
     args.local_batch_size = args.local_num_prompts * args.num_generations
     args.batch_size = args.num_prompts_per_step * args.num_generations
     args.gradient_accumulation_steps = exact_div(
-        args.local_batch_size, args.micro_batch_size,
-        "completions per process (--num-prompts-per-step x --num-generations / processes) over --micro-batch-size")
+        args.local_batch_size,
+        args.micro_batch_size,
+        "completions per process (--num-prompts-per-step x --num-generations / processes) over --micro-batch-size",
+    )
     rows = load_split(args.dataset, args.dataset_split, args.dataset_config)  # fails early on a wrong path
-    accelerator = Accelerator(cpu=on_cpu, gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision="bf16" if args.bf16 else "no")
+    accelerator = Accelerator(
+        cpu=on_cpu,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision="bf16" if args.bf16 else "no",
+    )
     device, rank = accelerator.device, accelerator.process_index
     run_name = broadcast_object_list([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
     args.output_dir = args.output_dir or os.path.join("runs", run_name)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        print(f"[{args.exp_name}] {args.num_processes} process(es) x {args.local_num_prompts} prompts x "
-              f"{args.num_generations} completions = {args.batch_size} completions per step, in "
-              f"{args.gradient_accumulation_steps} micro-batches of {args.micro_batch_size} per process; "
-              f"Dr.GRPO normaliser = {args.batch_size} x {args.max_new_tokens} tokens")
+        print(
+            f"[{args.exp_name}] {args.num_processes} process(es) x {args.local_num_prompts} prompts x "
+            f"{args.num_generations} completions = {args.batch_size} completions per step, in "
+            f"{args.gradient_accumulation_steps} micro-batches of {args.micro_batch_size} per process; "
+            f"Dr.GRPO normaliser = {args.batch_size} x {args.max_new_tokens} tokens"
+        )
         print(json.dumps(asdict(args), indent=1))
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=1)
@@ -565,15 +629,21 @@ if __name__ == "__main__":
     tokenizer = AutoTokenizer.from_pretrained(args.policy_model_path, padding_side="left", **trust)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     eos_id = tokenizer.eos_token_id
-    policy = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "model") if ckpt else args.policy_model_path, **trust)
+    policy = AutoModelForCausalLM.from_pretrained(
+        os.path.join(ckpt, "model") if ckpt else args.policy_model_path, **trust
+    )
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    ref_policy = AutoModelForCausalLM.from_pretrained(args.policy_model_path, dtype=dtype, **trust).eval().requires_grad_(False)
+    ref_policy = (
+        AutoModelForCausalLM.from_pretrained(args.policy_model_path, dtype=dtype, **trust).eval().requires_grad_(False)
+    )
     rm = load_reward_model(args.reward_model_path, dtype, args.trust_remote_code)
     if rm.config.vocab_size < len(tokenizer):
-        raise ValueError(f"the proxy RM's vocabulary ({rm.config.vocab_size}) is smaller than the policy tokenizer's "
-                         f"({len(tokenizer)}): the proxy must share the policy's tokenizer (train it with train_rm.py)")
+        raise ValueError(
+            f"the proxy RM's vocabulary ({rm.config.vocab_size}) is smaller than the policy tokenizer's "
+            f"({len(tokenizer)}): the proxy must share the policy's tokenizer (train it with train_rm.py)"
+        )
     gold, gold_tok = None, None
     if args.gold_rm_path:
         gold = load_reward_model(args.gold_rm_path, dtype, args.trust_remote_code)
@@ -590,8 +660,10 @@ if __name__ == "__main__":
 
     prompts = build_prompts(rows, tokenizer, args.max_prompt_length, f"{args.dataset}[{args.dataset_split}]")
     if accelerator.is_main_process:
-        print(f"{len(prompts)} prompts from {args.dataset}[{args.dataset_split}]; starting at step {start_step + 1} "
-              f"of {args.total_steps}; writing to {args.output_dir}")
+        print(
+            f"{len(prompts)} prompts from {args.dataset}[{args.dataset_split}]; starting at step {start_step + 1} "
+            f"of {args.total_steps}; writing to {args.output_dir}"
+        )
         metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
         if args.resume and os.path.exists(metrics_path):  # drop the steps after the checkpoint: no step twice
             with open(metrics_path) as f:
@@ -601,8 +673,15 @@ if __name__ == "__main__":
         if args.track:
             import wandb
 
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, config=asdict(args), name=run_name,
-                       id=run_name, resume="allow", save_code=True)
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                config=asdict(args),
+                name=run_name,
+                id=run_name,
+                resume="allow",
+                save_code=True,
+            )
 
     K = args.num_generations
     bar = tqdm(range(start_step + 1, args.total_steps + 1), disable=not accelerator.is_main_process, desc="steps")
@@ -610,42 +689,81 @@ if __name__ == "__main__":
         t0 = time.perf_counter()
         # 1. rollouts: K completions of each of this process's prompts
         mine = prompt_indices(step, len(prompts), args.num_prompts_per_step, args.seed)[
-            rank * args.local_num_prompts : (rank + 1) * args.local_num_prompts]
+            rank * args.local_num_prompts : (rank + 1) * args.local_num_prompts
+        ]
         step_prompts = [prompts[i] for i in mine]
         enc = tokenizer(step_prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         query, query_mask = enc.input_ids.repeat_interleave(K, 0), enc.attention_mask.repeat_interleave(K, 0)
-        generated = in_chunks(lambda q, m: sample(accelerator.unwrap_model(policy), q, m, args, tokenizer.pad_token_id),
-                              args.generation_batch_size, query, query_mask)
+        generated = in_chunks(
+            lambda q, m: sample(accelerator.unwrap_model(policy), q, m, args, tokenizer.pad_token_id),
+            args.generation_batch_size,
+            query,
+            query_mask,
+        )
         response, response_mask, has_eos = truncate_after_eos(generated, eos_id)
         t1 = time.perf_counter()
 
         # 2. scoring: reward AND features from one proxy-RM forward; reference log-probs for the KL
         with torch.no_grad():
-            ref_logprobs = in_chunks(lambda *t: response_logprobs(ref_policy, *t, args.temperature),
-                                     args.generation_batch_size, query, query_mask, response, response_mask)
-            reward, features = in_chunks(lambda q, qm, r, rmk: reward_and_features(rm, torch.cat([q, r], 1), torch.cat([qm, rmk], 1)),
-                                         args.generation_batch_size, query, query_mask, response, response_mask)
+            ref_logprobs = in_chunks(
+                lambda *t: response_logprobs(ref_policy, *t, args.temperature),
+                args.generation_batch_size,
+                query,
+                query_mask,
+                response,
+                response_mask,
+            )
+            reward, features = in_chunks(
+                lambda q, qm, r, rmk: reward_and_features(rm, torch.cat([q, r], 1), torch.cat([qm, rmk], 1)),
+                args.generation_batch_size,
+                query,
+                query_mask,
+                response,
+                response_mask,
+            )
         if args.missing_eos_penalty is not None:  # a fixed reward, independent of the head: its feature is 0
             reward = torch.where(has_eos, reward, args.missing_eos_penalty)
             features = features * has_eos.unsqueeze(1)
-        texts = tokenizer.batch_decode([r[: int(m.sum()) - int(e)] for r, m, e in zip(response, response_mask, has_eos)])
+        texts = tokenizer.batch_decode(
+            [r[: int(m.sum()) - int(e)] for r, m, e in zip(response, response_mask, has_eos)]
+        )
         if gold is not None:
-            gold_reward = gold_rewards(gold, gold_tok, [p for p in step_prompts for _ in range(K)], texts, has_eos.tolist(), device)
+            gold_reward = gold_rewards(
+                gold, gold_tok, [p for p in step_prompts for _ in range(K)], texts, has_eos.tolist(), device
+            )
             if args.missing_eos_penalty is not None:  # as eval_gold.py scores it
                 gold_reward = torch.where(has_eos, gold_reward, args.missing_eos_penalty)
         t2 = time.perf_counter()
 
         # 3. advantages: Dr.GRPO (eq. 4), then the SignCert-PO worst case (eq. 8, 10-11), eps over all processes
-        advantages, radius, eps = signcert_advantages(reward.view(-1, K), features.view(-1, K, features.shape[-1]),
-                                                      args.quantile, args.eps_mode, args.clip, gather=accelerator.gather)
+        advantages, radius, eps = signcert_advantages(
+            reward.view(-1, K),
+            features.view(-1, K, features.shape[-1]),
+            args.quantile,
+            args.eps_mode,
+            args.clip,
+            gather=accelerator.gather,
+        )
 
         # 4. update: the Dr.GRPO loss with the re-weighted advantages
-        batch = dict(query=query, query_mask=query_mask, response=response, response_mask=response_mask,
-                     ref_logprobs=ref_logprobs, advantages=advantages.flatten())
+        batch = dict(
+            query=query,
+            query_mask=query_mask,
+            response=response,
+            response_mask=response_mask,
+            ref_logprobs=ref_logprobs,
+            advantages=advantages.flatten(),
+        )
         if args.num_ppo_epochs > 1:  # several steps on one batch: the ratio is against the sampling policy
             with torch.no_grad():
-                batch["old_logprobs"] = in_chunks(lambda *t: response_logprobs(policy, *t, args.temperature),
-                                                  args.generation_batch_size, query, query_mask, response, response_mask)
+                batch["old_logprobs"] = in_chunks(
+                    lambda *t: response_logprobs(policy, *t, args.temperature),
+                    args.generation_batch_size,
+                    query,
+                    query_mask,
+                    response,
+                    response_mask,
+                )
         stats = policy_update(accelerator, policy, optimizer, batch, args)
         t3 = time.perf_counter()
 
@@ -665,7 +783,10 @@ if __name__ == "__main__":
             "signcert/mean_radius": all_radius[finite].mean().item() if finite.any() else math.inf,
             "completion/length": g(response_mask.sum(1).float()).mean().item(),
             "completion/eos_rate": g(has_eos.float()).mean().item(),
-            "time/step": t3 - t0, "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
+            "time/step": t3 - t0,
+            "time/generation": t1 - t0,
+            "time/scoring": t2 - t1,
+            "time/update": t3 - t2,
         }
         if gold is not None:
             all_gold = g(gold_reward.view(-1, K))
@@ -673,10 +794,18 @@ if __name__ == "__main__":
             metrics["rm/proxy_accuracy"] = pairwise_agreement(all_reward, all_gold)
         samples = None
         if step % args.log_samples_every == 0 or step == args.total_steps:
-            local = [dict(step=step, prompt=step_prompts[i // K], response=texts[i], proxy=reward[i].item(),
-                          gold=gold_reward[i].item() if gold is not None else None,
-                          advantage=advantages.flatten()[i].item(), radius=radius.flatten()[i].item())
-                     for i in range(min(2 * K, len(texts)))]
+            local = [
+                dict(
+                    step=step,
+                    prompt=step_prompts[i // K],
+                    response=texts[i],
+                    proxy=reward[i].item(),
+                    gold=gold_reward[i].item() if gold is not None else None,
+                    advantage=advantages.flatten()[i].item(),
+                    radius=radius.flatten()[i].item(),
+                )
+                for i in range(min(2 * K, len(texts)))
+            ]
             samples = gather_object(local)
         if accelerator.is_main_process:
             with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
@@ -687,9 +816,16 @@ if __name__ == "__main__":
             if args.track:
                 wandb.log(metrics, step=step)
                 if samples:
-                    wandb.log({"samples": wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])}, step=step)
-            bar.set_postfix(proxy=f"{metrics['reward/proxy']:.2f}", gold=f"{metrics.get('reward/gold', math.nan):.2f}",
-                            kl=f"{metrics['policy/kl']:.1f}", eps=f"{metrics['signcert/eps']:.3g}")
+                    wandb.log(
+                        {"samples": wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])},
+                        step=step,
+                    )
+            bar.set_postfix(
+                proxy=f"{metrics['reward/proxy']:.2f}",
+                gold=f"{metrics.get('reward/gold', math.nan):.2f}",
+                kl=f"{metrics['policy/kl']:.1f}",
+                eps=f"{metrics['signcert/eps']:.3g}",
+            )
         if step % args.save_every == 0 and step < args.total_steps:
             save_checkpoint(accelerator, policy, optimizer, step, args.output_dir)
 

@@ -63,8 +63,19 @@ def run(args, script, out_marker, *script_args, extra=(), launch=True):
         return
     head = [sys.executable]
     if launch and args.num_processes > 1:
-        head += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no",
-                 "--dynamo_backend", "no", "--num_processes", str(args.num_processes)]
+        head += [
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--num_processes",
+            str(args.num_processes),
+        ]
     cmd = head + [script, *script_args, *extra]
     print(f"[pipeline] $ {' '.join(cmd)}", flush=True)
     t0 = time.time()
@@ -100,14 +111,29 @@ def plot_figure2(runs, path):
     for (method, seed), rows in runs.items():
         kl = [r["policy/kl"] for r in rows]
         label = f"{method} (seed {seed})"
-        ax_acc.plot(smooth(kl), smooth([r["rm/proxy_accuracy"] for r in rows]), color=colors[method], alpha=0.8, label=label)
-        ax_rew.plot(smooth(kl), smooth([r["reward/gold"] for r in rows]), color=colors[method], alpha=0.8, label=label + " gold")
-        ax_rew.plot(smooth(kl), smooth([r["reward/proxy"] for r in rows]), color=colors[method], alpha=0.8, ls="--",
-                    label=label + " proxy")
+        ax_acc.plot(
+            smooth(kl), smooth([r["rm/proxy_accuracy"] for r in rows]), color=colors[method], alpha=0.8, label=label
+        )
+        ax_rew.plot(
+            smooth(kl), smooth([r["reward/gold"] for r in rows]), color=colors[method], alpha=0.8, label=label + " gold"
+        )
+        ax_rew.plot(
+            smooth(kl),
+            smooth([r["reward/proxy"] for r in rows]),
+            color=colors[method],
+            alpha=0.8,
+            ls="--",
+            label=label + " proxy",
+        )
     ax_acc.axhline(0.5, color="grey", lw=0.8)
-    ax_acc.set(xlabel="KL(pi || pi_SFT) per completion", ylabel="proxy RM accuracy vs gold (on-policy pairs)",
-               title="(a) KL - proxy RM accuracy")
-    ax_rew.set(xlabel="KL(pi || pi_SFT) per completion", ylabel="reward", title="(b) KL - reward: gold (solid), proxy (dashed)")
+    ax_acc.set(
+        xlabel="KL(pi || pi_SFT) per completion",
+        ylabel="proxy RM accuracy vs gold (on-policy pairs)",
+        title="(a) KL - proxy RM accuracy",
+    )
+    ax_rew.set(
+        xlabel="KL(pi || pi_SFT) per completion", ylabel="reward", title="(b) KL - reward: gold (solid), proxy (dashed)"
+    )
     for ax in (ax_acc, ax_rew):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
@@ -126,17 +152,72 @@ if __name__ == "__main__":
     d = lambda *p: os.path.join(R, *p)
     t_start = time.time()
 
-    run(args, script("tiny_world.py"), d("world.json"), "--output-dir", R, "--preset", args.world_preset,
-        extra=shlex.split(args.extra_world_args), launch=False)
+    run(
+        args,
+        script("tiny_world.py"),
+        d("world.json"),
+        "--output-dir",
+        R,
+        "--preset",
+        args.world_preset,
+        extra=shlex.split(args.extra_world_args),
+        launch=False,
+    )
     world = read_json(d("world.json"))
-    run(args, script("sft.py"), d("sft", "config.json"), "--model-name-or-path", d("base_policy"), "--dataset", d("data"),
-        "--output-dir", d("sft"))
-    run(args, script("gen_prefs.py"), d("prefs", "test.jsonl"), "--policy-path", d("sft"), "--gold-rm-path", d("gold_rm"),
-        "--dataset", d("data"), "--output-dir", d("prefs"))
-    run(args, script("train_rm.py"), d("rm", "config.json"), "--sft-path", d("sft"), "--prefs-path", d("prefs"),
-        "--dataset", d("data"), "--output-dir", d("rm"))
-    run(args, script("eval_gold.py"), d(f"eval_sft_{args.eval_split}", "eval.json"), "--policy-path", d("sft"), "--gold-rm-path", d("gold_rm"),
-        "--proxy-rm", d("rm"), "--dataset", d("data"), "--split", args.eval_split, "--output-dir", d(f"eval_sft_{args.eval_split}"))
+    run(
+        args,
+        script("sft.py"),
+        d("sft", "config.json"),
+        "--model-name-or-path",
+        d("base_policy"),
+        "--dataset",
+        d("data"),
+        "--output-dir",
+        d("sft"),
+    )
+    run(
+        args,
+        script("gen_prefs.py"),
+        d("prefs", "test.jsonl"),
+        "--policy-path",
+        d("sft"),
+        "--gold-rm-path",
+        d("gold_rm"),
+        "--dataset",
+        d("data"),
+        "--output-dir",
+        d("prefs"),
+    )
+    run(
+        args,
+        script("train_rm.py"),
+        d("rm", "config.json"),
+        "--sft-path",
+        d("sft"),
+        "--prefs-path",
+        d("prefs"),
+        "--dataset",
+        d("data"),
+        "--output-dir",
+        d("rm"),
+    )
+    run(
+        args,
+        script("eval_gold.py"),
+        d(f"eval_sft_{args.eval_split}", "eval.json"),
+        "--policy-path",
+        d("sft"),
+        "--gold-rm-path",
+        d("gold_rm"),
+        "--proxy-rm",
+        d("rm"),
+        "--dataset",
+        d("data"),
+        "--split",
+        args.eval_split,
+        "--output-dir",
+        d(f"eval_sft_{args.eval_split}"),
+    )
 
     rm_metrics = read_json(d("rm", "eval.json"))
     table = [("SFT", "-", read_json(d(f"eval_sft_{args.eval_split}", "eval.json")), None)]
@@ -145,14 +226,48 @@ if __name__ == "__main__":
         for seed in args.seeds:
             for method, q in (("Dr.GRPO", 0.0), ("SignCert-PO", args.quantile)):
                 out = d("rl", f"{'drgrpo' if q == 0 else f'signcert_q{q}'}_kl{args.kl_coef}_s{seed}")
-                run(args, script("grpo_signcert.py"), os.path.join(out, "model", "config.json"), "--seed", str(seed),
-                    "--quantile", str(q), "--kl-coef", str(args.kl_coef), "--total-steps", str(args.rl_steps),
-                    "--policy-model-path", d("sft"), "--reward-model-path", d("rm"), "--gold-rm-path", d("gold_rm"),
-                    "--dataset", d("data"), "--output-dir", out, extra=shlex.split(args.extra_rl_args))
+                run(
+                    args,
+                    script("grpo_signcert.py"),
+                    os.path.join(out, "model", "config.json"),
+                    "--seed",
+                    str(seed),
+                    "--quantile",
+                    str(q),
+                    "--kl-coef",
+                    str(args.kl_coef),
+                    "--total-steps",
+                    str(args.rl_steps),
+                    "--policy-model-path",
+                    d("sft"),
+                    "--reward-model-path",
+                    d("rm"),
+                    "--gold-rm-path",
+                    d("gold_rm"),
+                    "--dataset",
+                    d("data"),
+                    "--output-dir",
+                    out,
+                    extra=shlex.split(args.extra_rl_args),
+                )
                 ev_dir = os.path.join(out, f"eval_{args.eval_split}")
-                run(args, script("eval_gold.py"), os.path.join(ev_dir, "eval.json"), "--policy-path",
-                    os.path.join(out, "model"), "--gold-rm-path", d("gold_rm"), "--proxy-rm", d("rm"), "--dataset", d("data"),
-                    "--split", args.eval_split, "--output-dir", ev_dir)
+                run(
+                    args,
+                    script("eval_gold.py"),
+                    os.path.join(ev_dir, "eval.json"),
+                    "--policy-path",
+                    os.path.join(out, "model"),
+                    "--gold-rm-path",
+                    d("gold_rm"),
+                    "--proxy-rm",
+                    d("rm"),
+                    "--dataset",
+                    d("data"),
+                    "--split",
+                    args.eval_split,
+                    "--output-dir",
+                    ev_dir,
+                )
                 rows = read_metrics(os.path.join(out, "metrics.jsonl"))
                 runs[(method, seed)] = rows
                 table.append((method, seed, read_json(os.path.join(ev_dir, "eval.json")), rows[-1]["policy/kl"]))
@@ -168,8 +283,10 @@ if __name__ == "__main__":
     print("|---|---|---|---|---|---|")
     for method, seed, ev, kl in table:
         kl_s = "0" if kl is None else f"{kl:.2f}"
-        print(f"| {method} | {seed} | {ev['eval/win_rate']:.3f} | {ev['eval/gold_reward_mean']:.3f} | "
-              f"{ev.get('eval/proxy_reward_mean', math.nan):.3f} | {kl_s} |")
+        print(
+            f"| {method} | {seed} | {ev['eval/win_rate']:.3f} | {ev['eval/gold_reward_mean']:.3f} | "
+            f"{ev.get('eval/proxy_reward_mean', math.nan):.3f} | {kl_s} |"
+        )
     if len(args.seeds) > 1:  # mean and spread over the seeds
         print(f"\nover seeds {args.seeds}: mean (min - max)")
         print("| method | gold win rate vs reference | mean gold reward | mean proxy reward | KL (last step) |")
@@ -177,8 +294,12 @@ if __name__ == "__main__":
         for method in ("Dr.GRPO", "SignCert-PO"):
             rows = [(e, k) for m, _, e, k in table if m == method]
             cells = []
-            for values in ([e["eval/win_rate"] for e, _ in rows], [e["eval/gold_reward_mean"] for e, _ in rows],
-                           [e["eval/proxy_reward_mean"] for e, _ in rows], [k for _, k in rows]):
+            for values in (
+                [e["eval/win_rate"] for e, _ in rows],
+                [e["eval/gold_reward_mean"] for e, _ in rows],
+                [e["eval/proxy_reward_mean"] for e, _ in rows],
+                [k for _, k in rows],
+            ):
                 cells.append(f"{sum(values) / len(values):.3f} ({min(values):.3f} - {max(values):.3f})")
             print(f"| {method} | " + " | ".join(cells) + " |")
     summary = {"root": R, "args": vars(args), "rows": [dict(method=m, seed=s, kl=k, **e) for m, s, e, k in table]}

@@ -157,14 +157,18 @@ def parse_args() -> Args:
 
 def exact_div(a: int, b: int, what: str) -> int:
     if a % b != 0:
-        raise ValueError(f"{what}: {a} is not a multiple of {b}; valid values are multiples of {b}, e.g. {b}, {2 * b}, {4 * b}")
+        raise ValueError(
+            f"{what}: {a} is not a multiple of {b}; valid values are multiples of {b}, e.g. {b}, {2 * b}, {4 * b}"
+        )
     return a // b
 
 
 def require_path(path: str, flag: str) -> None:
     """A local-looking path that does not exist is an error now, not a confusing hub lookup later."""
     if (path.startswith((".", "/", "~")) or path.count("/") != 1) and not Path(path).exists():
-        raise FileNotFoundError(f"{flag} {path} does not exist (run the previous stage, `python tiny_world.py` for the tiny world, or pass {flag})")
+        raise FileNotFoundError(
+            f"{flag} {path} does not exist (run the previous stage, `python tiny_world.py` for the tiny world, or pass {flag})"
+        )
 
 
 # ---------------------------------------------------------------- data
@@ -212,10 +216,14 @@ def load_split(dataset: str, split: str, config: Optional[str] = None) -> list[d
                 data = data[split]
             return data.to_list()
         found = sorted(p.name for p in path.iterdir())
-        raise FileNotFoundError(f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})")
+        raise FileNotFoundError(
+            f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})"
+        )
     # a path-looking string that does not exist is a mistake, not a hub id
     if dataset.startswith((".", "/", "~")) or dataset.count("/") != 1 or path.suffix in (".jsonl", ".parquet", ".json"):
-        raise FileNotFoundError(f"dataset {dataset!r} does not exist (run `python tiny_world.py` for the tiny world, or pass --dataset)")
+        raise FileNotFoundError(
+            f"dataset {dataset!r} does not exist (run `python tiny_world.py` for the tiny world, or pass --dataset)"
+        )
     import datasets
 
     try:
@@ -230,7 +238,9 @@ def detect_format(rows: list[dict], where: str) -> str:
         return "tldr"
     if set(ALPACA_COLUMNS) <= columns:
         return "alpaca"
-    raise ValueError(f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} or the AlpacaFarm columns {list(ALPACA_COLUMNS)}")
+    raise ValueError(
+        f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} or the AlpacaFarm columns {list(ALPACA_COLUMNS)}"
+    )
 
 
 def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
@@ -241,7 +251,9 @@ def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
         if n <= max_len:
             return prompt
         if not text:
-            raise ValueError(f"prompt is {n} tokens even with an empty post/input; raise --max-prompt-length (now {max_len})")
+            raise ValueError(
+                f"prompt is {n} tokens even with an empty post/input; raise --max-prompt-length (now {max_len})"
+            )
         # jump close to the budget in one step, then back off to the previous whitespace
         cut = min(len(text) - 1, int(len(text) * max_len / n))
         space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
@@ -265,7 +277,9 @@ def tokenize_sft(rows: list[dict], fmt: str, tokenizer, args: Args) -> list[dict
     for row in rows:
         prompt, response = to_prompt_response(row, fmt, tokenizer, args.max_prompt_length)
         p = tokenizer(prompt, add_special_tokens=False).input_ids
-        r = tokenizer(response, add_special_tokens=False).input_ids[: args.max_response_length - 1] + [tokenizer.eos_token_id]
+        r = tokenizer(response, add_special_tokens=False).input_ids[: args.max_response_length - 1] + [
+            tokenizer.eos_token_id
+        ]
         out.append({"input_ids": p + r, "labels": [-100] * len(p) + r, "prompt": prompt})
     return out
 
@@ -286,7 +300,9 @@ def response_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses, number of response tokens) so that means over many batches are exact."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     return loss, (labels != -100).sum()
 
 
@@ -317,7 +333,9 @@ class MetricsLogger:
         if enabled and args.track:
             import wandb
 
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, config=asdict(args))
+            self.wandb = wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, config=asdict(args)
+            )
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:
@@ -330,14 +348,22 @@ class MetricsLogger:
 
 if __name__ == "__main__":
     args = parse_args()
-    args.world_size = PartialState(cpu=not torch.cuda.is_available()).num_processes  # before the Accelerator: DeepSpeed fixes accumulation at init
+    args.world_size = PartialState(
+        cpu=not torch.cuda.is_available()
+    ).num_processes  # before the Accelerator: DeepSpeed fixes accumulation at init
     if args.total_batch_size is not None:
         args.gradient_accumulation_steps = exact_div(
-            args.total_batch_size, args.per_device_train_batch_size * args.world_size, "--total-batch-size must be a multiple of per_device_train_batch_size * world_size"
+            args.total_batch_size,
+            args.per_device_train_batch_size * args.world_size,
+            "--total-batch-size must be a multiple of per_device_train_batch_size * world_size",
         )
     args.batch_size = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
     # no GPU: the processes that `accelerate launch --multi_gpu` starts run on the CPU (gloo)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+    )
     run_name = [f"{args.exp_name}__{args.seed}__{int(time.time())}"]
     broadcast_object_list(run_name)  # rank 0's clock, so all ranks agree
     args.run_name = run_name[0]
@@ -352,9 +378,13 @@ if __name__ == "__main__":
     require_path(args.model_name_or_path, "--model-name-or-path")
     if args.tokenizer_name_or_path is not None:
         require_path(args.tokenizer_name_or_path, "--tokenizer-name-or-path")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        args.tokenizer_name_or_path or args.model_name_or_path, trust_remote_code=args.trust_remote_code
+    )
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token: SFT teaches the policy to end with EOS; pick a tokenizer with one")
+        raise ValueError(
+            "the tokenizer has no eos_token: SFT teaches the policy to end with EOS; pick a tokenizer with one"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # Pythia convention; padding is masked anyway
     train_rows = load_split(args.dataset, args.train_split, args.dataset_config)[: args.max_train_samples]
@@ -363,7 +393,10 @@ if __name__ == "__main__":
     detect_format(eval_rows, f"{args.dataset} [{args.eval_split}]")
     train_data = tokenize_sft(train_rows, fmt, tokenizer, args)
     eval_data = tokenize_sft(eval_rows, fmt, tokenizer, args)
-    steps_per_epoch = math.ceil(math.ceil(len(train_data) / (args.per_device_train_batch_size * args.world_size)) / args.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(
+        math.ceil(len(train_data) / (args.per_device_train_batch_size * args.world_size))
+        / args.gradient_accumulation_steps
+    )
     args.num_updates = steps_per_epoch * args.num_train_epochs
     if accelerator.is_main_process:
         print(f"{args.run_name}: {len(train_data)} train / {len(eval_data)} eval examples ({fmt} format)")
@@ -377,16 +410,30 @@ if __name__ == "__main__":
     no_decay = [n for n, p in model.named_parameters() if p.ndim < 2]  # biases and norms: no weight decay
     optimizer = torch.optim.AdamW(
         [
-            {"params": [p for n, p in model.named_parameters() if n not in no_decay], "weight_decay": args.weight_decay},
+            {
+                "params": [p for n, p in model.named_parameters() if n not in no_decay],
+                "weight_decay": args.weight_decay,
+            },
             {"params": [p for n, p in model.named_parameters() if n in no_decay], "weight_decay": 0.0},
         ],
         lr=args.learning_rate,
     )
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * args.num_updates), num_training_steps=args.num_updates)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=int(args.warmup_ratio * args.num_updates),
+        num_training_steps=args.num_updates,
+    )
     pad = tokenizer.pad_token_id
-    train_loader = torch.utils.data.DataLoader(train_data, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=lambda b: collate(b, pad))
-    eval_loader = torch.utils.data.DataLoader(eval_data, batch_size=args.per_device_eval_batch_size, collate_fn=lambda b: collate(b, pad))
-    model, optimizer, scheduler, train_loader, eval_loader = accelerator.prepare(model, optimizer, scheduler, train_loader, eval_loader)
+    train_loader = torch.utils.data.DataLoader(
+        train_data, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=lambda b: collate(b, pad)
+    )
+    eval_loader = torch.utils.data.DataLoader(
+        eval_data, batch_size=args.per_device_eval_batch_size, collate_fn=lambda b: collate(b, pad)
+    )
+    model, optimizer, scheduler, train_loader, eval_loader = accelerator.prepare(
+        model, optimizer, scheduler, train_loader, eval_loader
+    )
 
     out = staging_dir(args.output_dir, args.run_name) if accelerator.is_main_process else None
     logger = MetricsLogger(out / "metrics.jsonl" if out else None, args, accelerator.is_main_process)
@@ -423,7 +470,11 @@ if __name__ == "__main__":
             progress.update(1)
             if update % args.logging_steps == 0 or update == args.num_updates:
                 w = accelerator.reduce(window, reduction="sum")
-                metrics = {"losses/sft_loss": (w[0] / w[1]).item(), "charts/learning_rate": scheduler.get_last_lr()[0], "charts/epoch": update / steps_per_epoch}
+                metrics = {
+                    "losses/sft_loss": (w[0] / w[1]).item(),
+                    "charts/learning_rate": scheduler.get_last_lr()[0],
+                    "charts/epoch": update / steps_per_epoch,
+                }
                 progress.set_postfix(loss=f"{metrics['losses/sft_loss']:.3f}")
                 logger.log(metrics, update)
                 window.zero_()
@@ -442,12 +493,25 @@ if __name__ == "__main__":
         for row in eval_data[: args.num_sample_prompts]:
             enc = tokenizer(row["prompt"], return_tensors="pt", add_special_tokens=False).to(accelerator.device)
             with torch.no_grad():
-                gen = unwrapped.generate(**enc, do_sample=False, max_new_tokens=args.max_response_length, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            print(f"--- {row['prompt'][-200:]!r}\n>>> {tokenizer.decode(gen[0, enc.input_ids.shape[1]:], skip_special_tokens=True)!r}")
+                gen = unwrapped.generate(
+                    **enc,
+                    do_sample=False,
+                    max_new_tokens=args.max_response_length,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            print(
+                f"--- {row['prompt'][-200:]!r}\n>>> {tokenizer.decode(gen[0, enc.input_ids.shape[1] :], skip_special_tokens=True)!r}"
+            )
         tokenizer.padding_side = "right"
         unwrapped.save_pretrained(out, state_dict=state_dict)
         tokenizer.save_pretrained(out)
-        summary = {"eval/loss": eval_loss, "train_seconds": time.time() - start, "num_updates": update, "run_name": args.run_name}
+        summary = {
+            "eval/loss": eval_loss,
+            "train_seconds": time.time() - start,
+            "num_updates": update,
+            "run_name": args.run_name,
+        }
         (out / "eval.json").write_text(json.dumps(summary, indent=1))
         commit_dir(out, args.output_dir)
         print(f"saved {args.output_dir}: {json.dumps(summary)}")

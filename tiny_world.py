@@ -214,8 +214,10 @@ def make_post(rng):
     keys = rng.sample(TOPICS[subreddit], 3)
     person = rng.choice(PERSONS)
     verbs = rng.sample(VERBS, 3)
-    sents = [rng.choice(KEY_SENTENCES).format(time=rng.choice(TIMES), person=person, verb=v, noun=k)
-             for k, v in zip(keys, verbs)]
+    sents = [
+        rng.choice(KEY_SENTENCES).format(time=rng.choice(TIMES), person=person, verb=v, noun=k)
+        for k, v in zip(keys, verbs)
+    ]
     fillers = rng.sample(FILLERS, rng.choice([0, 1, 2]))
     for f in fillers:  # fillers anywhere; the key facts keep their order, so a summary can follow the post
         sents.insert(rng.randint(0, len(sents)), f)
@@ -313,14 +315,30 @@ def variant(rng, row, facts, ref):
     of the post, or the reference with 0-4 random edits."""
     r = rng.random()
     if r < 0.08:  # word salad, from the post or from the whole vocabulary
-        pool = words(row["title"] + " " + row["post"]) if rng.random() < 0.5 else CONTENT + PERSONS + VERBS + FILLER_WORDS + sorted(GLUE)
+        pool = (
+            words(row["title"] + " " + row["post"])
+            if rng.random() < 0.5
+            else CONTENT + PERSONS + VERBS + FILLER_WORDS + sorted(GLUE)
+        )
         return " ".join(rng.choice(pool) for _ in range(rng.randint(1, 24)))
     if r < 0.12:  # extractive: a stretch of the post
         pw = words(row["post"])
         i = rng.randrange(len(pw))
         return " ".join(pw[i : i + rng.randint(3, 20)])
     s = ref.split()
-    kinds = ["drop", "swap", "off_topic", "repeat", "repeat", "add", "lengthen", "fluff", "truncate", "comment", "clean"]
+    kinds = [
+        "drop",
+        "swap",
+        "off_topic",
+        "repeat",
+        "repeat",
+        "add",
+        "lengthen",
+        "fluff",
+        "truncate",
+        "comment",
+        "clean",
+    ]
     for _ in range(rng.choice([0, 1, 1, 2, 2, 3, 4])):
         s = edit(rng, s, row, facts, rng.choice(kinds))
     return " ".join(s)
@@ -331,7 +349,9 @@ def imperfect_sample(rng, row, facts, ref):
     edits (no salad, no long copies). Used to measure gold agreement on realistic pairs."""
     s = ref.split()
     for _ in range(rng.choice([1, 1, 2])):
-        s = edit(rng, s, row, facts, rng.choice(["drop", "swap", "off_topic", "repeat", "add", "fluff", "comment", "clean"]))
+        s = edit(
+            rng, s, row, facts, rng.choice(["drop", "swap", "off_topic", "repeat", "add", "fluff", "comment", "clean"])
+        )
     return " ".join(s)
 
 
@@ -343,7 +363,10 @@ def build_tokenizer(texts, out_dir):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=4096, min_frequency=1, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=4096,
+        min_frequency=1,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
@@ -355,10 +378,19 @@ def build_tokenizer(texts, out_dir):
 
 def neox_config(tokenizer, layers, hidden, heads, max_pos, **kw):
     return GPTNeoXConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=4 * hidden, max_position_embeddings=max_pos, rotary_pct=0.25, use_parallel_residual=True,
-        tie_word_embeddings=False, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **kw,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=max_pos,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **kw,
     )
 
 
@@ -498,8 +530,13 @@ if __name__ == "__main__":
         rows[split], facts_of[split] = [], []
         for i in range(n):
             row, facts = make_post(rng)
-            row = {"id": f"tw-{split}-{i:06d}", **row,
-                   "summary": make_reference(rng, facts, args.reference_miss_prob, args.reference_fluff_prob, args.reference_comment_prob)}
+            row = {
+                "id": f"tw-{split}-{i:06d}",
+                **row,
+                "summary": make_reference(
+                    rng, facts, args.reference_miss_prob, args.reference_fluff_prob, args.reference_comment_prob
+                ),
+            }
             rows[split].append(row)
             facts_of[split].append(facts)
         with open(f"{out}/data/{split}.jsonl", "w") as f:
@@ -518,28 +555,35 @@ if __name__ == "__main__":
     tokenizer = build_tokenizer(corpus, f"{out}/tokenizer")
     lens = [len(tokenizer(prompt_of(r))["input_ids"]) for r in rows["validation"]]
     slens = [len(tokenizer(" " + r["summary"])["input_ids"]) for r in rows["validation"]]
-    print(f"vocab {len(tokenizer)}; prompt tokens mean {np.mean(lens):.1f} max {max(lens)}; "
-          f"summary tokens mean {np.mean(slens):.1f} max {max(slens)}")
+    print(
+        f"vocab {len(tokenizer)}; prompt tokens mean {np.mean(lens):.1f} max {max(lens)}; "
+        f"summary tokens mean {np.mean(slens):.1f} max {max(slens)}"
+    )
 
     # 3. base policy: random init, Pythia's architecture
-    policy = GPTNeoXForCausalLM(neox_config(tokenizer, args.policy_layers, args.policy_hidden, args.num_heads,
-                                            args.max_position_embeddings))
+    policy = GPTNeoXForCausalLM(
+        neox_config(tokenizer, args.policy_layers, args.policy_hidden, args.num_heads, args.max_position_embeddings)
+    )
     policy.save_pretrained(f"{out}/base_policy")
     tokenizer.save_pretrained(f"{out}/base_policy")
-    print(f"base_policy: {sum(p.numel() for p in policy.parameters())/1e6:.2f}M params")
+    print(f"base_policy: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params")
 
     # 4. gold RM: regression onto quality + within-post Bradley-Terry, on fresh posts every step
-    gold_cfg = neox_config(tokenizer, args.gold_layers, args.gold_hidden, args.num_heads,
-                           args.max_position_embeddings, num_labels=1)
+    gold_cfg = neox_config(
+        tokenizer, args.gold_layers, args.gold_hidden, args.num_heads, args.max_position_embeddings, num_labels=1
+    )
     gold = GPTNeoXForSequenceClassification(gold_cfg)
     if args.gold_match_init:
         init_match_circuit(gold, tokenizer.convert_tokens_to_ids("DR"))
-    print(f"gold_rm: {sum(p.numel() for p in gold.parameters())/1e6:.2f}M params, "
-          f"{args.gold_train_summaries} training summaries")
+    print(
+        f"gold_rm: {sum(p.numel() for p in gold.parameters()) / 1e6:.2f}M params, "
+        f"{args.gold_train_summaries} training summaries"
+    )
     opt = torch.optim.AdamW(gold.parameters(), lr=args.gold_lr, weight_decay=0.01)
     warm = max(1, args.gold_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, args.gold_steps) / args.gold_steps)))
+        opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, args.gold_steps) / args.gold_steps))
+    )
     rng = random.Random(f"{args.seed}-gold")
     q_mean, q_std = 0.0, 2.0  # fixed scale; references land near +2.5
     gold.train()
@@ -548,7 +592,9 @@ if __name__ == "__main__":
         prompts, sums, qs, prefix_qs = [], [], [], []
         for _ in range(args.gold_posts_per_batch):
             row, facts = make_post(rng)
-            ref = make_reference(rng, facts, args.reference_miss_prob, args.reference_fluff_prob, args.reference_comment_prob)
+            ref = make_reference(
+                rng, facts, args.reference_miss_prob, args.reference_fluff_prob, args.reference_comment_prob
+            )
             cands = [ref] + [variant(rng, row, facts, ref) for _ in range(args.gold_summaries_per_post - 1)]
             for s in cands:
                 prompts.append(prompt_of(row))
@@ -572,7 +618,9 @@ if __name__ == "__main__":
         tg = target.view(args.gold_posts_per_batch, -1)
         diff_t = tg[:, :, None] - tg[:, None, :]
         better = (diff_t > 1e-6).float()  # pairs (i, j) with q_i > q_j
-        loss_bt = (-torch.nn.functional.logsigmoid(rg[:, :, None] - rg[:, None, :]) * better).sum() / better.sum().clamp(min=1)
+        loss_bt = (
+            -torch.nn.functional.logsigmoid(rg[:, :, None] - rg[:, None, :]) * better
+        ).sum() / better.sum().clamp(min=1)
         loss = loss_reg + args.gold_pair_coef * loss_bt + args.gold_prefix_coef * loss_prefix
         opt.zero_grad()
         loss.backward()
@@ -599,12 +647,15 @@ if __name__ == "__main__":
         measured[f"gold_agreement_{name}"] = acc
         measured[f"gold_agreement_{name}_pairs"] = n
         print(f"gold agreement with quality, {name} pairs: {acc:.4f} ({n} pairs)")
-    ref_scores = gold_scores(gold, tokenizer, [prompt_of(r) for r in rows["test"]],
-                             [r["summary"] for r in rows["test"]])
+    ref_scores = gold_scores(
+        gold, tokenizer, [prompt_of(r) for r in rows["test"]], [r["summary"] for r in rows["test"]]
+    )
     measured["gold_reference_score_mean"] = ref_scores.mean().item()
     measured["gold_reference_score_std"] = ref_scores.std().item()
-    gold.config.reward_input = ("prompt + ' ' + summary + '<|endoftext|>' (truncate after the first EOS, keep it); "
-                                "read `score` at the last real token = that EOS; pad == eos, so never use HF pooling")
+    gold.config.reward_input = (
+        "prompt + ' ' + summary + '<|endoftext|>' (truncate after the first EOS, keep it); "
+        "read `score` at the last real token = that EOS; pad == eos, so never use HF pooling"
+    )
     gold.save_pretrained(f"{out}/gold_rm")
     tokenizer.save_pretrained(f"{out}/gold_rm")
 
@@ -612,10 +663,15 @@ if __name__ == "__main__":
     measured["build_seconds"] = time.time() - start
     world = dict(
         args=asdict(args),
-        sizes=dict(splits, vocab_size=len(tokenizer), prompt_tokens_mean=float(np.mean(lens)),
-                   prompt_tokens_max=int(max(lens)), summary_tokens_mean=float(np.mean(slens)),
-                   policy_params=sum(p.numel() for p in policy.parameters()),
-                   gold_params=sum(p.numel() for p in gold.parameters())),
+        sizes=dict(
+            splits,
+            vocab_size=len(tokenizer),
+            prompt_tokens_mean=float(np.mean(lens)),
+            prompt_tokens_max=int(max(lens)),
+            summary_tokens_mean=float(np.mean(slens)),
+            policy_params=sum(p.numel() for p in policy.parameters()),
+            gold_params=sum(p.numel() for p in gold.parameters()),
+        ),
         vocabulary=dict(topics=TOPICS, persons=PERSONS, verbs=VERBS, times=TIMES, glue=sorted(GLUE)),
         quality=dict(
             description="A good summary names the post's key facts (key nouns), does not invent words "

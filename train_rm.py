@@ -164,14 +164,18 @@ def parse_args() -> Args:
 
 def exact_div(a: int, b: int, what: str) -> int:
     if a % b != 0:
-        raise ValueError(f"{what}: {a} is not a multiple of {b}; valid values are multiples of {b}, e.g. {b}, {2 * b}, {4 * b}")
+        raise ValueError(
+            f"{what}: {a} is not a multiple of {b}; valid values are multiples of {b}, e.g. {b}, {2 * b}, {4 * b}"
+        )
     return a // b
 
 
 def require_path(path: str, flag: str) -> None:
     """A local-looking path that does not exist is an error now, not a confusing hub lookup later."""
     if (path.startswith((".", "/", "~")) or path.count("/") != 1) and not Path(path).exists():
-        raise FileNotFoundError(f"{flag} {path} does not exist (run the previous stage, `python tiny_world.py` for the tiny world, or pass {flag})")
+        raise FileNotFoundError(
+            f"{flag} {path} does not exist (run the previous stage, `python tiny_world.py` for the tiny world, or pass {flag})"
+        )
 
 
 # ---------------------------------------------------------------- data
@@ -219,10 +223,14 @@ def load_split(dataset: str, split: str, config: Optional[str] = None) -> list[d
                 data = data[split]
             return data.to_list()
         found = sorted(p.name for p in path.iterdir())
-        raise FileNotFoundError(f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})")
+        raise FileNotFoundError(
+            f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})"
+        )
     # a path-looking string that does not exist is a mistake, not a hub id
     if dataset.startswith((".", "/", "~")) or dataset.count("/") != 1 or path.suffix in (".jsonl", ".parquet", ".json"):
-        raise FileNotFoundError(f"dataset {dataset!r} does not exist (run `python tiny_world.py` for the tiny world, or pass --dataset)")
+        raise FileNotFoundError(
+            f"dataset {dataset!r} does not exist (run `python tiny_world.py` for the tiny world, or pass --dataset)"
+        )
     import datasets
 
     try:
@@ -237,7 +245,9 @@ def detect_format(rows: list[dict], where: str) -> str:
         return "tldr"
     if set(ALPACA_COLUMNS) <= columns:
         return "alpaca"
-    raise ValueError(f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} or the AlpacaFarm columns {list(ALPACA_COLUMNS)}")
+    raise ValueError(
+        f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} or the AlpacaFarm columns {list(ALPACA_COLUMNS)}"
+    )
 
 
 def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
@@ -248,7 +258,9 @@ def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
         if n <= max_len:
             return prompt
         if not text:
-            raise ValueError(f"prompt is {n} tokens even with an empty post/input; raise --max-prompt-length (now {max_len})")
+            raise ValueError(
+                f"prompt is {n} tokens even with an empty post/input; raise --max-prompt-length (now {max_len})"
+            )
         # jump close to the budget in one step, then back off to the previous whitespace
         cut = min(len(text) - 1, int(len(text) * max_len / n))
         space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
@@ -271,19 +283,25 @@ PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 def load_pairs(path: Path) -> list[dict]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run gen_prefs.py first, or pass --prefs-path (a folder with train.jsonl and test.jsonl)")
+        raise FileNotFoundError(
+            f"{path} does not exist: run gen_prefs.py first, or pass --prefs-path (a folder with train.jsonl and test.jsonl)"
+        )
     rows = read_rows(path)
     if not rows:
         raise ValueError(f"{path} has no pairs: gen_prefs.py dropped every pair as a tie? (see its stats.json)")
     if not set(PAIR_COLUMNS) <= set(rows[0]):
-        raise ValueError(f"{path} has columns {sorted(rows[0])}; preference pairs need {list(PAIR_COLUMNS)} (the output of gen_prefs.py)")
+        raise ValueError(
+            f"{path} has columns {sorted(rows[0])}; preference pairs need {list(PAIR_COLUMNS)} (the output of gen_prefs.py)"
+        )
     return rows
 
 
 # ---------------------------------------------------------------- models
 def rm_input_ids(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
     """The proxy's input: prompt ids, response ids, EOS (the RL stage concatenates policy tokens the same way)."""
-    ids = tokenizer(prompt, add_special_tokens=False).input_ids + tokenizer(response, add_special_tokens=False).input_ids
+    ids = (
+        tokenizer(prompt, add_special_tokens=False).input_ids + tokenizer(response, add_special_tokens=False).input_ids
+    )
     return (ids + [tokenizer.eos_token_id])[-max_length:]  # keep the end: that is where the reward is read
 
 
@@ -294,7 +312,9 @@ def pad_right(seqs: list[list[int]], pad_token_id: int, device) -> tuple[torch.T
     return ids, mask
 
 
-def reward_at_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reward_at_last_token(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One backbone forward -> (reward (B,), feature h (B, H)) at the last real token of every row.
 
     The last real token comes from the attention mask (pad == eos, so searching pad ids would read the
@@ -359,7 +379,9 @@ class MetricsLogger:
         if enabled and args.track:
             import wandb
 
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, config=asdict(args))
+            self.wandb = wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, name=args.run_name, config=asdict(args)
+            )
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.enabled:
@@ -370,17 +392,24 @@ class MetricsLogger:
             self.wandb.log(metrics, step=step)
 
 
-
 if __name__ == "__main__":
     args = parse_args()
-    args.world_size = PartialState(cpu=not torch.cuda.is_available()).num_processes  # before the Accelerator: DeepSpeed fixes accumulation at init
+    args.world_size = PartialState(
+        cpu=not torch.cuda.is_available()
+    ).num_processes  # before the Accelerator: DeepSpeed fixes accumulation at init
     if args.total_batch_size is not None:
         args.gradient_accumulation_steps = exact_div(
-            args.total_batch_size, args.per_device_train_batch_size * args.world_size, "--total-batch-size must be a multiple of per_device_train_batch_size * world_size"
+            args.total_batch_size,
+            args.per_device_train_batch_size * args.world_size,
+            "--total-batch-size must be a multiple of per_device_train_batch_size * world_size",
         )
     args.batch_size = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
     # no GPU: the processes that `accelerate launch --multi_gpu` starts run on the CPU (gloo)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+    )
     run_name = [f"{args.exp_name}__{args.seed}__{int(time.time())}"]
     broadcast_object_list(run_name)  # rank 0's clock, so all ranks agree
     args.run_name = run_name[0]
@@ -397,24 +426,44 @@ if __name__ == "__main__":
     test_pairs = load_pairs(Path(args.prefs_path) / "test.jsonl")
     tokenizer = AutoTokenizer.from_pretrained(args.sft_path, trust_remote_code=args.trust_remote_code)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"the tokenizer of {args.sft_path} has no eos_token: the reward is read at the EOS; pick a tokenizer with one")
+        raise ValueError(
+            f"the tokenizer of {args.sft_path} has no eos_token: the reward is read at the EOS; pick a tokenizer with one"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     norm_rows = load_split(args.dataset, args.norm_split, args.dataset_config)[: args.num_norm_samples]
     fmt = detect_format(norm_rows, f"{args.dataset} [{args.norm_split}]")
-    references = [rm_input_ids(tokenizer, *to_prompt_response(r, fmt, tokenizer, args.max_prompt_length), args.max_length) for r in norm_rows]
-    encode = lambda rows: [(rm_input_ids(tokenizer, r["prompt"], r["chosen"], args.max_length), rm_input_ids(tokenizer, r["prompt"], r["rejected"], args.max_length)) for r in rows]
+    references = [
+        rm_input_ids(tokenizer, *to_prompt_response(r, fmt, tokenizer, args.max_prompt_length), args.max_length)
+        for r in norm_rows
+    ]
+    encode = lambda rows: [
+        (
+            rm_input_ids(tokenizer, r["prompt"], r["chosen"], args.max_length),
+            rm_input_ids(tokenizer, r["prompt"], r["rejected"], args.max_length),
+        )
+        for r in rows
+    ]
     train_data, test_data = encode(train_pairs), encode(test_pairs)
-    steps_per_epoch = math.ceil(math.ceil(len(train_data) / (args.per_device_train_batch_size * args.world_size)) / args.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(
+        math.ceil(len(train_data) / (args.per_device_train_batch_size * args.world_size))
+        / args.gradient_accumulation_steps
+    )
     args.num_updates = steps_per_epoch * args.num_train_epochs
     if accelerator.is_main_process:
-        print(f"{args.run_name}: {len(train_data)} train / {len(test_data)} test pairs, {len(references)} references for the offset")
+        print(
+            f"{args.run_name}: {len(train_data)} train / {len(test_data)} test pairs, {len(references)} references for the offset"
+        )
         for k, v in asdict(args).items():
             print(f"  {k}: {v}")
 
-    rm = AutoModelForSequenceClassification.from_pretrained(args.sft_path, num_labels=1, trust_remote_code=args.trust_remote_code)
+    rm = AutoModelForSequenceClassification.from_pretrained(
+        args.sft_path, num_labels=1, trust_remote_code=args.trust_remote_code
+    )
     if not isinstance(getattr(rm, "score", None), torch.nn.Linear):
-        raise ValueError(f"{type(rm).__name__} has no linear `score` head; the proxy RM needs an architecture whose classification head is `score` (GPT-NeoX, Llama, Qwen2, ...)")
+        raise ValueError(
+            f"{type(rm).__name__} has no linear `score` head; the proxy RM needs an architecture whose classification head is `score` (GPT-NeoX, Llama, Qwen2, ...)"
+        )
     torch.nn.init.normal_(rm.score.weight, std=1 / math.sqrt(rm.config.hidden_size + 1))  # fresh head, seeded
     rm.config.pad_token_id = tokenizer.pad_token_id
     if args.gradient_checkpointing:
@@ -422,11 +471,21 @@ if __name__ == "__main__":
     model = LastTokenReward(rm)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]  # no decay on biases and norms
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0},
+        ],
         lr=args.learning_rate,
     )
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=int(args.warmup_ratio * args.num_updates), num_training_steps=args.num_updates)
-    train_loader = torch.utils.data.DataLoader(train_data, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=lambda b: b)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=int(args.warmup_ratio * args.num_updates),
+        num_training_steps=args.num_updates,
+    )
+    train_loader = torch.utils.data.DataLoader(
+        train_data, batch_size=args.per_device_train_batch_size, shuffle=True, collate_fn=lambda b: b
+    )
     model, optimizer, scheduler, train_loader = accelerator.prepare(model, optimizer, scheduler, train_loader)
 
     out = staging_dir(args.output_dir, args.run_name) if accelerator.is_main_process else None
@@ -469,7 +528,12 @@ if __name__ == "__main__":
             progress.update(1)
             if update % args.logging_steps == 0 or update == args.num_updates:
                 w = accelerator.reduce(torch.stack(window).mean(0), reduction="mean")
-                metrics = {"losses/rm_loss": w[0].item(), "train/accuracy": w[1].item(), "train/reward_margin": w[2].item(), "charts/learning_rate": scheduler.get_last_lr()[0]}
+                metrics = {
+                    "losses/rm_loss": w[0].item(),
+                    "train/accuracy": w[1].item(),
+                    "train/reward_margin": w[2].item(),
+                    "charts/learning_rate": scheduler.get_last_lr()[0],
+                }
                 progress.set_postfix(loss=f"{metrics['losses/rm_loss']:.3f}", acc=f"{metrics['train/accuracy']:.2f}")
                 logger.log(metrics, update)
                 window = []
@@ -486,13 +550,17 @@ if __name__ == "__main__":
     offset = float(np.mean(reference_rewards))
     with accelerator.split_between_processes(test_data) as mine:
         chosen = gather_object(score_seqs(rm, [c for c, _ in mine], args.per_device_eval_batch_size, pad, accelerator))
-        rejected = gather_object(score_seqs(rm, [r for _, r in mine], args.per_device_eval_batch_size, pad, accelerator))
-    final.update({
-        "eval/reference_reward_mean": offset,
-        "eval/reward_offset": offset,
-        "eval/chosen_reward_mean": float(np.mean(chosen)) - offset,
-        "eval/rejected_reward_mean": float(np.mean(rejected)) - offset,
-    })
+        rejected = gather_object(
+            score_seqs(rm, [r for _, r in mine], args.per_device_eval_batch_size, pad, accelerator)
+        )
+    final.update(
+        {
+            "eval/reference_reward_mean": offset,
+            "eval/reward_offset": offset,
+            "eval/chosen_reward_mean": float(np.mean(chosen)) - offset,
+            "eval/rejected_reward_mean": float(np.mean(rejected)) - offset,
+        }
+    )
     logger.log(final, update)
     state_dict = accelerator.get_state_dict(model)  # every rank must call it (DeepSpeed gathers)
     if accelerator.is_main_process:

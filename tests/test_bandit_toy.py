@@ -88,8 +88,11 @@ def test_quantile_zero_is_dr_grpo_and_small_q_follows_the_radii():
     assert eps == pytest.approx(delta.min())
     atilde = bt.signcert_advantages(adv, dist, eps)
     assert atilde[np.argmin(delta)] == pytest.approx(0.0, abs=1e-9)
-    np.testing.assert_allclose(np.delete(atilde, np.argmin(delta)) / np.delete(adv, np.argmin(delta)),
-                               1 - eps / np.delete(delta, np.argmin(delta)), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.delete(atilde, np.argmin(delta)) / np.delete(adv, np.argmin(delta)),
+        1 - eps / np.delete(delta, np.argmin(delta)),
+        rtol=1e-6,
+    )
 
 
 def test_signcert_edge_cases_and_clip():
@@ -125,8 +128,13 @@ def test_construction_has_the_described_properties():
 
 
 def test_script_run(tmp_path):
-    out = subprocess.run([sys.executable, "bandit_toy.py", "--output-dir", str(tmp_path)], cwd=REPO_ROOT,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "bandit_toy.py", "--output-dir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     for name in ["fig1a_advantages.png", "fig1c_radius.png", "fig1d_rewards.png"]:
         with open(tmp_path / name, "rb") as f:

@@ -19,10 +19,20 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SCRIPTS = ["sft", "gen_prefs", "train_rm", "eval_gold"]
 TLDR = [
-    {"id": "t3_a", "subreddit": "relationships", "title": "My boyfriend forgot my birthday",
-     "post": "We have been together for two years and he forgot my birthday again this year. What should I do?", "summary": "boyfriend forgot my birthday twice"},
-    {"id": "t3_b", "subreddit": "personalfinance", "title": "Should I pay off my car loan?",
-     "post": "I have 5k in savings and 4k left on a car loan at 6%.", "summary": "pay off car loan or keep savings?"},
+    {
+        "id": "t3_a",
+        "subreddit": "relationships",
+        "title": "My boyfriend forgot my birthday",
+        "post": "We have been together for two years and he forgot my birthday again this year. What should I do?",
+        "summary": "boyfriend forgot my birthday twice",
+    },
+    {
+        "id": "t3_b",
+        "subreddit": "personalfinance",
+        "title": "Should I pay off my car loan?",
+        "post": "I have 5k in savings and 4k left on a car loan at 6%.",
+        "summary": "pay off car loan or keep savings?",
+    },
 ]
 ALPACA = [
     {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
@@ -40,7 +50,9 @@ def tokenizer():
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     words = [w for r in TLDR for v in r.values() for w in v.split()] + "SUBREDDIT: TITLE: POST: TL;DR:".split()
     tok.train_from_iterator([" ".join(words)], trainers.WordLevelTrainer(special_tokens=["<|endoftext|>", "[UNK]"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="[UNK]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="[UNK]"
+    )
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -70,7 +82,10 @@ def test_tldr_sources_load_the_same_rows(script, source, tldr_sources, tokenizer
     assert [{k: r[k] for k in TLDR[0]} for r in rows] == TLDR
     assert mod.detect_format(rows, source) == "tldr"
     prompt, response = mod.to_prompt_response(rows[1], "tldr", tokenizer, 512)
-    assert prompt == f"SUBREDDIT: r/personalfinance\n\nTITLE: Should I pay off my car loan?\n\nPOST: {TLDR[1]['post']}\n\nTL;DR:"
+    assert (
+        prompt
+        == f"SUBREDDIT: r/personalfinance\n\nTITLE: Should I pay off my car loan?\n\nPOST: {TLDR[1]['post']}\n\nTL;DR:"
+    )
     assert response == " pay off car loan or keep savings?"
 
 
@@ -84,7 +99,9 @@ def test_tldr_long_post_is_cut_at_whitespace(script, tokenizer):
         assert len(tokenizer(prompt).input_ids) <= budget
         post = prompt.split("POST: ")[1].removesuffix("\n\nTL;DR:")
         assert row["post"].startswith(post) and row["post"][len(post)] == " "  # cut at a word boundary
-        assert prompt.startswith(f"SUBREDDIT: r/{row['subreddit']}\n\nTITLE: {row['title']}\n\nPOST: ") and prompt.endswith("\n\nTL;DR:")
+        assert prompt.startswith(
+            f"SUBREDDIT: r/{row['subreddit']}\n\nTITLE: {row['title']}\n\nPOST: "
+        ) and prompt.endswith("\n\nTL;DR:")
     with pytest.raises(ValueError, match="raise --max-prompt-length"):
         mod.to_prompt_response(row, "tldr", tokenizer, 5)
 
@@ -115,7 +132,9 @@ def test_bad_datasets_give_clear_errors(script, tmp_path):
     mod = __import__(script)
     write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": "a"}])
     rows = mod.load_split(str(tmp_path), "train")
-    with pytest.raises(ValueError, match=r"has columns \['answer', 'question'\]; need the TL;DR columns .*AlpacaFarm columns"):
+    with pytest.raises(
+        ValueError, match=r"has columns \['answer', 'question'\]; need the TL;DR columns .*AlpacaFarm columns"
+    ):
         mod.detect_format(rows, "x")
     with pytest.raises(FileNotFoundError, match=r"no validation.jsonl, validation.parquet .*found: \['train.jsonl'\]"):
         mod.load_split(str(tmp_path), "validation")

@@ -11,9 +11,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_pipeline_runs_every_stage_and_writes_the_table(tmp_path):
     root = tmp_path / "tw"
-    cmd = [sys.executable, "pipeline.py", "--root", str(root), "--world-preset", "ci", "--rl-steps", "2",
-           "--extra-world-args=--gold-steps 3",
-           "--extra-rl-args=--num-prompts-per-step 4 --num-generations 4 --micro-batch-size 16 --max-new-tokens 8"]
+    cmd = [
+        sys.executable,
+        "pipeline.py",
+        "--root",
+        str(root),
+        "--world-preset",
+        "ci",
+        "--rl-steps",
+        "2",
+        "--extra-world-args=--gold-steps 3",
+        "--extra-rl-args=--num-prompts-per-step 4 --num-generations 4 --micro-batch-size 16 --max-new-tokens 8",
+    ]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| method | seed | gold win rate vs reference |" in res.stdout
@@ -22,8 +31,8 @@ def test_pipeline_runs_every_stage_and_writes_the_table(tmp_path):
     for r in summary["rows"]:
         assert 0.0 <= r["eval/win_rate"] <= 1.0
     assert (root / "figure2.png").stat().st_size > 10_000
-    signcert = [json.loads(l) for l in open(root / "rl" / "signcert_q0.3_kl0.01_s1" / "metrics.jsonl")]
-    drgrpo = [json.loads(l) for l in open(root / "rl" / "drgrpo_kl0.01_s1" / "metrics.jsonl")]
+    signcert = [json.loads(line) for line in open(root / "rl" / "signcert_q0.3_kl0.01_s1" / "metrics.jsonl")]
+    drgrpo = [json.loads(line) for line in open(root / "rl" / "drgrpo_kl0.01_s1" / "metrics.jsonl")]
     assert [r["step"] for r in signcert] == [1, 2] and all(r["signcert/eps"] == 0.0 for r in drgrpo)
     # a second run skips every stage whose output exists
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -16,13 +16,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-TOPICS = {"pets": ["cat", "dog", "fish", "leash"], "money": ["rent", "loan", "bank", "paycheck"], "food": ["pizza", "bread", "sauce", "dinner"]}
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
+TOPICS = {
+    "pets": ["cat", "dog", "fish", "leash"],
+    "money": ["rent", "loan", "bank", "paycheck"],
+    "food": ["pizza", "bread", "sauce", "dinner"],
+}
 
 
 def make_rows(split: str, n: int, seed: int) -> list[dict]:
@@ -32,30 +41,67 @@ def make_rows(split: str, n: int, seed: int) -> list[dict]:
         sub = rng.choice(list(TOPICS))
         a, b = rng.sample(TOPICS[sub], 2)
         post = f"my mom broke the {a} today . then my friend lost the {b} . please help me ."
-        rows.append({"id": f"{split}-{i}", "subreddit": sub, "title": f"problem with my {a}", "post": post, "summary": f"{a} and {b}"})
+        rows.append(
+            {
+                "id": f"{split}-{i}",
+                "subreddit": sub,
+                "title": f"problem with my {a}",
+                "post": post,
+                "summary": f"{a} and {b}",
+            }
+        )
     return rows
 
 
 def build_micro_world(root: Path) -> Path:
     """{root}/data/{train,validation,test}.jsonl, tokenizer/, base_policy/ (CausalLM), gold_rm/ (SeqCls, score head)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import (
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        GPTNeoXForSequenceClassification,
+        PreTrainedTokenizerFast,
+    )
 
-    splits = {"train": make_rows("train", 24, 0), "validation": make_rows("validation", 8, 1), "test": make_rows("test", 8, 2)}
+    splits = {
+        "train": make_rows("train", 24, 0),
+        "validation": make_rows("validation", 8, 1),
+        "test": make_rows("test", 8, 2),
+    }
     (root / "data").mkdir(parents=True)
     for split, rows in splits.items():
         with open(root / "data" / f"{split}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    texts = [f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR: {r['summary']}" for rows in splits.values() for r in rows]
+    texts = [
+        f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR: {r['summary']}"
+        for rows in splits.values()
+        for r in rows
+    ]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
     tokenizer.save_pretrained(root / "tokenizer")
     eos = tokenizer.eos_token_id
-    config = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                  max_position_embeddings=256, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    config = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
     torch.manual_seed(0)
     GPTNeoXForCausalLM(GPTNeoXConfig(**config)).save_pretrained(root / "base_policy")
     tokenizer.save_pretrained(root / "base_policy")
@@ -85,30 +131,100 @@ def world(tmp_path_factory) -> Path:
 def sft_dir(world) -> Path:
     out = world / "sft"
     # enough steps on 24 rows for the policy to emit EOS often, so that gen_prefs makes pairs
-    run(["sft.py", "--model-name-or-path", str(world / "base_policy"), "--dataset", str(world / "data"), "--output-dir", str(out),
-         "--num-train-epochs", "15", "--per-device-train-batch-size", "8", "--learning-rate", "1e-2", "--max-eval-samples", "8", "--logging-steps", "5"])
+    run(
+        [
+            "sft.py",
+            "--model-name-or-path",
+            str(world / "base_policy"),
+            "--dataset",
+            str(world / "data"),
+            "--output-dir",
+            str(out),
+            "--num-train-epochs",
+            "15",
+            "--per-device-train-batch-size",
+            "8",
+            "--learning-rate",
+            "1e-2",
+            "--max-eval-samples",
+            "8",
+            "--logging-steps",
+            "5",
+        ]
+    )
     return out
 
 
 @pytest.fixture(scope="session")
 def prefs_dir(world, sft_dir) -> Path:
     out = world / "prefs"
-    run(["gen_prefs.py", "--policy-path", str(sft_dir), "--gold-rm-path", str(world / "gold_rm"), "--dataset", str(world / "data"),
-         "--output-dir", str(out), "--num-test-prompts", "8", "--max-new-tokens", "8", "--generation-batch-size", "16"])
+    run(
+        [
+            "gen_prefs.py",
+            "--policy-path",
+            str(sft_dir),
+            "--gold-rm-path",
+            str(world / "gold_rm"),
+            "--dataset",
+            str(world / "data"),
+            "--output-dir",
+            str(out),
+            "--num-test-prompts",
+            "8",
+            "--max-new-tokens",
+            "8",
+            "--generation-batch-size",
+            "16",
+        ]
+    )
     return out
 
 
 @pytest.fixture(scope="session")
 def rm_dir(world, sft_dir, prefs_dir) -> Path:
     out = world / "rm"
-    run(["train_rm.py", "--sft-path", str(sft_dir), "--prefs-path", str(prefs_dir), "--dataset", str(world / "data"), "--output-dir", str(out),
-         "--per-device-train-batch-size", "4", "--eval-steps", "2", "--logging-steps", "1", "--num-norm-samples", "8"])
+    run(
+        [
+            "train_rm.py",
+            "--sft-path",
+            str(sft_dir),
+            "--prefs-path",
+            str(prefs_dir),
+            "--dataset",
+            str(world / "data"),
+            "--output-dir",
+            str(out),
+            "--per-device-train-batch-size",
+            "4",
+            "--eval-steps",
+            "2",
+            "--logging-steps",
+            "1",
+            "--num-norm-samples",
+            "8",
+        ]
+    )
     return out
 
 
 def eval_args(world, sft_dir, rm_dir, out) -> list[str]:
-    return ["eval_gold.py", "--policy-path", str(sft_dir), "--gold-rm-path", str(world / "gold_rm"), "--proxy-rm", str(rm_dir),
-            "--dataset", str(world / "data"), "--num-prompts", "7", "--max-new-tokens", "8", "--output-dir", str(out)]
+    return [
+        "eval_gold.py",
+        "--policy-path",
+        str(sft_dir),
+        "--gold-rm-path",
+        str(world / "gold_rm"),
+        "--proxy-rm",
+        str(rm_dir),
+        "--dataset",
+        str(world / "data"),
+        "--num-prompts",
+        "7",
+        "--max-new-tokens",
+        "8",
+        "--output-dir",
+        str(out),
+    ]
 
 
 # ---------------------------------------------------------------- end to end
@@ -146,8 +262,9 @@ def test_train_rm_saves_offset_and_accuracy(rm_dir):
 
 def test_train_rm_offset_centres_references(world, rm_dir):
     """Reference responses scored by the saved RM, minus reward_offset, average 0."""
-    import train_rm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import train_rm
 
     rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
     tok = AutoTokenizer.from_pretrained(rm_dir)
@@ -166,7 +283,9 @@ def test_eval_gold_metrics_match_samples(world, sft_dir, rm_dir):
     samples = read_jsonl(out / "samples.jsonl")
     assert len(samples) == 7 == metrics["eval/num_prompts"]
     assert 0.0 <= metrics["eval/win_rate"] <= 1.0
-    assert metrics["eval/win_rate"] == pytest.approx(np.mean([s["gold_score"] > s["reference_gold_score"] for s in samples]))
+    assert metrics["eval/win_rate"] == pytest.approx(
+        np.mean([s["gold_score"] > s["reference_gold_score"] for s in samples])
+    )
     assert metrics["eval/gold_reward_mean"] == pytest.approx(np.mean([s["gold_score"] for s in samples]))
     assert metrics["eval/eos_rate"] == pytest.approx(np.mean([s["has_eos"] for s in samples]))
     assert "eval/proxy_reward_mean" in metrics and all("proxy_score" in s for s in samples)
@@ -179,14 +298,28 @@ def test_eval_gold_two_processes_match_one(world, sft_dir, rm_dir):
     """2 CPU processes (configs/cpu_2proc.yaml): each scores its share; the gathered result equals 1 process."""
     one, two = world / "eval1p", world / "eval2p"
     run(eval_args(world, sft_dir, rm_dir, one))
-    run(eval_args(world, sft_dir, rm_dir, two), launcher=[sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/cpu_2proc.yaml"),
-                                                              "--main_process_port", free_port()])
+    run(
+        eval_args(world, sft_dir, rm_dir, two),
+        launcher=[
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ROOT / "configs/cpu_2proc.yaml"),
+            "--main_process_port",
+            free_port(),
+        ],
+    )
     a, b = read_jsonl(one / "samples.jsonl"), read_jsonl(two / "samples.jsonl")
     assert json.load(open(two / "eval.json"))["world_size"] == 2  # really two processes
     assert [s["id"] for s in a] == [s["id"] for s in b]  # the same prompts, in the same order
     # references do not depend on sampling: their gold and proxy scores must agree across process counts
-    np.testing.assert_allclose([s["reference_gold_score"] for s in a], [s["reference_gold_score"] for s in b], atol=1e-5)
-    np.testing.assert_allclose([s["reference_proxy_score"] for s in a], [s["reference_proxy_score"] for s in b], atol=1e-5)
+    np.testing.assert_allclose(
+        [s["reference_gold_score"] for s in a], [s["reference_gold_score"] for s in b], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        [s["reference_proxy_score"] for s in a], [s["reference_proxy_score"] for s in b], atol=1e-5
+    )
 
 
 # ---------------------------------------------------------------- units: reward at the last real token, EOS
@@ -194,8 +327,17 @@ def tiny_rm(eos: int = 0):
     from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
 
     torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                           max_position_embeddings=64, eos_token_id=eos, pad_token_id=eos, num_labels=1)
+    config = GPTNeoXConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        num_labels=1,
+    )
     return GPTNeoXForSequenceClassification(config).eval()
 
 
@@ -204,7 +346,16 @@ def test_reward_read_at_last_real_token_with_left_and_right_padding(script):
     mod = __import__(script)
     rm, eos = tiny_rm(), 0
     # prompt | response ending with EOS (== pad); one response also contains... nothing after EOS
-    seqs = [[5, 6, 7, 8, 9, eos], [3, 4, 11, eos], [12, 13, 14, 15, 16, 17, 18, 19, eos], [21, 22, eos, ]]
+    seqs = [
+        [5, 6, 7, 8, 9, eos],
+        [3, 4, 11, eos],
+        [12, 13, 14, 15, 16, 17, 18, 19, eos],
+        [
+            21,
+            22,
+            eos,
+        ],
+    ]
     with torch.no_grad():
         alone = [mod.reward_at_last_token(rm, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in seqs]
         # right padding with pad == eos
@@ -216,7 +367,9 @@ def test_reward_read_at_last_real_token_with_left_and_right_padding(script):
         prompts, responses = [s[:2] for s in seqs], [s[2:] for s in seqs]
         p, q = max(map(len, prompts)), max(map(len, responses))
         ids = torch.tensor([[eos] * (p - len(a)) + a + b + [eos] * (q - len(b)) for a, b in zip(prompts, responses)])
-        mask = torch.tensor([[0] * (p - len(a)) + [1] * (len(a) + len(b)) + [0] * (q - len(b)) for a, b in zip(prompts, responses)])
+        mask = torch.tensor(
+            [[0] * (p - len(a)) + [1] * (len(a) + len(b)) + [0] * (q - len(b)) for a, b in zip(prompts, responses)]
+        )
         both_r, both_h = mod.reward_at_last_token(rm, ids, mask)
     for i, (r, h) in enumerate(alone):
         assert torch.allclose(right_r[i], r[0], atol=1e-5) and torch.allclose(both_r[i], r[0], atol=1e-5)
@@ -224,7 +377,9 @@ def test_reward_read_at_last_real_token_with_left_and_right_padding(script):
         assert torch.allclose(rm.score(h)[0, 0], r[0])  # the reward is the head applied to the returned feature
     # and it is NOT what reading the last non-pad token would give (the token before the EOS)
     with torch.no_grad():
-        wrong = mod.reward_at_last_token(rm, torch.tensor([seqs[0][:-1]]), torch.ones(1, len(seqs[0]) - 1, dtype=torch.long))[0]
+        wrong = mod.reward_at_last_token(
+            rm, torch.tensor([seqs[0][:-1]]), torch.ones(1, len(seqs[0]) - 1, dtype=torch.long)
+        )[0]
     assert not torch.allclose(wrong, alone[0][0])
 
 
@@ -250,8 +405,20 @@ def test_missing_model_path_is_a_clear_error(world):
 
 
 def test_causal_lm_as_gold_is_a_clear_error(world):
-    proc = run(["eval_gold.py", "--policy-path", str(world / "base_policy"), "--gold-rm-path", str(world / "base_policy"),
-                "--dataset", str(world / "data"), "--output-dir", str(world / "bad")], check=False)
+    proc = run(
+        [
+            "eval_gold.py",
+            "--policy-path",
+            str(world / "base_policy"),
+            "--gold-rm-path",
+            str(world / "base_policy"),
+            "--dataset",
+            str(world / "data"),
+            "--output-dir",
+            str(world / "bad"),
+        ],
+        check=False,
+    )
     assert proc.returncode != 0 and "is not a reward model" in proc.stderr and "GPTNeoXForCausalLM" in proc.stderr
 
 
@@ -267,7 +434,12 @@ def test_dataset_without_needed_columns(tmp_path, world):
     (tmp_path / "train.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     (tmp_path / "validation.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     proc = run(["sft.py", "--model-name-or-path", str(world / "base_policy"), "--dataset", str(tmp_path)], check=False)
-    assert proc.returncode != 0 and "['answer', 'question']" in proc.stderr and "summary" in proc.stderr and "instruction" in proc.stderr
+    assert (
+        proc.returncode != 0
+        and "['answer', 'question']" in proc.stderr
+        and "summary" in proc.stderr
+        and "instruction" in proc.stderr
+    )
 
 
 def test_prefs_without_pair_columns(tmp_path):
@@ -289,8 +461,24 @@ def test_batch_sizes_that_do_not_divide(script):
 
 
 def test_total_batch_size_error_end_to_end(world, sft_dir, prefs_dir):
-    proc = run(["train_rm.py", "--sft-path", str(sft_dir), "--prefs-path", str(prefs_dir), "--dataset", str(world / "data"),
-                "--per-device-train-batch-size", "4", "--total-batch-size", "10", "--output-dir", str(world / "bad_rm")], check=False)
+    proc = run(
+        [
+            "train_rm.py",
+            "--sft-path",
+            str(sft_dir),
+            "--prefs-path",
+            str(prefs_dir),
+            "--dataset",
+            str(world / "data"),
+            "--per-device-train-batch-size",
+            "4",
+            "--total-batch-size",
+            "10",
+            "--output-dir",
+            str(world / "bad_rm"),
+        ],
+        check=False,
+    )
     assert proc.returncode != 0 and "valid values are multiples of 4" in proc.stderr
 
 
@@ -303,12 +491,29 @@ def test_presets_and_overrides(script, monkeypatch):
     assert tiny.preset == "tiny" and "tiny_world" in str(tiny.dataset)
     monkeypatch.setattr(sys, "argv", [f"{script}.py", "--preset", "paper", "--seed", "7"])
     paper = mod.parse_args()
-    assert paper.preset == "paper" and paper.dataset == "vwxyzjn/summarize_from_feedback_tldr_3_filtered" and paper.seed == 7
+    assert (
+        paper.preset == "paper"
+        and paper.dataset == "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
+        and paper.seed == 7
+    )
     if script == "sft":
-        assert (paper.learning_rate, paper.lr_scheduler_type, paper.num_train_epochs, paper.per_device_train_batch_size, paper.mixed_precision) == (3e-6, "cosine", 1, 16, "bf16")
+        assert (
+            paper.learning_rate,
+            paper.lr_scheduler_type,
+            paper.num_train_epochs,
+            paper.per_device_train_batch_size,
+            paper.mixed_precision,
+        ) == (3e-6, "cosine", 1, 16, "bf16")
         assert paper.model_name_or_path == "EleutherAI/pythia-1b"
     if script == "train_rm":
-        assert (paper.learning_rate, paper.warmup_ratio, paper.weight_decay, paper.num_train_epochs, paper.max_length, paper.per_device_train_batch_size) == (2e-5, 0.03, 0.1, 1, 512, 16)
+        assert (
+            paper.learning_rate,
+            paper.warmup_ratio,
+            paper.weight_decay,
+            paper.num_train_epochs,
+            paper.max_length,
+            paper.per_device_train_batch_size,
+        ) == (2e-5, 0.03, 0.1, 1, 512, 16)
     if script in ("gen_prefs", "eval_gold"):
         assert paper.max_new_tokens == 53 and paper.gold_rm_path == "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"
     if script == "gen_prefs":

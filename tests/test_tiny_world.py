@@ -19,8 +19,18 @@ COLUMNS = ["id", "subreddit", "title", "post", "summary"]
 
 
 def build(out, seed=1):
-    cmd = [sys.executable, os.path.join(ROOT, "tiny_world.py"), "--preset", "ci", "--seed", str(seed),
-           "--output-dir", str(out), "--gold-steps", "3"]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "tiny_world.py"),
+        "--preset",
+        "ci",
+        "--seed",
+        str(seed),
+        "--output-dir",
+        str(out),
+        "--gold-steps",
+        "3",
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
     return out
 
@@ -86,8 +96,10 @@ def test_deterministic(world, tmp_path):
 
 
 def test_quality_properties():
-    row = {"title": "my mom broke my oven",
-           "post": "then my mom broke the oven. today my mom lost my pasta. tonight i burned the rice. any advice would help."}
+    row = {
+        "title": "my mom broke my oven",
+        "post": "then my mom broke the oven. today my mom lost my pasta. tonight i burned the rice. any advice would help.",
+    }
     keys = ["oven", "pasta", "rice"]
     q = lambda summary: tw.quality(row, summary, keys)
     assert q("oven") == 1 and q("oven and pasta") == 2 and q("oven , pasta and rice") == 2  # coverage counts to 2

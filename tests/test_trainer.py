@@ -16,16 +16,35 @@ from transformers import AutoModelForSequenceClassification, GPTNeoXConfig, GPTN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from grpo_signcert import dr_grpo_loss, pairwise_agreement, reward_and_features, truncate_after_eos  # noqa: E402
 from conftest import free_port  # noqa: E402
-from update_worker import N as WORKER_N, T as WORKER_T, model_and_batch  # noqa: E402
+from update_worker import N as WORKER_N  # noqa: E402
+from update_worker import T as WORKER_T
+from update_worker import model_and_batch
+
+from grpo_signcert import dr_grpo_loss, pairwise_agreement, reward_and_features, truncate_after_eos  # noqa: E402
+
 
 # several CPU processes: `--multi_gpu` makes accelerate start them with torchrun, and the scripts, seeing no GPU,
 # run them on the CPU with gloo (`--cpu --num_processes 2` starts ONE process in accelerate 1.x)
 def accelerate_cmd(procs):
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1", "--mixed_precision",
-            "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", "--main_process_port", free_port(),
-            "--num_processes", str(procs)]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_cpu_threads_per_process",
+        "1",
+        "--main_process_port",
+        free_port(),
+        "--num_processes",
+        str(procs),
+    ]
 
 
 # ------------------------------------------------------------------ the loss
@@ -47,7 +66,7 @@ def test_dr_grpo_loss_matches_a_token_by_token_computation():
             clipped = min(max(ratio, 1 - clip), 1 + clip)
             surrogate = min(ratio * a, clipped * a)  # PPO: the pessimistic of the two
             x = float(ref[i, j] - lp[i, j])
-            k3 = (2.718281828459045 ** x) - x - 1
+            k3 = (2.718281828459045**x) - x - 1
             kls.append(k3)
             total += -surrogate + beta * k3
     assert loss.item() == pytest.approx(total / norm, rel=1e-12)
@@ -62,7 +81,9 @@ def test_dr_grpo_normaliser_is_constant_so_splits_add_up():
     lp, ref = -torch.rand(6, 5, generator=g), -torch.rand(6, 5, generator=g)
     adv, mask = torch.randn(6, generator=g), (torch.rand(6, 5, generator=g) > 0.4).float()
     full, _ = dr_grpo_loss(lp, lp, ref, adv, mask, 0.2, 0.1, 6 * 5)
-    halves = sum(dr_grpo_loss(lp[s], lp[s], ref[s], adv[s], mask[s], 0.2, 0.1, 6 * 5)[0] for s in (slice(0, 2), slice(2, 6)))
+    halves = sum(
+        dr_grpo_loss(lp[s], lp[s], ref[s], adv[s], mask[s], 0.2, 0.1, 6 * 5)[0] for s in (slice(0, 2), slice(2, 6))
+    )
     assert full.item() == pytest.approx(halves.item(), rel=1e-6)
 
 
@@ -108,8 +129,17 @@ def test_reward_is_read_at_the_last_real_token_with_any_padding_and_pad_equal_eo
     """The reward and features of a padded batch (left-padded prompts, right-padded responses, pad ==
     eos == 0) equal those of each sequence scored alone, with no padding at all."""
     torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=30, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                           max_position_embeddings=64, pad_token_id=0, eos_token_id=0, num_labels=1)
+    config = GPTNeoXConfig(
+        vocab_size=30,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=0,
+        num_labels=1,
+    )
     rm = GPTNeoXForSequenceClassification(config).eval()
     eos = 0
     prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11]]
@@ -147,8 +177,13 @@ def test_pairwise_agreement_by_brute_force():
 def world(tmp_path_factory):
     """A very small tiny world, with an untrained proxy RM (the base policy plus a fresh `score` head)."""
     root = tmp_path_factory.mktemp("world")
-    subprocess.run([sys.executable, "tiny_world.py", "--preset", "ci", "--output-dir", str(root)], check=True, cwd=ROOT,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "tiny_world.py", "--preset", "ci", "--output-dir", str(root)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=600,
+    )
     rm = AutoModelForSequenceClassification.from_pretrained(root / "base_policy", num_labels=1)
     rm.config.pad_token_id = rm.config.eos_token_id
     rm.save_pretrained(root / "rm")
@@ -157,11 +192,32 @@ def world(tmp_path_factory):
 
 def trainer_cmd(world, out, *extra, procs=None):
     head = accelerate_cmd(procs) if procs else [sys.executable]
-    return head + ["grpo_signcert.py", "--policy-model-path", str(world / "base_policy"), "--reward-model-path",
-                   str(world / "rm"), "--gold-rm-path", str(world / "gold_rm"), "--dataset", str(world / "data"),
-                   "--num-prompts-per-step", "4", "--num-generations", "4", "--micro-batch-size", "4",
-                   "--max-new-tokens", "8", "--missing-eos-penalty", "None", "--output-dir", str(out), "--log-samples-every", "2",
-                   *extra]
+    return head + [
+        "grpo_signcert.py",
+        "--policy-model-path",
+        str(world / "base_policy"),
+        "--reward-model-path",
+        str(world / "rm"),
+        "--gold-rm-path",
+        str(world / "gold_rm"),
+        "--dataset",
+        str(world / "data"),
+        "--num-prompts-per-step",
+        "4",
+        "--num-generations",
+        "4",
+        "--micro-batch-size",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--missing-eos-penalty",
+        "None",
+        "--output-dir",
+        str(out),
+        "--log-samples-every",
+        "2",
+        *extra,
+    ]
 
 
 def read_metrics(out):
@@ -172,8 +228,13 @@ def read_metrics(out):
 @pytest.mark.parametrize("procs", [None, 2])
 def test_trainer_end_to_end(world, tmp_path, procs):
     out = tmp_path / "run"
-    subprocess.run(trainer_cmd(world, out, "--total-steps", "3", "--quantile", "0.3", procs=procs), check=True, cwd=ROOT,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        trainer_cmd(world, out, "--total-steps", "3", "--quantile", "0.3", procs=procs),
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=600,
+    )
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
@@ -187,8 +248,13 @@ def test_trainer_end_to_end(world, tmp_path, procs):
 
 def test_quantile_zero_logs_eps_zero(world, tmp_path):
     out = tmp_path / "run"
-    subprocess.run(trainer_cmd(world, out, "--total-steps", "1", "--quantile", "0"), check=True, cwd=ROOT,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        trainer_cmd(world, out, "--total-steps", "1", "--quantile", "0"),
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=300,
+    )
     assert read_metrics(out)[0]["signcert/eps"] == 0.0
 
 
@@ -196,14 +262,18 @@ def test_resume_after_kill_continues_with_no_lost_or_repeated_step(world, tmp_pa
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     common = ("--total-steps", "5", "--save-every", "2")
     subprocess.run(trainer_cmd(world, straight, *common), check=True, cwd=ROOT, capture_output=True, timeout=600)
-    proc = subprocess.Popen(trainer_cmd(world, killed, *common), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        trainer_cmd(world, killed, *common), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (killed / "latest").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (killed / "latest").read_text() == "checkpoint-2" and not (killed / "model").exists()
-    subprocess.run(trainer_cmd(world, killed, *common, "--resume"), check=True, cwd=ROOT, capture_output=True, timeout=600)
+    subprocess.run(
+        trainer_cmd(world, killed, *common, "--resume"), check=True, cwd=ROOT, capture_output=True, timeout=600
+    )
     a, b = read_metrics(straight), read_metrics(killed)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
     for ra, rb in zip(a, b):
@@ -222,17 +292,32 @@ def test_resume_after_kill_continues_with_no_lost_or_repeated_step(world, tmp_pa
     ],
 )
 def test_bad_arguments_fail_early_with_a_clear_message(world, tmp_path, extra, message):
-    res = subprocess.run(trainer_cmd(world, tmp_path / "run", "--total-steps", "1", *extra), cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        trainer_cmd(world, tmp_path / "run", "--total-steps", "1", *extra),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode != 0 and message in res.stderr
 
 
 def test_reward_model_without_a_single_linear_head_is_refused(world, tmp_path):
     two = AutoModelForSequenceClassification.from_pretrained(world / "base_policy", num_labels=2)
     two.save_pretrained(tmp_path / "rm2")
-    res = subprocess.run(trainer_cmd(world, tmp_path / "run", "--total-steps", "1", "--reward-model-path", str(tmp_path / "rm2")),
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        trainer_cmd(world, tmp_path / "run", "--total-steps", "1", "--reward-model-path", str(tmp_path / "rm2")),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode != 0 and "linear head `score` with one output" in res.stderr
-    res = subprocess.run(trainer_cmd(world, tmp_path / "run", "--total-steps", "1", "--reward-model-path", str(world / "base_policy")),
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        trainer_cmd(world, tmp_path / "run", "--total-steps", "1", "--reward-model-path", str(world / "base_policy")),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode != 0 and "is not a reward model" in res.stderr

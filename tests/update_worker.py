@@ -15,11 +15,20 @@ from grpo_signcert import policy_update  # noqa: E402
 
 N, P, T, V = 16, 5, 6, 50  # completions, prompt length, max new tokens, vocabulary
 
+
 def model_and_batch():
     """The policy and the fixed batch (test_trainer.py rebuilds them for its independent computation)."""
     torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)
+    config = GPTNeoXConfig(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
     policy = GPTNeoXForCausalLM(config)
     g = torch.Generator().manual_seed(1)
     query = torch.randint(1, V, (N, P), generator=g)
@@ -28,8 +37,14 @@ def model_and_batch():
     response = torch.randint(1, V, (N, T), generator=g)
     lengths = torch.randint(1, T + 1, (N,), generator=g)
     response_mask = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    batch = dict(query=query, query_mask=query_mask, response=response, response_mask=response_mask,
-                 ref_logprobs=-3.0 - torch.rand(N, T, generator=g), advantages=torch.randn(N, generator=g))
+    batch = dict(
+        query=query,
+        query_mask=query_mask,
+        response=response,
+        response_mask=response_mask,
+        ref_logprobs=-3.0 - torch.rand(N, T, generator=g),
+        advantages=torch.randn(N, generator=g),
+    )
     return policy, batch
 
 
@@ -45,8 +60,15 @@ if __name__ == "__main__":
     policy, optimizer = accelerator.prepare(policy, optimizer)
     r = accelerator.process_index
     mine = {k: v[r * local : (r + 1) * local] for k, v in batch.items()}
-    args = SimpleNamespace(micro_batch_size=micro_batch_size, num_ppo_epochs=1, temperature=1.0, clip_range=0.2,
-                           kl_coef=0.1, max_new_tokens=T, max_grad_norm=1e9)
+    args = SimpleNamespace(
+        micro_batch_size=micro_batch_size,
+        num_ppo_epochs=1,
+        temperature=1.0,
+        clip_range=0.2,
+        kl_coef=0.1,
+        max_new_tokens=T,
+        max_grad_norm=1e9,
+    )
     before = {k: v.detach().clone() for k, v in accelerator.unwrap_model(policy).state_dict().items()}
     policy_update(accelerator, policy, optimizer, mine, args)
     if accelerator.is_main_process:
