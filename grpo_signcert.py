@@ -390,24 +390,28 @@ def response_logprobs(model, query, query_mask, response, response_mask, tempera
     return logits.gather(-1, response.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
-@torch.no_grad()
 def reward_and_features(rm, ids, mask):
-    """ONE forward: the reward r = w^T h + b - offset and the features h, the `score` head's input, read
-    at the last real token (the EOS when there is one). The index comes from the mask, never from
-    searching for pad ids: with pad == eos that would miss the EOS."""
+    """ONE forward of a reward model: (reward (N,), features h (N, d)), both float32, read at the last real
+    token of every row (the EOS when there is one; any padding, left or right). h is the input of the linear
+    `score` head and reward = w^T h + b - reward_offset (the constant that centres the references, in the
+    RM's config). The index comes from the mask, never from searching for pad ids; the head is applied in
+    float32, so a bf16 backbone does not quantise the reward. No `no_grad` here: train_rm.py trains through it."""
     hidden = getattr(rm, rm.base_model_prefix)(input_ids=ids, attention_mask=mask, position_ids=position_ids_of(mask))
     last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
-    h = hidden.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last]
-    return rm.score(h).squeeze(-1).float() - getattr(rm.config, "reward_offset", 0.0), h.float()
+    h = hidden.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last].float()
+    bias = None if rm.score.bias is None else rm.score.bias.float()
+    reward = F.linear(h, rm.score.weight.float(), bias).squeeze(-1)
+    return reward - getattr(rm.config, "reward_offset", 0.0), h
 
 
-def truncate_after_eos(response, eos_id):
-    """Keep each completion up to and including its first EOS; the rest becomes padding (mask 0)."""
+def truncate_after_eos(response, eos_id, pad_id):
+    """Keep each completion up to and including its first EOS; the tokens after it become `pad_id`.
+    Returns (response, mask (1 on the kept tokens), has_eos (N,) bool)."""
     is_eos = response == eos_id
     has_eos = is_eos.any(1)
     first = torch.where(has_eos, is_eos.int().argmax(1), response.shape[1])
     mask = torch.arange(response.shape[1], device=response.device).unsqueeze(0) <= first.unsqueeze(1)
-    return response.masked_fill(~mask, eos_id), mask.long(), has_eos
+    return response.masked_fill(~mask, pad_id), mask.long(), has_eos
 
 
 @torch.no_grad()
@@ -700,7 +704,7 @@ if __name__ == "__main__":
             query,
             query_mask,
         )
-        response, response_mask, has_eos = truncate_after_eos(generated, eos_id)
+        response, response_mask, has_eos = truncate_after_eos(generated, eos_id, tokenizer.pad_token_id)
         t1 = time.perf_counter()
 
         # 2. scoring: reward AND features from one proxy-RM forward; reference log-probs for the KL

@@ -133,7 +133,7 @@ if __name__ == "__main__":
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             gen = in_chunks(lambda q, m: sample(policy, q, m, gen_args, tokenizer.pad_token_id), 256, query, qmask)
-        response, rmask, _ = truncate_after_eos(gen, tokenizer.eos_token_id)
+        response, rmask, _ = truncate_after_eos(gen, tokenizer.eos_token_id, tokenizer.pad_token_id)
         sync(device)
         t1 = time.perf_counter()
         with torch.no_grad():

@@ -119,8 +119,8 @@ def test_update_is_the_same_for_1x4_2x2_and_1x1_and_matches_the_full_batch_gradi
 def test_truncate_after_eos():
     eos = 0
     response = torch.tensor([[5, 6, 0, 7, 0], [5, 6, 7, 8, 9], [0, 3, 3, 3, 3]])
-    out, mask, has_eos = truncate_after_eos(response, eos)
-    assert out.tolist() == [[5, 6, 0, 0, 0], [5, 6, 7, 8, 9], [0, 0, 0, 0, 0]]
+    out, mask, has_eos = truncate_after_eos(response, eos, 1)
+    assert out.tolist() == [[5, 6, 0, 1, 1], [5, 6, 7, 8, 9], [0, 1, 1, 1, 1]]  # filled with pad = 1
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert has_eos.tolist() == [True, False, True]
 
@@ -148,7 +148,7 @@ def test_reward_is_read_at_the_last_real_token_with_any_padding_and_pad_equal_eo
     query = torch.tensor([[eos] * (P - len(p)) + p for p in prompts])
     qmask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
     resp = torch.tensor([r + [eos] * (T - len(r)) for r in responses])
-    _, rmask, _ = truncate_after_eos(resp, eos)
+    _, rmask, _ = truncate_after_eos(resp, eos, eos)
     reward, feats = reward_and_features(rm, torch.cat([query, resp], 1), torch.cat([qmask, rmask], 1))
     for i, (p, r) in enumerate(zip(prompts, responses)):
         alone_r, alone_h = reward_and_features(rm, torch.tensor([p + r]), torch.ones(1, len(p + r), dtype=torch.long))
