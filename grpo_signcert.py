@@ -4,7 +4,7 @@ Robustness"; formulas restored in METHOD.md). `--quantile 0` is exactly Dr.GRPO.
 
     accelerate launch grpo_signcert.py --quantile 0.3 --kl-coef 0.01        # the tiny world, any machine
     accelerate launch --config_file configs/ddp_8gpu.yaml grpo_signcert.py --preset paper \
-        --policy-model-path <sft> --reward-model-path <rm> --quantile 0.4  # Pythia-1B on TL;DR, 8 GPUs
+        --policy-path <sft> --reward-model-path <rm> --quantile 0.4  # Pythia-1B on TL;DR, 8 GPUs
 
 The reward model is `r(x, y) = w^T h(x, y) + b`, with `h` the last-layer hidden state that feeds its
 linear `score` head. For the K completions of one prompt:
@@ -71,7 +71,7 @@ class Args:
     (Pythia-1B on TL;DR, the paper's Table 6); explicit flags override either"""
 
     # Algorithm specific arguments
-    policy_model_path: str = "runs/tiny_world/sft"
+    policy_path: str = "runs/tiny_world/sft"
     """the SFT policy to optimise (a causal LM); it is also the frozen reference policy of the KL"""
     reward_model_path: str = "runs/tiny_world/rm"
     """the proxy reward model: a *ForSequenceClassification with a linear `score` head, one output"""
@@ -149,7 +149,7 @@ PRESETS = {
     "tiny": Args(),
     "paper": Args(
         preset="paper",
-        policy_model_path="runs/paper/sft",
+        policy_path="runs/paper/sft",
         reward_model_path="runs/paper/rm",
         gold_rm_path=None,
         dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered",
@@ -568,7 +568,7 @@ if __name__ == "__main__":
         raise ValueError(
             f"--quantile must lie in [0, 1] (the paper sweeps 0.1 to 0.5; 0 is Dr.GRPO), got {args.quantile}"
         )
-    for name in ("policy_model_path", "reward_model_path", "gold_rm_path"):
+    for name in ("policy_path", "reward_model_path", "gold_rm_path"):
         path = getattr(args, name)
         if path and path.startswith(("runs/", ".", "/")) and not os.path.exists(path):
             raise FileNotFoundError(
@@ -630,17 +630,15 @@ if __name__ == "__main__":
             start_step = json.load(f)["step"]
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     trust = dict(trust_remote_code=args.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(args.policy_model_path, padding_side="left", **trust)
+    tokenizer = AutoTokenizer.from_pretrained(args.policy_path, padding_side="left", **trust)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     eos_id = tokenizer.eos_token_id
-    policy = AutoModelForCausalLM.from_pretrained(
-        os.path.join(ckpt, "model") if ckpt else args.policy_model_path, **trust
-    )
+    policy = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "model") if ckpt else args.policy_path, **trust)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     ref_policy = (
-        AutoModelForCausalLM.from_pretrained(args.policy_model_path, dtype=dtype, **trust).eval().requires_grad_(False)
+        AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=dtype, **trust).eval().requires_grad_(False)
     )
     rm = load_reward_model(args.reward_model_path, dtype, args.trust_remote_code)
     if rm.config.vocab_size < len(tokenizer):

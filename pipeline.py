@@ -238,7 +238,7 @@ if __name__ == "__main__":
                     str(args.kl_coef),
                     "--total-steps",
                     str(args.rl_steps),
-                    "--policy-model-path",
+                    "--policy-path",
                     d("sft"),
                     "--reward-model-path",
                     d("rm"),

@@ -2,7 +2,7 @@
 one run, on the same data, and the share of each phase (generation, scoring, advantages, update).
 
     python benchmarks/step_time.py                     # the tiny world (after `python pipeline.py`)
-    python benchmarks/step_time.py --device cuda --bf16 --policy-model-path <sft> --reward-model-path <rm> \
+    python benchmarks/step_time.py --device cuda --bf16 --policy-path <sft> --reward-model-path <rm> \
         --num-prompts 32 --max-new-tokens 53           # a GPU, the paper's batch
 
 Each repetition samples one batch of rollouts, then runs the two methods' steps on it in alternating
@@ -41,7 +41,7 @@ from grpo_signcert import (  # noqa: E402
 
 @dataclass
 class Args:
-    policy_model_path: str = "runs/tiny_world/sft"
+    policy_path: str = "runs/tiny_world/sft"
     """the policy (and KL reference)"""
     reward_model_path: str = "runs/tiny_world/rm"
     """the proxy reward model"""
@@ -99,10 +99,10 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(args.policy_model_path, padding_side="left")
+    tokenizer = AutoTokenizer.from_pretrained(args.policy_path, padding_side="left")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    policy = AutoModelForCausalLM.from_pretrained(args.policy_model_path).to(device)
-    ref = AutoModelForCausalLM.from_pretrained(args.policy_model_path, dtype=dtype).to(device).eval()
+    policy = AutoModelForCausalLM.from_pretrained(args.policy_path).to(device)
+    ref = AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=dtype).to(device).eval()
     rm = load_reward_model(args.reward_model_path, dtype, False).to(device)
     prompts = build_prompts(load_split(args.dataset, "train"), tokenizer, 512, args.dataset)
     start = copy.deepcopy(policy.state_dict())

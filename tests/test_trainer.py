@@ -194,7 +194,7 @@ def trainer_cmd(world, out, *extra, procs=None):
     head = accelerate_cmd(procs) if procs else [sys.executable]
     return head + [
         "grpo_signcert.py",
-        "--policy-model-path",
+        "--policy-path",
         str(world / "base_policy"),
         "--reward-model-path",
         str(world / "rm"),
