@@ -26,12 +26,14 @@ One training step, top to bottom in the main body below:
      reference policy), `dr_grpo_loss`, summed over micro-batches and processes.
 
 Choices the paper leaves open (METHOD.md): eps is the q-quantile of the radii (`--eps-mode delta`;
-the literal Algorithm 1 is `--eps-mode inv_delta`); rho is unclipped (`--clip` clips it at 0); a
-completion without EOS gets the fixed reward `--missing-eos-penalty`, which does not depend on the
-head, so its feature vector is set to 0 (then r_j = 0^T w + penalty and eq. (8) stays exact).
+the literal Algorithm 1 is `--eps-mode inv_delta`); rho is unclipped (`--clip` clips it at 0). A
+completion without EOS gets the fixed reward `--missing-eos-penalty`: a reward the RM did not give is not
+the RM's to certify, so it keeps its Dr.GRPO advantage and stays out of the eps pool, while the others'
+radii stay exact (it enters the group's feature mean as h = 0: its reward does not move with the head).
 """
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -40,7 +42,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
@@ -71,79 +73,131 @@ class Args:
     (Pythia-1B on TL;DR, the paper's Table 6); explicit flags override either"""
 
     # Algorithm specific arguments
+    # -- models and data
     policy_path: str = "runs/tiny_world/sft"
-    """the SFT policy to optimise (a causal LM); it is also the frozen reference policy of the KL"""
+    """the SFT policy to optimise (a causal LM folder); it is also the frozen reference policy of the KL"""
     reward_model_path: str = "runs/tiny_world/rm"
-    """the proxy reward model: a *ForSequenceClassification with a linear `score` head, one output"""
-    gold_rm_path: Optional[str] = "runs/tiny_world/gold_rm"
-    """the gold reward model, for monitoring only (never in the update); None to skip"""
+    """the proxy reward model: a *ForSequenceClassification with a linear `score` head, one output, trained
+    from the policy's SFT (same tokenizer) by train_rm.py"""
     dataset: str = "runs/tiny_world/data"
     """prompts: a hub id or a local folder/file (jsonl, parquet, save_to_disk); TL;DR or AlpacaFarm columns"""
     dataset_config: Optional[str] = None
     """the hub dataset's config name (AlpacaFarm: `alpaca_instructions`)"""
     dataset_split: str = "train"
     """the split whose prompts are trained on"""
+    max_prompt_length: int = 128
+    """prompts longer than this are cut in the POST/input (paper: 512)"""
+    trust_remote_code: bool = False
+    """allow models whose code lives on the hub (off: only transformers' own architectures)"""
+
+    # -- SignCert-PO (eq. 8-11)
     quantile: float = 0.3
-    """q in [0, 1]: eps is the q-quantile of the radii over the global batch; 0 is exactly Dr.GRPO"""
+    """q in [0, 1]: eps is the q-quantile of the radii over the global batch; 0 is exactly Dr.GRPO (paper: 0.4
+    for Pythia-1B, 0.1 for Qwen2.5-1.5B)"""
     eps_mode: Literal["delta", "inv_delta"] = "delta"
     """`delta`: quantile of the radii Delta_j; `inv_delta`: of 1/Delta_j (the paper's literal Algorithm 1)"""
     clip: bool = False
     """clip rho_j = 1 - eps/Delta_j at 0 (ablation; the paper is unclipped)"""
+
+    # -- the Dr.GRPO loss and the optimiser
     kl_coef: float = 0.01
-    """beta, the weight of the k3 KL to the reference policy in the loss"""
+    """beta, the weight of the k3 KL to the reference policy in the loss (paper: 0.01)"""
+    clip_range: float = 0.2
+    """the PPO clip range of the ratio (paper: 0.2)"""
+    num_ppo_epochs: int = 1
+    """optimiser steps on each batch of rollouts (1: the ratio is 1 and the PPO clip is inert, as in the paper)"""
     learning_rate: float = 2e-4
-    """the learning rate (constant; paper: 1e-6)"""
+    """the learning rate, constant (paper: 1e-6)"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this"""
+
+    # -- rollouts
+    num_generations: int = 8
+    """K, completions per prompt (paper: 8)"""
+    temperature: float = 1.0
+    """sampling temperature of the rollouts; the log-probs of the loss use the same (paper: 1.0)"""
+    max_new_tokens: int = 24
+    """the maximum completion length, also the constant of the Dr.GRPO normaliser (paper: 53)"""
+    missing_eos_penalty: Optional[float] = -1.0
+    """the reward of a completion with no EOS, given instead of the RM's (None: score it as is). The RM did not
+    give it, so SignCert-PO leaves such completions at their Dr.GRPO advantage (`certified` in
+    signcert_advantages)"""
+    generation_batch_size: int = 128
+    """completions generated (and scored) at once on one device"""
+
+    # -- batch sizes and steps
     total_steps: int = 300
     """the number of optimiser steps (paper: 2000)"""
     num_prompts_per_step: int = 16
     """prompts per optimiser step, over all processes (paper: 32)"""
-    num_generations: int = 8
-    """K, completions per prompt (paper: 8)"""
     micro_batch_size: int = 32
     """completions per forward/backward on one device (paper: 2)"""
-    num_ppo_epochs: int = 1
-    """optimiser steps on each batch of rollouts (1: the ratio is 1 and the PPO clip is inert, as in the paper)"""
-    clip_range: float = 0.2
-    """the PPO clip range of the ratio"""
-    temperature: float = 1.0
-    """sampling temperature of the rollouts"""
-    max_new_tokens: int = 24
-    """the maximum completion length, also the constant of the Dr.GRPO normaliser (paper: 53)"""
-    max_prompt_length: int = 128
-    """prompts longer than this are truncated in the POST, at a word boundary (paper: 512)"""
-    missing_eos_penalty: Optional[float] = -1.0
-    """the proxy reward of a completion with no EOS (None: score it as is)"""
-    generation_batch_size: int = 128
-    """completions generated at once on one device"""
     bf16: bool = False
-    """bf16 mixed precision (GPU); the reference and reward models are then held in bf16"""
+    """bf16 mixed precision (GPU); the reference and reward models are then held in bf16, the reward head
+    is applied in float32"""
     gradient_checkpointing: bool = False
     """trade compute for memory in the policy's backward"""
+
+    # -- monitoring by the gold reward model (never in the update)
+    gold_rm_path: Optional[str] = "runs/tiny_world/gold_rm"
+    """the gold reward model (paper: Skywork-Reward-Llama-3.1-8B-v0.2); None to skip"""
+    gold_every: int = 1
+    """score the rollouts with the gold RM at step 1, every this many steps after it, and at the last step:
+    `reward/gold` and `rm/proxy_accuracy` (the paper's Figure 2a, every 50 steps)"""
+    gold_batch_size: int = 64
+    """sequences per gold forward on one device"""
+    gold_max_length: int = 256
+    """gold input tokens (longer inputs lose their beginning), as in gen_prefs.py and eval_gold.py"""
+
+    # -- outputs, checkpoints, resume
+    output_dir: Optional[str] = None
+    """where everything goes (default: runs/{run_name}); a folder that holds a run is refused unless
+    `--resume` or `--overwrite`"""
     log_samples_every: int = 25
-    """write a table of sample completions every this many steps"""
+    """write every completion of the step (text, rewards, advantage, radius) to samples.jsonl every this
+    many steps"""
     save_every: int = 50
     """write a checkpoint every this many steps (atomically; `--resume` continues from the last one)"""
     resume: bool = False
-    """continue the run in `--output-dir` from its last checkpoint (policy, optimiser, RNG, step)"""
-    output_dir: Optional[str] = None
-    """where everything goes (default: runs/{run_name})"""
-    trust_remote_code: bool = False
-    """allow models whose code lives on the hub (off: only transformers' own architectures)"""
+    """continue the run in `--output-dir` from its last checkpoint (policy, optimiser, RNG, step); the
+    arguments that shape the run must match its args.json"""
+    overwrite: bool = False
+    """delete what `--output-dir` holds and start afresh"""
 
     # to be filled in runtime
-    num_processes: int = 0
+    run_name: Annotated[str, tyro.conf.Suppress] = ""
+    """{exp_name}__{seed}__{time}, the same on every process; kept on resume (the wandb run id)"""
+    num_processes: Annotated[int, tyro.conf.Suppress] = 0
     """the number of processes (GPUs)"""
-    local_num_prompts: int = 0
+    local_num_prompts: Annotated[int, tyro.conf.Suppress] = 0
     """prompts per step on one process"""
-    local_batch_size: int = 0
+    local_batch_size: Annotated[int, tyro.conf.Suppress] = 0
     """completions per step on one process"""
-    batch_size: int = 0
+    batch_size: Annotated[int, tyro.conf.Suppress] = 0
     """completions per step over all processes"""
-    gradient_accumulation_steps: int = 0
+    gradient_accumulation_steps: Annotated[int, tyro.conf.Suppress] = 0
     """micro-batches per optimiser step on one process"""
 
+
+# fields that may differ when a run is resumed: they change what is logged or how fast, not the run
+RESUME_MAY_CHANGE = {
+    "preset",
+    "resume",
+    "overwrite",
+    "output_dir",
+    "run_name",
+    "total_steps",
+    "save_every",
+    "log_samples_every",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "generation_batch_size",
+    "gold_batch_size",
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+}
 
 PRESETS = {
     "tiny": Args(),
@@ -151,18 +205,21 @@ PRESETS = {
         preset="paper",
         policy_path="runs/paper/sft",
         reward_model_path="runs/paper/rm",
-        gold_rm_path=None,
         dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered",
+        max_prompt_length=512,
         quantile=0.4,
         learning_rate=1e-6,
+        max_new_tokens=53,
+        generation_batch_size=64,
         total_steps=2000,
         num_prompts_per_step=32,
         micro_batch_size=2,
-        max_new_tokens=53,
-        max_prompt_length=512,
-        generation_batch_size=64,
         bf16=True,
         gradient_checkpointing=True,
+        gold_rm_path="Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",
+        gold_every=50,
+        gold_batch_size=16,
+        gold_max_length=1024,
         log_samples_every=50,
         save_every=100,
     ),
@@ -177,53 +234,47 @@ def exact_div(a, b, what):
 
 
 @torch.no_grad()  # eq. (11): A, Delta and rho are constants of the policy update (stop-gradient)
-def signcert_advantages(rewards, features, quantile, eps_mode="delta", clip=False, gather=lambda t: t):
-    """SignCert-PO advantages for a batch of B prompts with K completions each.
+def signcert_advantages(rewards, features, quantile, eps_mode="delta", clip=False, certified=None, gather=lambda t: t):
+    """SignCert-PO advantages for B prompts with K completions each. Self-contained: copy it into any trainer.
 
-    rewards:  (B, K) proxy rewards r_j = w^T h_j + b.
-    features: (B, K, d) the RM's last-layer features h_j, the input of its linear head.
-    quantile: q in [0, 1]; eps is the q-quantile of the radii (q = 0: eps = 0, plain Dr.GRPO).
-    eps_mode: "delta" (default): quantile of {Delta_j}; "inv_delta": quantile of {1 / Delta_j},
-              the literal Algorithm 1 of the paper (METHOD.md section 2 discusses the contradiction).
-    clip:     clip rho_j at 0 (ablation); the paper's formulas are unclipped, so that a completion
-              with Delta_j < eps gets the opposite sign.
-    gather:   maps this process's radii to the radii of the global batch (e.g. accelerator.gather),
-              so that every process uses the same eps; the identity on one process.
-    Returns (advantages (B, K), radius (B, K), eps (0-d tensor)), float32 (float64 for float64
-    inputs), without gradient.
+    What the caller supplies:
+    rewards:   (B, K) proxy rewards r_j = w^T h_j + b, and
+    features:  (B, K, d) the h_j of THE SAME forward: the input of the RM's linear head (`reward_and_features`).
+    quantile:  q in [0, 1]; eps is the q-quantile of the radii (q = 0: eps = 0, exactly Dr.GRPO).
+    eps_mode:  "delta" (default): quantile of {Delta_j}; "inv_delta": of {1 / Delta_j} (the paper's Algorithm 1).
+    clip:      clip rho_j at 0 (ablation); the paper is unclipped: Delta_j < eps reverses the sign of A_j.
+    certified: (B, K) bool, False where r_j is NOT the RM's score but a fixed value the RM did not give (the
+               missing-EOS penalty). Such a reward does not move with the head, so it is not the RM's to certify:
+               the completion keeps its Dr.GRPO advantage and stays out of the eps pool, and it enters the group
+               mean of the features as h = 0, which keeps the other completions' radii exact. None: all True.
+    gather:    maps this process's (B, K) radii to the global batch's (e.g. accelerator.gather), so every
+               process uses the same eps; the identity on one process.
+    Returns (advantages (B, K), radius (B, K), eps (0-d)), float32 (float64 for float64 inputs), no gradient.
+    Only radii 0 < Delta_j < inf (a sign to certify, features that move it) enter the quantile.
     """
-    _check_inputs(rewards, features, quantile, eps_mode)
+    if rewards.ndim != 2 or rewards.shape[1] < 2 or features.shape[:2] != rewards.shape or features.ndim != 3:
+        raise ValueError(
+            f"need rewards (B, K >= 2) and features (B, K, d), got {list(rewards.shape)}, {list(features.shape)}"
+        )
+    if not 0.0 <= quantile <= 1.0 or eps_mode not in ("delta", "inv_delta"):
+        raise ValueError(f"need 0 <= quantile <= 1 and eps_mode 'delta' or 'inv_delta', got {quantile}, {eps_mode!r}")
+    if not (rewards.isfinite().all() and features.isfinite().all()):
+        raise ValueError("rewards and features must be finite: found NaN or inf (check the reward model's outputs)")
     dtype = torch.promote_types(rewards.dtype, torch.float32)  # bf16 RM outputs: compute in float32
-    rewards, features = rewards.to(dtype), features.to(dtype)
+    rewards = rewards.to(dtype)
+    certified = torch.ones_like(rewards, dtype=torch.bool) if certified is None else certified.bool()
+    h = features.to(dtype) * certified.unsqueeze(-1)  # a fixed reward does not move with the head: h = 0
     adv = rewards - rewards.mean(dim=1, keepdim=True)  # eq. (4)
-    dev = (features - features.mean(dim=1, keepdim=True)).norm(dim=-1)  # ||h_j - hbar||
+    dev = (h - h.mean(dim=1, keepdim=True)).norm(dim=-1) * certified  # ||h_j - hbar||, 0 if fixed
     radius = torch.where(dev > 0, adv.abs() / dev, torch.full_like(adv, math.inf))  # eq. (8)
-    # eps from the global batch; non-finite values (dev = 0, or A = 0 in "inv_delta") are left out.
-    pool = gather(radius if eps_mode == "delta" else 1.0 / radius).flatten()
-    pool = pool[torch.isfinite(pool)]
+    pool = gather(radius).flatten()  # eps from the global batch
+    pool = pool[torch.isfinite(pool) & (pool > 0)]
+    pool = pool if eps_mode == "delta" else 1.0 / pool
     eps = torch.quantile(pool, quantile) if quantile > 0 and pool.numel() > 0 else adv.new_zeros(())
     shrunk = adv.abs() - eps * dev  # |A_j| rho_j
     if clip:
         shrunk = shrunk.clamp(min=0.0)
     return adv.sign() * shrunk, radius, eps  # eq. (10)-(11)
-
-
-def _check_inputs(rewards, features, quantile, eps_mode):
-    """Clear, early errors for the mistakes a caller can make (checked on every call: it is cheap)."""
-    if rewards.ndim != 2 or rewards.shape[1] < 2:
-        raise ValueError(
-            f"rewards must have shape (B, K) with K >= 2 completions per prompt, got {tuple(rewards.shape)}"
-        )
-    if features.ndim != 3 or features.shape[:2] != rewards.shape:
-        raise ValueError(
-            f"features must have shape (B, K, d) = {tuple(rewards.shape)} + (d,) to match rewards, got {tuple(features.shape)}"
-        )
-    if not 0.0 <= quantile <= 1.0:
-        raise ValueError(f"quantile must lie in [0, 1] (the paper sweeps 0.1 to 0.5), got {quantile}")
-    if eps_mode not in ("delta", "inv_delta"):
-        raise ValueError(f"eps_mode must be 'delta' or 'inv_delta', got {eps_mode!r}")
-    if not (torch.isfinite(rewards).all() and torch.isfinite(features).all()):
-        raise ValueError("rewards and features must be finite: found NaN or inf (check the reward model's outputs)")
 
 
 def dr_grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range, kl_coef, normalizer):
@@ -400,7 +451,8 @@ def reward_and_features(rm, ids, mask):
     last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
     h = hidden.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last].float()
     bias = None if rm.score.bias is None else rm.score.bias.float()
-    reward = F.linear(h, rm.score.weight.float(), bias).squeeze(-1)
+    with torch.autocast(h.device.type, enabled=False):  # float32 even inside an autocast region (bf16 training)
+        reward = F.linear(h, rm.score.weight.float(), bias).squeeze(-1)
     return reward - getattr(rm.config, "reward_offset", 0.0), h
 
 
@@ -414,26 +466,35 @@ def truncate_after_eos(response, eos_id, pad_id):
     return response.masked_fill(~mask, pad_id), mask.long(), has_eos
 
 
+def rm_input_ids(tokenizer, prompt: str, response: str, max_length: int, chat: bool) -> list[int]:
+    """What a reward model reads. chat: the tokenizer's chat template (user = prompt, assistant =
+    response), for a gold like Skywork; else prompt ids + response ids + EOS (the tiny-world gold, and
+    the proxy RM, whose RL stage concatenates policy tokens the same way)."""
+    if chat:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response.strip()}]
+        ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids
+    else:
+        ids = (
+            tokenizer(prompt, add_special_tokens=False).input_ids
+            + tokenizer(response, add_special_tokens=False).input_ids
+        )
+        ids = ids + [tokenizer.eos_token_id]
+    return ids[-max_length:]  # keep the end: that is where the reward is read
+
+
 @torch.no_grad()
-def gold_rewards(gold, gold_tok, prompts, responses, has_eos, device, batch_size=64):
-    """The gold RM's score of each completion, through its own tokenizer: the chat format if it has a
-    chat template (Skywork), else prompt ids + response ids + EOS (the convention of the stage scripts)."""
-    seqs = []
-    for p, r, e in zip(prompts, responses, has_eos):
-        if gold_tok.chat_template:
-            text = gold_tok.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
-            )
-            seqs.append(gold_tok(text, add_special_tokens=False).input_ids)
-        else:
-            ids = gold_tok(p, add_special_tokens=False).input_ids + gold_tok(r, add_special_tokens=False).input_ids
-            seqs.append(ids + [gold_tok.eos_token_id] * int(e))
+def gold_rewards(gold, gold_tok, prompts, responses, args, device):
+    """The gold RM's score of each (prompt, response text), built exactly as gen_prefs.py and eval_gold.py
+    build it (`rm_input_ids`: the chat format if the gold's tokenizer has a chat template), right-padded."""
     out = []
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i : i + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.tensor([s + [gold_tok.pad_token_id] * (width - len(s)) for s in chunk], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
+    for i in range(0, len(prompts), args.gold_batch_size):
+        seqs = [
+            rm_input_ids(gold_tok, p, r, args.gold_max_length, bool(gold_tok.chat_template))
+            for p, r in zip(prompts[i : i + args.gold_batch_size], responses[i : i + args.gold_batch_size])
+        ]
+        width = max(map(len, seqs))
+        ids = torch.tensor([x + [gold_tok.pad_token_id] * (width - len(x)) for x in seqs], device=device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs], device=device)
         out.append(reward_and_features(gold, ids, mask)[0])
     return torch.cat(out)
 
@@ -446,10 +507,57 @@ def pairwise_agreement(proxy, gold):
     return ((dp * dg > 0) & upper).sum().item() / max(upper.sum().item(), 1)
 
 
-# ------------------------------------------------------------------------- checkpoints
+# ------------------------------------------------------------------------- run folder and checkpoints
+def open_run_dir(args, accelerator):
+    """Make `args.output_dir` this run's, on the main process, before anything heavy: refuse a folder that
+    holds a run unless --resume or --overwrite; on --resume, refuse arguments that would change the run
+    (against its args.json) and keep its run_name; take a lock that this process holds until it exits, so
+    a second run (e.g. a resume while orphaned workers of a killed launcher still write) is refused.
+    Errors are raised on every process. Returns the lock's open file (keep it referenced)."""
+    error, lock, out = None, None, args.output_dir
+    if accelerator.is_main_process:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, ".lock"), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            error = f"{out} is in use by a live run (pid {lock.read().strip() or '?'}): stop it first, or pick another --output-dir"
+        used = [name for name in os.listdir(out) if name != ".lock"]
+        saved = os.path.join(out, "args.json")
+        if error is None and used and args.overwrite:
+            for name in used:
+                path = os.path.join(out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        elif error is None and used and not args.resume:
+            error = (
+                f"{out} already holds a run ({', '.join(sorted(used)[:4])}): pass --resume to continue it, "
+                "--overwrite to replace it, or another --output-dir"
+            )
+        elif error is None and args.resume and os.path.exists(saved):
+            with open(saved) as f:
+                before = json.load(f)
+            now = asdict(args) | {"num_processes": args.num_processes}
+            changed = {
+                k: (before.get(k), v) for k, v in now.items() if k not in RESUME_MAY_CHANGE and before.get(k) != v
+            }
+            if changed:
+                error = f"--resume of {out} with arguments that change the run (was, now): {changed}; resume with the run's own arguments"
+            args.run_name = before.get("run_name") or args.run_name
+        if error is None:
+            lock.truncate(0)
+            lock.write(str(os.getpid()))
+            lock.flush()
+    error, args.run_name = broadcast_object_list([error, args.run_name])
+    if error:
+        raise SystemExit(f"error: {error}")
+    return lock
+
+
 def save_checkpoint(accelerator, policy, optimizer, step, output_dir):
-    """Write checkpoint-{step} next to the old one, then point `latest` at it (atomic rename), so a
-    run killed at any moment leaves a complete checkpoint behind."""
+    """Write checkpoint-{step}.tmp, rename it to checkpoint-{step}, then point `latest` at it (atomic
+    rename); older checkpoints are deleted only after that. So at every moment `latest` names a complete
+    checkpoint. A leftover checkpoint-{step} of a run killed before it updated `latest` is replaced."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     if accelerator.is_main_process:
@@ -468,6 +576,7 @@ def save_checkpoint(accelerator, policy, optimizer, step, output_dir):
             json.dump({"step": step}, f)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)  # not `latest`'s: a leftover of a killed run
         os.replace(tmp, final)
         with open(os.path.join(output_dir, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final))
@@ -476,6 +585,15 @@ def save_checkpoint(accelerator, policy, optimizer, step, output_dir):
             if name.startswith("checkpoint-") and name != os.path.basename(final):
                 shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def latest_checkpoint(output_dir):
+    """The folder `latest` names, or None when the run was killed before its first checkpoint."""
+    latest = os.path.join(output_dir, "latest")
+    if not os.path.exists(latest):
+        return None
+    with open(latest) as f:
+        return os.path.join(output_dir, f.read().strip())
 
 
 def restore_checkpoint(accelerator, optimizer, ckpt):
@@ -487,16 +605,24 @@ def restore_checkpoint(accelerator, optimizer, ckpt):
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def prompt_indices(step, num_prompts, per_step, seed, _perms={}):
+def keep_steps_upto(path, step):
+    """Drop the rows of a jsonl log written after `step` (a resumed run writes them again)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
+def prompt_indices(step, num_prompts, per_step, seed):
     """The dataset rows of a step: consecutive slices of a fresh permutation every epoch. A function of
-    the step alone, so a resumed run sees exactly the prompts an uninterrupted one would have."""
-    out = []
-    for pos in range((step - 1) * per_step, step * per_step):
-        epoch, k = divmod(pos, num_prompts)
-        if epoch not in _perms:
-            _perms[epoch] = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(_perms[epoch][k].item())
-    return out
+    its arguments alone, so a resumed run sees exactly the prompts an uninterrupted one would have."""
+    positions = range((step - 1) * per_step, step * per_step)
+    perms = {
+        epoch: torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        for epoch in {pos // num_prompts for pos in positions}
+    }
+    return [perms[pos // num_prompts][pos % num_prompts].item() for pos in positions]
 
 
 def in_chunks(fn, size, *tensors):
@@ -527,10 +653,15 @@ def policy_update(accelerator, policy, optimizer, batch, args):
     its token sum over (micro_batch_size x max_new_tokens); accelerate divides it by the accumulation
     steps and DDP averages over processes, so the step follows the gradient of
     sum over ALL tokens / (completions per step x max_new_tokens): the Dr.GRPO constant normaliser,
-    the same however the batch is split over processes and micro-batches."""
-    mbs, stats = args.micro_batch_size, {"loss": 0.0, "kl_k3": 0.0, "seq_kl": []}
+    the same however the batch is split over processes and micro-batches.
+    The policy is in train mode here only (gradient checkpointing acts in train mode; generation wants
+    eval mode and its KV cache). Returns this process's stats: `loss` (the Dr.GRPO loss of its rollouts,
+    averaged over epochs), `seq_kl` (N,) and the k3 sum and token count of the first epoch, `grad_norm`."""
+    mbs, n = args.micro_batch_size, batch["response"].shape[0]
+    stats = {"loss": 0.0, "seq_kl": [], "k3_sum": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+    policy.train()
     for epoch in range(args.num_ppo_epochs):
-        for s in range(0, batch["response"].shape[0], mbs):
+        for s in range(0, n, mbs):
             mb = {k: v[s : s + mbs] for k, v in batch.items()}
             with accelerator.accumulate(policy):
                 lp = response_logprobs(
@@ -549,13 +680,15 @@ def policy_update(accelerator, policy, optimizer, batch, args):
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                    stats["grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
                 optimizer.step()
                 optimizer.zero_grad()
             if epoch == 0:  # KL(pi || pi_ref) of the rollouts, per sequence (k1, summed over tokens)
                 stats["seq_kl"].append(((lp.detach() - mb["ref_logprobs"]) * mb["response_mask"]).sum(1))
-                stats["kl_k3"] += kl.item() * mbs / batch["response"].shape[0]
-            stats["loss"] += loss.item() / args.num_ppo_epochs
+                stats["k3_sum"] += kl.item() * mb["response_mask"].sum().item()
+                stats["tokens"] += mb["response_mask"].sum().item()
+            stats["loss"] += loss.item() * mbs / (n * args.num_ppo_epochs)  # the loss of the whole local batch
+    policy.eval()
     stats["seq_kl"] = torch.cat(stats["seq_kl"])
     return stats
 
@@ -568,6 +701,14 @@ if __name__ == "__main__":
         raise ValueError(
             f"--quantile must lie in [0, 1] (the paper sweeps 0.1 to 0.5; 0 is Dr.GRPO), got {args.quantile}"
         )
+    if args.resume and not args.output_dir:
+        raise ValueError(
+            "--resume needs --output-dir: the folder of the run to continue (e.g. runs/grpo_signcert__1__1764180000)"
+        )
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues a run and --overwrite deletes it: pass one of them")
+    if min(args.gold_every, args.save_every, args.log_samples_every) < 1:
+        raise ValueError("--gold-every, --save-every and --log-samples-every must be >= 1")
     for name in ("policy_path", "reward_model_path", "gold_rm_path"):
         path = getattr(args, name)
         if path and path.startswith(("runs/", ".", "/")) and not os.path.exists(path):
@@ -598,10 +739,10 @@ if __name__ == "__main__":
         mixed_precision="bf16" if args.bf16 else "no",
     )
     device, rank = accelerator.device, accelerator.process_index
-    run_name = broadcast_object_list([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
-    args.output_dir = args.output_dir or os.path.join("runs", run_name)
+    args.run_name = broadcast_object_list([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
+    args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
+    run_lock = open_run_dir(args, accelerator)  # refuses a used folder, checks a resume, keeps the run's name
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
         print(
             f"[{args.exp_name}] {args.num_processes} process(es) x {args.local_num_prompts} prompts x "
             f"{args.num_generations} completions = {args.batch_size} completions per step, in "
@@ -619,13 +760,9 @@ if __name__ == "__main__":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.num_processes))
 
     # models: the policy (trained), its frozen copy (KL reference), the proxy RM and, to monitor, the gold RM
-    start_step, ckpt = 0, None
-    if args.resume:
-        latest = os.path.join(args.output_dir, "latest")
-        if not os.path.exists(latest):
-            raise FileNotFoundError(f"--resume: no checkpoint in {args.output_dir} (it has no `latest` file)")
-        with open(latest) as f:
-            ckpt = os.path.join(args.output_dir, f.read().strip())
+    ckpt = latest_checkpoint(args.output_dir) if args.resume else None
+    start_step = 0
+    if ckpt:
         with open(os.path.join(ckpt, "state.json")) as f:
             start_step = json.load(f)["step"]
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -635,7 +772,7 @@ if __name__ == "__main__":
     eos_id = tokenizer.eos_token_id
     policy = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "model") if ckpt else args.policy_path, **trust)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing:  # acts in train mode, which policy_update sets
         policy.gradient_checkpointing_enable()
     ref_policy = (
         AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=dtype, **trust).eval().requires_grad_(False)
@@ -653,6 +790,7 @@ if __name__ == "__main__":
         gold_tok.pad_token = gold_tok.pad_token or gold_tok.eos_token
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy.eval()  # generation mode; policy_update switches to train mode and back
     for m in (ref_policy, rm, gold):
         if m is not None:
             m.to(device)
@@ -664,14 +802,10 @@ if __name__ == "__main__":
     if accelerator.is_main_process:
         print(
             f"{len(prompts)} prompts from {args.dataset}[{args.dataset_split}]; starting at step {start_step + 1} "
-            f"of {args.total_steps}; writing to {args.output_dir}"
+            f"of {args.total_steps}{' (resumed from ' + ckpt + ')' if ckpt else ''}; writing to {args.output_dir}"
         )
-        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-        if args.resume and os.path.exists(metrics_path):  # drop the steps after the checkpoint: no step twice
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start_step]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
+        for name in ("metrics.jsonl", "samples.jsonl"):  # a resumed run writes the steps after its checkpoint again
+            keep_steps_upto(os.path.join(args.output_dir, name), start_step)
         if args.track:
             import wandb
 
@@ -679,9 +813,10 @@ if __name__ == "__main__":
                 project=args.wandb_project_name,
                 entity=args.wandb_entity,
                 config=asdict(args),
-                name=run_name,
-                id=run_name,
+                name=args.run_name,
+                id=args.run_name,  # a resumed run keeps its name, so it continues the same wandb run
                 resume="allow",
+                dir=args.output_dir,
                 save_code=True,
             )
 
@@ -723,16 +858,18 @@ if __name__ == "__main__":
                 response,
                 response_mask,
             )
-        if args.missing_eos_penalty is not None:  # a fixed reward, independent of the head: its feature is 0
+        certified = torch.ones_like(has_eos)  # rewards the RM gave
+        if args.missing_eos_penalty is not None:  # a fixed reward instead: not the RM's, so not certified
+            certified = has_eos
             reward = torch.where(has_eos, reward, args.missing_eos_penalty)
-            features = features * has_eos.unsqueeze(1)
-        texts = tokenizer.batch_decode(
-            [r[: int(m.sum()) - int(e)] for r, m, e in zip(response, response_mask, has_eos)]
-        )
-        if gold is not None:
-            gold_reward = gold_rewards(
-                gold, gold_tok, [p for p in step_prompts for _ in range(K)], texts, has_eos.tolist(), device
+        monitor = gold is not None and ((step - 1) % args.gold_every == 0 or step == args.total_steps)
+        log_samples = step % args.log_samples_every == 0 or step == args.total_steps
+        if monitor or log_samples:
+            texts = tokenizer.batch_decode(
+                [r[: int(m.sum()) - int(e)] for r, m, e in zip(response, response_mask, has_eos)]
             )
+        if monitor:
+            gold_reward = gold_rewards(gold, gold_tok, [p for p in step_prompts for _ in range(K)], texts, args, device)
             if args.missing_eos_penalty is not None:  # as eval_gold.py scores it
                 gold_reward = torch.where(has_eos, gold_reward, args.missing_eos_penalty)
         t2 = time.perf_counter()
@@ -744,6 +881,7 @@ if __name__ == "__main__":
             args.quantile,
             args.eps_mode,
             args.clip,
+            certified=certified.view(-1, K),
             gather=accelerator.gather,
         )
 
@@ -771,42 +909,51 @@ if __name__ == "__main__":
 
         # logging: every metric over the global batch
         g = accelerator.gather
-        all_reward, all_radius = g(reward.view(-1, K)), g(radius)
+        all_reward, all_radius, all_adv = g(reward.view(-1, K)), g(radius), g(advantages)
         finite = torch.isfinite(all_radius) & (all_radius > 0)
+        loss_kl = g(torch.tensor([[stats["loss"], stats["k3_sum"], stats["tokens"]]], device=device))
         metrics = {
             "step": step,
             "reward/proxy": all_reward.mean().item(),
             "policy/kl": g(stats["seq_kl"]).mean().item(),
-            "policy/kl_k3_per_token": g(torch.tensor([stats["kl_k3"]], device=device)).mean().item(),
-            "losses/loss": g(torch.tensor([stats["loss"]], device=device)).mean().item(),
+            "policy/kl_k3_per_token": (loss_kl[:, 1].sum() / loss_kl[:, 2].sum().clamp(min=1)).item(),
+            "policy/grad_norm": stats["grad_norm"],
+            "losses/loss": loss_kl[:, 0].mean().item(),
             "signcert/eps": eps.item(),
-            "signcert/frac_rho_nonpositive": (all_radius <= eps).float().mean().item(),
+            "signcert/frac_rho_nonpositive": ((all_radius <= eps) & (eps > 0)).float().mean().item(),
+            "signcert/frac_reweighted": (all_adv != all_reward - all_reward.mean(1, keepdim=True))
+            .float()
+            .mean()
+            .item(),
             "signcert/mean_rho": (1 - eps / all_radius[finite]).mean().item() if finite.any() else 1.0,
             "signcert/mean_radius": all_radius[finite].mean().item() if finite.any() else math.inf,
             "completion/length": g(response_mask.sum(1).float()).mean().item(),
-            "completion/eos_rate": g(has_eos.float()).mean().item(),
+            "completion/no_eos_rate": 1 - g(has_eos.float()).mean().item(),
             "time/step": t3 - t0,
             "time/generation": t1 - t0,
             "time/scoring": t2 - t1,
             "time/update": t3 - t2,
         }
-        if gold is not None:
+        if monitor:
             all_gold = g(gold_reward.view(-1, K))
             metrics["reward/gold"] = all_gold.mean().item()
             metrics["rm/proxy_accuracy"] = pairwise_agreement(all_reward, all_gold)
         samples = None
-        if step % args.log_samples_every == 0 or step == args.total_steps:
+        if log_samples:  # every completion of the step
             local = [
                 dict(
                     step=step,
+                    group=rank * args.local_num_prompts + i // K,
                     prompt=step_prompts[i // K],
                     response=texts[i],
+                    has_eos=bool(has_eos[i]),
+                    length=int(response_mask[i].sum()),
                     proxy=reward[i].item(),
-                    gold=gold_reward[i].item() if gold is not None else None,
+                    gold=gold_reward[i].item() if monitor else None,
                     advantage=advantages.flatten()[i].item(),
                     radius=radius.flatten()[i].item(),
                 )
-                for i in range(min(2 * K, len(texts)))
+                for i in range(len(texts))
             ]
             samples = gather_object(local)
         if accelerator.is_main_process:
@@ -818,10 +965,8 @@ if __name__ == "__main__":
             if args.track:
                 wandb.log(metrics, step=step)
                 if samples:
-                    wandb.log(
-                        {"samples": wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])},
-                        step=step,
-                    )
+                    table = wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])
+                    wandb.log({"samples": table}, step=step)
             bar.set_postfix(
                 proxy=f"{metrics['reward/proxy']:.2f}",
                 gold=f"{metrics.get('reward/gold', math.nan):.2f}",

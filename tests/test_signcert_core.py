@@ -106,15 +106,92 @@ def test_quantile_zero_is_exactly_dr_grpo(seed, K, scale):
 
 @settings(max_examples=30, deadline=None)
 @given(seed=seeds, K=st.integers(2, 9))
-def test_zero_sum_obstruction_for_every_head(seed, K):
-    """Appendix D: sum_j A_j(w') = 0 for every head w', so robustifying the summed advantage is vacuous."""
+def test_zero_sum_obstruction_and_what_the_per_completion_adversary_adds(seed, K):
+    """Appendix D: for every head w' the group advantages (eq. 4, through the function under test) sum to 0, so
+    an adversary on the summed advantage has nothing to move; the per-completion worst case does move it: its
+    group sum is -eps * sum_j sign(A_j) ||h_j - hbar||, recomputed here from the definition."""
     h, w, b = linear_rm_batch(seed, B=3, K=K)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(20):
-        w2, b2 = torch.randn(w.shape, generator=g, dtype=torch.float64) * 10, torch.randn((), generator=g).double()
+    for _ in range(10):
+        w2, b2 = w + torch.randn(w.shape, generator=g, dtype=torch.float64), torch.randn((), generator=g).double()
         adv, _, _ = signcert_advantages(h @ w2 + b2, h, quantile=0.0)
-        assert adv.double().sum(dim=1).abs().max() < 1e-4 * (1 + (h @ w2).abs().max())
-        assert group_adv(h, w2, b2).sum(dim=1).abs().max() < 1e-9 * (1 + (h @ w2).abs().max())
+        assert adv.sum(dim=1).abs().max() < 1e-9 * (1 + (h @ w2).abs().max())
+    robust, _, eps = signcert_advantages(h @ w + b, h, quantile=0.4)
+    A = group_adv(h, w, b)
+    expected = -eps * (torch.sign(A) * (h - h.mean(dim=1, keepdim=True)).norm(dim=-1)).sum(dim=1)
+    torch.testing.assert_close(robust.sum(dim=1), expected, rtol=1e-9, atol=1e-9)
+
+
+def penalised_batch(seed, B, K, d, offset):
+    """Rewards of a linear RM, except a few completions whose reward is a fixed penalty (no EOS), and LM-like
+    features that share a large common offset (the situation that once rewarded not ending)."""
+    h, w, b = linear_rm_batch(seed, B, K, d)
+    g = torch.Generator().manual_seed(seed + 7)
+    h = h + offset * torch.randn(d, generator=g, dtype=torch.float64)  # the same offset for every completion
+    certified = torch.rand(B, K, generator=g) > 0.3
+    certified[:, 0] = True
+    r = torch.where(certified, h @ w + b, torch.tensor(-1.0, dtype=torch.float64))
+    return h, w, b, r, certified
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=seeds,
+    K=st.integers(2, 8),
+    offset=st.sampled_from([0.0, 2.0, 5.0, 10.0, 100.0]),
+    q=st.sampled_from([0.1, 0.3, 0.5, 0.9]),
+)
+def test_fixed_penalty_completions_keep_their_dr_grpo_advantage_whatever_the_offset(seed, K, offset, q):
+    """A reward the RM did not give is not the RM's to certify: whatever the features' common offset, a penalised
+    completion's re-weighted advantage equals its Dr.GRPO advantage (so it is never above it, and never positive
+    where that is negative), its radius is infinite and it is not in the eps pool."""
+    h, w, b, r, certified = penalised_batch(seed, 4, K, 5, offset)
+    adv, radius, eps = signcert_advantages(r, h, q, certified=certified)
+    A = r - r.mean(dim=1, keepdim=True)
+    assert torch.equal(adv[~certified], A[~certified])
+    assert (adv[~certified] <= A[~certified]).all() and not ((A[~certified] < 0) & (adv[~certified] > 0)).any()
+    assert torch.isinf(radius[~certified]).all()
+    finite = radius[certified & torch.isfinite(radius) & (radius > 0)]
+    if q > 0 and finite.numel():
+        assert eps == torch.quantile(finite, q)  # the pool is the certified completions alone
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("offset", [0.0, 10.0])
+def test_certified_radii_stay_exact_beside_fixed_penalties(seed, offset):
+    """With some rewards fixed (they do not move with the head), the radius and worst case of every certified
+    completion are still exact: recomputed here from the definition A_j(w + delta), with the penalised rewards
+    held fixed, by autograd (the direction) and by flipping the sign just past the radius."""
+    h, w, b, r, certified = penalised_batch(seed, 3, 6, 4, offset)
+    adv, radius, eps = signcert_advantages(r, h, 0.3, certified=certified)
+
+    def advantages_under(head):
+        rr = torch.where(certified, h @ head + b, r)
+        return rr - rr.mean(dim=1, keepdim=True)
+
+    A = advantages_under(w)
+    for i, j in certified.nonzero().tolist():
+        head = w.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(advantages_under(head)[i, j], head)  # A_j(w + delta) = A_j + delta^T grad
+        if A[i, j].abs() < 1e-9 or grad.norm() < 1e-9:
+            continue
+        assert radius[i, j].item() == pytest.approx((A[i, j].abs() / grad.norm()).item(), rel=1e-9)
+        direction = -torch.sign(A[i, j]) * grad / grad.norm()
+        assert torch.sign(advantages_under(w + direction * radius[i, j] * (1 + 1e-6))[i, j]) == -torch.sign(A[i, j])
+        assert torch.sign(advantages_under(w + direction * radius[i, j] * (1 - 1e-6))[i, j]) == torch.sign(A[i, j])
+        worst = advantages_under(w + direction * eps)[i, j]  # the minimiser over ||delta|| <= eps
+        assert adv[i, j].item() == pytest.approx(worst.item(), rel=1e-9, abs=1e-12)
+
+
+def test_inv_delta_leaves_groups_with_identical_features_out_of_the_pool():
+    """A group whose features are all equal has Delta = inf; 1/inf = 0 must not enter the inv_delta pool."""
+    h, w, b = linear_rm_batch(3, B=4, K=5)
+    r = h @ w + b
+    _, _, eps = signcert_advantages(r, h, 0.3, eps_mode="inv_delta")
+    h2, r2 = torch.cat([h, h[:1, :1].expand(1, 5, -1)]), torch.cat([r, torch.arange(5.0).double()[None]])
+    _, radius2, eps2 = signcert_advantages(r2, h2, 0.3, eps_mode="inv_delta")
+    assert torch.isinf(radius2[-1]).all()
+    assert eps2 == eps
 
 
 @settings(max_examples=30, deadline=None)
@@ -193,11 +270,11 @@ def test_no_gradient_flows_and_dtypes():
 @pytest.mark.parametrize(
     "rewards, features, quantile, kwargs, message",
     [
-        (torch.zeros(2, 4), torch.zeros(2, 3, 5), 0.3, {}, "features must have shape"),
-        (torch.zeros(8), torch.zeros(8, 5), 0.3, {}, "rewards must have shape"),
+        (torch.zeros(2, 4), torch.zeros(2, 3, 5), 0.3, {}, r"features \(B, K, d\), got \[2, 4\], \[2, 3, 5\]"),
+        (torch.zeros(8), torch.zeros(8, 5), 0.3, {}, r"need rewards \(B, K >= 2\)"),
         (torch.zeros(2, 1), torch.zeros(2, 1, 5), 0.3, {}, "K >= 2"),
-        (torch.zeros(2, 4), torch.zeros(2, 4, 5), 1.5, {}, "quantile must lie in"),
-        (torch.zeros(2, 4), torch.zeros(2, 4, 5), -0.1, {}, "quantile must lie in"),
+        (torch.zeros(2, 4), torch.zeros(2, 4, 5), 1.5, {}, "need 0 <= quantile <= 1"),
+        (torch.zeros(2, 4), torch.zeros(2, 4, 5), -0.1, {}, "need 0 <= quantile <= 1"),
         (torch.tensor([[0.0, math.nan]]), torch.zeros(1, 2, 5), 0.3, {}, "NaN"),
         (torch.zeros(1, 2), torch.full((1, 2, 5), math.inf), 0.3, {}, "NaN or inf"),
         (torch.zeros(2, 4), torch.zeros(2, 4, 5), 0.3, {"eps_mode": "delta_inv"}, "eps_mode"),

@@ -2,17 +2,31 @@
 update to how a batch is split, the reward read at the right token, and the script end to end (1 and
 2 processes, resume after a kill, bad arguments) on a very small tiny world."""
 
+import copy
+import fcntl
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import scipy.stats
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, GPTNeoXConfig, GPTNeoXForSequenceClassification
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPTNeoXConfig,
+    GPTNeoXForSequenceClassification,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -21,7 +35,18 @@ from update_worker import N as WORKER_N  # noqa: E402
 from update_worker import T as WORKER_T
 from update_worker import model_and_batch
 
-from grpo_signcert import dr_grpo_loss, pairwise_agreement, reward_and_features, truncate_after_eos  # noqa: E402
+import grpo_signcert  # noqa: E402
+from grpo_signcert import (  # noqa: E402
+    dr_grpo_loss,
+    in_chunks,
+    pairwise_agreement,
+    policy_update,
+    prompt_indices,
+    response_logprobs,
+    reward_and_features,
+    save_checkpoint,
+    truncate_after_eos,
+)
 
 
 # several CPU processes: `--multi_gpu` makes accelerate start them with torchrun, and the scripts, seeing no GPU,
@@ -74,19 +99,6 @@ def test_dr_grpo_loss_matches_a_token_by_token_computation():
     assert min(kls) >= 0
 
 
-def test_dr_grpo_normaliser_is_constant_so_splits_add_up():
-    """Sum of the losses of two halves, each over the FULL constant, equals the full loss; a per-sequence
-    length normaliser (GRPO's) would not add up like this when lengths differ."""
-    g = torch.Generator().manual_seed(1)
-    lp, ref = -torch.rand(6, 5, generator=g), -torch.rand(6, 5, generator=g)
-    adv, mask = torch.randn(6, generator=g), (torch.rand(6, 5, generator=g) > 0.4).float()
-    full, _ = dr_grpo_loss(lp, lp, ref, adv, mask, 0.2, 0.1, 6 * 5)
-    halves = sum(
-        dr_grpo_loss(lp[s], lp[s], ref[s], adv[s], mask[s], 0.2, 0.1, 6 * 5)[0] for s in (slice(0, 2), slice(2, 6))
-    )
-    assert full.item() == pytest.approx(halves.item(), rel=1e-6)
-
-
 def test_update_is_the_same_for_1x4_2x2_and_1x1_and_matches_the_full_batch_gradient(tmp_path):
     """1 process x accumulation 4, 2 processes x accumulation 2 and 1 process x 1 micro-batch give the same
     update, and it equals the gradient of the Dr.GRPO objective over the whole batch computed here with
@@ -113,6 +125,146 @@ def test_update_is_the_same_for_1x4_2x2_and_1x1_and_matches_the_full_batch_gradi
             torch.testing.assert_close(update[name], grad, rtol=1e-4, atol=1e-7, msg=f"{key} {name}")
     a, b = updates[(1, 4)], updates[(2, 4)]
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6  # float32 all-reduce rounding only
+
+
+def update_args(**kw):
+    base = dict(micro_batch_size=4, num_ppo_epochs=1, temperature=1.0, clip_range=0.2, kl_coef=0.1)
+    return SimpleNamespace(**(base | dict(max_new_tokens=WORKER_T, max_grad_norm=1e9) | kw))
+
+
+def full_batch_objective(policy, batch, kl_coef, old_logprobs=None, clip_range=0.2, temperature=1.0):
+    """The Dr.GRPO objective of the whole batch, written out here: -min(ratio A, clip(ratio) A) + beta k3,
+    summed over real tokens, over (completions x max_new_tokens). Returns (objective, log-probs)."""
+    query, qmask, response, rmask = batch["query"], batch["query_mask"], batch["response"], batch["response_mask"]
+    ids, mask = torch.cat([query, response], 1), torch.cat([qmask, rmask], 1)
+    logits = policy(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    logits = logits[:, query.shape[1] - 1 : -1] / temperature
+    logp = torch.log_softmax(logits, -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+    old = logp.detach() if old_logprobs is None else old_logprobs
+    ratio, adv = torch.exp(logp - old), batch["advantages"].unsqueeze(1)
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_range, 1 + clip_range) * adv)
+    x = batch["ref_logprobs"] - logp
+    per_token = -surrogate + kl_coef * (torch.exp(x) - x - 1)
+    return (per_token * rmask).sum() / (rmask.shape[0] * WORKER_T), logp
+
+
+def one_process_update(policy, batch, args, lr=1.0):
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=batch["response"].shape[0] // args.micro_batch_size)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=lr)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    return policy_update(accelerator, policy, optimizer, batch, args)
+
+
+def test_update_stats_are_the_loss_kl_and_grad_norm_of_the_whole_batch():
+    """policy_update's stats (what `losses/loss`, `policy/kl`, `policy/kl_k3_per_token`, `policy/grad_norm`
+    log) against the whole-batch objective computed independently: the loss itself (not accumulation x loss),
+    the per-sequence k1 KL, the per-token k3, and the gradient norm before clipping; clipping is active."""
+    policy, batch = model_and_batch()
+    reference = copy.deepcopy(policy)
+    objective, logp = full_batch_objective(reference, batch, 0.1)
+    objective.backward()
+    grad_norm = torch.sqrt(sum((p.grad**2).sum() for p in reference.parameters())).item()
+    rmask = batch["response_mask"]
+    before = [p.detach().clone() for p in policy.parameters()]
+    stats = one_process_update(policy, batch, update_args(max_grad_norm=1e-3))  # 4 micro-batches of 4
+    assert stats["loss"] == pytest.approx(objective.item(), rel=1e-5)
+    torch.testing.assert_close(stats["seq_kl"], ((logp - batch["ref_logprobs"]) * rmask).sum(1).detach())
+    x = (batch["ref_logprobs"] - logp).detach()
+    k3 = ((torch.exp(x) - x - 1) * rmask).sum() / rmask.sum()
+    assert stats["k3_sum"] / stats["tokens"] == pytest.approx(k3.item(), rel=1e-5)
+    assert stats["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
+    step = torch.sqrt(sum(((a - b.detach()) ** 2).sum() for a, b in zip(before, policy.parameters()))).item()
+    assert step == pytest.approx(1e-3, rel=1e-3)  # SGD, lr 1: the clipped gradient has norm max_grad_norm
+    assert not policy.training  # back to eval mode for generation
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_is_active_when_asked(checkpointing):
+    """A model fresh from from_pretrained is in eval mode, where transformers never checkpoints; the update must
+    put it in train mode. Checkpointing shows as a second forward of every layer, during the backward."""
+    policy, batch = model_and_batch()
+    policy.eval()
+    if checkpointing:
+        policy.gradient_checkpointing_enable()
+    calls = []
+    layer = policy.gpt_neox.layers[0]
+    layer.input_layernorm.register_forward_hook(lambda *a: calls.append(1))  # the first op inside the checkpoint
+    one_process_update(policy, batch, update_args())
+    assert len(calls) == 4 * (2 if checkpointing else 1)  # 4 micro-batches
+
+
+def test_two_ppo_epochs_follow_the_clipped_objective_computed_by_hand():
+    """num_ppo_epochs = 2: the first step is at ratio 1, the second at ratios against the sampling policy,
+    where the PPO clip is active (checked): the updated weights equal two SGD steps on the objective by hand."""
+    policy, batch = model_and_batch()
+    batch["advantages"] = batch["advantages"] * 50  # large steps, so that ratios leave [0.8, 1.2]
+    by_hand = copy.deepcopy(policy)
+    with torch.no_grad():
+        _, old = full_batch_objective(by_hand, batch, 0.1)
+    batch["old_logprobs"] = old
+    for _ in range(2):
+        by_hand.zero_grad()
+        objective, logp = full_batch_objective(by_hand, batch, 0.1, old_logprobs=old)
+        objective.backward()
+        with torch.no_grad():
+            for p in by_hand.parameters():
+                p -= 0.05 * p.grad
+    ratio = torch.exp(logp - old)[batch["response_mask"].bool()]
+    assert ((ratio < 0.8) | (ratio > 1.2)).any(), "the clip must be active in the second epoch"
+    one_process_update(policy, batch, update_args(num_ppo_epochs=2), lr=0.05)
+    for (name, a), b in zip(policy.named_parameters(), by_hand.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_in_sampling_and_log_probs(temperature):
+    """Rollouts are sampled from softmax(logits / T) and the loss reads log softmax(logits / T): the first sampled
+    token's frequencies against softmax(logits / T) (chi-square, 4000 draws), and response_logprobs against it."""
+    policy, batch = model_and_batch()
+    policy.eval()
+    with torch.no_grad():
+        policy.get_output_embeddings().weight *= (
+            40  # logits spread over a few units, so that T changes the distribution
+        )
+    query, qmask = batch["query"][:1].repeat(4000, 1), batch["query_mask"][:1].repeat(4000, 1)
+    args = SimpleNamespace(temperature=temperature, max_new_tokens=1)
+    torch.manual_seed(0)
+    first = grpo_signcert.sample(policy, query, qmask, args, pad_id=0)[:, 0]
+    with torch.no_grad():
+        logits = policy(
+            input_ids=query[:1], attention_mask=qmask[:1], position_ids=(qmask[:1].cumsum(1) - 1).clamp(min=0)
+        ).logits[0, -1]
+    probs = torch.softmax(logits / temperature, -1)
+    counts = torch.bincount(first, minlength=probs.numel()).double()
+    expected = probs.double() * 4000
+    keep = expected > 5
+    chi2 = (((counts - expected) ** 2 / expected)[keep]).sum() + (
+        counts[~keep].sum() - expected[~keep].sum()
+    ) ** 2 / max(expected[~keep].sum().item(), 1e-9)
+    assert chi2 < scipy.stats.chi2.ppf(0.999, int(keep.sum())), chi2
+    lp = response_logprobs(
+        policy, batch["query"], batch["query_mask"], batch["response"], batch["response_mask"], temperature
+    )
+    _, expected_lp = full_batch_objective(policy, batch, 0.1, temperature=temperature)
+    torch.testing.assert_close(lp, expected_lp)
+
+
+def test_in_chunks_over_several_chunks_equals_one_call():
+    x, y = torch.randn(10, 3), torch.randn(10)
+    out = in_chunks(lambda a, b: (a * 2, b + 1), 3, x, y)  # chunks of 3, 3, 3, 1
+    assert torch.equal(out[0], x * 2) and torch.equal(out[1], y + 1)
+    assert torch.equal(in_chunks(lambda a: a.sum(1), 4, x), x.sum(1))
+
+
+def test_prompt_indices_depend_on_their_arguments_alone():
+    """Called with another seed or dataset size in the same process, the order is that of a fresh process."""
+    first = [prompt_indices(s, 10, 4, seed=1) for s in range(1, 8)]
+    assert sorted(sum(first[:5], [])[:20]) == sorted(list(range(10)) * 2)  # every prompt once per epoch
+    other = [prompt_indices(s, 7, 4, seed=2) for s in range(1, 8)]
+    assert all(0 <= i < 7 for step in other for i in step)
+    code = "from grpo_signcert import prompt_indices; print([prompt_indices(s, 7, 4, seed=2) for s in range(1, 8)])"
+    fresh = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert fresh.stdout.strip() == str(other)
 
 
 # ------------------------------------------------------------------ rollouts and scoring
@@ -184,6 +336,16 @@ def world(tmp_path_factory):
         capture_output=True,
         timeout=600,
     )
+    # the random-init base policy almost never ends; this copy emits EOS about 1 token in 11, so that completions
+    # with and without EOS (the missing-EOS penalty) both occur in a few steps
+    policy = AutoModelForCausalLM.from_pretrained(root / "base_policy")
+    eos = policy.config.eos_token_id
+    with torch.no_grad():
+        policy.gpt_neox.final_layer_norm.bias[0] = 5.0
+        policy.get_output_embeddings().weight[eos, 0] = 0.7  # the EOS logit + 3.5 at every position
+    policy.save_pretrained(root / "policy")
+    AutoTokenizer.from_pretrained(root / "base_policy").save_pretrained(root / "policy")
+    torch.manual_seed(0)  # the fresh head: the same whichever tests ran before
     rm = AutoModelForSequenceClassification.from_pretrained(root / "base_policy", num_labels=1)
     rm.config.pad_token_id = rm.config.eos_token_id
     rm.save_pretrained(root / "rm")
@@ -195,7 +357,7 @@ def trainer_cmd(world, out, *extra, procs=None):
     return head + [
         "grpo_signcert.py",
         "--policy-path",
-        str(world / "base_policy"),
+        str(world / "policy"),
         "--reward-model-path",
         str(world / "rm"),
         "--gold-rm-path",
@@ -210,8 +372,6 @@ def trainer_cmd(world, out, *extra, procs=None):
         "4",
         "--max-new-tokens",
         "8",
-        "--missing-eos-penalty",
-        "None",
         "--output-dir",
         str(out),
         "--log-samples-every",
@@ -225,61 +385,218 @@ def read_metrics(out):
         return [json.loads(line) for line in f]
 
 
+def read_samples(out):
+    by_step = {}
+    with open(out / "samples.jsonl") as f:
+        for line in f:
+            row = json.loads(line)
+            by_step.setdefault(row["step"], []).append(row)
+    return {step: sorted(rows, key=lambda r: r["group"]) for step, rows in by_step.items()}
+
+
+def expected_metrics(rows, K, quantile):
+    """Every logged metric of a step that its completions determine, recomputed from samples.jsonl (all the
+    completions of the step, from every process) with numpy, independently of the trainer's code."""
+    proxy, gold = (
+        np.array([r["proxy"] for r in rows]).reshape(-1, K),
+        np.array([r["gold"] for r in rows]).reshape(-1, K),
+    )
+    radius, has_eos = np.array([r["radius"] for r in rows]), np.array([r["has_eos"] for r in rows])
+    A = (proxy - proxy.mean(1, keepdims=True)).ravel()
+    pool = radius[np.isfinite(radius) & (radius > 0)]
+    eps = float(np.quantile(pool, quantile)) if quantile > 0 and pool.size else 0.0
+    reweighted = np.isfinite(radius) & (radius > 0) & (eps > 0)
+    with np.errstate(divide="ignore"):
+        advantage = np.where(reweighted, A * (1 - eps / radius), A)  # eq. (11); others keep eq. (4)
+    agree = total = 0
+    for p, g in zip(proxy, gold):
+        for i in range(K):
+            for j in range(i + 1, K):
+                if g[i] != g[j]:
+                    total, agree = total + 1, agree + ((p[i] - p[j]) * (g[i] - g[j]) > 0)
+    return advantage, {
+        "reward/proxy": proxy.mean(),
+        "reward/gold": gold.mean(),
+        "rm/proxy_accuracy": agree / max(total, 1),
+        "signcert/eps": eps,
+        "signcert/frac_rho_nonpositive": float(np.mean((radius <= eps) & (eps > 0))),
+        "signcert/frac_reweighted": float(np.mean(reweighted)),
+        "signcert/mean_rho": float(np.mean(1 - eps / pool)) if pool.size else 1.0,
+        "signcert/mean_radius": float(np.mean(pool)) if pool.size else math.inf,
+        "completion/length": float(np.mean([r["length"] for r in rows])),
+        "completion/no_eos_rate": float(np.mean(~has_eos)),
+    }
+
+
 @pytest.mark.parametrize("procs", [None, 2])
-def test_trainer_end_to_end(world, tmp_path, procs):
-    out = tmp_path / "run"
+def test_every_logged_metric_against_an_independent_computation(world, tmp_path, procs):
+    """Two steps with the missing-EOS penalty on, every completion in samples.jsonl: each metric of each step
+    (over both processes: eps is global) recomputed from the completions; penalised completions keep their
+    Dr.GRPO advantage; the run's folder holds the final policy and the arguments with the derived sizes."""
+    out, K, q = tmp_path / "run", 4, 0.3
     subprocess.run(
-        trainer_cmd(world, out, "--total-steps", "3", "--quantile", "0.3", procs=procs),
+        trainer_cmd(world, out, "--total-steps", "2", "--quantile", str(q), "--log-samples-every", "1", procs=procs),
         check=True,
         cwd=ROOT,
         capture_output=True,
         timeout=600,
     )
-    rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    for r in rows:
-        assert r["signcert/eps"] > 0
-        assert 0.0 <= r["rm/proxy_accuracy"] <= 1.0 and 0.0 <= r["completion/eos_rate"] <= 1.0
-        assert 1 <= r["completion/length"] <= 8
-    assert os.path.exists(out / "model" / "model.safetensors") and os.path.exists(out / "samples.jsonl")
+    metrics, samples = read_metrics(out), read_samples(out)
+    assert [m["step"] for m in metrics] == [1, 2] and sorted(samples) == [1, 2]
+    for m in metrics:
+        rows = samples[m["step"]]
+        assert len(rows) == 16 and [r["group"] for r in rows] == [i // K for i in range(16)]
+        assert all(r["proxy"] == -1.0 for r in rows if not r["has_eos"])  # the penalty, not the RM's score
+        advantage, expected = expected_metrics(rows, K, q)
+        for key, value in expected.items():
+            assert m[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        np.testing.assert_allclose([r["advantage"] for r in rows], advantage, rtol=1e-5, atol=1e-6)
+        assert m["time/step"] == pytest.approx(m["time/generation"] + m["time/scoring"] + m["time/update"])
+    assert any(not r["has_eos"] for rows in samples.values() for r in rows), "the penalty path must be exercised"
+    assert metrics[0]["signcert/eps"] > 0 and metrics[0]["policy/kl"] == 0.0  # step 1: the policy is the reference
+    assert os.path.exists(out / "model" / "model.safetensors")
     args = json.load(open(out / "args.json"))
     assert args["num_processes"] == (procs or 1) and args["gradient_accumulation_steps"] == 4 // (procs or 1)
 
 
-def test_quantile_zero_logs_eps_zero(world, tmp_path):
+def test_a_short_run_raises_the_proxy_reward(world, tmp_path):
+    """The trainer learns at all: with the missing-EOS penalty (-1, against proxy scores near 0), 12 steps at a
+    large learning rate teach the policy to end its completions, and the mean proxy reward rises."""
     out = tmp_path / "run"
-    subprocess.run(
-        trainer_cmd(world, out, "--total-steps", "1", "--quantile", "0"),
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-        timeout=300,
-    )
-    assert read_metrics(out)[0]["signcert/eps"] == 0.0
+    extra = ("--total-steps", "12", "--learning-rate", "3e-3", "--quantile", "0.3")
+    subprocess.run(trainer_cmd(world, out, *extra), check=True, cwd=ROOT, capture_output=True, timeout=600)
+    metrics = read_metrics(out)
+    proxy, no_eos = [m["reward/proxy"] for m in metrics], [m["completion/no_eos_rate"] for m in metrics]
+    assert np.mean(proxy[-4:]) > proxy[0] + 0.3, proxy  # step 1 samples the initial policy
+    assert np.mean(no_eos[-4:]) < no_eos[0] - 0.3, no_eos
 
 
-def test_resume_after_kill_continues_with_no_lost_or_repeated_step(world, tmp_path):
+def read_sample_steps(out):
+    with open(out / "samples.jsonl") as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+@pytest.mark.parametrize("procs", [None, 2])
+def test_resume_after_kill_continues_with_no_lost_or_repeated_step(world, tmp_path, procs):
+    """kill -9 of the whole run (launcher and workers) after its first checkpoint, then --resume: the metrics, the
+    samples and the final weights equal those of an uninterrupted run, with no step lost or written twice."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    common = ("--total-steps", "5", "--save-every", "2")
-    subprocess.run(trainer_cmd(world, straight, *common), check=True, cwd=ROOT, capture_output=True, timeout=600)
+    common = ("--total-steps", "5", "--save-every", "2", "--log-samples-every", "1")
+    subprocess.run(
+        trainer_cmd(world, straight, *common, procs=procs), check=True, cwd=ROOT, capture_output=True, timeout=600
+    )
     proc = subprocess.Popen(
-        trainer_cmd(world, killed, *common), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        trainer_cmd(world, killed, *common, procs=procs),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill takes the workers too
     )
     deadline = time.time() + 300
-    while not (killed / "latest").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    # kill once it has written the samples of step 3, after checkpoint-2: the resumed run must not repeat them
+    while proc.poll() is None and time.time() < deadline:
+        if (killed / "samples.jsonl").exists() and '"step": 3,' in (killed / "samples.jsonl").read_text():
+            break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (killed / "latest").read_text() == "checkpoint-2" and not (killed / "model").exists()
     subprocess.run(
-        trainer_cmd(world, killed, *common, "--resume"), check=True, cwd=ROOT, capture_output=True, timeout=600
+        trainer_cmd(world, killed, *common, "--resume", procs=procs),
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=600,
     )
     a, b = read_metrics(straight), read_metrics(killed)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
     for ra, rb in zip(a, b):
         assert ra["reward/proxy"] == rb["reward/proxy"] and ra["policy/kl"] == rb["policy/kl"]
+    assert read_sample_steps(killed) == read_sample_steps(straight)
     wa, wb = load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.load(open(killed / "args.json"))["run_name"] == json.load(open(killed / "args.json"))["run_name"]
+
+
+def test_run_folders_cannot_be_mixed_up(world, tmp_path):
+    """A folder that holds a run is refused without --resume or --overwrite (nothing appended to its logs);
+    --overwrite starts afresh; --resume needs --output-dir, refuses arguments that change the run and keeps the
+    run's name (its wandb id); a folder locked by a live run is refused."""
+    out = tmp_path / "run"
+    one = ("--total-steps", "1")
+
+    def trainer(*extra, out=out):
+        return subprocess.run(
+            trainer_cmd(world, out, *one, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
+
+    assert trainer().returncode == 0
+    name = json.load(open(out / "args.json"))["run_name"]
+    again = trainer()
+    assert again.returncode != 0 and "already holds a run" in again.stderr and "--resume" in again.stderr
+    assert [m["step"] for m in read_metrics(out)] == [1]
+    changed = trainer("--resume", "--quantile", "0.5")
+    assert changed.returncode != 0 and "quantile" in changed.stderr and "change the run" in changed.stderr
+    resumed = trainer("--resume", "--total-steps", "2")  # a longer run may continue: --total-steps may change
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.load(open(out / "args.json"))["run_name"] == name
+    assert trainer("--overwrite").returncode == 0 and [m["step"] for m in read_metrics(out)] == [1]
+    cmd = [c for c in trainer_cmd(world, out, *one, "--resume") if c not in ("--output-dir", str(out))]
+    no_dir = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert no_dir.returncode != 0 and "--resume needs --output-dir" in no_dir.stderr
+    with open(out / ".lock", "a+") as held:  # a live run holds this lock for its whole life
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = trainer("--resume")
+    assert busy.returncode != 0 and "in use by a live run" in busy.stderr
+
+
+class Crash(Exception):
+    pass
+
+
+def test_a_kill_at_any_moment_of_a_checkpoint_leaves_a_complete_one_and_a_resumable_run(tmp_path, monkeypatch):
+    """save_checkpoint killed at each of its renames and deletions in turn (simulated by an exception there):
+    `latest` always names a complete checkpoint, and the resumed run's next save of the same step succeeds
+    (it once failed forever: a leftover checkpoint-N that `latest` did not name yet)."""
+    policy, _ = model_and_batch()
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    real = {"replace": os.replace, "rmtree": shutil.rmtree}
+    count = {"n": 0, "crash_at": None}
+
+    def failing(name):
+        def op(*a, **kw):
+            count["n"] += 1
+            if count["n"] == count["crash_at"]:
+                raise Crash(name)
+            return real[name](*a, **kw)
+
+        return op
+
+    monkeypatch.setattr(os, "replace", failing("replace"))
+    monkeypatch.setattr(shutil, "rmtree", failing("rmtree"))
+    for crash_at in range(1, 20):
+        out = tmp_path / str(crash_at)
+        out.mkdir()
+        count["crash_at"] = None
+        save_checkpoint(accelerator, policy, optimizer, 2, str(out))
+        count["n"], count["crash_at"] = 0, crash_at
+        try:
+            save_checkpoint(accelerator, policy, optimizer, 4, str(out))
+            crashed = True
+        except Crash:
+            crashed = False
+        ckpt = grpo_signcert.latest_checkpoint(str(out))
+        for name in ("state.json", "optimizer.pt", "rng_0.pt", "model/model.safetensors", "model/config.json"):
+            assert os.path.exists(os.path.join(ckpt, name)), (crash_at, ckpt, name)
+        count["crash_at"] = None
+        save_checkpoint(accelerator, policy, optimizer, 4, str(out))  # the resumed run reaches step 4 again
+        assert grpo_signcert.latest_checkpoint(str(out)).endswith("checkpoint-4")
+        assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4", "latest"]
+        if crashed:  # past the last operation: every moment has been tried
+            break
+    assert crashed
 
 
 @pytest.mark.parametrize(
