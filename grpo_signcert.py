@@ -1,6 +1,6 @@
 """SignCert-PO: Dr.GRPO with every advantage replaced by its worst case under a perturbation of the
 reward model's linear head (arXiv 2604.02986, "Mitigating Reward Hacking in RLHF via Advantage Sign
-Robustness"; formulas restored in METHOD.md). `--quantile 0` is exactly Dr.GRPO.
+Robustness"; the maths and its choices in docs/METHOD.md). `--quantile 0` is exactly Dr.GRPO.
 
     accelerate launch grpo_signcert.py --quantile 0.3 --kl-coef 0.01        # the tiny world, any machine
     accelerate launch --config_file configs/ddp_8gpu.yaml grpo_signcert.py --preset paper \
@@ -25,7 +25,7 @@ One training step, top to bottom in the main body below:
   4. update: the Dr.GRPO loss (PPO clip, token sum over a CONSTANT normaliser, k3 KL to the frozen
      reference policy), `dr_grpo_loss`, summed over micro-batches and processes.
 
-Choices the paper leaves open (METHOD.md): eps is the q-quantile of the radii (`--eps-mode delta`;
+Choices the paper leaves open (docs/METHOD.md section 3): eps is the q-quantile of the radii (`--eps-mode delta`;
 the literal Algorithm 1 is `--eps-mode inv_delta`); rho is unclipped (`--clip` clips it at 0); a
 completion without EOS gets the fixed reward `--missing-eos-penalty`, which does not depend on the
 head, so its feature vector is set to 0 (then r_j = 0^T w + penalty and eq. (8) stays exact).
@@ -184,7 +184,7 @@ def signcert_advantages(rewards, features, quantile, eps_mode="delta", clip=Fals
     features: (B, K, d) the RM's last-layer features h_j, the input of its linear head.
     quantile: q in [0, 1]; eps is the q-quantile of the radii (q = 0: eps = 0, plain Dr.GRPO).
     eps_mode: "delta" (default): quantile of {Delta_j}; "inv_delta": quantile of {1 / Delta_j},
-              the literal Algorithm 1 of the paper (METHOD.md section 2 discusses the contradiction).
+              the literal Algorithm 1 of the paper (docs/METHOD.md section 3.1 discusses the contradiction).
     clip:     clip rho_j at 0 (ablation); the paper's formulas are unclipped, so that a completion
               with Delta_j < eps gets the opposite sign.
     gather:   maps this process's radii to the radii of the global batch (e.g. accelerator.gather),
