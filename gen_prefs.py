@@ -389,7 +389,7 @@ def reward_at_last_token(
 
     The last real token comes from the attention mask (pad == eos, so searching pad ids would read the
     wrong token); position ids count real tokens only, so left padding changes nothing.
-    `reward = score(h)`, the `score` head applied to h (eq. r = w^T h of METHOD.md section 1).
+    `reward = score(h)`, the `score` head applied to h (r = w^T h, docs/METHOD.md section 1).
     """
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     backbone = getattr(model, model.base_model_prefix)

@@ -1,6 +1,6 @@
 """SignCert-PO: Dr.GRPO with every advantage replaced by its worst case under a perturbation of the
 reward model's linear head (arXiv 2604.02986, "Mitigating Reward Hacking in RLHF via Advantage Sign
-Robustness"; formulas restored in METHOD.md). `--quantile 0` is exactly Dr.GRPO.
+Robustness"; the maths and its choices in docs/METHOD.md). `--quantile 0` is exactly Dr.GRPO.
 
     accelerate launch grpo_signcert.py --quantile 0.3 --kl-coef 0.01        # the tiny world, any machine
     accelerate launch --config_file configs/ddp_8gpu.yaml grpo_signcert.py --preset paper \
@@ -25,7 +25,7 @@ One training step, top to bottom in the main body below:
   4. update: the Dr.GRPO loss (PPO clip, token sum over a CONSTANT normaliser, k3 KL to the frozen
      reference policy), `dr_grpo_loss`, summed over micro-batches and processes.
 
-Choices the paper leaves open (METHOD.md): eps is the q-quantile of the radii (`--eps-mode delta`;
+Choices the paper leaves open (docs/METHOD.md section 3): eps is the q-quantile of the radii (`--eps-mode delta`;
 the literal Algorithm 1 is `--eps-mode inv_delta`); rho is unclipped (`--clip` clips it at 0). A
 completion without EOS gets the fixed reward `--missing-eos-penalty`: a reward the RM did not give is not
 the RM's to certify, so it keeps its Dr.GRPO advantage and stays out of the eps pool, while the others'
@@ -241,7 +241,8 @@ def signcert_advantages(rewards, features, quantile, eps_mode="delta", clip=Fals
     rewards:   (B, K) proxy rewards r_j = w^T h_j + b, and
     features:  (B, K, d) the h_j of THE SAME forward: the input of the RM's linear head (`reward_and_features`).
     quantile:  q in [0, 1]; eps is the q-quantile of the radii (q = 0: eps = 0, exactly Dr.GRPO).
-    eps_mode:  "delta" (default): quantile of {Delta_j}; "inv_delta": of {1 / Delta_j} (the paper's Algorithm 1).
+    eps_mode:  "delta" (default): quantile of {Delta_j}; "inv_delta": of {1 / Delta_j} (the paper's Algorithm 1;
+               docs/METHOD.md section 3.1).
     clip:      clip rho_j at 0 (ablation); the paper is unclipped: Delta_j < eps reverses the sign of A_j.
     certified: (B, K) bool, False where r_j is NOT the RM's score but a fixed value the RM did not give (the
                missing-EOS penalty). Such a reward does not move with the head, so it is not the RM's to certify:
