@@ -12,7 +12,12 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, GPTNeoXConfig, GPTNeoXForSequenceClassification
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPTNeoXConfig,
+    GPTNeoXForSequenceClassification,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -175,7 +180,8 @@ def test_pairwise_agreement_by_brute_force():
 # ------------------------------------------------------------------ the script end to end
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A very small tiny world, with an untrained proxy RM (the base policy plus a fresh `score` head)."""
+    """A very small tiny world, with an untrained proxy RM (the base policy plus a fresh `score` head, saved
+    with the policy's tokenizer as train_rm.py saves it)."""
     root = tmp_path_factory.mktemp("world")
     subprocess.run(
         [sys.executable, "tiny_world.py", "--preset", "ci", "--output-dir", str(root)],
@@ -185,8 +191,8 @@ def world(tmp_path_factory):
         timeout=600,
     )
     rm = AutoModelForSequenceClassification.from_pretrained(root / "base_policy", num_labels=1)
-    rm.config.pad_token_id = rm.config.eos_token_id
     rm.save_pretrained(root / "rm")
+    AutoTokenizer.from_pretrained(root / "base_policy").save_pretrained(root / "rm")
     return root
 
 
@@ -305,6 +311,7 @@ def test_bad_arguments_fail_early_with_a_clear_message(world, tmp_path, extra, m
 def test_reward_model_without_a_single_linear_head_is_refused(world, tmp_path):
     two = AutoModelForSequenceClassification.from_pretrained(world / "base_policy", num_labels=2)
     two.save_pretrained(tmp_path / "rm2")
+    AutoTokenizer.from_pretrained(world / "base_policy").save_pretrained(tmp_path / "rm2")  # passes the tokenizer check
     res = subprocess.run(
         trainer_cmd(world, tmp_path / "run", "--total-steps", "1", "--reward-model-path", str(tmp_path / "rm2")),
         cwd=ROOT,
