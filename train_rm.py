@@ -337,8 +337,8 @@ def reward_at_last_token(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One backbone forward -> (reward (B,), feature h (B, H)) at the last real token of every row.
 
-    The last real token comes from the attention mask (pad == eos, so searching pad ids would read the
-    wrong token); position ids count real tokens only, so left padding changes nothing.
+    The last real token comes from the attention mask (with a pad == eos tokenizer, searching pad ids would
+    read the wrong token); position ids count real tokens only, so left padding changes nothing.
     `reward = score(h)`, the `score` head applied to h (eq. r = w^T h of METHOD.md section 1).
     """
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
