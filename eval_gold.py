@@ -14,7 +14,7 @@ with the gold RM (and with the proxy RM when `--proxy-rm` is given), and reports
 
 EOS handling as in gen_prefs.py: responses are cut after their first EOS; one with no EOS gets the
 fixed score `--missing-eos-penalty` (gold and proxy) instead of its score, so it usually loses;
-rewards are read at the last real token found from the attention mask (pad == eos). The gold has
+rewards are read at the last real token found from the attention mask (pad may equal eos). The gold has
 its own tokenizer (decode, re-tokenise; chat format iff its tokenizer has a chat template); the proxy
 reads prompt ids + response ids + EOS in its own tokenizer, as in train_rm.py.
 
@@ -385,8 +385,8 @@ def reward_at_last_token(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One backbone forward -> (reward (B,), feature h (B, H)) at the last real token of every row.
 
-    The last real token comes from the attention mask (pad == eos, so searching pad ids would read the
-    wrong token); position ids count real tokens only, so left padding changes nothing.
+    The last real token comes from the attention mask (with a pad == eos tokenizer, searching pad ids would
+    read the wrong token); position ids count real tokens only, so left padding changes nothing.
     `reward = score(h)`, the `score` head applied to h (r = w^T h, docs/METHOD.md section 1).
     """
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)

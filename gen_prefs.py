@@ -12,7 +12,7 @@ first EOS; a completion that never emits EOS within `--max-new-tokens` gets the 
 `--missing-eos-penalty` instead of its gold score (a replacement, not a bonus: pick a value below the
 gold's typical scores; -1.0 is low for the tiny-world gold, whose reference summaries score ~+2).
 The gold RM reads its reward at the last real token (the EOS), located from the attention mask we
-build (pad == eos, so pad ids are never searched). The gold has its own tokenizer: the policy's text
+build (pad ids are never searched: pad may equal eos). The gold has its own tokenizer: the policy's text
 is decoded and re-tokenised; a gold tokenizer with a chat template (Skywork) gets the chat format
 (user = prompt, assistant = response), one without gets the plain `prompt + response` ids + EOS.
 
@@ -387,8 +387,8 @@ def reward_at_last_token(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One backbone forward -> (reward (B,), feature h (B, H)) at the last real token of every row.
 
-    The last real token comes from the attention mask (pad == eos, so searching pad ids would read the
-    wrong token); position ids count real tokens only, so left padding changes nothing.
+    The last real token comes from the attention mask (with a pad == eos tokenizer, searching pad ids would
+    read the wrong token); position ids count real tokens only, so left padding changes nothing.
     `reward = score(h)`, the `score` head applied to h (r = w^T h, docs/METHOD.md section 1).
     """
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)

@@ -429,6 +429,38 @@ def load_reward_model(path, dtype, trust_remote_code):
     return rm.eval().requires_grad_(False)
 
 
+def check_same_tokenizer(policy_tok, rm_path, trust_remote_code):
+    """Refuse a proxy RM whose tokenizer is not the policy's: the RM is fed the policy's token ids as they
+    are, so another tokenizer (other ids for the same text, another EOS) would score meaningless inputs.
+    Compares the ids of a probe text (unicode, digits, the EOS) and the EOS id; cheap, before any model loads."""
+    fix = (
+        "train the proxy RM from the policy's SFT with train_rm.py (--sft-path <the SFT folder the policy starts "
+        "from>), which saves the SFT tokenizer with it"
+    )
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if os.path.isdir(rm_path) and not any(os.path.exists(os.path.join(rm_path, f)) for f in tokenizer_files):
+        raise ValueError(
+            f"--reward-model-path {rm_path} has no tokenizer, so nothing shows that it reads the policy's token "
+            f"ids (the trainer feeds it the policy's ids): {fix}; or, if it was trained on exactly the tokenizer "
+            f"of {policy_tok.name_or_path}, save that tokenizer into {rm_path} (tokenizer.save_pretrained)"
+        )
+    rm_tok = AutoTokenizer.from_pretrained(rm_path, trust_remote_code=trust_remote_code)
+    probe = (
+        "SUBREDDIT: r/relationships\n\nTITLE: Café bill: 3 crêpes for €12.50?\n\nPOST: On 2024-03-07 we paid "
+        "1,234 ¥ in 東京, naïve me 🙂. Don't ask!\n\nTL;DR: we overpaid" + (policy_tok.eos_token or "")
+    )
+    mine = policy_tok(probe, add_special_tokens=False).input_ids
+    theirs = rm_tok(probe, add_special_tokens=False).input_ids
+    if mine != theirs or policy_tok.eos_token_id != rm_tok.eos_token_id:
+        at = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+        raise ValueError(
+            f"the proxy RM {rm_path} has another tokenizer than the policy {policy_tok.name_or_path}: a probe "
+            f"text gives ids {mine[at : at + 5]} (policy) vs {theirs[at : at + 5]} (RM) from token {at} on, EOS id "
+            f"{policy_tok.eos_token_id} vs {rm_tok.eos_token_id}; the RM would score token ids it does not read "
+            f"as the policy meant them: {fix}"
+        )
+
+
 def position_ids_of(mask):
     """Positions that skip the left padding, so a padded prompt is seen exactly as an unpadded one."""
     return (mask.cumsum(1) - 1).clamp(min=0)
@@ -769,8 +801,9 @@ if __name__ == "__main__":
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     trust = dict(trust_remote_code=args.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(args.policy_path, padding_side="left", **trust)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # only if it has none (pad is masked anyway)
     eos_id = tokenizer.eos_token_id
+    check_same_tokenizer(tokenizer, args.reward_model_path, args.trust_remote_code)
     policy = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "model") if ckpt else args.policy_path, **trust)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     if args.gradient_checkpointing:  # acts in train mode, which policy_update sets

@@ -306,6 +306,20 @@ def response_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return loss, (labels != -100).sum()
 
 
+# ---------------------------------------------------------------- tokenizer
+def distinct_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token distinct from its EOS, so that plain Hugging Face code, which reads a
+    sequence's score at its last token that is not the pad id, reads it at the EOS as our scripts do (with
+    pad == eos it would read the token before). Pythia's own `<|padding|>` if the vocabulary has it, else
+    a new `[PAD]` special token (then the model's embeddings must be resized to `len(tokenizer)`)."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    if "<|padding|>" in tokenizer.get_vocab():
+        tokenizer.pad_token = "<|padding|>"
+    else:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+
+
 # ---------------------------------------------------------------- outputs
 def staging_dir(target: str, run_name: str) -> Path:
     """A temp dir next to the target: everything is written there, then moved in place at once."""
@@ -385,8 +399,7 @@ if __name__ == "__main__":
         raise ValueError(
             "the tokenizer has no eos_token: SFT teaches the policy to end with EOS; pick a tokenizer with one"
         )
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # Pythia convention; padding is masked anyway
+    distinct_pad_token(tokenizer)  # saved with the policy: every later stage pads with it
     train_rows = load_split(args.dataset, args.train_split, args.dataset_config)[: args.max_train_samples]
     eval_rows = load_split(args.dataset, args.eval_split, args.dataset_config)[: args.max_eval_samples]
     fmt = detect_format(train_rows, f"{args.dataset} [{args.train_split}]")
@@ -404,7 +417,9 @@ if __name__ == "__main__":
             print(f"  {k}: {v}")
 
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # a new [PAD] (Pythia has spare rows)
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     no_decay = [n for n, p in model.named_parameters() if p.ndim < 2]  # biases and norms: no weight decay

@@ -8,7 +8,7 @@ to disk, and every later stage reads it through the same Hugging Face code paths
 
     {output_dir}/data/{train,validation,test}.jsonl  {"id", "subreddit", "title", "post", "summary"}
     {output_dir}/tokenizer/      PreTrainedTokenizerFast (ByteLevel BPE, every word is one token),
-                                 eos_token = pad_token = "<|endoftext|>", as with Pythia
+                                 eos = "<|endoftext|>" (id 0), pad = "<|padding|>" (id 1), as with Pythia
     {output_dir}/base_policy/    GPTNeoXForCausalLM, random init (the "pretrained" policy to SFT)
     {output_dir}/gold_rm/        GPTNeoXForSequenceClassification (num_labels=1, head `score`),
                                  larger than the policy, trained on far more data than the proxy sees
@@ -41,9 +41,10 @@ Gold RM input convention (downstream code must follow it): the scored sequence i
 `prompt + response` where prompt = f"SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 and response = " " + summary, truncated after its first EOS with the EOS kept (the reference is
 " " + summary + EOS). The reward is the `score` head applied to the last-layer hidden state at that
-EOS token. Because pad == eos, Hugging Face's own pooling (last token that is not pad) would read the
-token BEFORE the EOS: do not call `model(...).logits`; compute the index of the last real token from
-the attention mask and read the hidden state there, as `score_at_last_token` below does.
+EOS token. The pad token is distinct from the EOS, so Hugging Face's own pooling (the last token that is
+not pad) reads that same EOS: on a right-padded batch, `model(**tokenizer(texts, padding=True)).logits`
+equals `score_at_last_token` below, which finds the last real token from the attention mask instead
+(what the stage scripts do, so that they also read a pad == eos model at the EOS).
 """
 
 import json
@@ -149,6 +150,7 @@ PRESETS = {
 }
 
 EOS = "<|endoftext|>"
+PAD = "<|padding|>"  # Pythia's pad token (id 1 there and here): distinct from EOS, so HF pooling reads the EOS
 
 # ---------------------------------------------------------------- the vocabulary of the world
 TOPICS = {
@@ -358,19 +360,19 @@ def imperfect_sample(rng, row, facts, ref):
 # ---------------------------------------------------------------- tokenizer and models
 def build_tokenizer(texts, out_dir):
     """ByteLevel BPE trained on the world's corpus, with room for every word to become one token
-    (like Pythia's GPTNeoXTokenizerFast); pad = eos = bos = <|endoftext|>, id 0."""
+    (like Pythia's GPTNeoXTokenizerFast); eos = bos = <|endoftext|> (id 0), pad = <|padding|> (id 1)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=4096,
         min_frequency=1,
-        special_tokens=[EOS],
+        special_tokens=[EOS, PAD],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD, unk_token=EOS)
     hf.padding_side = "right"
     hf.save_pretrained(out_dir)
     return hf
@@ -460,15 +462,15 @@ def init_match_circuit(model, marker_id, sharpness=10.0, gain=3.0):
 
 
 def last_token_index(attention_mask):
-    """Index of the last real token of each row (works for right or left padding). With pad == eos the
-    final EOS is real (mask 1) and the pads after it are not, so this finds the EOS the reward is read at."""
+    """Index of the last real token of each row (works for right or left padding): the final EOS is real
+    (mask 1) and the pads after it are not, so this finds the EOS the reward is read at, even when pad == eos."""
     pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (attention_mask * pos).argmax(dim=1)
 
 
 def score_at_last_token(model, input_ids, attention_mask):
     """Reward of a GPTNeoXForSequenceClassification: `score` head on the hidden state at the last
-    real token (our own index, not HF's pad-based pooling, which is wrong when pad == eos)."""
+    real token (our own index from the mask; HF's pad-based pooling gives the same here, as pad != eos)."""
     h = model.gpt_neox(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     idx = last_token_index(attention_mask)
     return model.score(h[torch.arange(h.shape[0]), idx]).squeeze(-1)
@@ -654,7 +656,7 @@ if __name__ == "__main__":
     measured["gold_reference_score_std"] = ref_scores.std().item()
     gold.config.reward_input = (
         "prompt + ' ' + summary + '<|endoftext|>' (truncate after the first EOS, keep it); "
-        "read `score` at the last real token = that EOS; pad == eos, so never use HF pooling"
+        "read `score` at the last real token = that EOS; pad (<|padding|>) != eos, so HF pooling reads it too"
     )
     gold.save_pretrained(f"{out}/gold_rm")
     tokenizer.save_pretrained(f"{out}/gold_rm")
@@ -685,7 +687,7 @@ if __name__ == "__main__":
             text="prompt + ' ' + summary + '<|endoftext|>', prompt = "
             "f'SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:'",
             pooling="score head on the last-layer hidden state at the last real token (the first EOS of the "
-            "response, kept); compute the index from the attention mask, pad == eos so HF pooling is wrong",
+            "response, kept); the same as HF pooling (last token that is not pad) since pad != eos",
             padding="right",
             function="tiny_world.score_at_last_token",
         ),

@@ -6,7 +6,7 @@ re-initialised with std 1/sqrt(hidden + 1) (as summarize_from_feedback_details) 
 that several seeds give the ensemble members UWO needs (`--seed 2 --output-dir runs/tiny_world/rm_2`).
 All parameters are trained with the Bradley-Terry loss `-log sigmoid(r(x, y_chosen) - r(x, y_rejected))`.
 The reward is read at the last real token (the EOS appended to every response), found from the
-attention mask (pad == eos), from the same last-layer feature h that SignCert-PO perturbs: r = w^T h.
+attention mask, from the same last-layer feature h that SignCert-PO perturbs: r = w^T h.
 
 Input format (the RL stage must feed the proxy the same): token ids of the prompt, then of the
 response, then EOS, in the SFT tokenizer; inputs longer than `--max-length` lose their beginning.
@@ -15,6 +15,13 @@ Normalisation: after training, the mean reward of the reference responses of `--
 prompts of the validation split is stored as `reward_offset` in the saved config.json; the proxy
 reward is `score(h) - config.reward_offset`, so that reference responses score about 0 (the GPT-NeoX
 `score` Linear has no bias to absorb it). Downstream scripts subtract it.
+
+Plain Hugging Face code reads the saved RM the same way: the tokenizer's pad token is distinct from
+its EOS (`<|padding|>` or `[PAD]`, see `distinct_pad_token`) and so is `config.pad_token_id`, so
+`AutoModelForSequenceClassification`'s pooling (the last token that is not pad) lands on the same EOS.
+It does not know the offset: on the same token ids (prompt + response + EOS, at most `--max-length`),
+right-padded, `model(**tokenizer(texts, padding=True, return_tensors="pt")).logits` = our reward +
+`config.reward_offset` (tests/test_rm_artifacts.py checks this, and the same for the tiny world's gold).
 
 Accuracy: the fraction of held-out pairs (`{prefs_path}/test.jsonl`, on-policy completions of
 held-out prompts labelled by the gold) where the proxy ranks the gold-chosen response strictly higher;
@@ -297,6 +304,19 @@ def load_pairs(path: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------- models
+def distinct_pad_token(tokenizer) -> None:
+    """Give the tokenizer a pad token distinct from its EOS, so that plain Hugging Face code, which reads a
+    sequence's score at its last token that is not the pad id, reads it at the EOS as our scripts do (with
+    pad == eos it would read the token before). Pythia's own `<|padding|>` if the vocabulary has it, else
+    a new `[PAD]` special token (then the model's embeddings must be resized to `len(tokenizer)`)."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    if "<|padding|>" in tokenizer.get_vocab():
+        tokenizer.pad_token = "<|padding|>"
+    else:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+
+
 def rm_input_ids(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
     """The proxy's input: prompt ids, response ids, EOS (the RL stage concatenates policy tokens the same way)."""
     ids = (
@@ -317,8 +337,8 @@ def reward_at_last_token(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One backbone forward -> (reward (B,), feature h (B, H)) at the last real token of every row.
 
-    The last real token comes from the attention mask (pad == eos, so searching pad ids would read the
-    wrong token); position ids count real tokens only, so left padding changes nothing.
+    The last real token comes from the attention mask (with a pad == eos tokenizer, searching pad ids would
+    read the wrong token); position ids count real tokens only, so left padding changes nothing.
     `reward = score(h)`, the `score` head applied to h (r = w^T h, docs/METHOD.md section 1).
     """
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
@@ -429,8 +449,7 @@ if __name__ == "__main__":
         raise ValueError(
             f"the tokenizer of {args.sft_path} has no eos_token: the reward is read at the EOS; pick a tokenizer with one"
         )
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    distinct_pad_token(tokenizer)  # an SFT from sft.py has one already
     norm_rows = load_split(args.dataset, args.norm_split, args.dataset_config)[: args.num_norm_samples]
     fmt = detect_format(norm_rows, f"{args.dataset} [{args.norm_split}]")
     references = [
@@ -465,7 +484,9 @@ if __name__ == "__main__":
             f"{type(rm).__name__} has no linear `score` head; the proxy RM needs an architecture whose classification head is `score` (GPT-NeoX, Llama, Qwen2, ...)"
         )
     torch.nn.init.normal_(rm.score.weight, std=1 / math.sqrt(rm.config.hidden_size + 1))  # fresh head, seeded
-    rm.config.pad_token_id = tokenizer.pad_token_id
+    if len(tokenizer) > rm.get_input_embeddings().num_embeddings:  # a new [PAD] (Pythia has spare rows)
+        rm.resize_token_embeddings(len(tokenizer))
+    rm.config.pad_token_id = tokenizer.pad_token_id  # != eos: plain HF pooling then reads the EOS, as we do
     if args.gradient_checkpointing:
         rm.gradient_checkpointing_enable()
     model = LastTokenReward(rm)

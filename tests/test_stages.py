@@ -235,6 +235,13 @@ def test_sft_writes_a_trained_model(sft_dir):
     assert len(losses) >= 2 and losses[-1] < losses[0]
     assert json.loads((sft_dir / "eval.json").read_text())["eval/loss"] > 0
     assert not list(sft_dir.parent.glob(".sft.tmp-*")), "the staging dir must be moved into place"
+    # the micro world's tokenizer has pad == eos and no <|padding|>: sft.py added [PAD] and grew the embeddings
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok, config = AutoTokenizer.from_pretrained(sft_dir), AutoConfig.from_pretrained(sft_dir)
+    assert tok.pad_token == "[PAD]" and tok.pad_token_id != tok.eos_token_id
+    assert config.pad_token_id == tok.pad_token_id and config.vocab_size == len(tok)
+    assert json.loads((sft_dir / "generation_config.json").read_text())["pad_token_id"] == tok.pad_token_id
 
 
 def test_gen_prefs_pairs(prefs_dir):
@@ -254,6 +261,8 @@ def test_train_rm_saves_offset_and_accuracy(rm_dir):
     config = json.loads((rm_dir / "config.json").read_text())
     assert isinstance(config["reward_offset"], float) and len(config["id2label"]) == 1
     assert (rm_dir / "model.safetensors").is_file() and (rm_dir / "tokenizer.json").is_file()
+    tok = json.loads((rm_dir / "tokenizer_config.json").read_text())
+    assert tok["pad_token"] == "[PAD]" and config["pad_token_id"] not in (None, config["eos_token_id"])
     summary = json.loads((rm_dir / "eval.json").read_text())
     assert 0.0 <= summary["eval/accuracy"] <= 1.0
     assert summary["eval/reward_offset"] == pytest.approx(config["reward_offset"])
@@ -450,6 +459,25 @@ def test_prefs_without_pair_columns(tmp_path):
         train_rm.load_pairs(tmp_path / "train.jsonl")
     with pytest.raises(FileNotFoundError, match="run gen_prefs.py first"):
         train_rm.load_pairs(tmp_path / "test.jsonl")
+
+
+@pytest.mark.parametrize("script", ["sft", "train_rm"])
+def test_distinct_pad_token(world, script):
+    """pad == eos or no pad: Pythia's <|padding|> if the vocabulary has it, else a new [PAD]; a distinct pad stays."""
+    from transformers import AutoTokenizer
+
+    mod = __import__(script)
+    tok = AutoTokenizer.from_pretrained(world / "tokenizer")  # pad == eos, no <|padding|>
+    n = len(tok)
+    mod.distinct_pad_token(tok)
+    assert (tok.pad_token, tok.pad_token_id, len(tok)) == ("[PAD]", n, n + 1)
+    mod.distinct_pad_token(tok)  # already distinct: unchanged
+    assert (tok.pad_token, len(tok)) == ("[PAD]", n + 1)
+    tok = AutoTokenizer.from_pretrained(world / "tokenizer")
+    tok.add_special_tokens({"additional_special_tokens": ["<|padding|>"]})
+    tok.pad_token = None  # no pad at all, as Pythia's tokenizer ships
+    mod.distinct_pad_token(tok)
+    assert tok.pad_token == "<|padding|>" and tok.pad_token_id == n and len(tok) == n + 1
 
 
 @pytest.mark.parametrize("script", ["sft", "train_rm"])

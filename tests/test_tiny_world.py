@@ -49,7 +49,10 @@ def test_files_load(world):
     gold = AutoModelForSequenceClassification.from_pretrained(world / "gold_rm", local_files_only=True)
     assert type(policy).__name__ == "GPTNeoXForCausalLM"
     assert type(gold).__name__ == "GPTNeoXForSequenceClassification" and gold.config.num_labels == 1
-    assert gold.config.pad_token_id == tok.pad_token_id == policy.config.eos_token_id
+    # Pythia's special ids: eos 0, pad <|padding|> 1, in the tokenizer and in every saved config
+    assert gold.config.eos_token_id == policy.config.eos_token_id == tok.eos_token_id == 0
+    assert gold.config.pad_token_id == policy.config.pad_token_id == tok.pad_token_id == 1
+    assert policy.generation_config.pad_token_id == 1
     # the gold is larger than the policy
     assert sum(p.numel() for p in gold.parameters()) > sum(p.numel() for p in policy.parameters())
     b = tw.encode_scored(tok, ["SUBREDDIT: r/pets\n\nTITLE: t\n\nPOST: p\n\nTL;DR:"] * 2, ["my dog", "cat"])
@@ -68,13 +71,18 @@ def test_jsonl_columns(world):
             assert list(row) == COLUMNS and all(isinstance(row[k], str) for k in COLUMNS)
 
 
-def test_tokenizer_round_trip_and_pad_is_eos(world):
+def test_tokenizer_round_trip_and_pad_is_not_eos(world):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    tok = AutoTokenizer.from_pretrained(world / "tokenizer", local_files_only=True)
-    assert isinstance(tok, PreTrainedTokenizerFast)
-    assert tok.pad_token == tok.eos_token == "<|endoftext|>"
-    assert tok.pad_token_id == tok.eos_token_id
+    for folder in ("tokenizer", "base_policy", "gold_rm"):
+        tok = AutoTokenizer.from_pretrained(world / folder, local_files_only=True)
+        assert isinstance(tok, PreTrainedTokenizerFast)
+        assert (tok.eos_token, tok.eos_token_id, tok.pad_token, tok.pad_token_id) == (
+            "<|endoftext|>",
+            0,
+            "<|padding|>",
+            1,
+        )
     for line in (world / "data" / "validation.jsonl").read_text().splitlines()[:20]:
         row = json.loads(line)
         text = tw.prompt_of(row) + " " + row["summary"]

@@ -327,7 +327,8 @@ def test_pairwise_agreement_by_brute_force():
 # ------------------------------------------------------------------ the script end to end
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A very small tiny world, with an untrained proxy RM (the base policy plus a fresh `score` head)."""
+    """A very small tiny world, with an untrained proxy RM (the base policy plus a fresh `score` head, saved
+    with the policy's tokenizer as train_rm.py saves it)."""
     root = tmp_path_factory.mktemp("world")
     subprocess.run(
         [sys.executable, "tiny_world.py", "--preset", "ci", "--output-dir", str(root)],
@@ -347,8 +348,8 @@ def world(tmp_path_factory):
     AutoTokenizer.from_pretrained(root / "base_policy").save_pretrained(root / "policy")
     torch.manual_seed(0)  # the fresh head: the same whichever tests ran before
     rm = AutoModelForSequenceClassification.from_pretrained(root / "base_policy", num_labels=1)
-    rm.config.pad_token_id = rm.config.eos_token_id
     rm.save_pretrained(root / "rm")
+    AutoTokenizer.from_pretrained(root / "base_policy").save_pretrained(root / "rm")
     return root
 
 
@@ -622,6 +623,7 @@ def test_bad_arguments_fail_early_with_a_clear_message(world, tmp_path, extra, m
 def test_reward_model_without_a_single_linear_head_is_refused(world, tmp_path):
     two = AutoModelForSequenceClassification.from_pretrained(world / "base_policy", num_labels=2)
     two.save_pretrained(tmp_path / "rm2")
+    AutoTokenizer.from_pretrained(world / "base_policy").save_pretrained(tmp_path / "rm2")  # passes the tokenizer check
     res = subprocess.run(
         trainer_cmd(world, tmp_path / "run", "--total-steps", "1", "--reward-model-path", str(tmp_path / "rm2")),
         cwd=ROOT,
