@@ -131,7 +131,7 @@ def quantile(x, q, weights=None):
     return float(x[finite][order][min(np.searchsorted(cdf / cdf[-1], q), len(cdf) - 1)])
 
 
-def signcert_advantages(adv, dist, eps, clip=False):
+def worst_case_advantages(adv, dist, eps, clip=False):
     """Worst-case advantage rho_k A_k = A_k - eps sign(A_k) ||h_k - hbar|| (eq. 10).
 
     The division-free form gives the edge cases for free: A_k = 0 -> 0, ||h_k - hbar|| = 0 -> rho = 1.
@@ -157,7 +157,7 @@ def grad_signcert(theta, h, q, clip=False, policy_weighted=False):
     pi = softmax(theta)
     adv = advantages(pi, h @ W_PROXY)
     eps, dist = signcert_eps(pi, h, adv, q, policy_weighted)
-    return policy_gradient(pi, signcert_advantages(adv, dist, eps, clip))
+    return policy_gradient(pi, worst_case_advantages(adv, dist, eps, clip))
 
 
 def grad_global(theta, h, eps):

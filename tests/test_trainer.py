@@ -286,7 +286,7 @@ def test_resume_after_kill_continues_with_no_lost_or_repeated_step(world, tmp_pa
     "extra, message",
     [
         (("--quantile", "1.5"), "--quantile must lie in"),
-        (("--num-prompts-per-step", "4", "--micro-batch-size", "5"), "valid divisors of 16"),
+        (("--num-prompts-per-step", "4", "--micro-batch-size", "5"), "or the second a divisor of 16"),
         (("--reward-model-path", "runs/does_not_exist"), "does not exist"),
         (("--dataset", "./no_such_data"), "does not exist"),
     ],
