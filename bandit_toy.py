@@ -197,8 +197,26 @@ def bar_plot(path, values, colors, ylabel, title, hline=None):
     plt.close(fig)
 
 
+def check_args(args: Args) -> None:
+    """Bad flags fail here, naming the flag, before anything runs or is written."""
+    if not 0.0 <= args.quantile <= 1.0:
+        raise ValueError(f"--quantile must lie in [0, 1] (the paper sweeps 0.1 to 0.5), got {args.quantile}")
+    if args.global_eps_num < 1:
+        raise ValueError(
+            f"--global-eps-num must be >= 1 (eps values in the global-robust sweep), got {args.global_eps_num}"
+        )
+    if not 0.0 < args.global_eps_min <= args.global_eps_max:
+        raise ValueError(
+            f"--global-eps-min and --global-eps-max must satisfy 0 < min <= max (a log-spaced sweep), got "
+            f"{args.global_eps_min} and {args.global_eps_max}"
+        )
+    if args.num_steps < 0:
+        raise ValueError(f"--num-steps must be >= 0, got {args.num_steps}")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_args(args)
     run_name = f"{args.exp_name}__{int(time.time())}"
     os.makedirs(args.output_dir, exist_ok=True)
     if args.track:

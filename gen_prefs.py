@@ -153,6 +153,15 @@ def parse_args() -> Args:
     return tyro.cli(Args, default=PRESETS[pre.parse_known_args()[0].preset])
 
 
+def own_output_dir(args: Args) -> str:
+    """--output-dir; but data other than the tiny world's, with --output-dir left at the tiny world's folder,
+    gets a run folder of its own (runs/{run_name}): your data never overwrites the tiny world's models."""
+    tiny = PRESETS["tiny"]
+    if args.output_dir == tiny.output_dir and os.path.normpath(args.dataset) != os.path.normpath(tiny.dataset):
+        return os.path.join("runs", args.run_name)
+    return args.output_dir
+
+
 def require_path(path: Optional[str], flag: str) -> None:
     """Fail now, saying what to do, on a path that cannot be what was meant (instead of a hub lookup that
     fails later with "couldn't connect to huggingface.co", or a tokenizer error on a run folder)."""
@@ -561,6 +570,7 @@ if __name__ == "__main__":
     run_name = [f"{args.exp_name}__{args.seed}__{int(time.time())}"]
     broadcast_object_list(run_name)  # rank 0's clock, so all ranks agree
     args.run_name = run_name[0]
+    args.output_dir = own_output_dir(args)
     if args.use_vllm and args.num_processes > 1:
         raise ValueError(
             "--use-vllm runs in one process (vLLM manages the GPUs itself): use `python gen_prefs.py --use-vllm`"

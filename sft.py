@@ -167,6 +167,15 @@ def exact_div(a: int, b: int, what: str) -> int:
     return a // b
 
 
+def own_output_dir(args: Args) -> str:
+    """--output-dir; but data other than the tiny world's, with --output-dir left at the tiny world's folder,
+    gets a run folder of its own (runs/{run_name}): your data never overwrites the tiny world's models."""
+    tiny = PRESETS["tiny"]
+    if args.output_dir == tiny.output_dir and os.path.normpath(args.dataset) != os.path.normpath(tiny.dataset):
+        return os.path.join("runs", args.run_name)
+    return args.output_dir
+
+
 def require_path(path: Optional[str], flag: str) -> None:
     """Fail now, saying what to do, on a path that cannot be what was meant (instead of a hub lookup that
     fails later with "couldn't connect to huggingface.co", or a tokenizer error on a run folder)."""
@@ -447,6 +456,7 @@ if __name__ == "__main__":
     run_name = [f"{args.exp_name}__{args.seed}__{int(time.time())}"]
     broadcast_object_list(run_name)  # rank 0's clock, so all ranks agree
     args.run_name = run_name[0]
+    args.output_dir = own_output_dir(args)
 
     # same seed on every rank: identical initialisation, and accelerate shards one shared data order
     random.seed(args.seed)

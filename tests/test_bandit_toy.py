@@ -153,3 +153,23 @@ def test_script_run(tmp_path):
     for row in final.values():
         assert sum(row["final_policy"]) == pytest.approx(1.0)
     assert "Dr.GRPO" in out.stdout and "SignCert-PO" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--quantile", "1.5"), "--quantile must lie in [0, 1]"),
+        (("--quantile", "-0.1"), "--quantile must lie in [0, 1]"),
+        (("--global-eps-num", "0"), "--global-eps-num must be >= 1"),
+        (("--global-eps-min", "0"), "--global-eps-min and --global-eps-max"),
+    ],
+)
+def test_bad_flags_are_named_and_write_nothing(tmp_path, flags, message):
+    out = subprocess.run(
+        [sys.executable, "bandit_toy.py", "--output-dir", str(tmp_path / "out"), *flags],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and message in out.stderr and not (tmp_path / "out").exists()

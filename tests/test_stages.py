@@ -522,3 +522,18 @@ def test_presets_and_overrides(script, monkeypatch):
         assert (paper.num_completions, paper.temperature) == (2, 1.0)
     monkeypatch.setattr(sys, "argv", [f"{script}.py", "--preset", "paper", "--dataset", "elsewhere"])
     assert mod.parse_args().dataset == "elsewhere"  # explicit flags beat the preset
+
+
+@pytest.mark.parametrize("script", ["sft", "gen_prefs"])
+def test_own_data_never_overwrites_the_tiny_world(script, monkeypatch):
+    """Without --output-dir, data other than the tiny world's goes to runs/{run_name}, not the tiny world's folder."""
+    mod = __import__(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--dataset", "mydata/tldr"])
+    args = mod.parse_args()
+    args.run_name = f"{script}__1__123"
+    assert mod.own_output_dir(args) == os.path.join("runs", f"{script}__1__123")
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--dataset", "mydata/tldr", "--output-dir", "mine"])
+    assert mod.own_output_dir(mod.parse_args()) == "mine"  # given: kept
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--dataset", "runs/tiny_world/data/"])
+    tiny = mod.parse_args()
+    assert mod.own_output_dir(tiny) == tiny.output_dir == mod.PRESETS["tiny"].output_dir  # the tiny world: as before
