@@ -374,6 +374,7 @@ def load_pairs(path: Path) -> list[dict]:
         raise ValueError(
             f"{path} has columns {sorted(rows[0])}; preference pairs need {list(PAIR_COLUMNS)} (the output of gen_prefs.py)"
         )
+    check_columns(rows, PAIR_COLUMNS, str(path))  # every row, not only the first
     return rows
 
 

@@ -450,6 +450,10 @@ def test_prefs_without_pair_columns(tmp_path):
         train_rm.load_pairs(tmp_path / "train.jsonl")
     with pytest.raises(FileNotFoundError, match="run gen_prefs.py first"):
         train_rm.load_pairs(tmp_path / "test.jsonl")
+    pair = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    (tmp_path / "train.jsonl").write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "rejected": None}) + "\n")
+    with pytest.raises(ValueError, match=r"train.jsonl, row 2: column 'rejected' is null"):
+        train_rm.load_pairs(tmp_path / "train.jsonl")
 
 
 @pytest.mark.parametrize("script", ["sft", "train_rm"])
