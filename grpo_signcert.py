@@ -677,7 +677,6 @@ if __name__ == "__main__":
     )
     # inputs, checked before any model is loaded and before the run folder exists
     rows, where = load_split(args.dataset, args.dataset_split, args.dataset_config)
-    detect_format(rows, where)
     check_reward_config(args.reward_model_path, args.trust_remote_code, "--reward-model-path")
     if args.gold_rm_path:
         check_reward_config(args.gold_rm_path, args.trust_remote_code, "--gold-rm-path")
