@@ -131,7 +131,7 @@ def quantile(x, q, weights=None):
     return float(x[finite][order][min(np.searchsorted(cdf / cdf[-1], q), len(cdf) - 1)])
 
 
-def signcert_advantages(adv, dist, eps, clip=False):
+def worst_case_advantages(adv, dist, eps, clip=False):
     """Worst-case advantage rho_k A_k = A_k - eps sign(A_k) ||h_k - hbar|| (eq. 10).
 
     The division-free form gives the edge cases for free: A_k = 0 -> 0, ||h_k - hbar|| = 0 -> rho = 1.
@@ -157,7 +157,7 @@ def grad_signcert(theta, h, q, clip=False, policy_weighted=False):
     pi = softmax(theta)
     adv = advantages(pi, h @ W_PROXY)
     eps, dist = signcert_eps(pi, h, adv, q, policy_weighted)
-    return policy_gradient(pi, signcert_advantages(adv, dist, eps, clip))
+    return policy_gradient(pi, worst_case_advantages(adv, dist, eps, clip))
 
 
 def grad_global(theta, h, eps):
@@ -197,8 +197,26 @@ def bar_plot(path, values, colors, ylabel, title, hline=None):
     plt.close(fig)
 
 
+def check_args(args: Args) -> None:
+    """Bad flags fail here, naming the flag, before anything runs or is written."""
+    if not 0.0 <= args.quantile <= 1.0:
+        raise ValueError(f"--quantile must lie in [0, 1] (the paper sweeps 0.1 to 0.5), got {args.quantile}")
+    if args.global_eps_num < 1:
+        raise ValueError(
+            f"--global-eps-num must be >= 1 (eps values in the global-robust sweep), got {args.global_eps_num}"
+        )
+    if not 0.0 < args.global_eps_min <= args.global_eps_max:
+        raise ValueError(
+            f"--global-eps-min and --global-eps-max must satisfy 0 < min <= max (a log-spaced sweep), got "
+            f"{args.global_eps_min} and {args.global_eps_max}"
+        )
+    if args.num_steps < 0:
+        raise ValueError(f"--num-steps must be >= 0, got {args.num_steps}")
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    check_args(args)
     run_name = f"{args.exp_name}__{int(time.time())}"
     os.makedirs(args.output_dir, exist_ok=True)
     if args.track:

@@ -43,6 +43,7 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
@@ -110,15 +111,15 @@ class Args:
     """sequences per gold forward pass per process"""
     gold_max_length: int = 256
     """gold input tokens (longer inputs lose their beginning: the reward is read at the end)"""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """weights dtype of the policy and the gold"""
+    bf16: bool = False
+    """hold the policy and the gold in bf16 (GPU; else float32)"""
     use_vllm: bool = False
     """sample with vLLM (one process; `pip install -r requirements-vllm.txt`) instead of HF generate"""
     vllm_gpu_memory_utilization: float = 0.5
     """fraction of the GPU vLLM may take (the gold RM is loaded next to it)"""
 
     # to be filled in runtime
-    world_size: int = 0
+    num_processes: int = 0
     """number of processes"""
     num_prompts: int = 0
     """train + test prompts"""
@@ -140,7 +141,7 @@ PRESETS = {
         generation_batch_size=256,
         gold_batch_size=16,
         gold_max_length=1024,
-        dtype="bfloat16",
+        bf16=True,
     ),
 }
 
@@ -152,11 +153,31 @@ def parse_args() -> Args:
     return tyro.cli(Args, default=PRESETS[pre.parse_known_args()[0].preset])
 
 
-def require_path(path: str, flag: str) -> None:
-    """A local-looking path that does not exist is an error now, not a confusing hub lookup later."""
-    if (path.startswith((".", "/", "~")) or path.count("/") != 1) and not Path(path).exists():
+def own_output_dir(args: Args) -> str:
+    """--output-dir; but data other than the tiny world's, with --output-dir left at the tiny world's folder,
+    gets a run folder of its own (runs/{run_name}): your data never overwrites the tiny world's models."""
+    tiny = PRESETS["tiny"]
+    if args.output_dir == tiny.output_dir and os.path.normpath(args.dataset) != os.path.normpath(tiny.dataset):
+        return os.path.join("runs", args.run_name)
+    return args.output_dir
+
+
+def require_path(path: Optional[str], flag: str) -> None:
+    """Fail now, saying what to do, on a path that cannot be what was meant (instead of a hub lookup that
+    fails later with "couldn't connect to huggingface.co", or a tokenizer error on a run folder)."""
+    if not path:
+        return
+    p = Path(path).expanduser()
+    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
+        raise FileNotFoundError(f"{flag} {path} is a run folder, not a model: pass its model, {p / 'model'}")
+    if p.exists():
+        return
+    first = p.parts[0] if p.parts else ""
+    # a hub id is `name` or `owner/name`; anything else, or an `owner` that is a local folder, is a local path
+    if path.startswith((".", "/", "~", "runs/")) or path.count("/") > 1 or Path(first).is_dir():
         raise FileNotFoundError(
-            f"{flag} {path} does not exist (run the previous stage, `python tiny_world.py` for the tiny world, or pass {flag})"
+            f"{flag} {path}: no such folder (run the stage that writes it, `python pipeline.py` for the "
+            f"tiny world, or give the path of an existing folder)"
         )
 
 
@@ -176,9 +197,27 @@ ALPACA_PROMPT_NO_INPUT = (
 
 
 def read_rows(path: Path) -> list[dict]:
+    """Rows of a .jsonl (.json: one object per line) or .parquet file; errors name the file and 1-based line."""
     if path.suffix in (".jsonl", ".json"):
+        rows = []
         with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"{path}, line {number}: not valid JSON ({e.msg}, column {e.colno}); every line must be "
+                        "one JSON object: fix or delete that line"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise ValueError(
+                        f"{path}, line {number}: a {type(row).__name__}, not a JSON object; every line must be "
+                        "one object with the dataset's columns"
+                    )
+                rows.append(row)
+        return rows
     if path.suffix == ".parquet":
         import datasets
 
@@ -186,15 +225,16 @@ def read_rows(path: Path) -> list[dict]:
     raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
 
 
-def load_split(dataset: str, split: str, config: Optional[str] = None) -> list[dict]:
-    """Rows of one split from a hub id or a local path (folder of {split}.jsonl/.parquet, one file, or save_to_disk)."""
+def load_split(dataset: str, split: str, config: Optional[str] = None) -> tuple[list[dict], str]:
+    """(rows, where) of one split from a hub id or a local path (a folder of {split}.jsonl/.parquet, one
+    file, or save_to_disk); `where` names the file the rows came from, for error messages."""
     path = Path(dataset)
     if path.is_file():
-        return read_rows(path)
+        return read_rows(path), str(path)
     if path.is_dir():
         for name in (f"{split}.jsonl", f"{split}.parquet", f"{split}.json"):
             if (path / name).is_file():
-                return read_rows(path / name)
+                return read_rows(path / name), str(path / name)
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             import datasets
 
@@ -203,37 +243,69 @@ def load_split(dataset: str, split: str, config: Optional[str] = None) -> list[d
                 if split not in data:
                     raise ValueError(f"{dataset} has splits {list(data)}, not {split!r}: pass one of them")
                 data = data[split]
-            return data.to_list()
+            return data.to_list(), f"{dataset} [{split}]"
         found = sorted(p.name for p in path.iterdir())
         raise FileNotFoundError(
             f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})"
         )
     # a path-looking string that does not exist is a mistake, not a hub id
-    if dataset.startswith((".", "/", "~")) or dataset.count("/") != 1 or path.suffix in (".jsonl", ".parquet", ".json"):
+    first = path.parts[0] if path.parts else ""
+    if (
+        dataset.startswith((".", "/", "~", "runs/"))
+        or dataset.count("/") != 1
+        or path.suffix in (".jsonl", ".parquet", ".json")
+        or Path(first).is_dir()
+    ):
         raise FileNotFoundError(
-            f"dataset {dataset!r} does not exist (run `python tiny_world.py` for the tiny world, or pass --dataset)"
+            f"dataset {dataset!r} does not exist: no such file or folder (run `python tiny_world.py` for the "
+            "tiny world, or pass --dataset)"
         )
     import datasets
 
     try:
-        return datasets.load_dataset(dataset, config, split=split).to_list()
+        return datasets.load_dataset(dataset, config, split=split).to_list(), f"{dataset} [{split}]"
     except Exception as e:
         raise RuntimeError(f"could not load {dataset!r} (config {config}, split {split}) from the hub: {e}") from e
 
 
+def check_columns(rows: list[dict], columns: tuple, where: str) -> None:
+    """Every row has every column, as a string: a missing or null field is an error that names the row."""
+    if not rows:
+        raise ValueError(f"{where} is empty (no rows): point --dataset at a file or folder with data")
+    for number, row in enumerate(rows, 1):
+        for column in columns:
+            if column not in row:
+                raise ValueError(
+                    f"{where}, row {number}: no column {column!r} (every row needs {list(columns)}): "
+                    "add it or delete that row"
+                )
+            if not isinstance(row[column], str):
+                value = "null" if row[column] is None else f"a {type(row[column]).__name__}"
+                raise ValueError(
+                    f"{where}, row {number}: column {column!r} is {value}, not a string: give it a string "
+                    '("" for an empty Alpaca input) or delete that row'
+                )
+
+
 def detect_format(rows: list[dict], where: str) -> str:
-    columns = set(rows[0]) if rows else set()
-    if set(TLDR_COLUMNS) <= columns:
-        return "tldr"
-    if set(ALPACA_COLUMNS) <= columns:
-        return "alpaca"
+    """'tldr' or 'alpaca' from the columns of the first row; then every row must have them (check_columns)."""
+    if not rows:
+        raise ValueError(f"{where} is empty (no rows): point --dataset at a file or folder with data")
+    columns = set(rows[0])
+    for fmt, need in (("tldr", TLDR_COLUMNS), ("alpaca", ALPACA_COLUMNS)):
+        if set(need) <= columns:
+            check_columns(rows, need, where)
+            return fmt
     raise ValueError(
-        f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} or the AlpacaFarm columns {list(ALPACA_COLUMNS)}"
+        f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} "
+        f"or the AlpacaFarm columns {list(ALPACA_COLUMNS)}"
     )
 
 
 def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
-    """build(text) -> prompt; cut `text` at a whitespace boundary until the prompt has <= max_len tokens."""
+    """build(text) -> prompt; shorten `text` until the prompt has <= max_len tokens. The cut is at a token
+    boundary about on budget, moved back to the last whitespace when there is one in the kept part's second
+    half: words stay whole, and text without whitespace (Japanese, a long URL) is cut, not dropped whole."""
     while True:
         prompt = build(text)
         n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
@@ -241,15 +313,29 @@ def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
             return prompt
         if not text:
             raise ValueError(
-                f"prompt is {n} tokens even with an empty post/input; raise --max-prompt-length (now {max_len})"
+                f"prompt is {n} tokens even with an empty post/input/instruction; raise --max-prompt-length "
+                f"(now {max_len})"
             )
-        # jump close to the budget in one step, then back off to the previous whitespace
-        cut = min(len(text) - 1, int(len(text) * max_len / n))
-        space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
-        text = text[: max(space, 0)].rstrip()
+        keep = len(tokenizer(text, add_special_tokens=False).input_ids) - (n - max_len)
+        if keep <= 0:
+            cut = ""
+        elif getattr(tokenizer, "is_fast", False):  # the exact prefix of `text` that its first `keep` tokens cover
+            offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+            cut = text[: offsets[keep - 1][1]]
+        else:
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            cut = tokenizer.decode(ids[:keep]).rstrip("\ufffd")  # no half character at the end
+        space = max(cut.rfind(" "), cut.rfind("\n"))
+        at_word_end = text.startswith(cut) and text[len(cut) : len(cut) + 1].isspace()
+        if not at_word_end and space > len(cut) // 2:
+            cut = cut[:space]
+        cut = cut.rstrip()
+        text = cut if len(cut) < len(text) else text[:-1]  # always progress
 
 
 def to_prompt_response(row: dict, fmt: str, tokenizer, max_prompt_length: int) -> tuple[str, str]:
+    """The prompt (fitted to max_prompt_length: the TL;DR post, the Alpaca input, or else the Alpaca
+    instruction is cut) and the reference response of one row; every script builds its prompts here."""
     if fmt == "tldr":
         build = lambda post: f"SUBREDDIT: r/{row['subreddit']}\n\nTITLE: {row['title']}\n\nPOST: {post}\n\nTL;DR:"
         return fit_prompt(build, row["post"].strip(), tokenizer, max_prompt_length), " " + row["summary"].strip()
@@ -273,34 +359,59 @@ def load_tokenizer(path: str, trust_remote_code: bool):
 
 
 def check_reward_config(path: str, trust_remote_code: bool, flag: str) -> None:
-    """Refuse a checkpoint that is not a one-output sequence classifier BEFORE loading it: transformers
-    would silently put a random `score` head on a causal LM."""
+    """Refuse a checkpoint that is not a one-output sequence classifier BEFORE loading its weights:
+    transformers would silently put a random `score` head on a causal LM."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     archs = config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
         raise ValueError(
             f"{flag} {path} is not a reward model: its architectures are {archs} with num_labels={config.num_labels}; "
-            "a reward model is a *ForSequenceClassification checkpoint with num_labels=1 and a linear `score` head "
-            "(e.g. the output of train_rm.py or runs/tiny_world/gold_rm)"
+            "a reward model is a *ForSequenceClassification checkpoint with num_labels=1, a linear head `score` "
+            "with one output (e.g. the output of train_rm.py or runs/tiny_world/gold_rm)"
         )
 
 
-def load_reward_model(path: str, trust_remote_code: bool, dtype, device):
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    head = getattr(model, "score", None)
+def load_reward_model(path: str, trust_remote_code: bool, dtype, flag: str):
+    """A reward model whose last layer is a linear `score` head with one output, in eval mode and frozen."""
+    check_reward_config(path, trust_remote_code, flag)
+    rm = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    head = getattr(rm, "score", None)
     if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
-        raise ValueError(f"{path}: expected a linear `score` head with one output, found {head!r}")
-    return model.to(device).eval(), load_tokenizer(path, trust_remote_code)
+        raise ValueError(
+            f"{flag} {path}: a reward model here needs its last layer to be a linear head `score` with one "
+            f"output (a *ForSequenceClassification with num_labels=1), got {head!r}"
+        )
+    return rm.eval().requires_grad_(False)
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_token_id: int, pad_token_id: int):
-    """(B, T) sampled tokens -> (tokens after the first EOS set to pad, lengths with the EOS, has_eos)."""
-    is_eos = responses == eos_token_id
+def truncate_after_eos(response, eos_id, pad_id):
+    """Keep each completion up to and including its first EOS; the tokens after it become `pad_id`.
+    Returns (response, mask (1 on the kept tokens), has_eos (N,) bool)."""
+    is_eos = response == eos_id
     has_eos = is_eos.any(1)
-    # argmax returns the FIRST maximal index, i.e. the first EOS
-    lengths = torch.where(has_eos, is_eos.int().argmax(1) + 1, responses.shape[1])
-    keep = torch.arange(responses.shape[1], device=responses.device)[None] < lengths[:, None]
-    return responses.masked_fill(~keep, pad_token_id), lengths, has_eos
+    first = torch.where(has_eos, is_eos.int().argmax(1), response.shape[1])
+    mask = torch.arange(response.shape[1], device=response.device).unsqueeze(0) <= first.unsqueeze(1)
+    return response.masked_fill(~mask, pad_id), mask.long(), has_eos
+
+
+def position_ids_of(mask):
+    """Positions that skip the left padding, so a padded prompt is seen exactly as an unpadded one."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def reward_and_features(rm, ids, mask):
+    """ONE forward of a reward model: (reward (N,), features h (N, d)), both float32, read at the last real
+    token of every row (the EOS when there is one; any padding, left or right). h is the input of the linear
+    `score` head and reward = w^T h + b - reward_offset (the constant that centres the references, in the
+    RM's config). The index comes from the mask, never from searching for pad ids; the head is applied in
+    float32, so a bf16 backbone does not quantise the reward. No `no_grad` here: train_rm.py trains through it."""
+    hidden = getattr(rm, rm.base_model_prefix)(input_ids=ids, attention_mask=mask, position_ids=position_ids_of(mask))
+    last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
+    h = hidden.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last].float()
+    bias = None if rm.score.bias is None else rm.score.bias.float()
+    with torch.autocast(h.device.type, enabled=False):  # float32 even inside an autocast region (bf16 training)
+        reward = F.linear(h, rm.score.weight.float(), bias).squeeze(-1)
+    return reward - getattr(rm.config, "reward_offset", 0.0), h
 
 
 def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -329,8 +440,8 @@ def generate_hf(model, tokenizer, prompts: list[str], n: int, args, accelerator)
             accelerator.device
         )
         out = model.generate(**enc, generation_config=config)[:, enc.input_ids.shape[1] :]
-        out, lengths, eos = truncate_after_eos(out, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        responses += [row[:n] for row, n in zip(out.tolist(), lengths.tolist())]
+        out, mask, eos = truncate_after_eos(out, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        responses += [row[:n] for row, n in zip(out.tolist(), mask.sum(1).tolist())]
         has_eos += eos.tolist()
     return responses, has_eos
 
@@ -345,7 +456,7 @@ def generate_vllm(path: str, tokenizer, prompts: list[str], n: int, args) -> tup
     llm = LLM(
         model=path,
         seed=args.seed,
-        dtype=args.dtype,
+        dtype="bfloat16" if args.bf16 else "float32",
         trust_remote_code=args.trust_remote_code,
         gpu_memory_utilization=args.vllm_gpu_memory_utilization,
     )
@@ -359,8 +470,8 @@ def generate_vllm(path: str, tokenizer, prompts: list[str], n: int, args) -> tup
             ended = o.finish_reason == "stop"  # stopped by EOS (not by the length budget)
             if ended and (not ids or ids[-1] != tokenizer.eos_token_id):
                 ids.append(tokenizer.eos_token_id)
-            t, n, e = truncate_after_eos(torch.tensor([ids]), tokenizer.eos_token_id, tokenizer.pad_token_id)
-            responses.append(t[0, : n[0]].tolist())
+            t, mask, e = truncate_after_eos(torch.tensor([ids]), tokenizer.eos_token_id, tokenizer.pad_token_id)
+            responses.append(t[0, : int(mask.sum())].tolist())
             has_eos.append(bool(e[0]))
     del llm
     return responses, has_eos
@@ -380,24 +491,6 @@ def rm_input_ids(tokenizer, prompt: str, response: str, max_length: int, chat: b
         )
         ids = ids + [tokenizer.eos_token_id]
     return ids[-max_length:]  # keep the end: that is where the reward is read
-
-
-def reward_at_last_token(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One backbone forward -> (reward (B,), feature h (B, H)) at the last real token of every row.
-
-    The last real token comes from the attention mask (with a pad == eos tokenizer, searching pad ids would
-    read the wrong token); position ids count real tokens only, so left padding changes nothing.
-    `reward = score(h)`, the `score` head applied to h (r = w^T h, docs/METHOD.md section 1).
-    """
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    last = (attention_mask * positions).argmax(1)  # the largest position whose mask is 1
-    feature = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return model.score(feature).squeeze(-1), feature
 
 
 @torch.no_grad()
@@ -422,7 +515,7 @@ def score_texts(
         n = max(len(x) for x in ids)
         input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (n - len(x)) for x in ids], device=accelerator.device)
         mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids], device=accelerator.device)
-        r, h = reward_at_last_token(model, input_ids, mask)
+        r, h = reward_and_features(model, input_ids, mask)
         rewards.append(r.float().cpu())
         features.append(h.float().cpu())
     if not rewards:
@@ -474,11 +567,12 @@ if __name__ == "__main__":
     args = parse_args()
     # no GPU: the processes that `accelerate launch --multi_gpu` starts run on the CPU (gloo)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    args.world_size = accelerator.num_processes
+    args.num_processes = accelerator.num_processes
     run_name = [f"{args.exp_name}__{args.seed}__{int(time.time())}"]
     broadcast_object_list(run_name)  # rank 0's clock, so all ranks agree
     args.run_name = run_name[0]
-    if args.use_vllm and args.world_size > 1:
+    args.output_dir = own_output_dir(args)
+    if args.use_vllm and args.num_processes > 1:
         raise ValueError(
             "--use-vllm runs in one process (vLLM manages the GPUs itself): use `python gen_prefs.py --use-vllm`"
         )
@@ -488,7 +582,7 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed + accelerator.process_index)  # different samples on each rank
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    dtype = getattr(torch, args.dtype)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
 
     # inputs first: a bad path or a bad dataset fails before any model is loaded
     require_path(args.policy_path, "--policy-path")
@@ -497,10 +591,11 @@ if __name__ == "__main__":
     tokenizer = load_tokenizer(args.policy_path, args.trust_remote_code)
     prompts = []
     for split, n in (("train", args.num_train_prompts), ("test", args.num_test_prompts)):
-        rows = load_split(args.dataset, args.train_split if split == "train" else args.test_split, args.dataset_config)[
-            :n
-        ]
-        fmt = detect_format(rows, f"{args.dataset} [{split}]")
+        rows, where = load_split(
+            args.dataset, args.train_split if split == "train" else args.test_split, args.dataset_config
+        )
+        rows = rows[:n]
+        fmt = detect_format(rows, where)
         prompts += [
             (split, str(r.get("id", i)), to_prompt_response(r, fmt, tokenizer, args.max_prompt_length)[0])
             for i, r in enumerate(rows)
@@ -527,7 +622,10 @@ if __name__ == "__main__":
             responses, has_eos = generate_hf(policy, tokenizer, texts, args.num_completions, args, accelerator)
             del policy  # make room for the gold
         # 2. label with the gold (its own tokenizer: decode the policy's tokens, re-tokenise)
-        gold, gold_tokenizer = load_reward_model(args.gold_rm_path, args.trust_remote_code, dtype, accelerator.device)
+        gold = load_reward_model(args.gold_rm_path, args.trust_remote_code, dtype, "--gold-rm-path").to(
+            accelerator.device
+        )
+        gold_tokenizer = load_tokenizer(args.gold_rm_path, args.trust_remote_code)
         response_texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         flat_prompts = [t for t in texts for _ in range(args.num_completions)]
         # a gold whose tokenizer has a chat template (Skywork) reads the chat format

@@ -226,11 +226,35 @@ PRESETS = {
 }
 
 
-def exact_div(a, b, what):
-    if a % b != 0:
-        valid = [d for d in range(1, a + 1) if a % d == 0]
-        raise ValueError(f"{what}: {a} is not divisible by {b}; valid divisors of {a}: {valid}")
+def exact_div(a: int, b: int, what: str) -> int:
+    """a // b, or an error that names both ways out: a multiple of b for the first, a divisor of a for the second."""
+    if b < 1 or a % b != 0:
+        multiples = sorted({m for m in (b * (a // b), b * (a // b + 1)) if m > 0}) if b >= 1 else []
+        divisors = [d for d in range(1, a + 1) if a % d == 0]
+        raise ValueError(
+            f"{what}: {a} is not a multiple of {b}; make the first a multiple of {b} (e.g. {multiples}) "
+            f"or the second a divisor of {a} ({divisors})"
+        )
     return a // b
+
+
+def require_path(path: Optional[str], flag: str) -> None:
+    """Fail now, saying what to do, on a path that cannot be what was meant (instead of a hub lookup that
+    fails later with "couldn't connect to huggingface.co", or a tokenizer error on a run folder)."""
+    if not path:
+        return
+    p = Path(path).expanduser()
+    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
+        raise FileNotFoundError(f"{flag} {path} is a run folder, not a model: pass its model, {p / 'model'}")
+    if p.exists():
+        return
+    first = p.parts[0] if p.parts else ""
+    # a hub id is `name` or `owner/name`; anything else, or an `owner` that is a local folder, is a local path
+    if path.startswith((".", "/", "~", "runs/")) or path.count("/") > 1 or Path(first).is_dir():
+        raise FileNotFoundError(
+            f"{flag} {path}: no such folder (run the stage that writes it, `python pipeline.py` for the "
+            f"tiny world, or give the path of an existing folder)"
+        )
 
 
 @torch.no_grad()  # eq. (11): A, Delta and rho are constants of the policy update (stop-gradient)
@@ -311,9 +335,27 @@ ALPACA_PROMPT_NO_INPUT = (
 
 
 def read_rows(path: Path) -> list[dict]:
+    """Rows of a .jsonl (.json: one object per line) or .parquet file; errors name the file and 1-based line."""
     if path.suffix in (".jsonl", ".json"):
+        rows = []
         with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"{path}, line {number}: not valid JSON ({e.msg}, column {e.colno}); every line must be "
+                        "one JSON object: fix or delete that line"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise ValueError(
+                        f"{path}, line {number}: a {type(row).__name__}, not a JSON object; every line must be "
+                        "one object with the dataset's columns"
+                    )
+                rows.append(row)
+        return rows
     if path.suffix == ".parquet":
         import datasets
 
@@ -321,15 +363,16 @@ def read_rows(path: Path) -> list[dict]:
     raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
 
 
-def load_split(dataset: str, split: str, config: Optional[str] = None) -> list[dict]:
-    """Rows of one split from a hub id or a local path (folder of {split}.jsonl/.parquet, one file, or save_to_disk)."""
+def load_split(dataset: str, split: str, config: Optional[str] = None) -> tuple[list[dict], str]:
+    """(rows, where) of one split from a hub id or a local path (a folder of {split}.jsonl/.parquet, one
+    file, or save_to_disk); `where` names the file the rows came from, for error messages."""
     path = Path(dataset)
     if path.is_file():
-        return read_rows(path)
+        return read_rows(path), str(path)
     if path.is_dir():
         for name in (f"{split}.jsonl", f"{split}.parquet", f"{split}.json"):
             if (path / name).is_file():
-                return read_rows(path / name)
+                return read_rows(path / name), str(path / name)
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             import datasets
 
@@ -338,37 +381,69 @@ def load_split(dataset: str, split: str, config: Optional[str] = None) -> list[d
                 if split not in data:
                     raise ValueError(f"{dataset} has splits {list(data)}, not {split!r}: pass one of them")
                 data = data[split]
-            return data.to_list()
+            return data.to_list(), f"{dataset} [{split}]"
         found = sorted(p.name for p in path.iterdir())
         raise FileNotFoundError(
             f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})"
         )
     # a path-looking string that does not exist is a mistake, not a hub id
-    if dataset.startswith((".", "/", "~")) or dataset.count("/") != 1 or path.suffix in (".jsonl", ".parquet", ".json"):
+    first = path.parts[0] if path.parts else ""
+    if (
+        dataset.startswith((".", "/", "~", "runs/"))
+        or dataset.count("/") != 1
+        or path.suffix in (".jsonl", ".parquet", ".json")
+        or Path(first).is_dir()
+    ):
         raise FileNotFoundError(
-            f"dataset {dataset!r} does not exist (run `python tiny_world.py` for the tiny world, or pass --dataset)"
+            f"dataset {dataset!r} does not exist: no such file or folder (run `python tiny_world.py` for the "
+            "tiny world, or pass --dataset)"
         )
     import datasets
 
     try:
-        return datasets.load_dataset(dataset, config, split=split).to_list()
+        return datasets.load_dataset(dataset, config, split=split).to_list(), f"{dataset} [{split}]"
     except Exception as e:
         raise RuntimeError(f"could not load {dataset!r} (config {config}, split {split}) from the hub: {e}") from e
 
 
+def check_columns(rows: list[dict], columns: tuple, where: str) -> None:
+    """Every row has every column, as a string: a missing or null field is an error that names the row."""
+    if not rows:
+        raise ValueError(f"{where} is empty (no rows): point --dataset at a file or folder with data")
+    for number, row in enumerate(rows, 1):
+        for column in columns:
+            if column not in row:
+                raise ValueError(
+                    f"{where}, row {number}: no column {column!r} (every row needs {list(columns)}): "
+                    "add it or delete that row"
+                )
+            if not isinstance(row[column], str):
+                value = "null" if row[column] is None else f"a {type(row[column]).__name__}"
+                raise ValueError(
+                    f"{where}, row {number}: column {column!r} is {value}, not a string: give it a string "
+                    '("" for an empty Alpaca input) or delete that row'
+                )
+
+
 def detect_format(rows: list[dict], where: str) -> str:
-    columns = set(rows[0]) if rows else set()
-    if set(TLDR_COLUMNS) <= columns:
-        return "tldr"
-    if set(ALPACA_COLUMNS) <= columns:
-        return "alpaca"
+    """'tldr' or 'alpaca' from the columns of the first row; then every row must have them (check_columns)."""
+    if not rows:
+        raise ValueError(f"{where} is empty (no rows): point --dataset at a file or folder with data")
+    columns = set(rows[0])
+    for fmt, need in (("tldr", TLDR_COLUMNS), ("alpaca", ALPACA_COLUMNS)):
+        if set(need) <= columns:
+            check_columns(rows, need, where)
+            return fmt
     raise ValueError(
-        f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} or the AlpacaFarm columns {list(ALPACA_COLUMNS)}"
+        f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} "
+        f"or the AlpacaFarm columns {list(ALPACA_COLUMNS)}"
     )
 
 
 def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
-    """build(text) -> prompt; cut `text` at a whitespace boundary until the prompt has <= max_len tokens."""
+    """build(text) -> prompt; shorten `text` until the prompt has <= max_len tokens. The cut is at a token
+    boundary about on budget, moved back to the last whitespace when there is one in the kept part's second
+    half: words stay whole, and text without whitespace (Japanese, a long URL) is cut, not dropped whole."""
     while True:
         prompt = build(text)
         n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
@@ -376,55 +451,69 @@ def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
             return prompt
         if not text:
             raise ValueError(
-                f"prompt is {n} tokens even with an empty post/input; raise --max-prompt-length (now {max_len})"
+                f"prompt is {n} tokens even with an empty post/input/instruction; raise --max-prompt-length "
+                f"(now {max_len})"
             )
-        # jump close to the budget in one step, then back off to the previous whitespace
-        cut = min(len(text) - 1, int(len(text) * max_len / n))
-        space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
-        text = text[: max(space, 0)].rstrip()
+        keep = len(tokenizer(text, add_special_tokens=False).input_ids) - (n - max_len)
+        if keep <= 0:
+            cut = ""
+        elif getattr(tokenizer, "is_fast", False):  # the exact prefix of `text` that its first `keep` tokens cover
+            offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+            cut = text[: offsets[keep - 1][1]]
+        else:
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            cut = tokenizer.decode(ids[:keep]).rstrip("\ufffd")  # no half character at the end
+        space = max(cut.rfind(" "), cut.rfind("\n"))
+        at_word_end = text.startswith(cut) and text[len(cut) : len(cut) + 1].isspace()
+        if not at_word_end and space > len(cut) // 2:
+            cut = cut[:space]
+        cut = cut.rstrip()
+        text = cut if len(cut) < len(text) else text[:-1]  # always progress
+
+
+def to_prompt_response(row: dict, fmt: str, tokenizer, max_prompt_length: int) -> tuple[str, str]:
+    """The prompt (fitted to max_prompt_length: the TL;DR post, the Alpaca input, or else the Alpaca
+    instruction is cut) and the reference response of one row; every script builds its prompts here."""
+    if fmt == "tldr":
+        build = lambda post: f"SUBREDDIT: r/{row['subreddit']}\n\nTITLE: {row['title']}\n\nPOST: {post}\n\nTL;DR:"
+        return fit_prompt(build, row["post"].strip(), tokenizer, max_prompt_length), " " + row["summary"].strip()
+    if row["input"]:
+        build = lambda inp: ALPACA_PROMPT_INPUT.format(instruction=row["instruction"], input=inp)
+        return fit_prompt(build, row["input"], tokenizer, max_prompt_length), row["output"]
+    build = lambda ins: ALPACA_PROMPT_NO_INPUT.format(instruction=ins)
+    return fit_prompt(build, row["instruction"], tokenizer, max_prompt_length), row["output"]
 
 
 def build_prompts(rows, tokenizer, max_prompt_length, where):
-    """Prompt strings: the OpenAI TL;DR format (POST cut at a word to fit) or the Alpaca format."""
+    """Prompt strings, exactly as the stage scripts build them (to_prompt_response: the post, the input or
+    the instruction is cut to fit --max-prompt-length)."""
     fmt = detect_format(rows, where)
-    if fmt == "tldr":
-        return [
-            fit_prompt(
-                lambda post, r=r: f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {post}\n\nTL;DR:",
-                r["post"].strip(),
-                tokenizer,
-                max_prompt_length,
-            )
-            for r in rows
-        ]
-    return [
-        fit_prompt(
-            lambda inp, r=r: ALPACA_PROMPT_INPUT.format(instruction=r["instruction"], input=inp),
-            r["input"],
-            tokenizer,
-            max_prompt_length,
-        )
-        if r["input"]
-        else ALPACA_PROMPT_NO_INPUT.format(instruction=r["instruction"])
-        for r in rows
-    ]
+    return [to_prompt_response(r, fmt, tokenizer, max_prompt_length)[0] for r in rows]
 
 
 # ------------------------------------------------------------------------- models
-def load_reward_model(path, dtype, trust_remote_code):
-    """A reward model for SignCert-PO: it must end in a linear `score` head with one output."""
+def check_reward_config(path: str, trust_remote_code: bool, flag: str) -> None:
+    """Refuse a checkpoint that is not a one-output sequence classifier BEFORE loading its weights:
+    transformers would silently put a random `score` head on a causal LM."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+    archs = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
         raise ValueError(
-            f"{path} is not a reward model (its config says architectures={config.architectures}); "
-            "SignCert-PO needs a *ForSequenceClassification with a linear `score` head: train one with train_rm.py"
+            f"{flag} {path} is not a reward model: its architectures are {archs} with num_labels={config.num_labels}; "
+            "a reward model is a *ForSequenceClassification checkpoint with num_labels=1, a linear head `score` "
+            "with one output (e.g. the output of train_rm.py or runs/tiny_world/gold_rm)"
         )
+
+
+def load_reward_model(path: str, trust_remote_code: bool, dtype, flag: str):
+    """A reward model whose last layer is a linear `score` head with one output, in eval mode and frozen."""
+    check_reward_config(path, trust_remote_code, flag)
     rm = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     head = getattr(rm, "score", None)
     if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
         raise ValueError(
-            f"{path}: SignCert-PO needs a reward model whose last layer is a linear head `score` with "
-            f"one output (a *ForSequenceClassification with num_labels=1), got {head!r}"
+            f"{flag} {path}: a reward model here needs its last layer to be a linear head `score` with one "
+            f"output (a *ForSequenceClassification with num_labels=1), got {head!r}"
         )
     return rm.eval().requires_grad_(False)
 
@@ -743,12 +832,7 @@ if __name__ == "__main__":
     if min(args.gold_every, args.save_every, args.log_samples_every) < 1:
         raise ValueError("--gold-every, --save-every and --log-samples-every must be >= 1")
     for name in ("policy_path", "reward_model_path", "gold_rm_path"):
-        path = getattr(args, name)
-        if path and path.startswith(("runs/", ".", "/")) and not os.path.exists(path):
-            raise FileNotFoundError(
-                f"--{name.replace('_', '-')} {path} does not exist: build the tiny world and its "
-                "stages first (python pipeline.py), or give the path of your own model"
-            )
+        require_path(getattr(args, name), f"--{name.replace('_', '-')}")
 
     # batch arithmetic, checked before anything heavy is loaded
     from accelerate import PartialState
@@ -765,7 +849,17 @@ if __name__ == "__main__":
         args.micro_batch_size,
         "completions per process (--num-prompts-per-step x --num-generations / processes) over --micro-batch-size",
     )
-    rows = load_split(args.dataset, args.dataset_split, args.dataset_config)  # fails early on a wrong path
+    # inputs, checked before any model is loaded and before the run folder exists
+    rows, where = load_split(args.dataset, args.dataset_split, args.dataset_config)
+    check_reward_config(args.reward_model_path, args.trust_remote_code, "--reward-model-path")
+    if args.gold_rm_path:
+        check_reward_config(args.gold_rm_path, args.trust_remote_code, "--gold-rm-path")
+    trust = dict(trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(args.policy_path, padding_side="left", **trust)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # only if it has none (pad is masked anyway)
+    eos_id = tokenizer.eos_token_id
+    check_same_tokenizer(tokenizer, args.reward_model_path, args.trust_remote_code)
+    prompts = build_prompts(rows, tokenizer, args.max_prompt_length, where)
     accelerator = Accelerator(
         cpu=on_cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -799,11 +893,6 @@ if __name__ == "__main__":
         with open(os.path.join(ckpt, "state.json")) as f:
             start_step = json.load(f)["step"]
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    trust = dict(trust_remote_code=args.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(args.policy_path, padding_side="left", **trust)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # only if it has none (pad is masked anyway)
-    eos_id = tokenizer.eos_token_id
-    check_same_tokenizer(tokenizer, args.reward_model_path, args.trust_remote_code)
     policy = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "model") if ckpt else args.policy_path, **trust)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     if args.gradient_checkpointing:  # acts in train mode, which policy_update sets
@@ -811,7 +900,7 @@ if __name__ == "__main__":
     ref_policy = (
         AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=dtype, **trust).eval().requires_grad_(False)
     )
-    rm = load_reward_model(args.reward_model_path, dtype, args.trust_remote_code)
+    rm = load_reward_model(args.reward_model_path, args.trust_remote_code, dtype, "--reward-model-path")
     if rm.config.vocab_size < len(tokenizer):
         raise ValueError(
             f"the proxy RM's vocabulary ({rm.config.vocab_size}) is smaller than the policy tokenizer's "
@@ -819,7 +908,7 @@ if __name__ == "__main__":
         )
     gold, gold_tok = None, None
     if args.gold_rm_path:
-        gold = load_reward_model(args.gold_rm_path, dtype, args.trust_remote_code)
+        gold = load_reward_model(args.gold_rm_path, args.trust_remote_code, dtype, "--gold-rm-path")
         gold_tok = AutoTokenizer.from_pretrained(args.gold_rm_path, padding_side="right", **trust)
         gold_tok.pad_token = gold_tok.pad_token or gold_tok.eos_token
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
@@ -832,7 +921,6 @@ if __name__ == "__main__":
     if ckpt:
         restore_checkpoint(accelerator, optimizer, ckpt)
 
-    prompts = build_prompts(rows, tokenizer, args.max_prompt_length, f"{args.dataset}[{args.dataset_split}]")
     if accelerator.is_main_process:
         print(
             f"{len(prompts)} prompts from {args.dataset}[{args.dataset_split}]; starting at step {start_step + 1} "

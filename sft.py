@@ -105,11 +105,11 @@ class Args:
     gradient_accumulation_steps: int = 1
     """forward passes per update (ignored when --total-batch-size is given)"""
     total_batch_size: Optional[int] = None
-    """examples per update over all devices; sets gradient_accumulation_steps (must be a multiple of per_device_train_batch_size * world_size)"""
+    """examples per update over all devices; sets gradient_accumulation_steps (must be a multiple of per_device_train_batch_size * num_processes)"""
     per_device_eval_batch_size: int = 64
     """examples per device per forward pass in evaluation"""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """autocast precision (the paper: bf16)"""
+    bf16: bool = False
+    """bf16 mixed precision (autocast; GPU; the paper: on)"""
     gradient_checkpointing: bool = False
     """trade compute for memory"""
     logging_steps: int = 10
@@ -118,10 +118,10 @@ class Args:
     """greedy samples printed at the end, on validation prompts"""
 
     # to be filled in runtime
-    world_size: int = 0
+    num_processes: int = 0
     """number of processes"""
     batch_size: int = 0
-    """examples per update, all processes: per_device_train_batch_size * world_size * gradient_accumulation_steps"""
+    """examples per update, all processes: per_device_train_batch_size * num_processes * gradient_accumulation_steps"""
     num_updates: int = 0
     """optimiser updates in the whole run"""
     run_name: str = ""
@@ -142,7 +142,7 @@ PRESETS = {
         warmup_ratio=0.0,
         per_device_train_batch_size=16,
         per_device_eval_batch_size=16,
-        mixed_precision="bf16",
+        bf16=True,
         max_eval_samples=1024,
     ),
 }
@@ -156,18 +156,42 @@ def parse_args() -> Args:
 
 
 def exact_div(a: int, b: int, what: str) -> int:
-    if a % b != 0:
+    """a // b, or an error that names both ways out: a multiple of b for the first, a divisor of a for the second."""
+    if b < 1 or a % b != 0:
+        multiples = sorted({m for m in (b * (a // b), b * (a // b + 1)) if m > 0}) if b >= 1 else []
+        divisors = [d for d in range(1, a + 1) if a % d == 0]
         raise ValueError(
-            f"{what}: {a} is not a multiple of {b}; valid values are multiples of {b}, e.g. {b}, {2 * b}, {4 * b}"
+            f"{what}: {a} is not a multiple of {b}; make the first a multiple of {b} (e.g. {multiples}) "
+            f"or the second a divisor of {a} ({divisors})"
         )
     return a // b
 
 
-def require_path(path: str, flag: str) -> None:
-    """A local-looking path that does not exist is an error now, not a confusing hub lookup later."""
-    if (path.startswith((".", "/", "~")) or path.count("/") != 1) and not Path(path).exists():
+def own_output_dir(args: Args) -> str:
+    """--output-dir; but data other than the tiny world's, with --output-dir left at the tiny world's folder,
+    gets a run folder of its own (runs/{run_name}): your data never overwrites the tiny world's models."""
+    tiny = PRESETS["tiny"]
+    if args.output_dir == tiny.output_dir and os.path.normpath(args.dataset) != os.path.normpath(tiny.dataset):
+        return os.path.join("runs", args.run_name)
+    return args.output_dir
+
+
+def require_path(path: Optional[str], flag: str) -> None:
+    """Fail now, saying what to do, on a path that cannot be what was meant (instead of a hub lookup that
+    fails later with "couldn't connect to huggingface.co", or a tokenizer error on a run folder)."""
+    if not path:
+        return
+    p = Path(path).expanduser()
+    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
+        raise FileNotFoundError(f"{flag} {path} is a run folder, not a model: pass its model, {p / 'model'}")
+    if p.exists():
+        return
+    first = p.parts[0] if p.parts else ""
+    # a hub id is `name` or `owner/name`; anything else, or an `owner` that is a local folder, is a local path
+    if path.startswith((".", "/", "~", "runs/")) or path.count("/") > 1 or Path(first).is_dir():
         raise FileNotFoundError(
-            f"{flag} {path} does not exist (run the previous stage, `python tiny_world.py` for the tiny world, or pass {flag})"
+            f"{flag} {path}: no such folder (run the stage that writes it, `python pipeline.py` for the "
+            f"tiny world, or give the path of an existing folder)"
         )
 
 
@@ -187,9 +211,27 @@ ALPACA_PROMPT_NO_INPUT = (
 
 
 def read_rows(path: Path) -> list[dict]:
+    """Rows of a .jsonl (.json: one object per line) or .parquet file; errors name the file and 1-based line."""
     if path.suffix in (".jsonl", ".json"):
+        rows = []
         with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"{path}, line {number}: not valid JSON ({e.msg}, column {e.colno}); every line must be "
+                        "one JSON object: fix or delete that line"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise ValueError(
+                        f"{path}, line {number}: a {type(row).__name__}, not a JSON object; every line must be "
+                        "one object with the dataset's columns"
+                    )
+                rows.append(row)
+        return rows
     if path.suffix == ".parquet":
         import datasets
 
@@ -197,15 +239,16 @@ def read_rows(path: Path) -> list[dict]:
     raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
 
 
-def load_split(dataset: str, split: str, config: Optional[str] = None) -> list[dict]:
-    """Rows of one split from a hub id or a local path (folder of {split}.jsonl/.parquet, one file, or save_to_disk)."""
+def load_split(dataset: str, split: str, config: Optional[str] = None) -> tuple[list[dict], str]:
+    """(rows, where) of one split from a hub id or a local path (a folder of {split}.jsonl/.parquet, one
+    file, or save_to_disk); `where` names the file the rows came from, for error messages."""
     path = Path(dataset)
     if path.is_file():
-        return read_rows(path)
+        return read_rows(path), str(path)
     if path.is_dir():
         for name in (f"{split}.jsonl", f"{split}.parquet", f"{split}.json"):
             if (path / name).is_file():
-                return read_rows(path / name)
+                return read_rows(path / name), str(path / name)
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             import datasets
 
@@ -214,37 +257,69 @@ def load_split(dataset: str, split: str, config: Optional[str] = None) -> list[d
                 if split not in data:
                     raise ValueError(f"{dataset} has splits {list(data)}, not {split!r}: pass one of them")
                 data = data[split]
-            return data.to_list()
+            return data.to_list(), f"{dataset} [{split}]"
         found = sorted(p.name for p in path.iterdir())
         raise FileNotFoundError(
             f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})"
         )
     # a path-looking string that does not exist is a mistake, not a hub id
-    if dataset.startswith((".", "/", "~")) or dataset.count("/") != 1 or path.suffix in (".jsonl", ".parquet", ".json"):
+    first = path.parts[0] if path.parts else ""
+    if (
+        dataset.startswith((".", "/", "~", "runs/"))
+        or dataset.count("/") != 1
+        or path.suffix in (".jsonl", ".parquet", ".json")
+        or Path(first).is_dir()
+    ):
         raise FileNotFoundError(
-            f"dataset {dataset!r} does not exist (run `python tiny_world.py` for the tiny world, or pass --dataset)"
+            f"dataset {dataset!r} does not exist: no such file or folder (run `python tiny_world.py` for the "
+            "tiny world, or pass --dataset)"
         )
     import datasets
 
     try:
-        return datasets.load_dataset(dataset, config, split=split).to_list()
+        return datasets.load_dataset(dataset, config, split=split).to_list(), f"{dataset} [{split}]"
     except Exception as e:
         raise RuntimeError(f"could not load {dataset!r} (config {config}, split {split}) from the hub: {e}") from e
 
 
+def check_columns(rows: list[dict], columns: tuple, where: str) -> None:
+    """Every row has every column, as a string: a missing or null field is an error that names the row."""
+    if not rows:
+        raise ValueError(f"{where} is empty (no rows): point --dataset at a file or folder with data")
+    for number, row in enumerate(rows, 1):
+        for column in columns:
+            if column not in row:
+                raise ValueError(
+                    f"{where}, row {number}: no column {column!r} (every row needs {list(columns)}): "
+                    "add it or delete that row"
+                )
+            if not isinstance(row[column], str):
+                value = "null" if row[column] is None else f"a {type(row[column]).__name__}"
+                raise ValueError(
+                    f"{where}, row {number}: column {column!r} is {value}, not a string: give it a string "
+                    '("" for an empty Alpaca input) or delete that row'
+                )
+
+
 def detect_format(rows: list[dict], where: str) -> str:
-    columns = set(rows[0]) if rows else set()
-    if set(TLDR_COLUMNS) <= columns:
-        return "tldr"
-    if set(ALPACA_COLUMNS) <= columns:
-        return "alpaca"
+    """'tldr' or 'alpaca' from the columns of the first row; then every row must have them (check_columns)."""
+    if not rows:
+        raise ValueError(f"{where} is empty (no rows): point --dataset at a file or folder with data")
+    columns = set(rows[0])
+    for fmt, need in (("tldr", TLDR_COLUMNS), ("alpaca", ALPACA_COLUMNS)):
+        if set(need) <= columns:
+            check_columns(rows, need, where)
+            return fmt
     raise ValueError(
-        f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} or the AlpacaFarm columns {list(ALPACA_COLUMNS)}"
+        f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} "
+        f"or the AlpacaFarm columns {list(ALPACA_COLUMNS)}"
     )
 
 
 def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
-    """build(text) -> prompt; cut `text` at a whitespace boundary until the prompt has <= max_len tokens."""
+    """build(text) -> prompt; shorten `text` until the prompt has <= max_len tokens. The cut is at a token
+    boundary about on budget, moved back to the last whitespace when there is one in the kept part's second
+    half: words stay whole, and text without whitespace (Japanese, a long URL) is cut, not dropped whole."""
     while True:
         prompt = build(text)
         n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
@@ -252,15 +327,29 @@ def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
             return prompt
         if not text:
             raise ValueError(
-                f"prompt is {n} tokens even with an empty post/input; raise --max-prompt-length (now {max_len})"
+                f"prompt is {n} tokens even with an empty post/input/instruction; raise --max-prompt-length "
+                f"(now {max_len})"
             )
-        # jump close to the budget in one step, then back off to the previous whitespace
-        cut = min(len(text) - 1, int(len(text) * max_len / n))
-        space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
-        text = text[: max(space, 0)].rstrip()
+        keep = len(tokenizer(text, add_special_tokens=False).input_ids) - (n - max_len)
+        if keep <= 0:
+            cut = ""
+        elif getattr(tokenizer, "is_fast", False):  # the exact prefix of `text` that its first `keep` tokens cover
+            offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+            cut = text[: offsets[keep - 1][1]]
+        else:
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            cut = tokenizer.decode(ids[:keep]).rstrip("\ufffd")  # no half character at the end
+        space = max(cut.rfind(" "), cut.rfind("\n"))
+        at_word_end = text.startswith(cut) and text[len(cut) : len(cut) + 1].isspace()
+        if not at_word_end and space > len(cut) // 2:
+            cut = cut[:space]
+        cut = cut.rstrip()
+        text = cut if len(cut) < len(text) else text[:-1]  # always progress
 
 
 def to_prompt_response(row: dict, fmt: str, tokenizer, max_prompt_length: int) -> tuple[str, str]:
+    """The prompt (fitted to max_prompt_length: the TL;DR post, the Alpaca input, or else the Alpaca
+    instruction is cut) and the reference response of one row; every script builds its prompts here."""
     if fmt == "tldr":
         build = lambda post: f"SUBREDDIT: r/{row['subreddit']}\n\nTITLE: {row['title']}\n\nPOST: {post}\n\nTL;DR:"
         return fit_prompt(build, row["post"].strip(), tokenizer, max_prompt_length), " " + row["summary"].strip()
@@ -362,25 +451,26 @@ class MetricsLogger:
 
 if __name__ == "__main__":
     args = parse_args()
-    args.world_size = PartialState(
+    args.num_processes = PartialState(
         cpu=not torch.cuda.is_available()
     ).num_processes  # before the Accelerator: DeepSpeed fixes accumulation at init
     if args.total_batch_size is not None:
         args.gradient_accumulation_steps = exact_div(
             args.total_batch_size,
-            args.per_device_train_batch_size * args.world_size,
-            "--total-batch-size must be a multiple of per_device_train_batch_size * world_size",
+            args.per_device_train_batch_size * args.num_processes,
+            "--total-batch-size must be a multiple of per_device_train_batch_size * num_processes",
         )
-    args.batch_size = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    args.batch_size = args.per_device_train_batch_size * args.num_processes * args.gradient_accumulation_steps
     # no GPU: the processes that `accelerate launch --multi_gpu` starts run on the CPU (gloo)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        mixed_precision="bf16" if args.bf16 else "no",
     )
     run_name = [f"{args.exp_name}__{args.seed}__{int(time.time())}"]
     broadcast_object_list(run_name)  # rank 0's clock, so all ranks agree
     args.run_name = run_name[0]
+    args.output_dir = own_output_dir(args)
 
     # same seed on every rank: identical initialisation, and accelerate shards one shared data order
     random.seed(args.seed)
@@ -400,14 +490,15 @@ if __name__ == "__main__":
             "the tokenizer has no eos_token: SFT teaches the policy to end with EOS; pick a tokenizer with one"
         )
     distinct_pad_token(tokenizer)  # saved with the policy: every later stage pads with it
-    train_rows = load_split(args.dataset, args.train_split, args.dataset_config)[: args.max_train_samples]
-    eval_rows = load_split(args.dataset, args.eval_split, args.dataset_config)[: args.max_eval_samples]
-    fmt = detect_format(train_rows, f"{args.dataset} [{args.train_split}]")
-    detect_format(eval_rows, f"{args.dataset} [{args.eval_split}]")
+    train_rows, train_where = load_split(args.dataset, args.train_split, args.dataset_config)
+    eval_rows, eval_where = load_split(args.dataset, args.eval_split, args.dataset_config)
+    train_rows, eval_rows = train_rows[: args.max_train_samples], eval_rows[: args.max_eval_samples]
+    fmt = detect_format(train_rows, train_where)
+    detect_format(eval_rows, eval_where)
     train_data = tokenize_sft(train_rows, fmt, tokenizer, args)
     eval_data = tokenize_sft(eval_rows, fmt, tokenizer, args)
     steps_per_epoch = math.ceil(
-        math.ceil(len(train_data) / (args.per_device_train_batch_size * args.world_size))
+        math.ceil(len(train_data) / (args.per_device_train_batch_size * args.num_processes))
         / args.gradient_accumulation_steps
     )
     args.num_updates = steps_per_epoch * args.num_train_epochs

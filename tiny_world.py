@@ -43,7 +43,7 @@ and response = " " + summary, truncated after its first EOS with the EOS kept (t
 " " + summary + EOS). The reward is the `score` head applied to the last-layer hidden state at that
 EOS token. The pad token is distinct from the EOS, so Hugging Face's own pooling (the last token that is
 not pad) reads that same EOS: on a right-padded batch, `model(**tokenizer(texts, padding=True)).logits`
-equals `score_at_last_token` below, which finds the last real token from the attention mask instead
+equals `reward_and_features` below, which finds the last real token from the attention mask instead
 (what the stage scripts do, so that they also read a pad == eos model at the EOS).
 """
 
@@ -58,6 +58,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import tyro
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
@@ -468,12 +469,24 @@ def last_token_index(attention_mask):
     return (attention_mask * pos).argmax(dim=1)
 
 
-def score_at_last_token(model, input_ids, attention_mask):
-    """Reward of a GPTNeoXForSequenceClassification: `score` head on the hidden state at the last
-    real token (our own index from the mask; HF's pad-based pooling gives the same here, as pad != eos)."""
-    h = model.gpt_neox(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    idx = last_token_index(attention_mask)
-    return model.score(h[torch.arange(h.shape[0]), idx]).squeeze(-1)
+def position_ids_of(mask):
+    """Positions that skip the left padding, so a padded prompt is seen exactly as an unpadded one."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def reward_and_features(rm, ids, mask):
+    """ONE forward of a reward model: (reward (N,), features h (N, d)), both float32, read at the last real
+    token of every row (the EOS when there is one; any padding, left or right). h is the input of the linear
+    `score` head and reward = w^T h + b - reward_offset (the constant that centres the references, in the
+    RM's config). The index comes from the mask, never from searching for pad ids; the head is applied in
+    float32, so a bf16 backbone does not quantise the reward. No `no_grad` here: train_rm.py trains through it."""
+    hidden = getattr(rm, rm.base_model_prefix)(input_ids=ids, attention_mask=mask, position_ids=position_ids_of(mask))
+    last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
+    h = hidden.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last].float()
+    bias = None if rm.score.bias is None else rm.score.bias.float()
+    with torch.autocast(h.device.type, enabled=False):  # float32 even inside an autocast region (bf16 training)
+        reward = F.linear(h, rm.score.weight.float(), bias).squeeze(-1)
+    return reward - getattr(rm.config, "reward_offset", 0.0), h
 
 
 def encode_scored(tokenizer, prompts, summaries):
@@ -488,7 +501,7 @@ def gold_scores(model, tokenizer, prompts, summaries, batch_size=256):
     out = []
     for i in range(0, len(prompts), batch_size):
         b = encode_scored(tokenizer, prompts[i : i + batch_size], summaries[i : i + batch_size])
-        out.append(score_at_last_token(model, b["input_ids"], b["attention_mask"]))
+        out.append(reward_and_features(model, b["input_ids"], b["attention_mask"])[0])
     return torch.cat(out)
 
 
@@ -689,7 +702,7 @@ if __name__ == "__main__":
             pooling="score head on the last-layer hidden state at the last real token (the first EOS of the "
             "response, kept); the same as HF pooling (last token that is not pad) since pad != eos",
             padding="right",
-            function="tiny_world.score_at_last_token",
+            function="tiny_world.reward_and_features",
         ),
         measured=measured,
     )

@@ -1,7 +1,7 @@
 """Stage 3 of the gold-model pipeline: the proxy reward model, Bradley-Terry on the gold-labelled pairs.
 
 The proxy RM is the SFT backbone with a fresh scalar head:
-`AutoModelForSequenceClassification.from_pretrained(sft_path, num_labels=1)`, the `score` Linear
+`AutoModelForSequenceClassification.from_pretrained(policy_path, num_labels=1)`, the `score` Linear
 re-initialised with std 1/sqrt(hidden + 1) (as summarize_from_feedback_details) from `--seed`, so
 that several seeds give the ensemble members UWO needs (`--seed 2 --output-dir runs/tiny_world/rm_2`).
 All parameters are trained with the Bradley-Terry loss `-log sigmoid(r(x, y_chosen) - r(x, y_rejected))`.
@@ -54,6 +54,7 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import tyro
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object
@@ -79,7 +80,7 @@ class Args:
     # Algorithm specific arguments
     preset: Literal["tiny", "paper"] = "tiny"
     """`tiny`: the offline tiny world on a CPU; `paper`: Pythia-1B on TL;DR as in the paper. Explicit flags override the preset"""
-    sft_path: str = "runs/tiny_world/sft"
+    policy_path: str = "runs/tiny_world/sft"
     """the SFT model whose backbone becomes the proxy RM (output of sft.py)"""
     trust_remote_code: bool = False
     """allow custom modelling code from the hub (off: only code shipped with transformers runs)"""
@@ -118,23 +119,23 @@ class Args:
     gradient_accumulation_steps: int = 1
     """forward passes per update (ignored when --total-batch-size is given)"""
     total_batch_size: Optional[int] = None
-    """pairs per update over all devices; sets gradient_accumulation_steps (must be a multiple of per_device_train_batch_size * world_size)"""
+    """pairs per update over all devices; sets gradient_accumulation_steps (must be a multiple of per_device_train_batch_size * num_processes)"""
     per_device_eval_batch_size: int = 64
     """sequences per forward pass in evaluation"""
     eval_steps: int = 100
     """held-out accuracy every N updates (and at the end)"""
     logging_steps: int = 10
     """log the training loss every N updates"""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """autocast precision (the paper: bf16)"""
+    bf16: bool = False
+    """bf16 mixed precision (autocast; GPU; the paper: on)"""
     gradient_checkpointing: bool = False
     """trade compute for memory (the paper: on)"""
 
     # to be filled in runtime
-    world_size: int = 0
+    num_processes: int = 0
     """number of processes"""
     batch_size: int = 0
-    """pairs per update, all processes: per_device_train_batch_size * world_size * gradient_accumulation_steps"""
+    """pairs per update, all processes: per_device_train_batch_size * num_processes * gradient_accumulation_steps"""
     num_updates: int = 0
     """optimiser updates in the whole run"""
     run_name: str = ""
@@ -145,7 +146,7 @@ PRESETS = {
     "tiny": Args(),
     "paper": Args(
         preset="paper",
-        sft_path="runs/paper/sft",
+        policy_path="runs/paper/sft",
         prefs_path="runs/paper/prefs",
         dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered",
         num_norm_samples=1024,
@@ -156,7 +157,7 @@ PRESETS = {
         per_device_train_batch_size=16,
         per_device_eval_batch_size=32,
         eval_steps=200,
-        mixed_precision="bf16",
+        bf16=True,
         gradient_checkpointing=True,
     ),
 }
@@ -170,18 +171,33 @@ def parse_args() -> Args:
 
 
 def exact_div(a: int, b: int, what: str) -> int:
-    if a % b != 0:
+    """a // b, or an error that names both ways out: a multiple of b for the first, a divisor of a for the second."""
+    if b < 1 or a % b != 0:
+        multiples = sorted({m for m in (b * (a // b), b * (a // b + 1)) if m > 0}) if b >= 1 else []
+        divisors = [d for d in range(1, a + 1) if a % d == 0]
         raise ValueError(
-            f"{what}: {a} is not a multiple of {b}; valid values are multiples of {b}, e.g. {b}, {2 * b}, {4 * b}"
+            f"{what}: {a} is not a multiple of {b}; make the first a multiple of {b} (e.g. {multiples}) "
+            f"or the second a divisor of {a} ({divisors})"
         )
     return a // b
 
 
-def require_path(path: str, flag: str) -> None:
-    """A local-looking path that does not exist is an error now, not a confusing hub lookup later."""
-    if (path.startswith((".", "/", "~")) or path.count("/") != 1) and not Path(path).exists():
+def require_path(path: Optional[str], flag: str) -> None:
+    """Fail now, saying what to do, on a path that cannot be what was meant (instead of a hub lookup that
+    fails later with "couldn't connect to huggingface.co", or a tokenizer error on a run folder)."""
+    if not path:
+        return
+    p = Path(path).expanduser()
+    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
+        raise FileNotFoundError(f"{flag} {path} is a run folder, not a model: pass its model, {p / 'model'}")
+    if p.exists():
+        return
+    first = p.parts[0] if p.parts else ""
+    # a hub id is `name` or `owner/name`; anything else, or an `owner` that is a local folder, is a local path
+    if path.startswith((".", "/", "~", "runs/")) or path.count("/") > 1 or Path(first).is_dir():
         raise FileNotFoundError(
-            f"{flag} {path} does not exist (run the previous stage, `python tiny_world.py` for the tiny world, or pass {flag})"
+            f"{flag} {path}: no such folder (run the stage that writes it, `python pipeline.py` for the "
+            f"tiny world, or give the path of an existing folder)"
         )
 
 
@@ -201,9 +217,27 @@ ALPACA_PROMPT_NO_INPUT = (
 
 
 def read_rows(path: Path) -> list[dict]:
+    """Rows of a .jsonl (.json: one object per line) or .parquet file; errors name the file and 1-based line."""
     if path.suffix in (".jsonl", ".json"):
+        rows = []
         with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"{path}, line {number}: not valid JSON ({e.msg}, column {e.colno}); every line must be "
+                        "one JSON object: fix or delete that line"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise ValueError(
+                        f"{path}, line {number}: a {type(row).__name__}, not a JSON object; every line must be "
+                        "one object with the dataset's columns"
+                    )
+                rows.append(row)
+        return rows
     if path.suffix == ".parquet":
         import datasets
 
@@ -211,15 +245,16 @@ def read_rows(path: Path) -> list[dict]:
     raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
 
 
-def load_split(dataset: str, split: str, config: Optional[str] = None) -> list[dict]:
-    """Rows of one split from a hub id or a local path (folder of {split}.jsonl/.parquet, one file, or save_to_disk)."""
+def load_split(dataset: str, split: str, config: Optional[str] = None) -> tuple[list[dict], str]:
+    """(rows, where) of one split from a hub id or a local path (a folder of {split}.jsonl/.parquet, one
+    file, or save_to_disk); `where` names the file the rows came from, for error messages."""
     path = Path(dataset)
     if path.is_file():
-        return read_rows(path)
+        return read_rows(path), str(path)
     if path.is_dir():
         for name in (f"{split}.jsonl", f"{split}.parquet", f"{split}.json"):
             if (path / name).is_file():
-                return read_rows(path / name)
+                return read_rows(path / name), str(path / name)
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             import datasets
 
@@ -228,37 +263,69 @@ def load_split(dataset: str, split: str, config: Optional[str] = None) -> list[d
                 if split not in data:
                     raise ValueError(f"{dataset} has splits {list(data)}, not {split!r}: pass one of them")
                 data = data[split]
-            return data.to_list()
+            return data.to_list(), f"{dataset} [{split}]"
         found = sorted(p.name for p in path.iterdir())
         raise FileNotFoundError(
             f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})"
         )
     # a path-looking string that does not exist is a mistake, not a hub id
-    if dataset.startswith((".", "/", "~")) or dataset.count("/") != 1 or path.suffix in (".jsonl", ".parquet", ".json"):
+    first = path.parts[0] if path.parts else ""
+    if (
+        dataset.startswith((".", "/", "~", "runs/"))
+        or dataset.count("/") != 1
+        or path.suffix in (".jsonl", ".parquet", ".json")
+        or Path(first).is_dir()
+    ):
         raise FileNotFoundError(
-            f"dataset {dataset!r} does not exist (run `python tiny_world.py` for the tiny world, or pass --dataset)"
+            f"dataset {dataset!r} does not exist: no such file or folder (run `python tiny_world.py` for the "
+            "tiny world, or pass --dataset)"
         )
     import datasets
 
     try:
-        return datasets.load_dataset(dataset, config, split=split).to_list()
+        return datasets.load_dataset(dataset, config, split=split).to_list(), f"{dataset} [{split}]"
     except Exception as e:
         raise RuntimeError(f"could not load {dataset!r} (config {config}, split {split}) from the hub: {e}") from e
 
 
+def check_columns(rows: list[dict], columns: tuple, where: str) -> None:
+    """Every row has every column, as a string: a missing or null field is an error that names the row."""
+    if not rows:
+        raise ValueError(f"{where} is empty (no rows): point --dataset at a file or folder with data")
+    for number, row in enumerate(rows, 1):
+        for column in columns:
+            if column not in row:
+                raise ValueError(
+                    f"{where}, row {number}: no column {column!r} (every row needs {list(columns)}): "
+                    "add it or delete that row"
+                )
+            if not isinstance(row[column], str):
+                value = "null" if row[column] is None else f"a {type(row[column]).__name__}"
+                raise ValueError(
+                    f"{where}, row {number}: column {column!r} is {value}, not a string: give it a string "
+                    '("" for an empty Alpaca input) or delete that row'
+                )
+
+
 def detect_format(rows: list[dict], where: str) -> str:
-    columns = set(rows[0]) if rows else set()
-    if set(TLDR_COLUMNS) <= columns:
-        return "tldr"
-    if set(ALPACA_COLUMNS) <= columns:
-        return "alpaca"
+    """'tldr' or 'alpaca' from the columns of the first row; then every row must have them (check_columns)."""
+    if not rows:
+        raise ValueError(f"{where} is empty (no rows): point --dataset at a file or folder with data")
+    columns = set(rows[0])
+    for fmt, need in (("tldr", TLDR_COLUMNS), ("alpaca", ALPACA_COLUMNS)):
+        if set(need) <= columns:
+            check_columns(rows, need, where)
+            return fmt
     raise ValueError(
-        f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} or the AlpacaFarm columns {list(ALPACA_COLUMNS)}"
+        f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} "
+        f"or the AlpacaFarm columns {list(ALPACA_COLUMNS)}"
     )
 
 
 def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
-    """build(text) -> prompt; cut `text` at a whitespace boundary until the prompt has <= max_len tokens."""
+    """build(text) -> prompt; shorten `text` until the prompt has <= max_len tokens. The cut is at a token
+    boundary about on budget, moved back to the last whitespace when there is one in the kept part's second
+    half: words stay whole, and text without whitespace (Japanese, a long URL) is cut, not dropped whole."""
     while True:
         prompt = build(text)
         n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
@@ -266,15 +333,29 @@ def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
             return prompt
         if not text:
             raise ValueError(
-                f"prompt is {n} tokens even with an empty post/input; raise --max-prompt-length (now {max_len})"
+                f"prompt is {n} tokens even with an empty post/input/instruction; raise --max-prompt-length "
+                f"(now {max_len})"
             )
-        # jump close to the budget in one step, then back off to the previous whitespace
-        cut = min(len(text) - 1, int(len(text) * max_len / n))
-        space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
-        text = text[: max(space, 0)].rstrip()
+        keep = len(tokenizer(text, add_special_tokens=False).input_ids) - (n - max_len)
+        if keep <= 0:
+            cut = ""
+        elif getattr(tokenizer, "is_fast", False):  # the exact prefix of `text` that its first `keep` tokens cover
+            offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+            cut = text[: offsets[keep - 1][1]]
+        else:
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            cut = tokenizer.decode(ids[:keep]).rstrip("\ufffd")  # no half character at the end
+        space = max(cut.rfind(" "), cut.rfind("\n"))
+        at_word_end = text.startswith(cut) and text[len(cut) : len(cut) + 1].isspace()
+        if not at_word_end and space > len(cut) // 2:
+            cut = cut[:space]
+        cut = cut.rstrip()
+        text = cut if len(cut) < len(text) else text[:-1]  # always progress
 
 
 def to_prompt_response(row: dict, fmt: str, tokenizer, max_prompt_length: int) -> tuple[str, str]:
+    """The prompt (fitted to max_prompt_length: the TL;DR post, the Alpaca input, or else the Alpaca
+    instruction is cut) and the reference response of one row; every script builds its prompts here."""
     if fmt == "tldr":
         build = lambda post: f"SUBREDDIT: r/{row['subreddit']}\n\nTITLE: {row['title']}\n\nPOST: {post}\n\nTL;DR:"
         return fit_prompt(build, row["post"].strip(), tokenizer, max_prompt_length), " " + row["summary"].strip()
@@ -300,6 +381,7 @@ def load_pairs(path: Path) -> list[dict]:
         raise ValueError(
             f"{path} has columns {sorted(rows[0])}; preference pairs need {list(PAIR_COLUMNS)} (the output of gen_prefs.py)"
         )
+    check_columns(rows, PAIR_COLUMNS, str(path))  # every row, not only the first
     return rows
 
 
@@ -317,12 +399,20 @@ def distinct_pad_token(tokenizer) -> None:
         tokenizer.add_special_tokens({"pad_token": "[PAD]"})
 
 
-def rm_input_ids(tokenizer, prompt: str, response: str, max_length: int) -> list[int]:
-    """The proxy's input: prompt ids, response ids, EOS (the RL stage concatenates policy tokens the same way)."""
-    ids = (
-        tokenizer(prompt, add_special_tokens=False).input_ids + tokenizer(response, add_special_tokens=False).input_ids
-    )
-    return (ids + [tokenizer.eos_token_id])[-max_length:]  # keep the end: that is where the reward is read
+def rm_input_ids(tokenizer, prompt: str, response: str, max_length: int, chat: bool) -> list[int]:
+    """What a reward model reads. chat: the tokenizer's chat template (user = prompt, assistant =
+    response), for a gold like Skywork; else prompt ids + response ids + EOS (the tiny-world gold, and
+    the proxy RM, whose RL stage concatenates policy tokens the same way)."""
+    if chat:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response.strip()}]
+        ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids
+    else:
+        ids = (
+            tokenizer(prompt, add_special_tokens=False).input_ids
+            + tokenizer(response, add_special_tokens=False).input_ids
+        )
+        ids = ids + [tokenizer.eos_token_id]
+    return ids[-max_length:]  # keep the end: that is where the reward is read
 
 
 def pad_right(seqs: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,22 +422,24 @@ def pad_right(seqs: list[list[int]], pad_token_id: int, device) -> tuple[torch.T
     return ids, mask
 
 
-def reward_at_last_token(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One backbone forward -> (reward (B,), feature h (B, H)) at the last real token of every row.
+def position_ids_of(mask):
+    """Positions that skip the left padding, so a padded prompt is seen exactly as an unpadded one."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
 
-    The last real token comes from the attention mask (with a pad == eos tokenizer, searching pad ids would
-    read the wrong token); position ids count real tokens only, so left padding changes nothing.
-    `reward = score(h)`, the `score` head applied to h (r = w^T h, docs/METHOD.md section 1).
-    """
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    last = (attention_mask * positions).argmax(1)  # the largest position whose mask is 1
-    feature = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return model.score(feature).squeeze(-1), feature
+
+def reward_and_features(rm, ids, mask):
+    """ONE forward of a reward model: (reward (N,), features h (N, d)), both float32, read at the last real
+    token of every row (the EOS when there is one; any padding, left or right). h is the input of the linear
+    `score` head and reward = w^T h + b - reward_offset (the constant that centres the references, in the
+    RM's config). The index comes from the mask, never from searching for pad ids; the head is applied in
+    float32, so a bf16 backbone does not quantise the reward. No `no_grad` here: train_rm.py trains through it."""
+    hidden = getattr(rm, rm.base_model_prefix)(input_ids=ids, attention_mask=mask, position_ids=position_ids_of(mask))
+    last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
+    h = hidden.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last].float()
+    bias = None if rm.score.bias is None else rm.score.bias.float()
+    with torch.autocast(h.device.type, enabled=False):  # float32 even inside an autocast region (bf16 training)
+        reward = F.linear(h, rm.score.weight.float(), bias).squeeze(-1)
+    return reward - getattr(rm.config, "reward_offset", 0.0), h
 
 
 class LastTokenReward(torch.nn.Module):
@@ -358,17 +450,17 @@ class LastTokenReward(torch.nn.Module):
         self.rm = rm
 
     def forward(self, input_ids, attention_mask):
-        return reward_at_last_token(self.rm, input_ids, attention_mask)[0]
+        return reward_and_features(self.rm, input_ids, attention_mask)[0]
 
 
 @torch.no_grad()
 def score_seqs(rm, seqs: list[list[int]], batch_size: int, pad_token_id: int, accelerator) -> list[float]:
-    """Rewards of this process's sequences (no offset)."""
+    """Rewards of this process's sequences (minus config.reward_offset: 0 until it is fitted at the end)."""
     out = []
     for i in range(0, len(seqs), batch_size):
         ids, mask = pad_right(seqs[i : i + batch_size], pad_token_id, accelerator.device)
         with accelerator.autocast():
-            out += reward_at_last_token(rm, ids, mask)[0].float().tolist()
+            out += reward_and_features(rm, ids, mask)[0].tolist()
     return out
 
 
@@ -414,21 +506,21 @@ class MetricsLogger:
 
 if __name__ == "__main__":
     args = parse_args()
-    args.world_size = PartialState(
+    args.num_processes = PartialState(
         cpu=not torch.cuda.is_available()
     ).num_processes  # before the Accelerator: DeepSpeed fixes accumulation at init
     if args.total_batch_size is not None:
         args.gradient_accumulation_steps = exact_div(
             args.total_batch_size,
-            args.per_device_train_batch_size * args.world_size,
-            "--total-batch-size must be a multiple of per_device_train_batch_size * world_size",
+            args.per_device_train_batch_size * args.num_processes,
+            "--total-batch-size must be a multiple of per_device_train_batch_size * num_processes",
         )
-    args.batch_size = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    args.batch_size = args.per_device_train_batch_size * args.num_processes * args.gradient_accumulation_steps
     # no GPU: the processes that `accelerate launch --multi_gpu` starts run on the CPU (gloo)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
+        mixed_precision="bf16" if args.bf16 else "no",
     )
     run_name = [f"{args.exp_name}__{args.seed}__{int(time.time())}"]
     broadcast_object_list(run_name)  # rank 0's clock, so all ranks agree
@@ -440,32 +532,33 @@ if __name__ == "__main__":
     torch.backends.cudnn.deterministic = args.torch_deterministic
 
     # inputs first: a bad path or bad data fails before the model is loaded
-    require_path(args.sft_path, "--sft-path")
+    require_path(args.policy_path, "--policy-path")
     require_path(args.prefs_path, "--prefs-path")
     train_pairs = load_pairs(Path(args.prefs_path) / "train.jsonl")[: args.max_train_pairs]
     test_pairs = load_pairs(Path(args.prefs_path) / "test.jsonl")
-    tokenizer = AutoTokenizer.from_pretrained(args.sft_path, trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(args.policy_path, trust_remote_code=args.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(
-            f"the tokenizer of {args.sft_path} has no eos_token: the reward is read at the EOS; pick a tokenizer with one"
+            f"the tokenizer of {args.policy_path} has no eos_token: the reward is read at the EOS; pick a tokenizer with one"
         )
     distinct_pad_token(tokenizer)  # an SFT from sft.py has one already
-    norm_rows = load_split(args.dataset, args.norm_split, args.dataset_config)[: args.num_norm_samples]
-    fmt = detect_format(norm_rows, f"{args.dataset} [{args.norm_split}]")
+    norm_rows, norm_where = load_split(args.dataset, args.norm_split, args.dataset_config)
+    norm_rows = norm_rows[: args.num_norm_samples]
+    fmt = detect_format(norm_rows, norm_where)
     references = [
-        rm_input_ids(tokenizer, *to_prompt_response(r, fmt, tokenizer, args.max_prompt_length), args.max_length)
+        rm_input_ids(tokenizer, *to_prompt_response(r, fmt, tokenizer, args.max_prompt_length), args.max_length, False)
         for r in norm_rows
     ]
     encode = lambda rows: [
         (
-            rm_input_ids(tokenizer, r["prompt"], r["chosen"], args.max_length),
-            rm_input_ids(tokenizer, r["prompt"], r["rejected"], args.max_length),
+            rm_input_ids(tokenizer, r["prompt"], r["chosen"], args.max_length, False),
+            rm_input_ids(tokenizer, r["prompt"], r["rejected"], args.max_length, False),
         )
         for r in rows
     ]
     train_data, test_data = encode(train_pairs), encode(test_pairs)
     steps_per_epoch = math.ceil(
-        math.ceil(len(train_data) / (args.per_device_train_batch_size * args.world_size))
+        math.ceil(len(train_data) / (args.per_device_train_batch_size * args.num_processes))
         / args.gradient_accumulation_steps
     )
     args.num_updates = steps_per_epoch * args.num_train_epochs
@@ -477,7 +570,7 @@ if __name__ == "__main__":
             print(f"  {k}: {v}")
 
     rm = AutoModelForSequenceClassification.from_pretrained(
-        args.sft_path, num_labels=1, trust_remote_code=args.trust_remote_code
+        args.policy_path, num_labels=1, trust_remote_code=args.trust_remote_code
     )
     if not isinstance(getattr(rm, "score", None), torch.nn.Linear):
         raise ValueError(
@@ -486,6 +579,7 @@ if __name__ == "__main__":
     torch.nn.init.normal_(rm.score.weight, std=1 / math.sqrt(rm.config.hidden_size + 1))  # fresh head, seeded
     if len(tokenizer) > rm.get_input_embeddings().num_embeddings:  # a new [PAD] (Pythia has spare rows)
         rm.resize_token_embeddings(len(tokenizer))
+    rm.config.reward_offset = 0.0  # reward_and_features subtracts it: raw score(h) until it is fitted at the end
     rm.config.pad_token_id = tokenizer.pad_token_id  # != eos: plain HF pooling then reads the EOS, as we do
     if args.gradient_checkpointing:
         rm.gradient_checkpointing_enable()

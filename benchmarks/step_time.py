@@ -103,8 +103,9 @@ if __name__ == "__main__":
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     policy = AutoModelForCausalLM.from_pretrained(args.policy_path).to(device)
     ref = AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=dtype).to(device).eval()
-    rm = load_reward_model(args.reward_model_path, dtype, False).to(device)
-    prompts = build_prompts(load_split(args.dataset, "train"), tokenizer, 512, args.dataset)
+    rm = load_reward_model(args.reward_model_path, False, dtype, "--reward-model-path").to(device)
+    rows, where = load_split(args.dataset, "train")
+    prompts = build_prompts(rows, tokenizer, 512, where)
     start = copy.deepcopy(policy.state_dict())
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     opt_start = copy.deepcopy(optimizer.state_dict())

@@ -62,7 +62,7 @@ def test_signcert_gradient_is_eq11_surrogate_with_stop_gradient(theta, clip):
     pi = bt.softmax(theta)
     adv = bt.advantages(pi, H @ bt.W_PROXY)
     eps, dist = bt.signcert_eps(pi, H, adv, 0.25)
-    atilde = torch.tensor(bt.signcert_advantages(adv, dist, eps, clip))
+    atilde = torch.tensor(bt.worst_case_advantages(adv, dist, eps, clip))
     t = torch.tensor(theta, dtype=torch.float64, requires_grad=True)
     (torch.softmax(t, dim=0) @ atilde).backward()
     np.testing.assert_allclose(bt.grad_signcert(theta, H, 0.25, clip), t.grad.numpy(), rtol=1e-10, atol=1e-12)
@@ -73,7 +73,7 @@ def test_signcert_with_eps_zero_is_drgrpo_exactly(theta):
     pi = bt.softmax(theta)
     adv = bt.advantages(pi, H @ bt.W_PROXY)
     _, dist = bt.radii(pi, H, adv)
-    assert np.array_equal(bt.policy_gradient(pi, bt.signcert_advantages(adv, dist, 0.0)), bt.grad_drgrpo(theta, H))
+    assert np.array_equal(bt.policy_gradient(pi, bt.worst_case_advantages(adv, dist, 0.0)), bt.grad_drgrpo(theta, H))
 
 
 def test_quantile_zero_is_dr_grpo_and_small_q_follows_the_radii():
@@ -86,7 +86,7 @@ def test_quantile_zero_is_dr_grpo_and_small_q_follows_the_radii():
     assert eps == 0.0
     eps, _ = bt.signcert_eps(pi, H, adv, 1e-9)
     assert eps == pytest.approx(delta.min())
-    atilde = bt.signcert_advantages(adv, dist, eps)
+    atilde = bt.worst_case_advantages(adv, dist, eps)
     assert atilde[np.argmin(delta)] == pytest.approx(0.0, abs=1e-9)
     np.testing.assert_allclose(
         np.delete(atilde, np.argmin(delta)) / np.delete(adv, np.argmin(delta)),
@@ -99,8 +99,8 @@ def test_signcert_edge_cases_and_clip():
     adv = np.array([0.0, 0.5, -0.5, 0.2, -0.2])
     dist = np.array([1.0, 0.0, 0.0, 1.0, 1.0])
     eps = 0.3
-    np.testing.assert_allclose(bt.signcert_advantages(adv, dist, eps), [0.0, 0.5, -0.5, -0.1, 0.1])  # rho < 0 flips
-    np.testing.assert_allclose(bt.signcert_advantages(adv, dist, eps, clip=True), [0.0, 0.5, -0.5, 0.0, 0.0])
+    np.testing.assert_allclose(bt.worst_case_advantages(adv, dist, eps), [0.0, 0.5, -0.5, -0.1, 0.1])  # rho < 0 flips
+    np.testing.assert_allclose(bt.worst_case_advantages(adv, dist, eps, clip=True), [0.0, 0.5, -0.5, 0.0, 0.0])
     delta, _ = bt.radii(np.array([0.5, 0.5]), np.array([[1.0, 0.0], [1.0, 0.0]]), np.array([0.3, 0.0]))
     assert np.all(np.isinf(delta))
     assert bt.quantile(delta, 0.25) == 0.0  # no finite radius: eps = 0
@@ -153,3 +153,23 @@ def test_script_run(tmp_path):
     for row in final.values():
         assert sum(row["final_policy"]) == pytest.approx(1.0)
     assert "Dr.GRPO" in out.stdout and "SignCert-PO" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--quantile", "1.5"), "--quantile must lie in [0, 1]"),
+        (("--quantile", "-0.1"), "--quantile must lie in [0, 1]"),
+        (("--global-eps-num", "0"), "--global-eps-num must be >= 1"),
+        (("--global-eps-min", "0"), "--global-eps-min and --global-eps-max"),
+    ],
+)
+def test_bad_flags_are_named_and_write_nothing(tmp_path, flags, message):
+    out = subprocess.run(
+        [sys.executable, "bandit_toy.py", "--output-dir", str(tmp_path / "out"), *flags],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and message in out.stderr and not (tmp_path / "out").exists()

@@ -3,7 +3,8 @@
 TL;DR (`vwxyzjn/summarize_from_feedback_tldr_3_filtered`: id, subreddit, title, post, summary) as a
 folder of jsonl, a single jsonl file, a folder of parquet and a `datasets.save_to_disk` folder;
 AlpacaFarm (`tatsu-lab/alpaca_farm`: instruction, input, output) with and without input.
-Every script carries its own copy of the loader (scripts share nothing), so every copy is tested.
+Every script carries its own copy of the loader (scripts share nothing), so every copy is tested
+(tests/test_shared_helpers.py checks that the copies are the same source).
     python -m pytest tests/test_loaders.py -q
 """
 
@@ -17,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-SCRIPTS = ["sft", "gen_prefs", "train_rm", "eval_gold"]
+SCRIPTS = ["sft", "gen_prefs", "train_rm", "eval_gold", "grpo_signcert"]
 TLDR = [
     {
         "id": "t3_a",
@@ -78,9 +79,9 @@ def tldr_sources(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("source", ["jsonl", "single.jsonl", "parquet", "disk", "disk_single"])
 def test_tldr_sources_load_the_same_rows(script, source, tldr_sources, tokenizer):
     mod = __import__(script)
-    rows = mod.load_split(tldr_sources[source], "train")
+    rows, where = mod.load_split(tldr_sources[source], "train")
     assert [{k: r[k] for k in TLDR[0]} for r in rows] == TLDR
-    assert mod.detect_format(rows, source) == "tldr"
+    assert mod.detect_format(rows, where) == "tldr" and where.startswith(tldr_sources[source])
     prompt, response = mod.to_prompt_response(rows[1], "tldr", tokenizer, 512)
     assert (
         prompt
@@ -110,7 +111,7 @@ def test_tldr_long_post_is_cut_at_whitespace(script, tokenizer):
 def test_alpaca_with_and_without_input(script, tmp_path, tokenizer):
     mod = __import__(script)
     write_jsonl(tmp_path / "sft.jsonl", ALPACA)
-    rows = mod.load_split(str(tmp_path), "sft")
+    rows, _ = mod.load_split(str(tmp_path), "sft")
     assert mod.detect_format(rows, "alpaca") == "alpaca"
     with_input, response = mod.to_prompt_response(rows[0], "alpaca", tokenizer, 10_000)
     assert with_input == (
@@ -131,7 +132,7 @@ def test_alpaca_with_and_without_input(script, tmp_path, tokenizer):
 def test_bad_datasets_give_clear_errors(script, tmp_path):
     mod = __import__(script)
     write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": "a"}])
-    rows = mod.load_split(str(tmp_path), "train")
+    rows, _ = mod.load_split(str(tmp_path), "train")
     with pytest.raises(
         ValueError, match=r"has columns \['answer', 'question'\]; need the TL;DR columns .*AlpacaFarm columns"
     ):
@@ -149,3 +150,123 @@ def test_save_to_disk_unknown_split(script, tldr_sources):
     mod = __import__(script)
     with pytest.raises(ValueError, match=r"has splits \['train'\], not 'test'"):
         mod.load_split(tldr_sources["disk"], "test")
+
+
+# ---------------------------------------------------------------- data errors that say where (issue 8 item 8)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_malformed_jsonl_line_names_file_and_line(script, tmp_path):
+    mod = __import__(script)
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(TLDR[0]) + "\n\n" + '{"subreddit": "x", "title": \n' + json.dumps(TLDR[1]) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}, line 3: not valid JSON .*fix or delete that line"):
+        mod.load_split(str(tmp_path), "train")
+    path.write_text(json.dumps(TLDR[0]) + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match=rf"{path}, line 2: a list, not a JSON object"):
+        mod.load_split(str(path), "train")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_empty_file_says_it_is_empty(script, tmp_path):
+    mod = __import__(script)
+    (tmp_path / "train.jsonl").write_text("\n")
+    rows, where = mod.load_split(str(tmp_path), "train")
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'train.jsonl'} is empty \(no rows\)"):
+        mod.detect_format(rows, where)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_missing_or_null_field_in_a_later_row_names_file_row_and_column(script, tmp_path):
+    mod = __import__(script)
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, [TLDR[0], TLDR[1], {k: v for k, v in TLDR[1].items() if k != "title"}])
+    with pytest.raises(ValueError, match=rf"{path}, row 3: no column 'title' .*add it or delete that row"):
+        mod.detect_format(*mod.load_split(str(tmp_path), "train"))
+    write_jsonl(path, [TLDR[0], {**TLDR[1], "post": None}])
+    with pytest.raises(ValueError, match=rf"{path}, row 2: column 'post' is null, not a string"):
+        mod.detect_format(*mod.load_split(str(tmp_path), "train"))
+    write_jsonl(path, [ALPACA[0], {**ALPACA[1], "input": None}])
+    with pytest.raises(ValueError, match=r"row 2: column 'input' is null"):
+        mod.detect_format(*mod.load_split(str(tmp_path), "train"))
+
+
+# ---------------------------------------------------------------- paths (issue 8 item 9)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_missing_local_paths_say_no_such_folder(script, tmp_path, monkeypatch):
+    mod = __import__(script)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mymodels").mkdir()
+    for path in ("mymodels/sft", "runs/nope", "./sft", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match=rf"--policy-path {path}: no such folder"):
+            mod.require_path(path, "--policy-path")
+    mod.require_path("EleutherAI/pythia-1b", "--policy-path")  # a hub id: left to the hub
+    mod.require_path("gpt2", "--policy-path")
+    mod.require_path(None, "--gold-rm-path")  # optional and not given
+    run = tmp_path / "runs" / "grpo"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=rf"is a run folder, not a model: pass its model, {run / 'model'}"):
+        mod.require_path(str(run), "--policy-path")
+    mod.require_path(str(run / "model"), "--policy-path")
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        mod.load_split("mymodels/data", "train")  # owner is a local folder: not a hub dataset
+
+
+# ---------------------------------------------------------------- prompt fitting (issue 8 item 10)
+@pytest.fixture(scope="module")
+def bpe_tokenizer():
+    """A byte-level BPE fast tokenizer (like Pythia's): text without spaces becomes several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [" ".join(str(v) for r in TLDR + ALPACA for v in r.values()), "日本語の文章です。" * 20]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize(
+    "post", ["今日は雨が降っていたので、家で本を読みました。" * 8, "https://example.com/" + "a1b2" * 60]
+)
+def test_text_without_whitespace_is_cut_at_a_token_not_dropped(script, post, bpe_tokenizer):
+    mod = __import__(script)
+    row = {**TLDR[0], "post": post}
+    full = len(bpe_tokenizer(mod.to_prompt_response(row, "tldr", bpe_tokenizer, 10_000)[0]).input_ids)
+    for budget in (full - 1, full - 20, full // 2):
+        prompt, _ = mod.to_prompt_response(row, "tldr", bpe_tokenizer, budget)
+        kept = prompt.split("POST: ")[1].removesuffix("\n\nTL;DR:")
+        assert len(bpe_tokenizer(prompt).input_ids) <= budget
+        assert kept and post.startswith(kept)  # a prefix of the post, not an empty POST
+        assert len(bpe_tokenizer(prompt).input_ids) >= budget - 3  # cut about on budget, not far below
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_alpaca_without_input_obeys_max_prompt_length(script, bpe_tokenizer):
+    mod = __import__(script)
+    row = {"instruction": "Name a primary colour and say why. " * 30, "input": "", "output": "Red"}
+    full = len(bpe_tokenizer(mod.to_prompt_response(row, "alpaca", bpe_tokenizer, 10_000)[0]).input_ids)
+    prompt, _ = mod.to_prompt_response(row, "alpaca", bpe_tokenizer, full // 2)
+    assert len(bpe_tokenizer(prompt).input_ids) <= full // 2
+    instruction = prompt.split("### Instruction:\n")[1].removesuffix("\n\n### Response:\n")
+    assert instruction and row["instruction"].startswith(instruction)
+
+
+def test_trainer_prompts_are_the_stage_scripts_prompts(bpe_tokenizer):
+    """Training (grpo_signcert.build_prompts) and evaluation (eval_gold) see the same prompts, cut included."""
+    import eval_gold
+    import grpo_signcert
+
+    rows = [
+        {"instruction": "Name a primary colour and say why. " * 30, "input": "", "output": "Red"},
+        {"instruction": "Translate.", "input": "Good morning " * 40, "output": "Bonjour"},
+        ALPACA[1],
+    ]
+    trained = grpo_signcert.build_prompts(rows, bpe_tokenizer, 300, "x")
+    evaluated = [eval_gold.to_prompt_response(r, "alpaca", bpe_tokenizer, 300)[0] for r in rows]
+    assert trained == evaluated and all(len(bpe_tokenizer(p).input_ids) <= 300 for p in trained)
+    assert rows[0]["instruction"][:100] in trained[0] and rows[0]["instruction"] not in trained[0]  # cut, not dropped

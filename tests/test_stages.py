@@ -186,7 +186,7 @@ def rm_dir(world, sft_dir, prefs_dir) -> Path:
     run(
         [
             "train_rm.py",
-            "--sft-path",
+            "--policy-path",
             str(sft_dir),
             "--prefs-path",
             str(prefs_dir),
@@ -214,7 +214,7 @@ def eval_args(world, sft_dir, rm_dir, out) -> list[str]:
         str(sft_dir),
         "--gold-rm-path",
         str(world / "gold_rm"),
-        "--proxy-rm",
+        "--reward-model-path",
         str(rm_dir),
         "--dataset",
         str(world / "data"),
@@ -278,11 +278,11 @@ def test_train_rm_offset_centres_references(world, rm_dir):
     rm = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
     tok = AutoTokenizer.from_pretrained(rm_dir)
     rows = read_jsonl(world / "data" / "validation.jsonl")
-    seqs = [train_rm.rm_input_ids(tok, *train_rm.to_prompt_response(r, "tldr", tok, 128), 256) for r in rows]
+    seqs = [train_rm.rm_input_ids(tok, *train_rm.to_prompt_response(r, "tldr", tok, 128), 256, False) for r in rows]
     ids, mask = train_rm.pad_right(seqs, tok.pad_token_id, "cpu")
     with torch.no_grad():
-        rewards = train_rm.reward_at_last_token(rm, ids, mask)[0]
-    assert (rewards.mean() - rm.config.reward_offset).abs() < 1e-4
+        rewards = train_rm.reward_and_features(rm, ids, mask)[0]  # score(h) - reward_offset
+    assert rm.config.reward_offset != 0 and rewards.mean().abs() < 1e-4
 
 
 def test_eval_gold_metrics_match_samples(world, sft_dir, rm_dir):
@@ -320,7 +320,7 @@ def test_eval_gold_two_processes_match_one(world, sft_dir, rm_dir):
         ],
     )
     a, b = read_jsonl(one / "samples.jsonl"), read_jsonl(two / "samples.jsonl")
-    assert json.load(open(two / "eval.json"))["world_size"] == 2  # really two processes
+    assert json.load(open(two / "eval.json"))["num_processes"] == 2  # really two processes
     assert [s["id"] for s in a] == [s["id"] for s in b]  # the same prompts, in the same order
     # references do not depend on sampling: their gold and proxy scores must agree across process counts
     np.testing.assert_allclose(
@@ -366,12 +366,12 @@ def test_reward_read_at_last_real_token_with_left_and_right_padding(script):
         ],
     ]
     with torch.no_grad():
-        alone = [mod.reward_at_last_token(rm, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in seqs]
+        alone = [mod.reward_and_features(rm, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in seqs]
         # right padding with pad == eos
         n = max(map(len, seqs))
         ids = torch.tensor([s + [eos] * (n - len(s)) for s in seqs])
         mask = torch.tensor([[1] * len(s) + [0] * (n - len(s)) for s in seqs])
-        right_r, right_h = mod.reward_at_last_token(rm, ids, mask)
+        right_r, right_h = mod.reward_and_features(rm, ids, mask)
         # left-padded prompts + right-padded completions (how a generated batch looks)
         prompts, responses = [s[:2] for s in seqs], [s[2:] for s in seqs]
         p, q = max(map(len, prompts)), max(map(len, responses))
@@ -379,14 +379,14 @@ def test_reward_read_at_last_real_token_with_left_and_right_padding(script):
         mask = torch.tensor(
             [[0] * (p - len(a)) + [1] * (len(a) + len(b)) + [0] * (q - len(b)) for a, b in zip(prompts, responses)]
         )
-        both_r, both_h = mod.reward_at_last_token(rm, ids, mask)
+        both_r, both_h = mod.reward_and_features(rm, ids, mask)
     for i, (r, h) in enumerate(alone):
         assert torch.allclose(right_r[i], r[0], atol=1e-5) and torch.allclose(both_r[i], r[0], atol=1e-5)
         assert torch.allclose(right_h[i], h[0], atol=1e-5) and torch.allclose(both_h[i], h[0], atol=1e-5)
         assert torch.allclose(rm.score(h)[0, 0], r[0])  # the reward is the head applied to the returned feature
     # and it is NOT what reading the last non-pad token would give (the token before the EOS)
     with torch.no_grad():
-        wrong = mod.reward_at_last_token(
+        wrong = mod.reward_and_features(
             rm, torch.tensor([seqs[0][:-1]]), torch.ones(1, len(seqs[0]) - 1, dtype=torch.long)
         )[0]
     assert not torch.allclose(wrong, alone[0][0])
@@ -397,20 +397,20 @@ def test_truncate_after_eos_and_penalty(script):
     mod = __import__(script)
     eos = pad = 0
     tokens = torch.tensor([[5, eos, 7, eos], [5, 6, 7, 8], [eos, 1, 2, 3], [4, 5, 6, eos]])
-    out, lengths, has_eos = mod.truncate_after_eos(tokens, eos, pad)
+    out, mask, has_eos = mod.truncate_after_eos(tokens, eos, pad)
     assert out.tolist() == [[5, eos, pad, pad], [5, 6, 7, 8], [eos, pad, pad, pad], [4, 5, 6, eos]]
-    assert lengths.tolist() == [2, 4, 1, 4] and has_eos.tolist() == [True, False, True, True]
+    assert mask.sum(1).tolist() == [2, 4, 1, 4] and has_eos.tolist() == [True, False, True, True]
     scores = mod.apply_missing_eos_penalty(torch.tensor([0.5, 2.0, -0.3, 1.0]), has_eos, -1.0)
     assert scores.tolist() == pytest.approx([0.5, -1.0, -0.3, 1.0])
     # eos != pad: tokens after the EOS become pad, the EOS stays
-    out, lengths, _ = mod.truncate_after_eos(torch.tensor([[3, 9, 4, 9]]), 9, 1)
-    assert out.tolist() == [[3, 9, 1, 1]] and lengths.tolist() == [2]
+    out, mask, _ = mod.truncate_after_eos(torch.tensor([[3, 9, 4, 9]]), 9, 1)
+    assert out.tolist() == [[3, 9, 1, 1]] and mask.tolist() == [[1, 1, 0, 0]]
 
 
 # ---------------------------------------------------------------- bad input
 def test_missing_model_path_is_a_clear_error(world):
     proc = run(["sft.py", "--model-name-or-path", str(world / "nope"), "--dataset", str(world / "data")], check=False)
-    assert proc.returncode != 0 and "does not exist" in proc.stderr and "tiny_world.py" in proc.stderr
+    assert proc.returncode != 0 and f"--model-name-or-path {world / 'nope'}: no such folder" in proc.stderr
 
 
 def test_causal_lm_as_gold_is_a_clear_error(world):
@@ -459,6 +459,10 @@ def test_prefs_without_pair_columns(tmp_path):
         train_rm.load_pairs(tmp_path / "train.jsonl")
     with pytest.raises(FileNotFoundError, match="run gen_prefs.py first"):
         train_rm.load_pairs(tmp_path / "test.jsonl")
+    pair = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    (tmp_path / "train.jsonl").write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "rejected": None}) + "\n")
+    with pytest.raises(ValueError, match=r"train.jsonl, row 2: column 'rejected' is null"):
+        train_rm.load_pairs(tmp_path / "train.jsonl")
 
 
 @pytest.mark.parametrize("script", ["sft", "train_rm"])
@@ -484,7 +488,9 @@ def test_distinct_pad_token(world, script):
 def test_batch_sizes_that_do_not_divide(script):
     mod = __import__(script)
     assert mod.exact_div(64, 16, "x") == 4
-    with pytest.raises(ValueError, match="valid values are multiples of 16"):
+    with pytest.raises(
+        ValueError, match=r"make the first a multiple of 16 \(e.g. \[32, 48\]\) or the second a divisor of 40"
+    ):
         mod.exact_div(40, 16, "--total-batch-size")
 
 
@@ -492,7 +498,7 @@ def test_total_batch_size_error_end_to_end(world, sft_dir, prefs_dir):
     proc = run(
         [
             "train_rm.py",
-            "--sft-path",
+            "--policy-path",
             str(sft_dir),
             "--prefs-path",
             str(prefs_dir),
@@ -507,7 +513,7 @@ def test_total_batch_size_error_end_to_end(world, sft_dir, prefs_dir):
         ],
         check=False,
     )
-    assert proc.returncode != 0 and "valid values are multiples of 4" in proc.stderr
+    assert proc.returncode != 0 and "a multiple of 4 (e.g. [8, 12])" in proc.stderr
 
 
 # ---------------------------------------------------------------- presets
@@ -530,8 +536,8 @@ def test_presets_and_overrides(script, monkeypatch):
             paper.lr_scheduler_type,
             paper.num_train_epochs,
             paper.per_device_train_batch_size,
-            paper.mixed_precision,
-        ) == (3e-6, "cosine", 1, 16, "bf16")
+            paper.bf16,
+        ) == (3e-6, "cosine", 1, 16, True)
         assert paper.model_name_or_path == "EleutherAI/pythia-1b"
     if script == "train_rm":
         assert (
@@ -548,3 +554,18 @@ def test_presets_and_overrides(script, monkeypatch):
         assert (paper.num_completions, paper.temperature) == (2, 1.0)
     monkeypatch.setattr(sys, "argv", [f"{script}.py", "--preset", "paper", "--dataset", "elsewhere"])
     assert mod.parse_args().dataset == "elsewhere"  # explicit flags beat the preset
+
+
+@pytest.mark.parametrize("script", ["sft", "gen_prefs"])
+def test_own_data_never_overwrites_the_tiny_world(script, monkeypatch):
+    """Without --output-dir, data other than the tiny world's goes to runs/{run_name}, not the tiny world's folder."""
+    mod = __import__(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--dataset", "mydata/tldr"])
+    args = mod.parse_args()
+    args.run_name = f"{script}__1__123"
+    assert mod.own_output_dir(args) == os.path.join("runs", f"{script}__1__123")
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--dataset", "mydata/tldr", "--output-dir", "mine"])
+    assert mod.own_output_dir(mod.parse_args()) == "mine"  # given: kept
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--dataset", "runs/tiny_world/data/"])
+    tiny = mod.parse_args()
+    assert mod.own_output_dir(tiny) == tiny.output_dir == mod.PRESETS["tiny"].output_dir  # the tiny world: as before

@@ -56,7 +56,7 @@ def test_files_load(world):
     # the gold is larger than the policy
     assert sum(p.numel() for p in gold.parameters()) > sum(p.numel() for p in policy.parameters())
     b = tw.encode_scored(tok, ["SUBREDDIT: r/pets\n\nTITLE: t\n\nPOST: p\n\nTL;DR:"] * 2, ["my dog", "cat"])
-    r = tw.score_at_last_token(gold, b["input_ids"], b["attention_mask"])
+    r = tw.reward_and_features(gold, b["input_ids"], b["attention_mask"])[0]
     assert r.shape == (2,) and torch.isfinite(r).all()
     world_json = json.loads((world / "world.json").read_text())
     assert "gold_agreement_imperfect_summariser" in world_json["measured"]

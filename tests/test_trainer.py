@@ -604,8 +604,8 @@ def test_a_kill_at_any_moment_of_a_checkpoint_leaves_a_complete_one_and_a_resuma
     "extra, message",
     [
         (("--quantile", "1.5"), "--quantile must lie in"),
-        (("--num-prompts-per-step", "4", "--micro-batch-size", "5"), "valid divisors of 16"),
-        (("--reward-model-path", "runs/does_not_exist"), "does not exist"),
+        (("--num-prompts-per-step", "4", "--micro-batch-size", "5"), "or the second a divisor of 16"),
+        (("--reward-model-path", "runs/does_not_exist"), "--reward-model-path runs/does_not_exist: no such folder"),
         (("--dataset", "./no_such_data"), "does not exist"),
     ],
 )
@@ -618,6 +618,46 @@ def test_bad_arguments_fail_early_with_a_clear_message(world, tmp_path, extra, m
         timeout=300,
     )
     assert res.returncode != 0 and message in res.stderr
+
+
+BAD_DATA = {
+    "wrong columns": ('{"question": "q", "answer": "a"}\n', "has columns ['answer', 'question']"),
+    "empty file": ("", "is empty (no rows)"),
+    "missing column in a later row": (
+        '{"instruction": "i", "input": "", "output": "o"}\n{"instruction": "i", "output": "o"}\n',
+        "row 2: no column 'input'",
+    ),
+    "malformed line": (
+        '{"instruction": "i", "input": "", "output": "o"}\n{"instruction": \n',
+        "line 2: not valid JSON",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_DATA, "prompt length", "causal LM as reward model"])
+def test_bad_input_fails_in_seconds_and_leaves_no_run_folder(world, tmp_path, case):
+    """Checked before any model loads and before the run folder exists (issue 8 item 7)."""
+    extra = ()
+    if case in BAD_DATA:
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "train.jsonl").write_text(BAD_DATA[case][0])
+        extra, message = ("--dataset", str(tmp_path / "data")), BAD_DATA[case][1]
+    elif case == "prompt length":
+        extra, message = ("--max-prompt-length", "3"), "raise --max-prompt-length (now 3)"
+    else:
+        extra, message = ("--reward-model-path", str(world / "base_policy")), "is not a reward model"
+    t0 = time.perf_counter()
+    res = subprocess.run(
+        trainer_cmd(world, tmp_path / "run", "--total-steps", "1", *extra),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    elapsed = time.perf_counter() - t0
+    assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+    assert elapsed < 30, f"took {elapsed:.0f}s: the check must come before the models load"
 
 
 def test_reward_model_without_a_single_linear_head_is_refused(world, tmp_path):
