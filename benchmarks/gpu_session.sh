@@ -32,4 +32,4 @@ run() {  # run NAME LIMIT_SECONDS ARGS...
 run compiled_checks_trl 240 --generation-backend compiled --checks --steps 3 --warmup-steps 1
 run hf 150 --generation-backend hf --no-trl --steps 3 --warmup-steps 1
 run static 150 --generation-backend static --no-trl --steps 3 --warmup-steps 1
-nvidia-smi --query-gpu=name,memory.used --format=csv >> "$OUT/env.txt"
+nvidia-smi --query-gpu=name,memory.used --format=csv >> "$OUT/env.txt" || true
