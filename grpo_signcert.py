@@ -34,6 +34,7 @@ radii stay exact (it enters the group's feature mean as h = 0: its reward does n
 
 import argparse
 import fcntl
+import inspect
 import json
 import math
 import os
@@ -124,6 +125,10 @@ class Args:
     signcert_advantages)"""
     generation_batch_size: int = 128
     """completions generated (and scored) at once on one device"""
+    generation_backend: Literal["hf", "static", "compiled"] = "hf"
+    """`hf`: transformers' `generate` (the default, and the CPU path); `static`: our sampling loop over a static KV
+    cache (`sample_static`, the same distribution); `compiled`: that loop with the decoding step compiled with CUDA
+    graphs (`torch.compile(mode="reduce-overhead")`, for GPUs)"""
 
     # -- batch sizes and steps
     total_steps: int = 300
@@ -770,6 +775,66 @@ def sample(policy, query, query_mask, args, pad_id):
     return F.pad(out[:, query.shape[1] :], (0, args.max_new_tokens - (out.shape[1] - query.shape[1])), value=pad_id)
 
 
+@torch.no_grad()
+def sample_static(policy, query, query_mask, args, pad_id, _compiled={}):
+    """What `sample` returns, from a sampling loop of our own over the model's forward with a static KV cache:
+    the logits of every step are softmax-sampled at `args.temperature` (no top-k, no top-p), a finished row
+    gets `pad_id` after its EOS (the EOS of `policy.generation_config`, as `generate`), and the loop stops
+    when every row has finished. The cache and the inputs of a decoding step keep one shape for the whole
+    loop (the prompt is left-padded to a multiple of 64), so with `args.generation_backend == "compiled"` the
+    step is replayed as a CUDA graph instead of launching hundreds of small kernels per token: the overhead
+    that bounds `generate`."""
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0 for sampling, got {args.temperature}")
+    from transformers import StaticCache
+
+    eos = policy.generation_config.eos_token_id
+    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=query.device)
+    extra = -query.shape[1] % 64  # fixed shapes per 64-token bucket: few recompilations under `compiled`
+    query, query_mask = F.pad(query, (extra, 0), value=pad_id), F.pad(query_mask, (extra, 0), value=0)
+    (n, width), T = query.shape, args.max_new_tokens
+    step, cache = policy.forward, None
+    if args.generation_backend == "compiled":  # one compiled step and one cache per policy, reused: the graph reads
+        # the cache and the weights (updated in place by the optimiser) at fixed addresses
+        held = _compiled.setdefault(id(policy), {})
+        if "step" not in held:
+            held["step"] = torch.compile(policy.forward, mode="reduce-overhead", fullgraph=True)
+        if held.get("shape") != (n, width + T):
+            held["shape"], held["cache"] = (n, width + T), StaticCache(config=policy.config, max_cache_len=width + T)
+        step, cache = held["step"], held["cache"]
+        cache.reset()
+    cache = cache or StaticCache(config=policy.config, max_cache_len=width + T)
+    # transformers renamed `past_key_values` to `cache` in 5.x; pass the name this model's forward takes
+    name = "cache" if "cache" in inspect.signature(type(policy).forward).parameters else "past_key_values"
+    mask = torch.cat([query_mask, query_mask.new_ones(n, T)], 1)  # one shape; causality hides the future columns
+    logits = policy(
+        input_ids=query,
+        attention_mask=mask[:, :width],
+        position_ids=position_ids_of(query_mask),
+        use_cache=True,
+        logits_to_keep=1,
+        **{name: cache},
+    ).logits
+    out = query.new_full((n, T), pad_id)
+    unfinished = torch.ones(n, dtype=torch.bool, device=query.device)
+    position = query_mask.sum(1, keepdim=True)  # the position of the first new token (left padding skipped)
+    for t in range(T):
+        probs = torch.softmax(logits[:, -1].to(torch.float32, copy=True) / args.temperature, -1)
+        token = torch.multinomial(probs, 1).squeeze(1).masked_fill(~unfinished, pad_id)
+        out[:, t] = token
+        unfinished &= ~torch.isin(token, eos)
+        if t == T - 1 or not unfinished.any():
+            break
+        logits = step(
+            input_ids=token.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=position + t,
+            use_cache=True,
+            **{name: cache},
+        ).logits
+    return out
+
+
 def policy_update(accelerator, policy, optimizer, batch, args):
     """Step 4: `num_ppo_epochs` optimiser steps on this process's rollouts. Every micro-batch's loss is
     its token sum over (micro_batch_size x max_new_tokens); accelerate divides it by the accumulation
@@ -953,8 +1018,9 @@ if __name__ == "__main__":
         step_prompts = [prompts[i] for i in mine]
         enc = tokenizer(step_prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         query, query_mask = enc.input_ids.repeat_interleave(K, 0), enc.attention_mask.repeat_interleave(K, 0)
+        sampler = sample if args.generation_backend == "hf" else sample_static  # the same distribution
         generated = in_chunks(
-            lambda q, m: sample(accelerator.unwrap_model(policy), q, m, args, tokenizer.pad_token_id),
+            lambda q, m: sampler(accelerator.unwrap_model(policy), q, m, args, tokenizer.pad_token_id),
             args.generation_batch_size,
             query,
             query_mask,
