@@ -62,7 +62,7 @@ def proxy(world):
     run(
         [
             "train_rm.py",
-            "--sft-path",
+            "--policy-path",
             str(world / "base_policy"),
             "--prefs-path",
             str(prefs),
