@@ -143,7 +143,8 @@ def test_script_run(tmp_path):
     final = res["final"]
     glob = next(k for k in final if k.startswith("Global robust"))
     assert set(final) == {"Dr.GRPO", glob, "SignCert-PO"}
-    assert f"{res['global_robust_best_eps']:.3g}" in glob
+    # the reported global-robust run is the best of its sweep of 20 eps values (the oracle pick the paper reports)
+    assert final[glob]["true_reward"] == pytest.approx(max(res["global_robust_sweep_true_reward"].values()))
     assert len(res["global_robust_sweep_true_reward"]) == 20
     assert final["Dr.GRPO"]["hacking_mass"] > 0.5  # Dr.GRPO ends on the hacking arms
     assert final["Dr.GRPO"]["proxy_reward"] > final["SignCert-PO"]["proxy_reward"]  # ... and wins on the proxy
@@ -152,7 +153,6 @@ def test_script_run(tmp_path):
     assert final["SignCert-PO"]["hacking_mass"] < 0.05
     for row in final.values():
         assert sum(row["final_policy"]) == pytest.approx(1.0)
-    assert "Dr.GRPO" in out.stdout and "SignCert-PO" in out.stdout
 
 
 @pytest.mark.parametrize(

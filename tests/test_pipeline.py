@@ -33,7 +33,13 @@ def test_pipeline_runs_every_stage_and_writes_the_table(tmp_path):
     assert (root / "figure2.png").stat().st_size > 10_000
     signcert = [json.loads(line) for line in open(root / "rl" / "signcert_q0.3_kl0.01_s1" / "metrics.jsonl")]
     drgrpo = [json.loads(line) for line in open(root / "rl" / "drgrpo_kl0.01_s1" / "metrics.jsonl")]
-    assert [r["step"] for r in signcert] == [1, 2] and all(r["signcert/eps"] == 0.0 for r in drgrpo)
+    assert [r["step"] for r in signcert] == [1, 2] == [r["step"] for r in drgrpo]
+    # the pipeline launched each method with its own quantile (Dr.GRPO is SignCert-PO with q = 0)
+    quantiles = [
+        json.load(open(root / "rl" / run / "args.json"))["quantile"]
+        for run in ("drgrpo_kl0.01_s1", "signcert_q0.3_kl0.01_s1")
+    ]
+    assert quantiles == [0.0, 0.3] and any(r["signcert/eps"] > 0 for r in signcert)
     # a second run skips every stage whose output exists
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("[pipeline] skip") == 9

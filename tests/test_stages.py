@@ -263,9 +263,6 @@ def test_train_rm_saves_offset_and_accuracy(rm_dir):
     assert (rm_dir / "model.safetensors").is_file() and (rm_dir / "tokenizer.json").is_file()
     tok = json.loads((rm_dir / "tokenizer_config.json").read_text())
     assert tok["pad_token"] == "[PAD]" and config["pad_token_id"] not in (None, config["eos_token_id"])
-    summary = json.loads((rm_dir / "eval.json").read_text())
-    assert 0.0 <= summary["eval/accuracy"] <= 1.0
-    assert summary["eval/reward_offset"] == pytest.approx(config["reward_offset"])
     assert any("eval/accuracy" in m for m in read_jsonl(rm_dir / "metrics.jsonl")[:-1]), "periodic evaluation"
 
 

@@ -58,8 +58,6 @@ def test_files_load(world):
     b = tw.encode_scored(tok, ["SUBREDDIT: r/pets\n\nTITLE: t\n\nPOST: p\n\nTL;DR:"] * 2, ["my dog", "cat"])
     r = tw.reward_and_features(gold, b["input_ids"], b["attention_mask"])[0]
     assert r.shape == (2,) and torch.isfinite(r).all()
-    world_json = json.loads((world / "world.json").read_text())
-    assert "gold_agreement_imperfect_summariser" in world_json["measured"]
 
 
 def test_jsonl_columns(world):
