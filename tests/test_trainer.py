@@ -460,6 +460,28 @@ def test_every_logged_metric_against_an_independent_computation(world, tmp_path,
     assert args["num_processes"] == (procs or 1) and args["gradient_accumulation_steps"] == 4 // (procs or 1)
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_the_gold_reads_what_gen_prefs_and_eval_gold_read(world, chat):
+    """`reward/gold` during training and the gold labels and evaluation score the same input: the trainer's
+    gold_rewards equals eval_gold.py's score_texts on the same texts, with a chat template (a gold like Skywork:
+    the response stripped, no EOS added) and without (prompt + response + EOS), batched with padding."""
+    import eval_gold
+
+    gold = AutoModelForSequenceClassification.from_pretrained(world / "gold_rm").eval()
+    tok = AutoTokenizer.from_pretrained(world / "gold_rm")
+    if chat:
+        tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    prompts = ["SUBREDDIT: r/pets\n\nTITLE: my dog\n\nPOST: my dog ate my shoe\n\nTL;DR:"] * 3 + ["TL;DR:"] * 2
+    responses = [" my dog ate my shoe ", " dog shoe", "", " a much longer answer about the dog and the shoe", " ok"]
+    args = SimpleNamespace(gold_batch_size=2, gold_max_length=64)
+    with torch.no_grad():
+        ours = grpo_signcert.gold_rewards(gold, tok, prompts, responses, args, torch.device("cpu"))
+        cpu = SimpleNamespace(device=torch.device("cpu"), is_main_process=False)
+        theirs = eval_gold.score_texts(gold, tok, prompts, responses, chat, 5, 64, cpu, "gold")[0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert ours.std() > 0  # different texts, different scores: the comparison is not vacuous
+
+
 def test_a_short_run_raises_the_proxy_reward(world, tmp_path):
     """The trainer learns at all: with the missing-EOS penalty (-1, against proxy scores near 0), 12 steps at a
     large learning rate teach the policy to end its completions, and the mean proxy reward rises."""
