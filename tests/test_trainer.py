@@ -686,19 +686,15 @@ def test_reward_model_without_a_single_linear_head_is_refused(world, tmp_path):
     two = AutoModelForSequenceClassification.from_pretrained(world / "base_policy", num_labels=2)
     two.save_pretrained(tmp_path / "rm2")
     AutoTokenizer.from_pretrained(world / "base_policy").save_pretrained(tmp_path / "rm2")  # passes the tokenizer check
-    res = subprocess.run(
-        trainer_cmd(world, tmp_path / "run", "--total-steps", "1", "--reward-model-path", str(tmp_path / "rm2")),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode != 0 and "linear head `score` with one output" in res.stderr
-    res = subprocess.run(
-        trainer_cmd(world, tmp_path / "run", "--total-steps", "1", "--reward-model-path", str(world / "base_policy")),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode != 0 and "is not a reward model" in res.stderr
+    for path, message in (
+        (tmp_path / "rm2", "linear head `score` with one output"),
+        (world / "base_policy", "is not a reward model"),
+    ):
+        res = subprocess.run(
+            trainer_cmd(world, tmp_path / "run", "--total-steps", "1", "--reward-model-path", str(path)),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode != 0 and message in res.stderr
