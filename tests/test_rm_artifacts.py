@@ -103,7 +103,7 @@ def test_plain_hugging_face_gives_our_score_plus_offset(world, proxy, which):
     if which == "rm":
         assert offset != 0.0  # the proxy's offset is real, so the test checks that it is the only difference
     pairs = scored_texts(world)
-    seqs = [train_rm.rm_input_ids(tok, p, r, 256) for p, r in pairs]
+    seqs = [train_rm.rm_input_ids(tok, p, r, 256, chat=False) for p, r in pairs]
     texts = [p + r + tok.eos_token for p, r in pairs]
     batch = tok(texts, padding=True, return_tensors="pt")
     assert len(set(map(len, seqs))) > 5 and (batch["attention_mask"] == 0).any()
@@ -117,11 +117,12 @@ def test_plain_hugging_face_gives_our_score_plus_offset(world, proxy, which):
         )
         # ... and train_rm.py's batched reading, right-padded with the tokenizer's pad id
         ids, mask = train_rm.pad_right(seqs, tok.pad_token_id, "cpu")
-        ours_batched = train_rm.reward_at_last_token(rm, ids, mask)[0]
+        ours_batched = train_rm.reward_and_features(rm, ids, mask)[0]
     torch.testing.assert_close(hf, ours + offset, atol=1e-5, rtol=0)
-    torch.testing.assert_close(hf, ours_batched, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hf, ours_batched + offset, atol=1e-5, rtol=0)
     if which == "gold_rm":  # and the tiny world's own scoring of its gold
-        torch.testing.assert_close(hf, tw.score_at_last_token(rm, batch["input_ids"], batch["attention_mask"]))
+        world_scores = tw.reward_and_features(rm, batch["input_ids"], batch["attention_mask"])[0]
+        torch.testing.assert_close(hf, world_scores + offset, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- item 2: a proxy RM with another tokenizer
