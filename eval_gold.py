@@ -41,7 +41,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
@@ -119,9 +119,9 @@ class Args:
     """fraction of the GPU vLLM may take (the reward models are loaded next to it)"""
 
     # to be filled in runtime
-    num_processes: int = 0
+    num_processes: Annotated[int, tyro.conf.Suppress] = 0
     """number of processes"""
-    run_name: str = ""
+    run_name: Annotated[str, tyro.conf.Suppress] = ""
     """f"{exp_name}__{seed}__{time}", the same on every process"""
 
 

@@ -50,7 +50,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
@@ -132,13 +132,13 @@ class Args:
     """trade compute for memory (the paper: on)"""
 
     # to be filled in runtime
-    num_processes: int = 0
+    num_processes: Annotated[int, tyro.conf.Suppress] = 0
     """number of processes"""
-    batch_size: int = 0
+    batch_size: Annotated[int, tyro.conf.Suppress] = 0
     """pairs per update, all processes: per_device_train_batch_size * num_processes * gradient_accumulation_steps"""
-    num_updates: int = 0
+    num_updates: Annotated[int, tyro.conf.Suppress] = 0
     """optimiser updates in the whole run"""
-    run_name: str = ""
+    run_name: Annotated[str, tyro.conf.Suppress] = ""
     """f"{exp_name}__{seed}__{time}", the same on every process"""
 
 

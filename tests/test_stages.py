@@ -9,6 +9,7 @@ tests do not depend on tiny_world.py's build time. Nothing is downloaded (HF_HUB
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -566,3 +567,17 @@ def test_own_data_never_overwrites_the_tiny_world(script, monkeypatch):
     monkeypatch.setattr(sys, "argv", [f"{script}.py", "--dataset", "runs/tiny_world/data/"])
     tiny = mod.parse_args()
     assert mod.own_output_dir(tiny) == tiny.output_dir == mod.PRESETS["tiny"].output_dir  # the tiny world: as before
+
+
+@pytest.mark.parametrize("script", ["sft", "gen_prefs", "train_rm", "eval_gold", "grpo_signcert"])
+def test_help_hides_the_fields_filled_at_run_time(script):
+    """The derived sizes (`# to be filled in runtime`) are not flags: a value given for one was silently
+    overwritten, so `--help` must not offer them."""
+    source = open(os.path.join(ROOT, f"{script}.py")).read()
+    runtime = source[source.index("# to be filled in runtime") :].split("\n\n\n")[0]
+    names = re.findall(r"^    ([a-z_]+): ", runtime, flags=re.M)
+    assert names, "the runtime block lists its fields"
+    res = subprocess.run([sys.executable, f"{script}.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0
+    for name in names:
+        assert f"--{name.replace('_', '-')} " not in res.stdout, name
