@@ -498,3 +498,38 @@ def test_lm_coef_saves_a_behaviour_lm_on_the_rm_backbone(world, tmp_path):
     assert not torch.equal(rm.gpt_neox.embed_in.weight, sft.gpt_neox.embed_in.weight)  # it was trained
     head, sft_head = behavior.get_output_embeddings().weight, sft.get_output_embeddings().weight
     assert head.shape == sft_head.shape and not torch.equal(head, sft_head)  # the LM head was trained too
+
+
+def test_step_time_benchmark_times_all_five_methods(world):
+    res = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/step_time.py",
+            "--policy-path",
+            str(world / "base_policy"),
+            "--reward-model-path",
+            str(world / "rm_bspo"),
+            "--uwo-member-paths",
+            *[str(world / f"rm_{s}") for s in (1, 2, 3)],
+            "--dataset",
+            str(world / "data"),
+            "--num-prompts",
+            "2",
+            "--num-generations",
+            "4",
+            "--max-new-tokens",
+            "4",
+            "--repetitions",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = {line.split()[0]: line.split() for line in res.stdout.splitlines() if line.split()}
+    assert float(table["Dr.GRPO"][2]) == 1.0
+    for method in ("SignCert-PO", "UWO", "AdvPO", "BSPO"):
+        assert float(table[method][2]) > 0
+    assert "behavior_lm" in res.stdout  # BSPO's behaviour LM came from the RM folder
