@@ -533,3 +533,31 @@ def test_step_time_benchmark_times_all_five_methods(world):
     for method in ("SignCert-PO", "UWO", "AdvPO", "BSPO"):
         assert float(table[method][2]) > 0
     assert "behavior_lm" in res.stdout  # BSPO's behaviour LM came from the RM folder
+
+
+# ------------------------------------------------------------------ the copies cannot drift
+TRAINERS = ("grpo_signcert.py", "grpo_uwo.py", "grpo_advpo.py", "grpo_bspo.py")
+
+
+def top_level_sources(script):
+    import ast
+
+    text = open(os.path.join(ROOT, script)).read()
+    tree = ast.parse(text)
+    return {
+        node.name: ast.get_source_segment(text, node)
+        for node in tree.body
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name != "Args"
+    }
+
+
+def test_every_helper_shared_by_the_trainers_is_the_same_source():
+    """Rollouts, scoring, loss, update, checkpoints, data: every function the trainers have in common is
+    byte-identical in each copy (the methods differ only in their own functions and main-body sections)."""
+    sources = {script: top_level_sources(script) for script in TRAINERS}
+    shared = set.intersection(*(set(s) for s in sources.values()))
+    assert {"dr_grpo_loss", "policy_update", "sample", "reward_and_features", "save_checkpoint"} <= shared
+    for name in sorted(set.union(*(set(s) for s in sources.values()))):
+        copies = {script: s[name] for script, s in sources.items() if name in s}
+        if len(copies) > 1:
+            assert len(set(copies.values())) == 1, f"{name} differs between {sorted(copies)}"
