@@ -32,6 +32,8 @@ b e_j^T M^-1 g / sqrt(g^T M^-1 g)), `advpo/g_norm` (sqrt(g^T M^-1 g)).
 """
 
 import argparse
+import fcntl
+import inspect
 import json
 import math
 import os
@@ -40,7 +42,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
@@ -71,80 +73,135 @@ class Args:
     (Pythia-1B on TL;DR, the paper's Table 6); explicit flags override either"""
 
     # Algorithm specific arguments
+    # -- models and data
     policy_path: str = "runs/tiny_world/sft"
-    """the SFT policy to optimise (a causal LM); it is also the frozen reference policy of the KL"""
+    """the SFT policy to optimise (a causal LM folder); it is also the frozen reference policy of the KL"""
     reward_model_path: str = "runs/tiny_world/rm"
-    """the proxy reward model: a *ForSequenceClassification with a linear `score` head, one output"""
+    """the proxy reward model: a *ForSequenceClassification with a linear `score` head, one output, trained
+    from the policy's SFT (same tokenizer) by train_rm.py"""
     prefs_path: str = "runs/tiny_world/prefs"
     """the proxy RM's training pairs (gen_prefs.py: a folder with train.jsonl, or one file; columns prompt,
     chosen, rejected): M comes from their chosen AND rejected responses, the reference features from chosen"""
-    gold_rm_path: Optional[str] = "runs/tiny_world/gold_rm"
-    """the gold reward model, for monitoring only (never in the update); None to skip"""
     dataset: str = "runs/tiny_world/data"
     """prompts: a hub id or a local folder/file (jsonl, parquet, save_to_disk); TL;DR or AlpacaFarm columns"""
     dataset_config: Optional[str] = None
     """the hub dataset's config name (AlpacaFarm: `alpaca_instructions`)"""
     dataset_split: str = "train"
     """the split whose prompts are trained on"""
+    max_prompt_length: int = 128
+    """prompts longer than this are cut in the POST/input (paper: 512)"""
+    trust_remote_code: bool = False
+    """allow models whose code lives on the hub (off: only transformers' own architectures)"""
+
+    # -- AdvPO (Zhang et al. 2024)
     budget: float = 5.0
-    """B = b^2 >= 0, the size of the confidence ellipsoid ||phi - phi_hat||_M <= b (Zhang et al. sweep 1, 5, 10, 15; 0 is Dr.GRPO)"""
+    """B = b^2 >= 0, the size of the confidence ellipsoid ||phi - phi_hat||_M <= b (Zhang et al. sweep 1, 5, 10,
+    15; 0 is Dr.GRPO)"""
     ridge: float = 1.0
     """lambda_ridge >= 0 in M = lambda_ridge I + sum e e^T (our choice: 1)"""
+
+    # -- the Dr.GRPO loss and the optimiser
     kl_coef: float = 0.01
-    """beta, the weight of the k3 KL to the reference policy in the loss"""
+    """beta, the weight of the k3 KL to the reference policy in the loss (paper: 0.01)"""
+    clip_range: float = 0.2
+    """the PPO clip range of the ratio (paper: 0.2)"""
+    num_ppo_epochs: int = 1
+    """optimiser steps on each batch of rollouts (1: the ratio is 1 and the PPO clip is inert, as in the paper)"""
     learning_rate: float = 2e-4
-    """the learning rate (constant; paper: 1e-6)"""
+    """the learning rate, constant (paper: 1e-6)"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this"""
+
+    # -- rollouts
+    num_generations: int = 8
+    """K, completions per prompt (paper: 8)"""
+    temperature: float = 1.0
+    """sampling temperature of the rollouts; the log-probs of the loss use the same (paper: 1.0)"""
+    max_new_tokens: int = 24
+    """the maximum completion length, also the constant of the Dr.GRPO normaliser (paper: 53)"""
+    missing_eos_penalty: Optional[float] = -1.0
+    """the reward of a completion with no EOS, given instead of the RM's (None: score it as is); it does not
+    depend on the head phi, so such a completion enters g with feature 0 and gets no AdvPO penalty"""
+    generation_batch_size: int = 128
+    """completions generated (and scored) at once on one device"""
+    generation_backend: Literal["hf", "static", "compiled"] = "hf"
+    """`hf`: transformers' `generate` (the default, and the CPU path); `static`: our sampling loop over a static KV
+    cache (`sample_static`, the same distribution); `compiled`: that loop with the decoding step compiled with CUDA
+    graphs (`torch.compile(mode="reduce-overhead")`, for GPUs)"""
+
+    # -- batch sizes and steps
     total_steps: int = 300
     """the number of optimiser steps (paper: 2000)"""
     num_prompts_per_step: int = 16
     """prompts per optimiser step, over all processes (paper: 32)"""
-    num_generations: int = 8
-    """K, completions per prompt (paper: 8)"""
     micro_batch_size: int = 32
     """completions per forward/backward on one device (paper: 2)"""
-    num_ppo_epochs: int = 1
-    """optimiser steps on each batch of rollouts (1: the ratio is 1 and the PPO clip is inert, as in the paper)"""
-    clip_range: float = 0.2
-    """the PPO clip range of the ratio"""
-    temperature: float = 1.0
-    """sampling temperature of the rollouts"""
-    max_new_tokens: int = 24
-    """the maximum completion length, also the constant of the Dr.GRPO normaliser (paper: 53)"""
-    max_prompt_length: int = 128
-    """prompts longer than this are truncated in the POST, at a word boundary (paper: 512)"""
-    missing_eos_penalty: Optional[float] = -1.0
-    """the proxy reward of a completion with no EOS (None: score it as is)"""
-    generation_batch_size: int = 128
-    """completions generated at once on one device"""
     bf16: bool = False
-    """bf16 mixed precision (GPU); the reference and reward models are then held in bf16"""
+    """bf16 mixed precision (GPU); the reference and reward models are then held in bf16, the reward head
+    is applied in float32"""
     gradient_checkpointing: bool = False
     """trade compute for memory in the policy's backward"""
+
+    # -- monitoring by the gold reward model (never in the update)
+    gold_rm_path: Optional[str] = "runs/tiny_world/gold_rm"
+    """the gold reward model (paper: Skywork-Reward-Llama-3.1-8B-v0.2); None to skip"""
+    gold_every: int = 1
+    """score the rollouts with the gold RM at step 1, every this many steps after it, and at the last step:
+    `reward/gold` and `rm/proxy_accuracy` (the paper's Figure 2a, every 50 steps)"""
+    gold_batch_size: int = 64
+    """sequences per gold forward on one device"""
+    gold_max_length: int = 256
+    """gold input tokens (longer inputs lose their beginning), as in gen_prefs.py and eval_gold.py"""
+
+    # -- outputs, checkpoints, resume
+    output_dir: Optional[str] = None
+    """where everything goes (default: runs/{run_name}); a folder that holds a run is refused unless
+    `--resume` or `--overwrite`"""
     log_samples_every: int = 25
-    """write a table of sample completions every this many steps"""
+    """write every completion of the step (text, rewards, advantage, AdvPO penalty) to samples.jsonl every
+    this many steps"""
     save_every: int = 50
     """write a checkpoint every this many steps (atomically; `--resume` continues from the last one)"""
     resume: bool = False
-    """continue the run in `--output-dir` from its last checkpoint (policy, optimiser, RNG, step)"""
-    output_dir: Optional[str] = None
-    """where everything goes (default: runs/{run_name})"""
-    trust_remote_code: bool = False
-    """allow models whose code lives on the hub (off: only transformers' own architectures)"""
+    """continue the run in `--output-dir` from its last checkpoint (policy, optimiser, RNG, step); the
+    arguments that shape the run must match its args.json"""
+    overwrite: bool = False
+    """delete what `--output-dir` holds and start afresh"""
 
     # to be filled in runtime
-    num_processes: int = 0
+    run_name: Annotated[str, tyro.conf.Suppress] = ""
+    """{exp_name}__{seed}__{time}, the same on every process; kept on resume (the wandb run id)"""
+    num_processes: Annotated[int, tyro.conf.Suppress] = 0
     """the number of processes (GPUs)"""
-    local_num_prompts: int = 0
+    local_num_prompts: Annotated[int, tyro.conf.Suppress] = 0
     """prompts per step on one process"""
-    local_batch_size: int = 0
+    local_batch_size: Annotated[int, tyro.conf.Suppress] = 0
     """completions per step on one process"""
-    batch_size: int = 0
+    batch_size: Annotated[int, tyro.conf.Suppress] = 0
     """completions per step over all processes"""
-    gradient_accumulation_steps: int = 0
+    gradient_accumulation_steps: Annotated[int, tyro.conf.Suppress] = 0
     """micro-batches per optimiser step on one process"""
 
+
+# fields that may differ when a run is resumed: they change what is logged or how fast, not the run
+RESUME_MAY_CHANGE = {
+    "preset",
+    "resume",
+    "overwrite",
+    "output_dir",
+    "run_name",
+    "total_steps",
+    "save_every",
+    "log_samples_every",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "generation_batch_size",
+    "gold_batch_size",
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+}
 
 PRESETS = {
     "tiny": Args(),
@@ -153,28 +210,55 @@ PRESETS = {
         policy_path="runs/paper/sft",
         reward_model_path="runs/paper/rm",
         prefs_path="runs/paper/prefs",
-        gold_rm_path=None,
         dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered",
+        max_prompt_length=512,
         learning_rate=1e-6,
+        max_new_tokens=53,
+        generation_batch_size=64,
         total_steps=2000,
         num_prompts_per_step=32,
         micro_batch_size=2,
-        max_new_tokens=53,
-        max_prompt_length=512,
-        generation_batch_size=64,
         bf16=True,
         gradient_checkpointing=True,
+        gold_rm_path="Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",
+        gold_every=50,
+        gold_batch_size=16,
+        gold_max_length=1024,
         log_samples_every=50,
         save_every=100,
     ),
 }
 
 
-def exact_div(a, b, what):
-    if a % b != 0:
-        valid = [d for d in range(1, a + 1) if a % d == 0]
-        raise ValueError(f"{what}: {a} is not divisible by {b}; valid divisors of {a}: {valid}")
+def exact_div(a: int, b: int, what: str) -> int:
+    """a // b, or an error that names both ways out: a multiple of b for the first, a divisor of a for the second."""
+    if b < 1 or a % b != 0:
+        multiples = sorted({m for m in (b * (a // b), b * (a // b + 1)) if m > 0}) if b >= 1 else []
+        divisors = [d for d in range(1, a + 1) if a % d == 0]
+        raise ValueError(
+            f"{what}: {a} is not a multiple of {b}; make the first a multiple of {b} (e.g. {multiples}) "
+            f"or the second a divisor of {a} ({divisors})"
+        )
     return a // b
+
+
+def require_path(path: Optional[str], flag: str) -> None:
+    """Fail now, saying what to do, on a path that cannot be what was meant (instead of a hub lookup that
+    fails later with "couldn't connect to huggingface.co", or a tokenizer error on a run folder)."""
+    if not path:
+        return
+    p = Path(path).expanduser()
+    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
+        raise FileNotFoundError(f"{flag} {path} is a run folder, not a model: pass its model, {p / 'model'}")
+    if p.exists():
+        return
+    first = p.parts[0] if p.parts else ""
+    # a hub id is `name` or `owner/name`; anything else, or an `owner` that is a local folder, is a local path
+    if path.startswith((".", "/", "~", "runs/")) or path.count("/") > 1 or Path(first).is_dir():
+        raise FileNotFoundError(
+            f"{flag} {path}: no such folder (run the stage that writes it, `python pipeline.py` for the "
+            f"tiny world, or give the path of an existing folder)"
+        )
 
 
 def dr_grpo_advantages(rewards):
@@ -194,8 +278,9 @@ PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def load_preference_rows(prefs_path):
-    """The RM's training pairs: a folder with train.jsonl/.parquet (gen_prefs.py) or one file."""
-    rows = load_split(prefs_path, "train")
+    """The RM's training pairs: a folder with train.jsonl/.parquet (gen_prefs.py) or one file; every row
+    needs a prompt, a chosen and a rejected response (strings)."""
+    rows, where = load_split(prefs_path, "train")
     if not rows:
         raise ValueError(f"--prefs-path {prefs_path} has no pairs: AdvPO needs the RM's training pairs")
     if not set(PAIR_COLUMNS) <= set(rows[0]):
@@ -203,6 +288,7 @@ def load_preference_rows(prefs_path):
             f"--prefs-path {prefs_path} has columns {sorted(rows[0])}; AdvPO needs the RM's training pairs with "
             f"columns {list(PAIR_COLUMNS)} (chosen AND rejected responses: the output of gen_prefs.py)"
         )
+    check_columns(rows, PAIR_COLUMNS, where)  # every row, not only the first
     return rows
 
 
@@ -210,8 +296,8 @@ def load_preference_rows(prefs_path):
 def advpo_statistics(rm, tokenizer, rows, ridge, batch_size, max_length, accelerator):
     """M = ridge I + sum e e^T over the chosen AND rejected responses of `rows`, and the mean feature of
     the chosen ones (the reference), both float64. The rows are split over the processes and the sums
-    reduced, so every process gets the same M. A response is fed as train_rm.py feeds it: prompt ids,
-    response ids, EOS, keeping the last `max_length` tokens."""
+    reduced, so every process gets the same M. A response is fed as train_rm.py feeds it (`rm_input_ids`:
+    prompt ids, response ids, EOS, keeping the last `max_length` tokens)."""
     d = rm.score.in_features
     device = accelerator.device
     M = torch.zeros(d, d, dtype=torch.float64, device=device)
@@ -220,11 +306,7 @@ def advpo_statistics(rm, tokenizer, rows, ridge, batch_size, max_length, acceler
         for i in tqdm(range(0, len(mine), batch_size), desc="AdvPO: M", disable=not accelerator.is_main_process):
             chunk = mine[i : i + batch_size]
             seqs = [
-                (
-                    tokenizer(r["prompt"], add_special_tokens=False).input_ids
-                    + tokenizer(r[column], add_special_tokens=False).input_ids
-                    + [tokenizer.eos_token_id]
-                )[-max_length:]
+                rm_input_ids(tokenizer, r["prompt"], r[column], max_length, chat=False)
                 for column in ("chosen", "rejected")
                 for r in chunk
             ]
@@ -314,9 +396,27 @@ ALPACA_PROMPT_NO_INPUT = (
 
 
 def read_rows(path: Path) -> list[dict]:
+    """Rows of a .jsonl (.json: one object per line) or .parquet file; errors name the file and 1-based line."""
     if path.suffix in (".jsonl", ".json"):
+        rows = []
         with open(path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"{path}, line {number}: not valid JSON ({e.msg}, column {e.colno}); every line must be "
+                        "one JSON object: fix or delete that line"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise ValueError(
+                        f"{path}, line {number}: a {type(row).__name__}, not a JSON object; every line must be "
+                        "one object with the dataset's columns"
+                    )
+                rows.append(row)
+        return rows
     if path.suffix == ".parquet":
         import datasets
 
@@ -324,15 +424,16 @@ def read_rows(path: Path) -> list[dict]:
     raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
 
 
-def load_split(dataset: str, split: str, config: Optional[str] = None) -> list[dict]:
-    """Rows of one split from a hub id or a local path (folder of {split}.jsonl/.parquet, one file, or save_to_disk)."""
+def load_split(dataset: str, split: str, config: Optional[str] = None) -> tuple[list[dict], str]:
+    """(rows, where) of one split from a hub id or a local path (a folder of {split}.jsonl/.parquet, one
+    file, or save_to_disk); `where` names the file the rows came from, for error messages."""
     path = Path(dataset)
     if path.is_file():
-        return read_rows(path)
+        return read_rows(path), str(path)
     if path.is_dir():
         for name in (f"{split}.jsonl", f"{split}.parquet", f"{split}.json"):
             if (path / name).is_file():
-                return read_rows(path / name)
+                return read_rows(path / name), str(path / name)
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             import datasets
 
@@ -341,37 +442,69 @@ def load_split(dataset: str, split: str, config: Optional[str] = None) -> list[d
                 if split not in data:
                     raise ValueError(f"{dataset} has splits {list(data)}, not {split!r}: pass one of them")
                 data = data[split]
-            return data.to_list()
+            return data.to_list(), f"{dataset} [{split}]"
         found = sorted(p.name for p in path.iterdir())
         raise FileNotFoundError(
             f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})"
         )
     # a path-looking string that does not exist is a mistake, not a hub id
-    if dataset.startswith((".", "/", "~")) or dataset.count("/") != 1 or path.suffix in (".jsonl", ".parquet", ".json"):
+    first = path.parts[0] if path.parts else ""
+    if (
+        dataset.startswith((".", "/", "~", "runs/"))
+        or dataset.count("/") != 1
+        or path.suffix in (".jsonl", ".parquet", ".json")
+        or Path(first).is_dir()
+    ):
         raise FileNotFoundError(
-            f"dataset {dataset!r} does not exist (run `python tiny_world.py` for the tiny world, or pass --dataset)"
+            f"dataset {dataset!r} does not exist: no such file or folder (run `python tiny_world.py` for the "
+            "tiny world, or pass --dataset)"
         )
     import datasets
 
     try:
-        return datasets.load_dataset(dataset, config, split=split).to_list()
+        return datasets.load_dataset(dataset, config, split=split).to_list(), f"{dataset} [{split}]"
     except Exception as e:
         raise RuntimeError(f"could not load {dataset!r} (config {config}, split {split}) from the hub: {e}") from e
 
 
+def check_columns(rows: list[dict], columns: tuple, where: str) -> None:
+    """Every row has every column, as a string: a missing or null field is an error that names the row."""
+    if not rows:
+        raise ValueError(f"{where} is empty (no rows): point --dataset at a file or folder with data")
+    for number, row in enumerate(rows, 1):
+        for column in columns:
+            if column not in row:
+                raise ValueError(
+                    f"{where}, row {number}: no column {column!r} (every row needs {list(columns)}): "
+                    "add it or delete that row"
+                )
+            if not isinstance(row[column], str):
+                value = "null" if row[column] is None else f"a {type(row[column]).__name__}"
+                raise ValueError(
+                    f"{where}, row {number}: column {column!r} is {value}, not a string: give it a string "
+                    '("" for an empty Alpaca input) or delete that row'
+                )
+
+
 def detect_format(rows: list[dict], where: str) -> str:
-    columns = set(rows[0]) if rows else set()
-    if set(TLDR_COLUMNS) <= columns:
-        return "tldr"
-    if set(ALPACA_COLUMNS) <= columns:
-        return "alpaca"
+    """'tldr' or 'alpaca' from the columns of the first row; then every row must have them (check_columns)."""
+    if not rows:
+        raise ValueError(f"{where} is empty (no rows): point --dataset at a file or folder with data")
+    columns = set(rows[0])
+    for fmt, need in (("tldr", TLDR_COLUMNS), ("alpaca", ALPACA_COLUMNS)):
+        if set(need) <= columns:
+            check_columns(rows, need, where)
+            return fmt
     raise ValueError(
-        f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} or the AlpacaFarm columns {list(ALPACA_COLUMNS)}"
+        f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} "
+        f"or the AlpacaFarm columns {list(ALPACA_COLUMNS)}"
     )
 
 
 def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
-    """build(text) -> prompt; cut `text` at a whitespace boundary until the prompt has <= max_len tokens."""
+    """build(text) -> prompt; shorten `text` until the prompt has <= max_len tokens. The cut is at a token
+    boundary about on budget, moved back to the last whitespace when there is one in the kept part's second
+    half: words stay whole, and text without whitespace (Japanese, a long URL) is cut, not dropped whole."""
     while True:
         prompt = build(text)
         n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
@@ -379,57 +512,103 @@ def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
             return prompt
         if not text:
             raise ValueError(
-                f"prompt is {n} tokens even with an empty post/input; raise --max-prompt-length (now {max_len})"
+                f"prompt is {n} tokens even with an empty post/input/instruction; raise --max-prompt-length "
+                f"(now {max_len})"
             )
-        # jump close to the budget in one step, then back off to the previous whitespace
-        cut = min(len(text) - 1, int(len(text) * max_len / n))
-        space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
-        text = text[: max(space, 0)].rstrip()
+        keep = len(tokenizer(text, add_special_tokens=False).input_ids) - (n - max_len)
+        if keep <= 0:
+            cut = ""
+        elif getattr(tokenizer, "is_fast", False):  # the exact prefix of `text` that its first `keep` tokens cover
+            offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+            cut = text[: offsets[keep - 1][1]]
+        else:
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            cut = tokenizer.decode(ids[:keep]).rstrip("\ufffd")  # no half character at the end
+        space = max(cut.rfind(" "), cut.rfind("\n"))
+        at_word_end = text.startswith(cut) and text[len(cut) : len(cut) + 1].isspace()
+        if not at_word_end and space > len(cut) // 2:
+            cut = cut[:space]
+        cut = cut.rstrip()
+        text = cut if len(cut) < len(text) else text[:-1]  # always progress
+
+
+def to_prompt_response(row: dict, fmt: str, tokenizer, max_prompt_length: int) -> tuple[str, str]:
+    """The prompt (fitted to max_prompt_length: the TL;DR post, the Alpaca input, or else the Alpaca
+    instruction is cut) and the reference response of one row; every script builds its prompts here."""
+    if fmt == "tldr":
+        build = lambda post: f"SUBREDDIT: r/{row['subreddit']}\n\nTITLE: {row['title']}\n\nPOST: {post}\n\nTL;DR:"
+        return fit_prompt(build, row["post"].strip(), tokenizer, max_prompt_length), " " + row["summary"].strip()
+    if row["input"]:
+        build = lambda inp: ALPACA_PROMPT_INPUT.format(instruction=row["instruction"], input=inp)
+        return fit_prompt(build, row["input"], tokenizer, max_prompt_length), row["output"]
+    build = lambda ins: ALPACA_PROMPT_NO_INPUT.format(instruction=ins)
+    return fit_prompt(build, row["instruction"], tokenizer, max_prompt_length), row["output"]
 
 
 def build_prompts(rows, tokenizer, max_prompt_length, where):
-    """Prompt strings: the OpenAI TL;DR format (POST cut at a word to fit) or the Alpaca format."""
+    """Prompt strings, exactly as the stage scripts build them (to_prompt_response: the post, the input or
+    the instruction is cut to fit --max-prompt-length)."""
     fmt = detect_format(rows, where)
-    if fmt == "tldr":
-        return [
-            fit_prompt(
-                lambda post, r=r: f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {post}\n\nTL;DR:",
-                r["post"].strip(),
-                tokenizer,
-                max_prompt_length,
-            )
-            for r in rows
-        ]
-    return [
-        fit_prompt(
-            lambda inp, r=r: ALPACA_PROMPT_INPUT.format(instruction=r["instruction"], input=inp),
-            r["input"],
-            tokenizer,
-            max_prompt_length,
-        )
-        if r["input"]
-        else ALPACA_PROMPT_NO_INPUT.format(instruction=r["instruction"])
-        for r in rows
-    ]
+    return [to_prompt_response(r, fmt, tokenizer, max_prompt_length)[0] for r in rows]
 
 
 # ------------------------------------------------------------------------- models
-def load_reward_model(path, dtype, trust_remote_code):
-    """A reward model for SignCert-PO: it must end in a linear `score` head with one output."""
+def check_reward_config(path: str, trust_remote_code: bool, flag: str) -> None:
+    """Refuse a checkpoint that is not a one-output sequence classifier BEFORE loading its weights:
+    transformers would silently put a random `score` head on a causal LM."""
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+    archs = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
         raise ValueError(
-            f"{path} is not a reward model (its config says architectures={config.architectures}); "
-            "SignCert-PO needs a *ForSequenceClassification with a linear `score` head: train one with train_rm.py"
+            f"{flag} {path} is not a reward model: its architectures are {archs} with num_labels={config.num_labels}; "
+            "a reward model is a *ForSequenceClassification checkpoint with num_labels=1, a linear head `score` "
+            "with one output (e.g. the output of train_rm.py or runs/tiny_world/gold_rm)"
         )
+
+
+def load_reward_model(path: str, trust_remote_code: bool, dtype, flag: str):
+    """A reward model whose last layer is a linear `score` head with one output, in eval mode and frozen."""
+    check_reward_config(path, trust_remote_code, flag)
     rm = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     head = getattr(rm, "score", None)
     if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
         raise ValueError(
-            f"{path}: SignCert-PO needs a reward model whose last layer is a linear head `score` with "
-            f"one output (a *ForSequenceClassification with num_labels=1), got {head!r}"
+            f"{flag} {path}: a reward model here needs its last layer to be a linear head `score` with one "
+            f"output (a *ForSequenceClassification with num_labels=1), got {head!r}"
         )
     return rm.eval().requires_grad_(False)
+
+
+def check_same_tokenizer(policy_tok, rm_path, trust_remote_code):
+    """Refuse a proxy RM whose tokenizer is not the policy's: the RM is fed the policy's token ids as they
+    are, so another tokenizer (other ids for the same text, another EOS) would score meaningless inputs.
+    Compares the ids of a probe text (unicode, digits, the EOS) and the EOS id; cheap, before any model loads."""
+    fix = (
+        "train the proxy RM from the policy's SFT with train_rm.py (--sft-path <the SFT folder the policy starts "
+        "from>), which saves the SFT tokenizer with it"
+    )
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if os.path.isdir(rm_path) and not any(os.path.exists(os.path.join(rm_path, f)) for f in tokenizer_files):
+        raise ValueError(
+            f"--reward-model-path {rm_path} has no tokenizer, so nothing shows that it reads the policy's token "
+            f"ids (the trainer feeds it the policy's ids): {fix}; or, if it was trained on exactly the tokenizer "
+            f"of {policy_tok.name_or_path}, save that tokenizer into {rm_path} (tokenizer.save_pretrained)"
+        )
+    rm_tok = AutoTokenizer.from_pretrained(rm_path, trust_remote_code=trust_remote_code)
+    probe = (
+        "SUBREDDIT: r/relationships\n\nTITLE: Café bill: 3 crêpes for €12.50?\n\nPOST: On 2024-03-07 we paid "
+        "1,234 ¥ in 東京, naïve me 🙂. Don't ask!\n\nTL;DR: we overpaid" + (policy_tok.eos_token or "")
+    )
+    mine = policy_tok(probe, add_special_tokens=False).input_ids
+    theirs = rm_tok(probe, add_special_tokens=False).input_ids
+    if mine != theirs or policy_tok.eos_token_id != rm_tok.eos_token_id:
+        at = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+        raise ValueError(
+            f"the proxy RM {rm_path} has another tokenizer than the policy {policy_tok.name_or_path}: a probe "
+            f"text gives ids {mine[at : at + 5]} (policy) vs {theirs[at : at + 5]} (RM) from token {at} on, EOS id "
+            f"{policy_tok.eos_token_id} vs {rm_tok.eos_token_id}; the RM would score token ids it does not read "
+            f"as the policy meant them: {fix}"
+        )
 
 
 def position_ids_of(mask):
@@ -455,7 +634,8 @@ def reward_and_features(rm, ids, mask):
     last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
     h = hidden.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last].float()
     bias = None if rm.score.bias is None else rm.score.bias.float()
-    reward = F.linear(h, rm.score.weight.float(), bias).squeeze(-1)
+    with torch.autocast(h.device.type, enabled=False):  # float32 even inside an autocast region (bf16 training)
+        reward = F.linear(h, rm.score.weight.float(), bias).squeeze(-1)
     return reward - getattr(rm.config, "reward_offset", 0.0), h
 
 
@@ -469,26 +649,35 @@ def truncate_after_eos(response, eos_id, pad_id):
     return response.masked_fill(~mask, pad_id), mask.long(), has_eos
 
 
+def rm_input_ids(tokenizer, prompt: str, response: str, max_length: int, chat: bool) -> list[int]:
+    """What a reward model reads. chat: the tokenizer's chat template (user = prompt, assistant =
+    response), for a gold like Skywork; else prompt ids + response ids + EOS (the tiny-world gold, and
+    the proxy RM, whose RL stage concatenates policy tokens the same way)."""
+    if chat:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response.strip()}]
+        ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids
+    else:
+        ids = (
+            tokenizer(prompt, add_special_tokens=False).input_ids
+            + tokenizer(response, add_special_tokens=False).input_ids
+        )
+        ids = ids + [tokenizer.eos_token_id]
+    return ids[-max_length:]  # keep the end: that is where the reward is read
+
+
 @torch.no_grad()
-def gold_rewards(gold, gold_tok, prompts, responses, has_eos, device, batch_size=64):
-    """The gold RM's score of each completion, through its own tokenizer: the chat format if it has a
-    chat template (Skywork), else prompt ids + response ids + EOS (the convention of the stage scripts)."""
-    seqs = []
-    for p, r, e in zip(prompts, responses, has_eos):
-        if gold_tok.chat_template:
-            text = gold_tok.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
-            )
-            seqs.append(gold_tok(text, add_special_tokens=False).input_ids)
-        else:
-            ids = gold_tok(p, add_special_tokens=False).input_ids + gold_tok(r, add_special_tokens=False).input_ids
-            seqs.append(ids + [gold_tok.eos_token_id] * int(e))
+def gold_rewards(gold, gold_tok, prompts, responses, args, device):
+    """The gold RM's score of each (prompt, response text), built exactly as gen_prefs.py and eval_gold.py
+    build it (`rm_input_ids`: the chat format if the gold's tokenizer has a chat template), right-padded."""
     out = []
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i : i + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.tensor([s + [gold_tok.pad_token_id] * (width - len(s)) for s in chunk], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
+    for i in range(0, len(prompts), args.gold_batch_size):
+        seqs = [
+            rm_input_ids(gold_tok, p, r, args.gold_max_length, bool(gold_tok.chat_template))
+            for p, r in zip(prompts[i : i + args.gold_batch_size], responses[i : i + args.gold_batch_size])
+        ]
+        width = max(map(len, seqs))
+        ids = torch.tensor([x + [gold_tok.pad_token_id] * (width - len(x)) for x in seqs], device=device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs], device=device)
         out.append(reward_and_features(gold, ids, mask)[0])
     return torch.cat(out)
 
@@ -501,10 +690,57 @@ def pairwise_agreement(proxy, gold):
     return ((dp * dg > 0) & upper).sum().item() / max(upper.sum().item(), 1)
 
 
-# ------------------------------------------------------------------------- checkpoints
+# ------------------------------------------------------------------------- run folder and checkpoints
+def open_run_dir(args, accelerator):
+    """Make `args.output_dir` this run's, on the main process, before anything heavy: refuse a folder that
+    holds a run unless --resume or --overwrite; on --resume, refuse arguments that would change the run
+    (against its args.json) and keep its run_name; take a lock that this process holds until it exits, so
+    a second run (e.g. a resume while orphaned workers of a killed launcher still write) is refused.
+    Errors are raised on every process. Returns the lock's open file (keep it referenced)."""
+    error, lock, out = None, None, args.output_dir
+    if accelerator.is_main_process:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, ".lock"), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            error = f"{out} is in use by a live run (pid {lock.read().strip() or '?'}): stop it first, or pick another --output-dir"
+        used = [name for name in os.listdir(out) if name != ".lock"]
+        saved = os.path.join(out, "args.json")
+        if error is None and used and args.overwrite:
+            for name in used:
+                path = os.path.join(out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        elif error is None and used and not args.resume:
+            error = (
+                f"{out} already holds a run ({', '.join(sorted(used)[:4])}): pass --resume to continue it, "
+                "--overwrite to replace it, or another --output-dir"
+            )
+        elif error is None and args.resume and os.path.exists(saved):
+            with open(saved) as f:
+                before = json.load(f)
+            now = asdict(args) | {"num_processes": args.num_processes}
+            changed = {
+                k: (before.get(k), v) for k, v in now.items() if k not in RESUME_MAY_CHANGE and before.get(k) != v
+            }
+            if changed:
+                error = f"--resume of {out} with arguments that change the run (was, now): {changed}; resume with the run's own arguments"
+            args.run_name = before.get("run_name") or args.run_name
+        if error is None:
+            lock.truncate(0)
+            lock.write(str(os.getpid()))
+            lock.flush()
+    error, args.run_name = broadcast_object_list([error, args.run_name])
+    if error:
+        raise SystemExit(f"error: {error}")
+    return lock
+
+
 def save_checkpoint(accelerator, policy, optimizer, step, output_dir):
-    """Write checkpoint-{step} next to the old one, then point `latest` at it (atomic rename), so a
-    run killed at any moment leaves a complete checkpoint behind."""
+    """Write checkpoint-{step}.tmp, rename it to checkpoint-{step}, then point `latest` at it (atomic
+    rename); older checkpoints are deleted only after that. So at every moment `latest` names a complete
+    checkpoint. A leftover checkpoint-{step} of a run killed before it updated `latest` is replaced."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = final + ".tmp"
     if accelerator.is_main_process:
@@ -523,6 +759,7 @@ def save_checkpoint(accelerator, policy, optimizer, step, output_dir):
             json.dump({"step": step}, f)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)  # not `latest`'s: a leftover of a killed run
         os.replace(tmp, final)
         with open(os.path.join(output_dir, "latest.tmp"), "w") as f:
             f.write(os.path.basename(final))
@@ -531,6 +768,15 @@ def save_checkpoint(accelerator, policy, optimizer, step, output_dir):
             if name.startswith("checkpoint-") and name != os.path.basename(final):
                 shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def latest_checkpoint(output_dir):
+    """The folder `latest` names, or None when the run was killed before its first checkpoint."""
+    latest = os.path.join(output_dir, "latest")
+    if not os.path.exists(latest):
+        return None
+    with open(latest) as f:
+        return os.path.join(output_dir, f.read().strip())
 
 
 def restore_checkpoint(accelerator, optimizer, ckpt):
@@ -542,16 +788,24 @@ def restore_checkpoint(accelerator, optimizer, ckpt):
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def prompt_indices(step, num_prompts, per_step, seed, _perms={}):
+def keep_steps_upto(path, step):
+    """Drop the rows of a jsonl log written after `step` (a resumed run writes them again)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
+def prompt_indices(step, num_prompts, per_step, seed):
     """The dataset rows of a step: consecutive slices of a fresh permutation every epoch. A function of
-    the step alone, so a resumed run sees exactly the prompts an uninterrupted one would have."""
-    out = []
-    for pos in range((step - 1) * per_step, step * per_step):
-        epoch, k = divmod(pos, num_prompts)
-        if epoch not in _perms:
-            _perms[epoch] = torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(_perms[epoch][k].item())
-    return out
+    its arguments alone, so a resumed run sees exactly the prompts an uninterrupted one would have."""
+    positions = range((step - 1) * per_step, step * per_step)
+    perms = {
+        epoch: torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        for epoch in {pos // num_prompts for pos in positions}
+    }
+    return [perms[pos // num_prompts][pos % num_prompts].item() for pos in positions]
 
 
 def in_chunks(fn, size, *tensors):
@@ -577,15 +831,80 @@ def sample(policy, query, query_mask, args, pad_id):
     return F.pad(out[:, query.shape[1] :], (0, args.max_new_tokens - (out.shape[1] - query.shape[1])), value=pad_id)
 
 
+@torch.no_grad()
+def sample_static(policy, query, query_mask, args, pad_id, _compiled={}):
+    """What `sample` returns, from a sampling loop of our own over the model's forward with a static KV cache:
+    the logits of every step are softmax-sampled at `args.temperature` (no top-k, no top-p), a finished row
+    gets `pad_id` after its EOS (the EOS of `policy.generation_config`, as `generate`), and the loop stops
+    when every row has finished. The cache and the inputs of a decoding step keep one shape for the whole
+    loop (the prompt is left-padded to a multiple of 64), so with `args.generation_backend == "compiled"` the
+    step is replayed as a CUDA graph instead of launching hundreds of small kernels per token: the overhead
+    that bounds `generate`."""
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0 for sampling, got {args.temperature}")
+    from transformers import StaticCache
+
+    eos = policy.generation_config.eos_token_id
+    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=query.device)
+    extra = -query.shape[1] % 64  # fixed shapes per 64-token bucket: few recompilations under `compiled`
+    query, query_mask = F.pad(query, (extra, 0), value=pad_id), F.pad(query_mask, (extra, 0), value=0)
+    (n, width), T = query.shape, args.max_new_tokens
+    step, cache = policy.forward, None
+    if args.generation_backend == "compiled":  # one compiled step and one cache per policy, reused: the graph reads
+        # the cache and the weights (updated in place by the optimiser) at fixed addresses
+        held = _compiled.setdefault(id(policy), {})
+        if "step" not in held:
+            held["step"] = torch.compile(policy.forward, mode="reduce-overhead", fullgraph=True)
+        if held.get("shape") != (n, width + T):
+            held["shape"], held["cache"] = (n, width + T), StaticCache(config=policy.config, max_cache_len=width + T)
+        step, cache = held["step"], held["cache"]
+        cache.reset()
+    cache = cache or StaticCache(config=policy.config, max_cache_len=width + T)
+    # transformers renamed `past_key_values` to `cache` in 5.x; pass the name this model's forward takes
+    name = "cache" if "cache" in inspect.signature(type(policy).forward).parameters else "past_key_values"
+    mask = torch.cat([query_mask, query_mask.new_ones(n, T)], 1)  # one shape; causality hides the future columns
+    logits = policy(
+        input_ids=query,
+        attention_mask=mask[:, :width],
+        position_ids=position_ids_of(query_mask),
+        use_cache=True,
+        logits_to_keep=1,
+        **{name: cache},
+    ).logits
+    out = query.new_full((n, T), pad_id)
+    unfinished = torch.ones(n, dtype=torch.bool, device=query.device)
+    position = query_mask.sum(1, keepdim=True)  # the position of the first new token (left padding skipped)
+    for t in range(T):
+        probs = torch.softmax(logits[:, -1].to(torch.float32, copy=True) / args.temperature, -1)
+        token = torch.multinomial(probs, 1).squeeze(1).masked_fill(~unfinished, pad_id)
+        out[:, t] = token
+        unfinished &= ~torch.isin(token, eos)
+        if t == T - 1 or not unfinished.any():
+            break
+        logits = step(
+            input_ids=token.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=position + t,
+            use_cache=True,
+            **{name: cache},
+        ).logits
+    return out
+
+
 def policy_update(accelerator, policy, optimizer, batch, args):
     """Step 4: `num_ppo_epochs` optimiser steps on this process's rollouts. Every micro-batch's loss is
     its token sum over (micro_batch_size x max_new_tokens); accelerate divides it by the accumulation
     steps and DDP averages over processes, so the step follows the gradient of
     sum over ALL tokens / (completions per step x max_new_tokens): the Dr.GRPO constant normaliser,
-    the same however the batch is split over processes and micro-batches."""
-    mbs, stats = args.micro_batch_size, {"loss": 0.0, "kl_k3": 0.0, "seq_kl": []}
+    the same however the batch is split over processes and micro-batches.
+    The policy is in train mode here only (gradient checkpointing acts in train mode; generation wants
+    eval mode and its KV cache). Returns this process's stats: `loss` (the Dr.GRPO loss of its rollouts,
+    averaged over epochs), `seq_kl` (N,) and the k3 sum and token count of the first epoch, `grad_norm`."""
+    mbs, n = args.micro_batch_size, batch["response"].shape[0]
+    stats = {"loss": 0.0, "seq_kl": [], "k3_sum": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+    policy.train()
     for epoch in range(args.num_ppo_epochs):
-        for s in range(0, batch["response"].shape[0], mbs):
+        for s in range(0, n, mbs):
             mb = {k: v[s : s + mbs] for k, v in batch.items()}
             with accelerator.accumulate(policy):
                 lp = response_logprobs(
@@ -604,13 +923,15 @@ def policy_update(accelerator, policy, optimizer, batch, args):
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                    stats["grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
                 optimizer.step()
                 optimizer.zero_grad()
             if epoch == 0:  # KL(pi || pi_ref) of the rollouts, per sequence (k1, summed over tokens)
                 stats["seq_kl"].append(((lp.detach() - mb["ref_logprobs"]) * mb["response_mask"]).sum(1))
-                stats["kl_k3"] += kl.item() * mbs / batch["response"].shape[0]
-            stats["loss"] += loss.item() / args.num_ppo_epochs
+                stats["k3_sum"] += kl.item() * mb["response_mask"].sum().item()
+                stats["tokens"] += mb["response_mask"].sum().item()
+            stats["loss"] += loss.item() * mbs / (n * args.num_ppo_epochs)  # the loss of the whole local batch
+    policy.eval()
     stats["seq_kl"] = torch.cat(stats["seq_kl"])
     return stats
 
@@ -623,14 +944,16 @@ if __name__ == "__main__":
         raise ValueError(
             f"--budget (B, Zhang et al. sweep 1, 5, 10, 15) and --ridge must be >= 0, got {args.budget} and {args.ridge}"
         )
-    pref_rows = load_preference_rows(args.prefs_path)  # fails early on a wrong path or wrong columns
+    if args.resume and not args.output_dir:
+        raise ValueError(
+            f"--resume needs --output-dir: the folder of the run to continue (e.g. runs/{args.exp_name}__1__1764180000)"
+        )
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues a run and --overwrite deletes it: pass one of them")
+    if min(args.gold_every, args.save_every, args.log_samples_every) < 1:
+        raise ValueError("--gold-every, --save-every and --log-samples-every must be >= 1")
     for name in ("policy_path", "reward_model_path", "gold_rm_path"):
-        path = getattr(args, name)
-        if path and path.startswith(("runs/", ".", "/")) and not os.path.exists(path):
-            raise FileNotFoundError(
-                f"--{name.replace('_', '-')} {path} does not exist: build the tiny world and its "
-                "stages first (python pipeline.py), or give the path of your own model"
-            )
+        require_path(getattr(args, name), f"--{name.replace('_', '-')}")
 
     # batch arithmetic, checked before anything heavy is loaded
     from accelerate import PartialState
@@ -647,17 +970,28 @@ if __name__ == "__main__":
         args.micro_batch_size,
         "completions per process (--num-prompts-per-step x --num-generations / processes) over --micro-batch-size",
     )
-    rows = load_split(args.dataset, args.dataset_split, args.dataset_config)  # fails early on a wrong path
+    # inputs, checked before any model is loaded and before the run folder exists
+    rows, where = load_split(args.dataset, args.dataset_split, args.dataset_config)
+    pref_rows = load_preference_rows(args.prefs_path)  # AdvPO's M: the RM's training pairs, checked now
+    check_reward_config(args.reward_model_path, args.trust_remote_code, "--reward-model-path")
+    if args.gold_rm_path:
+        check_reward_config(args.gold_rm_path, args.trust_remote_code, "--gold-rm-path")
+    trust = dict(trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(args.policy_path, padding_side="left", **trust)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # only if it has none (pad is masked anyway)
+    eos_id = tokenizer.eos_token_id
+    check_same_tokenizer(tokenizer, args.reward_model_path, args.trust_remote_code)
+    prompts = build_prompts(rows, tokenizer, args.max_prompt_length, where)
     accelerator = Accelerator(
         cpu=on_cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision="bf16" if args.bf16 else "no",
     )
     device, rank = accelerator.device, accelerator.process_index
-    run_name = broadcast_object_list([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
-    args.output_dir = args.output_dir or os.path.join("runs", run_name)
+    args.run_name = broadcast_object_list([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
+    args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
+    run_lock = open_run_dir(args, accelerator)  # refuses a used folder, checks a resume, keeps the run's name
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
         print(
             f"[{args.exp_name}] {args.num_processes} process(es) x {args.local_num_prompts} prompts x "
             f"{args.num_generations} completions = {args.batch_size} completions per step, in "
@@ -675,33 +1009,30 @@ if __name__ == "__main__":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.num_processes))
 
     # models: the policy (trained), its frozen copy (KL reference), the proxy RM and, to monitor, the gold RM
-    start_step, ckpt = 0, None
-    if args.resume:
-        latest = os.path.join(args.output_dir, "latest")
-        if not os.path.exists(latest):
-            raise FileNotFoundError(f"--resume: no checkpoint in {args.output_dir} (it has no `latest` file)")
-        with open(latest) as f:
-            ckpt = os.path.join(args.output_dir, f.read().strip())
+    ckpt = latest_checkpoint(args.output_dir) if args.resume else None
+    start_step = 0
+    if ckpt:
         with open(os.path.join(ckpt, "state.json")) as f:
             start_step = json.load(f)["step"]
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    trust = dict(trust_remote_code=args.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(args.policy_path, padding_side="left", **trust)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    eos_id = tokenizer.eos_token_id
     policy = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "model") if ckpt else args.policy_path, **trust)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing:  # acts in train mode, which policy_update sets
         policy.gradient_checkpointing_enable()
     ref_policy = (
         AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=dtype, **trust).eval().requires_grad_(False)
     )
-    rm = load_reward_model(args.reward_model_path, dtype, args.trust_remote_code)
+    rm = load_reward_model(args.reward_model_path, args.trust_remote_code, dtype, "--reward-model-path")
     if rm.config.vocab_size < len(tokenizer):
         raise ValueError(
             f"the proxy RM's vocabulary ({rm.config.vocab_size}) is smaller than the policy tokenizer's "
             f"({len(tokenizer)}): the proxy must share the policy's tokenizer (train it with train_rm.py)"
         )
+    gold, gold_tok = None, None
+    if args.gold_rm_path:
+        gold = load_reward_model(args.gold_rm_path, args.trust_remote_code, dtype, "--gold-rm-path")
+        gold_tok = AutoTokenizer.from_pretrained(args.gold_rm_path, padding_side="right", **trust)
+        gold_tok.pad_token = gold_tok.pad_token or gold_tok.eos_token
     rm.to(device)  # AdvPO: M and the reference features from the RM's training responses, once, in float64
     M, ref_mean = advpo_statistics(
         rm,
@@ -713,13 +1044,9 @@ if __name__ == "__main__":
         accelerator,
     )
     m_chol = advpo_cholesky(M)
-    gold, gold_tok = None, None
-    if args.gold_rm_path:
-        gold = load_reward_model(args.gold_rm_path, dtype, args.trust_remote_code)
-        gold_tok = AutoTokenizer.from_pretrained(args.gold_rm_path, padding_side="right", **trust)
-        gold_tok.pad_token = gold_tok.pad_token or gold_tok.eos_token
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy.eval()  # generation mode; policy_update switches to train mode and back
     for m in (ref_policy, rm, gold):
         if m is not None:
             m.to(device)
@@ -727,18 +1054,13 @@ if __name__ == "__main__":
     if ckpt:
         restore_checkpoint(accelerator, optimizer, ckpt)
 
-    prompts = build_prompts(rows, tokenizer, args.max_prompt_length, f"{args.dataset}[{args.dataset_split}]")
     if accelerator.is_main_process:
         print(
             f"{len(prompts)} prompts from {args.dataset}[{args.dataset_split}]; starting at step {start_step + 1} "
-            f"of {args.total_steps}; writing to {args.output_dir}"
+            f"of {args.total_steps}{' (resumed from ' + ckpt + ')' if ckpt else ''}; writing to {args.output_dir}"
         )
-        metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-        if args.resume and os.path.exists(metrics_path):  # drop the steps after the checkpoint: no step twice
-            with open(metrics_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start_step]
-            with open(metrics_path, "w") as f:
-                f.writelines(kept)
+        for name in ("metrics.jsonl", "samples.jsonl"):  # a resumed run writes the steps after its checkpoint again
+            keep_steps_upto(os.path.join(args.output_dir, name), start_step)
         if args.track:
             import wandb
 
@@ -746,9 +1068,10 @@ if __name__ == "__main__":
                 project=args.wandb_project_name,
                 entity=args.wandb_entity,
                 config=asdict(args),
-                name=run_name,
-                id=run_name,
+                name=args.run_name,
+                id=args.run_name,  # a resumed run keeps its name, so it continues the same wandb run
                 resume="allow",
+                dir=args.output_dir,
                 save_code=True,
             )
 
@@ -763,8 +1086,9 @@ if __name__ == "__main__":
         step_prompts = [prompts[i] for i in mine]
         enc = tokenizer(step_prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         query, query_mask = enc.input_ids.repeat_interleave(K, 0), enc.attention_mask.repeat_interleave(K, 0)
+        sampler = sample if args.generation_backend == "hf" else sample_static  # the same distribution
         generated = in_chunks(
-            lambda q, m: sample(accelerator.unwrap_model(policy), q, m, args, tokenizer.pad_token_id),
+            lambda q, m: sampler(accelerator.unwrap_model(policy), q, m, args, tokenizer.pad_token_id),
             args.generation_batch_size,
             query,
             query_mask,
@@ -790,21 +1114,23 @@ if __name__ == "__main__":
                 response,
                 response_mask,
             )
-        if args.missing_eos_penalty is not None:  # a fixed reward, independent of the head: its feature is 0
+        if args.missing_eos_penalty is not None:  # a fixed reward instead of the RM's
             reward = torch.where(has_eos, reward, args.missing_eos_penalty)
-            features = features * has_eos.unsqueeze(1)
-        texts = tokenizer.batch_decode(
-            [r[: int(m.sum()) - int(e)] for r, m, e in zip(response, response_mask, has_eos)]
-        )
-        if gold is not None:
-            gold_reward = gold_rewards(
-                gold, gold_tok, [p for p in step_prompts for _ in range(K)], texts, has_eos.tolist(), device
+        monitor = gold is not None and ((step - 1) % args.gold_every == 0 or step == args.total_steps)
+        log_samples = step % args.log_samples_every == 0 or step == args.total_steps
+        if monitor or log_samples:
+            texts = tokenizer.batch_decode(
+                [r[: int(m.sum()) - int(e)] for r, m, e in zip(response, response_mask, has_eos)]
             )
+        if monitor:
+            gold_reward = gold_rewards(gold, gold_tok, [p for p in step_prompts for _ in range(K)], texts, args, device)
             if args.missing_eos_penalty is not None:  # as eval_gold.py scores it
                 gold_reward = torch.where(has_eos, gold_reward, args.missing_eos_penalty)
         t2 = time.perf_counter()
 
         # 3. advantages: AdvPO's pessimistic reward, g over all processes, then Dr.GRPO (eq. 4)
+        if args.missing_eos_penalty is not None:  # a fixed reward does not depend on the head phi: feature 0
+            features = features * has_eos.unsqueeze(1)
         advpo_reward, penalty, g_norm = advpo_rewards(
             reward, features, m_chol, ref_mean, args.budget, gather=accelerator.gather
         )
@@ -835,40 +1161,45 @@ if __name__ == "__main__":
         # logging: every metric over the global batch
         g = accelerator.gather
         all_reward, all_penalty = g(reward.view(-1, K)), g(penalty)
+        loss_kl = g(torch.tensor([[stats["loss"], stats["k3_sum"], stats["tokens"]]], device=device))
         metrics = {
             "step": step,
             "reward/proxy": all_reward.mean().item(),
             "policy/kl": g(stats["seq_kl"]).mean().item(),
-            "policy/kl_k3_per_token": g(torch.tensor([stats["kl_k3"]], device=device)).mean().item(),
-            "losses/loss": g(torch.tensor([stats["loss"]], device=device)).mean().item(),
+            "policy/kl_k3_per_token": (loss_kl[:, 1].sum() / loss_kl[:, 2].sum().clamp(min=1)).item(),
+            "policy/grad_norm": stats["grad_norm"],
+            "losses/loss": loss_kl[:, 0].mean().item(),
             "advpo/reward": g(advpo_reward).mean().item(),
             "advpo/penalty_mean": all_penalty.mean().item(),
             "advpo/penalty_std": all_penalty.std(correction=0).item(),
             "advpo/g_norm": g_norm.item(),
             "completion/length": g(response_mask.sum(1).float()).mean().item(),
-            "completion/eos_rate": g(has_eos.float()).mean().item(),
+            "completion/no_eos_rate": 1 - g(has_eos.float()).mean().item(),
             "time/step": t3 - t0,
             "time/generation": t1 - t0,
             "time/scoring": t2 - t1,
             "time/update": t3 - t2,
         }
-        if gold is not None:
+        if monitor:
             all_gold = g(gold_reward.view(-1, K))
             metrics["reward/gold"] = all_gold.mean().item()
             metrics["rm/proxy_accuracy"] = pairwise_agreement(all_reward, all_gold)
         samples = None
-        if step % args.log_samples_every == 0 or step == args.total_steps:
+        if log_samples:  # every completion of the step
             local = [
                 dict(
                     step=step,
+                    group=rank * args.local_num_prompts + i // K,
                     prompt=step_prompts[i // K],
                     response=texts[i],
+                    has_eos=bool(has_eos[i]),
+                    length=int(response_mask[i].sum()),
                     proxy=reward[i].item(),
-                    gold=gold_reward[i].item() if gold is not None else None,
+                    gold=gold_reward[i].item() if monitor else None,
                     advantage=advantages.flatten()[i].item(),
                     penalty=penalty[i].item(),
                 )
-                for i in range(min(2 * K, len(texts)))
+                for i in range(len(texts))
             ]
             samples = gather_object(local)
         if accelerator.is_main_process:
@@ -880,10 +1211,8 @@ if __name__ == "__main__":
             if args.track:
                 wandb.log(metrics, step=step)
                 if samples:
-                    wandb.log(
-                        {"samples": wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])},
-                        step=step,
-                    )
+                    table = wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])
+                    wandb.log({"samples": table}, step=step)
             bar.set_postfix(
                 proxy=f"{metrics['reward/proxy']:.2f}",
                 gold=f"{metrics.get('reward/gold', math.nan):.2f}",
