@@ -36,7 +36,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -72,7 +72,9 @@ class Args:
     # -- models and data
     policy_path: str = "runs/tiny_world/sft"
     """the SFT policy to optimise (a causal LM folder); it is also the frozen reference policy of the KL"""
-    reward_model_paths: tuple[str, ...] = ("runs/tiny_world/rm", "runs/tiny_world/rm_2", "runs/tiny_world/rm_3")
+    reward_model_paths: list[str] = field(
+        default_factory=lambda: ["runs/tiny_world/rm", "runs/tiny_world/rm_2", "runs/tiny_world/rm_3"]
+    )  # a list, not a tuple: args.json stores a list, and --resume compares the two
     """the k >= 2 ensemble members (paper: 3), each a *ForSequenceClassification with a linear `score` head,
     one output, trained from the policy's SFT (same tokenizer) by train_rm.py with its own seed; the first is
     the proxy whose reward is logged as reward/proxy"""
@@ -202,7 +204,7 @@ PRESETS = {
     "paper": Args(
         preset="paper",
         policy_path="runs/paper/sft",
-        reward_model_paths=("runs/paper/rm_410m_1", "runs/paper/rm_410m_2", "runs/paper/rm_410m_3"),
+        reward_model_paths=["runs/paper/rm_410m_1", "runs/paper/rm_410m_2", "runs/paper/rm_410m_3"],
         dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered",
         max_prompt_length=512,
         learning_rate=1e-6,
@@ -1163,6 +1165,7 @@ if __name__ == "__main__":
                     proxy=reward[i].item(),
                     gold=gold_reward[i].item() if monitor else None,
                     advantage=advantages.flatten()[i].item(),
+                    uwo_reward=uwo_reward[i].item(),
                     penalty=uwo_term[i].item(),
                     spread=spread[i].item(),
                 )

@@ -4,6 +4,7 @@ end on a very small tiny world (2 steps), its bad inputs, 2 processes and resume
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -225,8 +226,11 @@ def test_bspo_support_mask_against_token_probabilities_one_token_at_a_time():
 # ------------------------------------------------------------------ a very small tiny world
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The CI tiny world; UWO members = the base policy with 3 fresh heads; an RM with behavior_lm/ (the
-    base policy) for BSPO; a preference folder (chosen = the reference summary, rejected = another row's)."""
+    """The CI tiny world (pad `<|padding|>` distinct from EOS); a `policy` that emits EOS sometimes (as in
+    test_trainer.py), so that the missing-EOS penalty and EOS-ended completions both occur; UWO members = the base
+    policy with 3 fresh heads, each saved with the policy's tokenizer as train_rm.py saves it; an RM with
+    behavior_lm/ (the base policy) for BSPO; a preference folder (chosen = the reference summary, rejected =
+    another row's)."""
     root = tmp_path_factory.mktemp("world")
     subprocess.run(
         [sys.executable, "tiny_world.py", "--preset", "ci", "--output-dir", str(root)],
@@ -235,19 +239,27 @@ def world(tmp_path_factory):
         capture_output=True,
         timeout=600,
     )
+    tok = AutoTokenizer.from_pretrained(root / "base_policy")
+    assert tok.pad_token_id != tok.eos_token_id  # the world's convention, which the fixtures below keep
+    policy = AutoModelForCausalLM.from_pretrained(root / "base_policy")
+    with torch.no_grad():  # the EOS logit + 3.5 at every position: about 1 token in 11 is EOS
+        policy.gpt_neox.final_layer_norm.bias[0] = 5.0
+        policy.get_output_embeddings().weight[policy.config.eos_token_id, 0] = 0.7
+    policy.save_pretrained(root / "policy")
+    tok.save_pretrained(root / "policy")
     for seed in (1, 2, 3):
         torch.manual_seed(seed)
         rm = AutoModelForSequenceClassification.from_pretrained(root / "base_policy", num_labels=1)
-        rm.config.pad_token_id = rm.config.eos_token_id
         rm.save_pretrained(root / f"rm_{seed}")
+        tok.save_pretrained(root / f"rm_{seed}")
     shutil.copytree(root / "rm_1", root / "rm_bspo")
-    AutoModelForCausalLM.from_pretrained(root / "base_policy").save_pretrained(root / "rm_bspo" / "behavior_lm")
+    policy.save_pretrained(root / "rm_bspo" / "behavior_lm")  # the behaviour LM is the policy itself
+    tok.save_pretrained(root / "rm_bspo" / "behavior_lm")
     import train_rm
 
-    tok = AutoTokenizer.from_pretrained(root / "base_policy")
     (root / "prefs").mkdir()
     for split, n in (("train", 24), ("test", 8)):
-        rows = train_rm.load_split(str(root / "data"), split)[:n]
+        rows = train_rm.load_split(str(root / "data"), split)[0][:n]
         with open(root / "prefs" / f"{split}.jsonl", "w") as f:
             for i, r in enumerate(rows):
                 prompt, chosen = train_rm.to_prompt_response(r, "tldr", tok, 128)
@@ -266,7 +278,7 @@ def baseline_cmd(script, world, out, *extra, procs=None):
     return head + [
         script,
         "--policy-path",
-        str(world / "base_policy"),
+        str(world / "policy"),
         *model,
         "--gold-rm-path",
         str(world / "gold_rm"),
@@ -280,8 +292,6 @@ def baseline_cmd(script, world, out, *extra, procs=None):
         "4",
         "--max-new-tokens",
         "8",
-        "--missing-eos-penalty",
-        "None",
         "--output-dir",
         str(out),
         "--log-samples-every",
@@ -331,7 +341,22 @@ def test_uwo_end_to_end(world, tmp_path):
     for row in rows:
         assert row["uwo/spread"] > 0 and row["uwo/penalty"] > 0
         assert row["uwo/penalty"] >= row["uwo/spread"] ** 2 - 1e-6  # mean of Var >= (mean of std)^2 (Jensen)
+        for key in ("policy/kl_k3_per_token", "policy/grad_norm", "losses/loss", "completion/no_eos_rate"):
+            assert math.isfinite(row[key])
+        assert "reward/gold" in row and "rm/proxy_accuracy" in row and not any(k.startswith("signcert/") for k in row)
+    # a completion without EOS gets the penalty from every member: no UWO penalty, and its advantage is Dr.GRPO's
+    # of the penalised rewards (no certification in UWO)
+    samples = read_jsonl(diff / "samples.jsonl")
+    assert set(samples[0]) == {*SAMPLE_FIELDS, "uwo_reward", "penalty", "spread"}
+    no_eos = [s for s in samples if not s["has_eos"]]
+    assert no_eos and len(no_eos) < len(samples)  # both kinds occur
+    assert all(s["proxy"] == s["uwo_reward"] == -1.0 and s["penalty"] == s["spread"] == 0.0 for s in no_eos)
+    assert_group_advantages(samples[:8], 4, lambda r: r["uwo_reward"])
     assert os.path.exists(diff / "model" / "model.safetensors")
+
+
+# what every trainer writes per completion (grpo_signcert.py adds `radius`, each baseline its own fields)
+SAMPLE_FIELDS = ("step", "group", "prompt", "response", "has_eos", "length", "proxy", "gold", "advantage")
 
 
 def read_metrics(out):
@@ -346,8 +371,13 @@ def test_advpo_end_to_end(world, tmp_path):
     for row in rows:
         assert row["advpo/g_norm"] > 0 and row["advpo/penalty_std"] > 0
         assert row["advpo/reward"] == pytest.approx(row["reward/proxy"] - row["advpo/penalty_mean"], abs=1e-5)
-    step1 = [s for s in read_jsonl(out / "samples.jsonl") if s["step"] == 1][:8]
+    samples = read_jsonl(out / "samples.jsonl")
+    assert set(samples[0]) == {*SAMPLE_FIELDS, "penalty"}
+    step1 = [s for s in samples if s["step"] == 1][:8]
     assert_group_advantages(step1, 4, lambda r: r["proxy"] - r["penalty"])
+    # a completion without EOS has the fixed reward, which does not depend on the head: no AdvPO penalty
+    no_eos = [s for s in samples if not s["has_eos"]]
+    assert no_eos and all(s["proxy"] == -1.0 and s["penalty"] == 0.0 for s in no_eos)
     # budget 0: the proxy reward, Dr.GRPO
     zero = tmp_path / "zero"
     run_ok(baseline_cmd("grpo_advpo.py", world, zero, "--budget", "0", "--total-steps", "1"))
@@ -368,6 +398,7 @@ def test_bspo_end_to_end(world, tmp_path):
     row = read_metrics(high)[0]
     assert row["bspo/out_of_support_rate"] > 0.5
     samples = read_jsonl(high / "samples.jsonl")[:8]
+    assert set(samples[0]) == {*SAMPLE_FIELDS, "out_of_support"}
     assert any(s["out_of_support"] for s in samples)
     floor = row["bspo/min_return"]
     assert_group_advantages(samples, 4, lambda r: floor if r["out_of_support"] else r["proxy"])
@@ -378,6 +409,8 @@ def test_bspo_end_to_end(world, tmp_path):
     [
         ("grpo_uwo.py", "one_member", "at least 2 reward models"),
         ("grpo_uwo.py", "other_vocab", "vocabulary differs from the policy's"),
+        ("grpo_uwo.py", "member_without_tokenizer", "has no tokenizer"),
+        ("grpo_uwo.py", "member_not_rm", "is not a reward model"),
         ("grpo_advpo.py", "no_rejected", "has columns ['chosen', 'prompt']"),
         ("grpo_bspo.py", "no_behavior_lm", "train it with `train_rm.py --lm-coef"),
     ],
@@ -393,6 +426,13 @@ def test_bad_inputs_are_clear_errors(world, tmp_path, script, edit, message):
         tok.add_tokens(["<a-token-the-policy-lacks>"])
         tok.save_pretrained(tmp_path / "member")
         cmd[cmd.index(str(world / "rm_2"))] = str(tmp_path / "member")
+    elif edit == "member_without_tokenizer":  # check_same_tokenizer, as for the proxy
+        (tmp_path / "member").mkdir()
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(world / "rm_3" / name, tmp_path / "member" / name)
+        cmd[cmd.index(str(world / "rm_3"))] = str(tmp_path / "member")
+    elif edit == "member_not_rm":  # check_reward_config, before any model loads
+        cmd[cmd.index(str(world / "rm_2"))] = str(world / "policy")
     elif edit == "no_rejected":
         (tmp_path / "prefs").mkdir()
         (tmp_path / "prefs" / "train.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "c"}) + "\n")
@@ -401,6 +441,7 @@ def test_bad_inputs_are_clear_errors(world, tmp_path, script, edit, message):
         cmd[cmd.index(str(world / "rm_bspo"))] = str(world / "rm_1")
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
 
 
 def test_advpo_two_processes(world, tmp_path):
