@@ -452,15 +452,18 @@ def reward_and_features(rm, ids, mask):
 
 
 def reward_and_lm_loss(rm, lm_head, input_ids, attention_mask, lm_mask):
-    """BSPO's ScoreLM: ONE backbone forward -> (reward (B,) as reward_at_last_token, the mean next-token loss
-    of the LM head over the tokens where lm_mask is 1 (the response tokens and their EOS))."""
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    """BSPO's ScoreLM: ONE backbone forward -> (reward (B,), the mean next-token loss of the LM head over the
+    tokens where lm_mask is 1 (the response tokens and their EOS)). The reward is `reward_and_features`'s own
+    (the same last token, the float32 head, the offset); the LM head reads the hidden states of that same
+    forward, caught by a hook on the backbone, so no second forward and no second copy of the scoring."""
+    caught = {}
     backbone = getattr(rm, rm.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    last = (attention_mask * positions).argmax(1)
-    reward = rm.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1)
-    logits = lm_head(hidden[:, :-1]).float()  # position t predicts token t + 1
+    hook = backbone.register_forward_hook(lambda module, inputs, output: caught.update(hidden=output.last_hidden_state))
+    try:
+        reward = reward_and_features(rm, input_ids, attention_mask)[0]
+    finally:
+        hook.remove()
+    logits = lm_head(caught["hidden"][:, :-1]).float()  # position t predicts token t + 1
     target, weight = input_ids[:, 1:], lm_mask[:, 1:].float()
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
     return reward, (nll * weight).sum() / weight.sum().clamp(min=1)

@@ -519,6 +519,31 @@ def plain_bt_train_rm(tmp_path):
     pytest.skip("no git history with a train_rm.py before --lm-coef (shallow clone?)")
 
 
+def test_score_lm_reward_is_reward_and_features_and_its_lm_loss_a_token_by_token_nll():
+    """train_rm.py's ScoreLM forward: its reward is exactly reward_and_features' (no second copy of the
+    scoring), its LM loss the mean NLL of the lm_mask tokens, each from an unpadded forward; both backpropagate."""
+    import train_rm
+
+    rm = tiny_neox(GPTNeoXForSequenceClassification, seed=5, num_labels=1)
+    torch.manual_seed(6)
+    lm_head = torch.nn.Linear(16, 30, bias=False)
+    ids = torch.tensor([[3, 4, 5, 6, 2, 1], [7, 8, 9, 2, 1, 1]])  # right-padded with 1
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
+    lm_mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]])  # the response tokens and their EOS
+    reward, loss = train_rm.reward_and_lm_loss(rm, lm_head, ids, mask, lm_mask)
+    torch.testing.assert_close(reward, train_rm.reward_and_features(rm, ids, mask)[0], rtol=0, atol=0)
+    nll = []
+    with torch.no_grad():
+        for row, m, lm in zip(ids, mask, lm_mask):
+            n = int(m.sum())
+            logp = torch.log_softmax(lm_head(rm.gpt_neox(input_ids=row[:n].unsqueeze(0)).last_hidden_state[0]), -1)
+            nll += [-logp[t - 1, row[t]].item() for t in range(1, n) if lm[t]]
+    assert loss.item() == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+    (reward.sum() + loss).backward()
+    assert rm.score.weight.grad.abs().sum() > 0 and lm_head.weight.grad.abs().sum() > 0
+    assert rm.gpt_neox.embed_in.weight.grad.abs().sum() > 0
+
+
 def test_lm_coef_zero_trains_exactly_the_plain_bradley_terry_rm(world, tmp_path):
     plain = plain_bt_train_rm(tmp_path)
     run_ok(train_rm_cmd(str(plain), world, tmp_path / "plain"))
