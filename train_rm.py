@@ -623,7 +623,7 @@ if __name__ == "__main__":
         rm.gradient_checkpointing_enable()
     lm_head = None
     if args.lm_coef > 0:  # BSPO's ScoreLM: an LM head on the RM's backbone, initialised from the SFT's LM head
-        sft_lm = AutoModelForCausalLM.from_pretrained(args.sft_path, trust_remote_code=args.trust_remote_code)
+        sft_lm = AutoModelForCausalLM.from_pretrained(args.policy_path, trust_remote_code=args.trust_remote_code)
         lm_head = torch.nn.Linear(rm.config.hidden_size, sft_lm.config.vocab_size, bias=False)
         lm_head.weight.data.copy_(sft_lm.get_output_embeddings().weight.data)
         del sft_lm
@@ -741,7 +741,7 @@ if __name__ == "__main__":
         tokenizer.save_pretrained(out)
         if args.lm_coef > 0:  # the behaviour LM: the trained backbone + LM head, a standard causal-LM folder
             behavior = AutoModelForCausalLM.from_pretrained(
-                args.sft_path, trust_remote_code=args.trust_remote_code, tie_word_embeddings=False
+                args.policy_path, trust_remote_code=args.trust_remote_code, tie_word_embeddings=False
             )
             prefix = f"rm.{rm.base_model_prefix}."
             getattr(behavior, behavior.base_model_prefix).load_state_dict(

@@ -482,7 +482,7 @@ def train_rm_cmd(script, world, out, *extra):
     return [
         sys.executable,
         script,
-        "--sft-path",
+        "--policy-path",
         str(world / "base_policy"),
         "--prefs-path",
         str(world / "prefs"),
