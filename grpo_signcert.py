@@ -890,7 +890,7 @@ if __name__ == "__main__":
         )
     if args.resume and not args.output_dir:
         raise ValueError(
-            "--resume needs --output-dir: the folder of the run to continue (e.g. runs/grpo_signcert__1__1764180000)"
+            f"--resume needs --output-dir: the folder of the run to continue (e.g. runs/{args.exp_name}__1__1764180000)"
         )
     if args.resume and args.overwrite:
         raise ValueError("--resume continues a run and --overwrite deletes it: pass one of them")

@@ -27,6 +27,13 @@ Accuracy: the fraction of held-out pairs (`{prefs_path}/test.jsonl`, on-policy c
 held-out prompts labelled by the gold) where the proxy ranks the gold-chosen response strictly higher;
 every `--eval-steps` updates and at the end.
 
+BSPO's ScoreLM (`--lm-coef alpha > 0`, Dai et al. 2025): an LM head on the same backbone, initialised from
+the SFT's LM head, and the loss BT + alpha * the mean next-token loss of the training responses (chosen
+and rejected; response tokens and their EOS, not the prompt). The head then estimates the behaviour
+distribution of the responses the RM was trained on; backbone + LM head are saved as a standard causal
+LM in `{output_dir}/behavior_lm/` (grpo_bspo.py reads it). `--lm-coef 0` (default) is the plain BT RM,
+bit for bit: no LM head is built.
+
 Paper setting (appendix F.4): Pythia-1B SFT backbone, lr 2e-5, cosine, warmup 0.03, weight decay 0.1,
 1 epoch, max length 512, per-device batch 16, gradient checkpointing, bf16, 8 GPUs. The tiny preset
 uses lr 1e-3 (our choice: the tiny backbone is small and trained from scratch; 2e-5 barely moves it)
@@ -59,7 +66,7 @@ import tyro
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
 
 @dataclass
@@ -130,6 +137,8 @@ class Args:
     """bf16 mixed precision (autocast; GPU; the paper: on)"""
     gradient_checkpointing: bool = False
     """trade compute for memory (the paper: on)"""
+    lm_coef: float = 0.0
+    """alpha >= 0: add alpha x the next-token loss of the responses (BSPO's ScoreLM) and save behavior_lm/; 0: plain BT"""
 
     # to be filled in runtime
     num_processes: Annotated[int, tyro.conf.Suppress] = 0
@@ -442,15 +451,36 @@ def reward_and_features(rm, ids, mask):
     return reward - getattr(rm.config, "reward_offset", 0.0), h
 
 
+def reward_and_lm_loss(rm, lm_head, input_ids, attention_mask, lm_mask):
+    """BSPO's ScoreLM: ONE backbone forward -> (reward (B,), the mean next-token loss of the LM head over the
+    tokens where lm_mask is 1 (the response tokens and their EOS)). The reward is `reward_and_features`'s own
+    (the same last token, the float32 head, the offset); the LM head reads the hidden states of that same
+    forward, caught by a hook on the backbone, so no second forward and no second copy of the scoring."""
+    caught = {}
+    backbone = getattr(rm, rm.base_model_prefix)
+    hook = backbone.register_forward_hook(lambda module, inputs, output: caught.update(hidden=output.last_hidden_state))
+    try:
+        reward = reward_and_features(rm, input_ids, attention_mask)[0]
+    finally:
+        hook.remove()
+    logits = lm_head(caught["hidden"][:, :-1]).float()  # position t predicts token t + 1
+    target, weight = input_ids[:, 1:], lm_mask[:, 1:].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    return reward, (nll * weight).sum() / weight.sum().clamp(min=1)
+
+
 class LastTokenReward(torch.nn.Module):
     """Makes the scoring the wrapped module's forward: DDP/DeepSpeed sync gradients only through it."""
 
-    def __init__(self, rm):
+    def __init__(self, rm, lm_head=None):
         super().__init__()
         self.rm = rm
+        self.lm_head = lm_head  # BSPO's ScoreLM head (--lm-coef > 0), else None: no parameters added
 
-    def forward(self, input_ids, attention_mask):
-        return reward_and_features(self.rm, input_ids, attention_mask)[0]
+    def forward(self, input_ids, attention_mask, lm_mask=None):
+        if lm_mask is None:
+            return reward_and_features(self.rm, input_ids, attention_mask)[0]
+        return reward_and_lm_loss(self.rm, self.lm_head, input_ids, attention_mask, lm_mask)
 
 
 @torch.no_grad()
@@ -557,6 +587,14 @@ if __name__ == "__main__":
         for r in rows
     ]
     train_data, test_data = encode(train_pairs), encode(test_pairs)
+    if args.lm_coef < 0:
+        raise ValueError(f"--lm-coef (BSPO's alpha) must be >= 0, got {args.lm_coef}")
+    if args.lm_coef > 0:  # the ScoreLM also needs how many tokens at the end are response (+ EOS): append them
+        response_length = lambda text, ids: min(len(tokenizer(text, add_special_tokens=False).input_ids) + 1, len(ids))
+        train_data = [
+            (c, r, response_length(p["chosen"], c), response_length(p["rejected"], r))
+            for (c, r), p in zip(train_data, train_pairs)
+        ]
     steps_per_epoch = math.ceil(
         math.ceil(len(train_data) / (args.per_device_train_batch_size * args.num_processes))
         / args.gradient_accumulation_steps
@@ -583,7 +621,13 @@ if __name__ == "__main__":
     rm.config.pad_token_id = tokenizer.pad_token_id  # != eos: plain HF pooling then reads the EOS, as we do
     if args.gradient_checkpointing:
         rm.gradient_checkpointing_enable()
-    model = LastTokenReward(rm)
+    lm_head = None
+    if args.lm_coef > 0:  # BSPO's ScoreLM: an LM head on the RM's backbone, initialised from the SFT's LM head
+        sft_lm = AutoModelForCausalLM.from_pretrained(args.policy_path, trust_remote_code=args.trust_remote_code)
+        lm_head = torch.nn.Linear(rm.config.hidden_size, sft_lm.config.vocab_size, bias=False)
+        lm_head.weight.data.copy_(sft_lm.get_output_embeddings().weight.data)
+        del sft_lm
+    model = LastTokenReward(rm, lm_head)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]  # no decay on biases and norms
     optimizer = torch.optim.AdamW(
         [
@@ -624,12 +668,25 @@ if __name__ == "__main__":
     model.train()
     for epoch in range(args.num_train_epochs):
         for batch in train_loader:
+            lm_lengths = None
+            if args.lm_coef > 0:  # split off the response lengths (see train_data)
+                lm_lengths = [nc for _, _, nc, _ in batch] + [nr for _, _, _, nr in batch]
+                batch = [(c, r) for c, r, _, _ in batch]
             with accelerator.accumulate(model):
                 # chosen and rejected in one forward: the same padding, the same batch statistics
                 ids, mask = pad_right([c for c, _ in batch] + [r for _, r in batch], pad, accelerator.device)
-                rewards = model(ids, mask).float()
+                if lm_lengths is None:
+                    rewards = model(ids, mask).float()
+                else:  # the last n real tokens of each row are its response + EOS
+                    ends = mask.sum(1, keepdim=True)
+                    starts = ends - torch.tensor(lm_lengths, device=ids.device).unsqueeze(1)
+                    cols = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+                    rewards, lm_loss = model(ids, mask, ((cols >= starts) & (cols < ends)).long())
+                    rewards = rewards.float()
                 margin = rewards[: len(batch)] - rewards[len(batch) :]
                 loss = -torch.nn.functional.logsigmoid(margin).mean()  # Bradley-Terry
+                if lm_lengths is not None:
+                    loss = loss + args.lm_coef * lm_loss  # BSPO's ScoreLM
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -680,8 +737,19 @@ if __name__ == "__main__":
     state_dict = accelerator.get_state_dict(model)  # every rank must call it (DeepSpeed gathers)
     if accelerator.is_main_process:
         rm.config.reward_offset = offset  # rewards are score(h) - reward_offset
-        rm.save_pretrained(out, state_dict={k.removeprefix("rm."): v for k, v in state_dict.items()})
+        rm.save_pretrained(out, state_dict={k[3:]: v for k, v in state_dict.items() if k.startswith("rm.")})
         tokenizer.save_pretrained(out)
+        if args.lm_coef > 0:  # the behaviour LM: the trained backbone + LM head, a standard causal-LM folder
+            behavior = AutoModelForCausalLM.from_pretrained(
+                args.policy_path, trust_remote_code=args.trust_remote_code, tie_word_embeddings=False
+            )
+            prefix = f"rm.{rm.base_model_prefix}."
+            getattr(behavior, behavior.base_model_prefix).load_state_dict(
+                {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            )
+            behavior.get_output_embeddings().weight.data.copy_(state_dict["lm_head.weight"])
+            behavior.save_pretrained(out / "behavior_lm")
+            tokenizer.save_pretrained(out / "behavior_lm")
         summary = {**final, "num_updates": update, "train_seconds": time.time() - start, "run_name": args.run_name}
         (out / "eval.json").write_text(json.dumps(summary, indent=1))
         commit_dir(out, args.output_dir)

@@ -1,0 +1,1235 @@
+"""AdvPO: adversarial policy optimisation with a lightweight uncertainty estimate from the reward model's
+last-layer features (Zhang et al. 2024), the SignCert-PO paper's baseline, as Dr.GRPO with a pessimistic
+reward. A copy of grpo_signcert.py in which only the reward/advantage section differs
+(`diff grpo_signcert.py grpo_advpo.py` shows the method).
+
+    accelerate launch grpo_advpo.py --budget 5          # the tiny world: proxy rm, its training pairs prefs/
+    accelerate launch --config_file configs/ddp_8gpu.yaml grpo_advpo.py --preset paper \
+        --policy-path <sft> --reward-model-path <rm> --prefs-path <prefs> --budget 5  # Pythia-1B, 8 GPUs
+
+The reward model is `r(x, y) = phi^T e(x, y) + b`, with `e` the last-layer feature that feeds its linear
+`score` head (what grpo_signcert.py calls h). AdvPO's confidence region for the head is the ellipsoid
+`||phi - phi_hat||_M <= sqrt(B)` with
+
+    M      = lambda_ridge I + sum e e^T   over the RM's training responses (chosen AND rejected), once
+    g      = mean_{y ~ pi} e - mean_{y_ref} e   policy completions of the GLOBAL batch; references: chosen
+    phi*   = argmin_{||phi - phi_hat||_M <= b} mean_pi phi^T e - mean_ref phi^T e
+           = phi_hat - b M^-1 g / sqrt(g^T M^-1 g)                          closed form, b = sqrt(B)
+    r~_j   = phi*^T e_j + b = r_j - b e_j^T M^-1 g / sqrt(g^T M^-1 g)      the pessimistic reward
+    A_j    = r~_j - mean_k r~_k                                             eq. (4), Dr.GRPO advantage
+
+One training step: 1. rollouts, 2. scoring (reward AND features from one proxy forward), 3. the
+pessimistic reward and Dr.GRPO advantages, 4. the Dr.GRPO update, all as in grpo_signcert.py.
+
+Choices (ours, where the papers are silent; docs/METHOD.md): B defaults to 5 (Zhang et al. sweep 1, 5,
+10, 15); lambda_ridge = 1; M and g are in float64 (Cholesky once at the start; a singular or
+non-positive-definite M is an error); the responses are fed as in train_rm.py (prompt, response, EOS);
+a completion without EOS gets the fixed reward `--missing-eos-penalty` and feature 0 (its reward does
+not depend on phi), so it adds 0 to g's sum and gets no penalty. AdvPO needs the RM's training data
+(`--prefs-path`, the `prompt`, `chosen`, `rejected` columns written by gen_prefs.py); SignCert-PO does not.
+Logged: `advpo/reward` (mean pessimistic reward), `advpo/penalty_mean` and `advpo/penalty_std` (of
+b e_j^T M^-1 g / sqrt(g^T M^-1 g)), `advpo/g_norm` (sqrt(g^T M^-1 g)).
+"""
+
+import argparse
+import fcntl
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (the same for initialisation on every process; sampling uses seed + rank)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases"""
+    wandb_project_name: str = "signcert-po"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
+    preset: Literal["tiny", "paper"] = "tiny"
+    """the defaults to start from: `tiny` (the offline tiny world, minutes on a CPU) or `paper`
+    (Pythia-1B on TL;DR, the paper's Table 6); explicit flags override either"""
+
+    # Algorithm specific arguments
+    # -- models and data
+    policy_path: str = "runs/tiny_world/sft"
+    """the SFT policy to optimise (a causal LM folder); it is also the frozen reference policy of the KL"""
+    reward_model_path: str = "runs/tiny_world/rm"
+    """the proxy reward model: a *ForSequenceClassification with a linear `score` head, one output, trained
+    from the policy's SFT (same tokenizer) by train_rm.py"""
+    prefs_path: str = "runs/tiny_world/prefs"
+    """the proxy RM's training pairs (gen_prefs.py: a folder with train.jsonl, or one file; columns prompt,
+    chosen, rejected): M comes from their chosen AND rejected responses, the reference features from chosen"""
+    dataset: str = "runs/tiny_world/data"
+    """prompts: a hub id or a local folder/file (jsonl, parquet, save_to_disk); TL;DR or AlpacaFarm columns"""
+    dataset_config: Optional[str] = None
+    """the hub dataset's config name (AlpacaFarm: `alpaca_instructions`)"""
+    dataset_split: str = "train"
+    """the split whose prompts are trained on"""
+    max_prompt_length: int = 128
+    """prompts longer than this are cut in the POST/input (paper: 512)"""
+    trust_remote_code: bool = False
+    """allow models whose code lives on the hub (off: only transformers' own architectures)"""
+
+    # -- AdvPO (Zhang et al. 2024)
+    budget: float = 5.0
+    """B = b^2 >= 0, the size of the confidence ellipsoid ||phi - phi_hat||_M <= b (Zhang et al. sweep 1, 5, 10,
+    15; 0 is Dr.GRPO)"""
+    ridge: float = 1.0
+    """lambda_ridge >= 0 in M = lambda_ridge I + sum e e^T (our choice: 1)"""
+
+    # -- the Dr.GRPO loss and the optimiser
+    kl_coef: float = 0.01
+    """beta, the weight of the k3 KL to the reference policy in the loss (paper: 0.01)"""
+    clip_range: float = 0.2
+    """the PPO clip range of the ratio (paper: 0.2)"""
+    num_ppo_epochs: int = 1
+    """optimiser steps on each batch of rollouts (1: the ratio is 1 and the PPO clip is inert, as in the paper)"""
+    learning_rate: float = 2e-4
+    """the learning rate, constant (paper: 1e-6)"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this"""
+
+    # -- rollouts
+    num_generations: int = 8
+    """K, completions per prompt (paper: 8)"""
+    temperature: float = 1.0
+    """sampling temperature of the rollouts; the log-probs of the loss use the same (paper: 1.0)"""
+    max_new_tokens: int = 24
+    """the maximum completion length, also the constant of the Dr.GRPO normaliser (paper: 53)"""
+    missing_eos_penalty: Optional[float] = -1.0
+    """the reward of a completion with no EOS, given instead of the RM's (None: score it as is); it does not
+    depend on the head phi, so such a completion enters g with feature 0 and gets no AdvPO penalty"""
+    generation_batch_size: int = 128
+    """completions generated (and scored) at once on one device"""
+    generation_backend: Literal["hf", "static", "compiled"] = "hf"
+    """`hf`: transformers' `generate` (the default, and the CPU path); `static`: our sampling loop over a static KV
+    cache (`sample_static`, the same distribution); `compiled`: that loop with the decoding step compiled with CUDA
+    graphs (`torch.compile(mode="reduce-overhead")`, for GPUs)"""
+
+    # -- batch sizes and steps
+    total_steps: int = 300
+    """the number of optimiser steps (paper: 2000)"""
+    num_prompts_per_step: int = 16
+    """prompts per optimiser step, over all processes (paper: 32)"""
+    micro_batch_size: int = 32
+    """completions per forward/backward on one device (paper: 2)"""
+    bf16: bool = False
+    """bf16 mixed precision (GPU); the reference and reward models are then held in bf16, the reward head
+    is applied in float32"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory in the policy's backward"""
+
+    # -- monitoring by the gold reward model (never in the update)
+    gold_rm_path: Optional[str] = "runs/tiny_world/gold_rm"
+    """the gold reward model (paper: Skywork-Reward-Llama-3.1-8B-v0.2); None to skip"""
+    gold_every: int = 1
+    """score the rollouts with the gold RM at step 1, every this many steps after it, and at the last step:
+    `reward/gold` and `rm/proxy_accuracy` (the paper's Figure 2a, every 50 steps)"""
+    gold_batch_size: int = 64
+    """sequences per gold forward on one device"""
+    gold_max_length: int = 256
+    """gold input tokens (longer inputs lose their beginning), as in gen_prefs.py and eval_gold.py"""
+
+    # -- outputs, checkpoints, resume
+    output_dir: Optional[str] = None
+    """where everything goes (default: runs/{run_name}); a folder that holds a run is refused unless
+    `--resume` or `--overwrite`"""
+    log_samples_every: int = 25
+    """write every completion of the step (text, rewards, advantage, AdvPO penalty) to samples.jsonl every
+    this many steps"""
+    save_every: int = 50
+    """write a checkpoint every this many steps (atomically; `--resume` continues from the last one)"""
+    resume: bool = False
+    """continue the run in `--output-dir` from its last checkpoint (policy, optimiser, RNG, step); the
+    arguments that shape the run must match its args.json"""
+    overwrite: bool = False
+    """delete what `--output-dir` holds and start afresh"""
+
+    # to be filled in runtime
+    run_name: Annotated[str, tyro.conf.Suppress] = ""
+    """{exp_name}__{seed}__{time}, the same on every process; kept on resume (the wandb run id)"""
+    num_processes: Annotated[int, tyro.conf.Suppress] = 0
+    """the number of processes (GPUs)"""
+    local_num_prompts: Annotated[int, tyro.conf.Suppress] = 0
+    """prompts per step on one process"""
+    local_batch_size: Annotated[int, tyro.conf.Suppress] = 0
+    """completions per step on one process"""
+    batch_size: Annotated[int, tyro.conf.Suppress] = 0
+    """completions per step over all processes"""
+    gradient_accumulation_steps: Annotated[int, tyro.conf.Suppress] = 0
+    """micro-batches per optimiser step on one process"""
+
+
+# fields that may differ when a run is resumed: they change what is logged or how fast, not the run
+RESUME_MAY_CHANGE = {
+    "preset",
+    "resume",
+    "overwrite",
+    "output_dir",
+    "run_name",
+    "total_steps",
+    "save_every",
+    "log_samples_every",
+    "track",
+    "wandb_project_name",
+    "wandb_entity",
+    "generation_batch_size",
+    "gold_batch_size",
+    "micro_batch_size",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+}
+
+PRESETS = {
+    "tiny": Args(),
+    "paper": Args(
+        preset="paper",
+        policy_path="runs/paper/sft",
+        reward_model_path="runs/paper/rm",
+        prefs_path="runs/paper/prefs",
+        dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered",
+        max_prompt_length=512,
+        learning_rate=1e-6,
+        max_new_tokens=53,
+        generation_batch_size=64,
+        total_steps=2000,
+        num_prompts_per_step=32,
+        micro_batch_size=2,
+        bf16=True,
+        gradient_checkpointing=True,
+        gold_rm_path="Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",
+        gold_every=50,
+        gold_batch_size=16,
+        gold_max_length=1024,
+        log_samples_every=50,
+        save_every=100,
+    ),
+}
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    """a // b, or an error that names both ways out: a multiple of b for the first, a divisor of a for the second."""
+    if b < 1 or a % b != 0:
+        multiples = sorted({m for m in (b * (a // b), b * (a // b + 1)) if m > 0}) if b >= 1 else []
+        divisors = [d for d in range(1, a + 1) if a % d == 0]
+        raise ValueError(
+            f"{what}: {a} is not a multiple of {b}; make the first a multiple of {b} (e.g. {multiples}) "
+            f"or the second a divisor of {a} ({divisors})"
+        )
+    return a // b
+
+
+def require_path(path: Optional[str], flag: str) -> None:
+    """Fail now, saying what to do, on a path that cannot be what was meant (instead of a hub lookup that
+    fails later with "couldn't connect to huggingface.co", or a tokenizer error on a run folder)."""
+    if not path:
+        return
+    p = Path(path).expanduser()
+    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
+        raise FileNotFoundError(f"{flag} {path} is a run folder, not a model: pass its model, {p / 'model'}")
+    if p.exists():
+        return
+    first = p.parts[0] if p.parts else ""
+    # a hub id is `name` or `owner/name`; anything else, or an `owner` that is a local folder, is a local path
+    if path.startswith((".", "/", "~", "runs/")) or path.count("/") > 1 or Path(first).is_dir():
+        raise FileNotFoundError(
+            f"{flag} {path}: no such folder (run the stage that writes it, `python pipeline.py` for the "
+            f"tiny world, or give the path of an existing folder)"
+        )
+
+
+def dr_grpo_advantages(rewards):
+    """Dr.GRPO's group advantage (eq. 4): A_j = r_j - mean_k r_k over the K completions of each prompt
+    (no division by the std). rewards: (B, K). Returns (B, K), without gradient."""
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ValueError(
+            f"rewards must have shape (B, K) with K >= 2 completions per prompt, got {tuple(rewards.shape)}"
+        )
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rewards must be finite: found NaN or inf (check the reward model's outputs)")
+    rewards = rewards.detach()
+    return rewards - rewards.mean(dim=1, keepdim=True)
+
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def load_preference_rows(prefs_path):
+    """The RM's training pairs: a folder with train.jsonl/.parquet (gen_prefs.py) or one file; every row
+    needs a prompt, a chosen and a rejected response (strings)."""
+    rows, where = load_split(prefs_path, "train")
+    if not rows:
+        raise ValueError(f"--prefs-path {prefs_path} has no pairs: AdvPO needs the RM's training pairs")
+    if not set(PAIR_COLUMNS) <= set(rows[0]):
+        raise ValueError(
+            f"--prefs-path {prefs_path} has columns {sorted(rows[0])}; AdvPO needs the RM's training pairs with "
+            f"columns {list(PAIR_COLUMNS)} (chosen AND rejected responses: the output of gen_prefs.py)"
+        )
+    check_columns(rows, PAIR_COLUMNS, where)  # every row, not only the first
+    return rows
+
+
+@torch.no_grad()
+def advpo_statistics(rm, tokenizer, rows, ridge, batch_size, max_length, accelerator):
+    """M = ridge I + sum e e^T over the chosen AND rejected responses of `rows`, and the mean feature of
+    the chosen ones (the reference), both float64. The rows are split over the processes and the sums
+    reduced, so every process gets the same M. A response is fed as train_rm.py feeds it (`rm_input_ids`:
+    prompt ids, response ids, EOS, keeping the last `max_length` tokens)."""
+    d = rm.score.in_features
+    device = accelerator.device
+    M = torch.zeros(d, d, dtype=torch.float64, device=device)
+    ref = torch.zeros(d + 1, dtype=torch.float64, device=device)  # the sum of chosen features, then their count
+    with accelerator.split_between_processes(rows) as mine:
+        for i in tqdm(range(0, len(mine), batch_size), desc="AdvPO: M", disable=not accelerator.is_main_process):
+            chunk = mine[i : i + batch_size]
+            seqs = [
+                rm_input_ids(tokenizer, r["prompt"], r[column], max_length, chat=False)
+                for column in ("chosen", "rejected")
+                for r in chunk
+            ]
+            width = max(map(len, seqs))
+            ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs], device=device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+            e = reward_and_features(rm, ids, mask)[1].double()
+            M += e.T @ e
+            ref[:d] += e[: len(chunk)].sum(0)
+            ref[d] += len(chunk)
+    M, ref = accelerator.reduce(M, reduction="sum"), accelerator.reduce(ref, reduction="sum")
+    return M + ridge * torch.eye(d, dtype=torch.float64, device=device), ref[:d] / ref[d]
+
+
+def advpo_cholesky(M):
+    """The Cholesky factor of M, once: a clear error if M is singular or not positive definite."""
+    chol, info = torch.linalg.cholesky_ex(M)
+    if info.item() != 0 or not torch.isfinite(chol).all():
+        raise ValueError(
+            f"AdvPO's M = lambda_ridge I + sum e e^T ({M.shape[0]} x {M.shape[0]}) is singular or not positive "
+            "definite (too few preference responses for the feature size, or lambda_ridge = 0): raise --ridge"
+        )
+    return chol
+
+
+@torch.no_grad()
+def advpo_rewards(rewards, features, chol, ref_mean, budget, gather=lambda t: t):
+    """AdvPO's pessimistic reward (Zhang et al. 2024) of a batch of completions.
+
+    rewards:  (N,) proxy rewards r_j = phi_hat^T e_j + b of this process's completions.
+    features: (N, d) their last-layer features e_j (the input of the linear head).
+    chol:     (d, d) the Cholesky factor of M (advpo_cholesky); ref_mean: (d,) mean feature of the references.
+    budget:   B = b^2 >= 0 (0: no penalty).
+    gather:   maps this process's features to those of the GLOBAL batch (e.g. accelerator.gather), so
+              that g, and the adversarial head, are the same on every process; the identity on one process.
+    Returns (pessimistic rewards (N,), penalties b e_j^T M^-1 g / sqrt(g^T M^-1 g) (N,), sqrt(g^T M^-1 g)),
+    the rewards in float32 (float64 for float64 inputs), the rest float64, without gradient.
+    """
+    if rewards.ndim != 1 or features.ndim != 2 or features.shape[0] != rewards.shape[0]:
+        raise ValueError(
+            f"need rewards (N,) and features (N, d), got {tuple(rewards.shape)} and {tuple(features.shape)}"
+        )
+    if budget < 0:
+        raise ValueError(f"the budget B must be >= 0 (Zhang et al. sweep 1, 5, 10, 15), got {budget}")
+    if not (torch.isfinite(rewards).all() and torch.isfinite(features).all()):
+        raise ValueError("rewards and features must be finite: found NaN or inf (check the reward model's outputs)")
+    e = features.double()
+    g = gather(e).mean(0) - ref_mean.double()
+    m_inv_g = torch.cholesky_solve(g.unsqueeze(1), chol).squeeze(1)
+    g_norm = (g @ m_inv_g).clamp(min=0).sqrt()
+    scale = math.sqrt(budget) / g_norm if g_norm > 0 else 0.0  # g = 0: every head gives the same objective
+    penalty = scale * (e @ m_inv_g)
+    out = rewards.double() - penalty
+    return out.to(torch.promote_types(rewards.dtype, torch.float32)), penalty, g_norm
+
+
+def dr_grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range, kl_coef, normalizer):
+    """The Dr.GRPO loss (Liu et al. 2025; TRL `loss_type="dr_grpo"`) of a batch of completions.
+
+    logprobs, old_logprobs, ref_logprobs, mask: (N, T) per response token; advantages: (N,).
+    The token losses are SUMMED and divided by a constant `normalizer` (completions x max_new_tokens),
+    never by a sequence's own length: the loss does not depend on how a batch is split.
+    Returns (loss, kl) with kl the mean k3 estimate per real token (for logging).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages.unsqueeze(1)
+    pg = -torch.min(ratio * adv, ratio.clamp(1 - clip_range, 1 + clip_range) * adv)  # PPO clip
+    log_r = ref_logprobs - logprobs
+    kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(pi || pi_ref), >= 0
+    loss = ((pg + kl_coef * kl) * mask).sum() / normalizer
+    return loss, (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ------------------------------------------------------------------------- data (as in the stage scripts)
+TLDR_COLUMNS = ("subreddit", "title", "post", "summary")
+ALPACA_COLUMNS = ("instruction", "input", "output")
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a .jsonl (.json: one object per line) or .parquet file; errors name the file and 1-based line."""
+    if path.suffix in (".jsonl", ".json"):
+        rows = []
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"{path}, line {number}: not valid JSON ({e.msg}, column {e.colno}); every line must be "
+                        "one JSON object: fix or delete that line"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise ValueError(
+                        f"{path}, line {number}: a {type(row).__name__}, not a JSON object; every line must be "
+                        "one object with the dataset's columns"
+                    )
+                rows.append(row)
+        return rows
+    if path.suffix == ".parquet":
+        import datasets
+
+        return datasets.Dataset.from_parquet(str(path)).to_list()
+    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .parquet")
+
+
+def load_split(dataset: str, split: str, config: Optional[str] = None) -> tuple[list[dict], str]:
+    """(rows, where) of one split from a hub id or a local path (a folder of {split}.jsonl/.parquet, one
+    file, or save_to_disk); `where` names the file the rows came from, for error messages."""
+    path = Path(dataset)
+    if path.is_file():
+        return read_rows(path), str(path)
+    if path.is_dir():
+        for name in (f"{split}.jsonl", f"{split}.parquet", f"{split}.json"):
+            if (path / name).is_file():
+                return read_rows(path / name), str(path / name)
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            import datasets
+
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise ValueError(f"{dataset} has splits {list(data)}, not {split!r}: pass one of them")
+                data = data[split]
+            return data.to_list(), f"{dataset} [{split}]"
+        found = sorted(p.name for p in path.iterdir())
+        raise FileNotFoundError(
+            f"{dataset} has no {split}.jsonl, {split}.parquet or save_to_disk data (found: {found})"
+        )
+    # a path-looking string that does not exist is a mistake, not a hub id
+    first = path.parts[0] if path.parts else ""
+    if (
+        dataset.startswith((".", "/", "~", "runs/"))
+        or dataset.count("/") != 1
+        or path.suffix in (".jsonl", ".parquet", ".json")
+        or Path(first).is_dir()
+    ):
+        raise FileNotFoundError(
+            f"dataset {dataset!r} does not exist: no such file or folder (run `python tiny_world.py` for the "
+            "tiny world, or pass --dataset)"
+        )
+    import datasets
+
+    try:
+        return datasets.load_dataset(dataset, config, split=split).to_list(), f"{dataset} [{split}]"
+    except Exception as e:
+        raise RuntimeError(f"could not load {dataset!r} (config {config}, split {split}) from the hub: {e}") from e
+
+
+def check_columns(rows: list[dict], columns: tuple, where: str) -> None:
+    """Every row has every column, as a string: a missing or null field is an error that names the row."""
+    if not rows:
+        raise ValueError(f"{where} is empty (no rows): point --dataset at a file or folder with data")
+    for number, row in enumerate(rows, 1):
+        for column in columns:
+            if column not in row:
+                raise ValueError(
+                    f"{where}, row {number}: no column {column!r} (every row needs {list(columns)}): "
+                    "add it or delete that row"
+                )
+            if not isinstance(row[column], str):
+                value = "null" if row[column] is None else f"a {type(row[column]).__name__}"
+                raise ValueError(
+                    f"{where}, row {number}: column {column!r} is {value}, not a string: give it a string "
+                    '("" for an empty Alpaca input) or delete that row'
+                )
+
+
+def detect_format(rows: list[dict], where: str) -> str:
+    """'tldr' or 'alpaca' from the columns of the first row; then every row must have them (check_columns)."""
+    if not rows:
+        raise ValueError(f"{where} is empty (no rows): point --dataset at a file or folder with data")
+    columns = set(rows[0])
+    for fmt, need in (("tldr", TLDR_COLUMNS), ("alpaca", ALPACA_COLUMNS)):
+        if set(need) <= columns:
+            check_columns(rows, need, where)
+            return fmt
+    raise ValueError(
+        f"{where} has columns {sorted(columns)}; need the TL;DR columns {list(TLDR_COLUMNS)} "
+        f"or the AlpacaFarm columns {list(ALPACA_COLUMNS)}"
+    )
+
+
+def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
+    """build(text) -> prompt; shorten `text` until the prompt has <= max_len tokens. The cut is at a token
+    boundary about on budget, moved back to the last whitespace when there is one in the kept part's second
+    half: words stay whole, and text without whitespace (Japanese, a long URL) is cut, not dropped whole."""
+    while True:
+        prompt = build(text)
+        n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        if n <= max_len:
+            return prompt
+        if not text:
+            raise ValueError(
+                f"prompt is {n} tokens even with an empty post/input/instruction; raise --max-prompt-length "
+                f"(now {max_len})"
+            )
+        keep = len(tokenizer(text, add_special_tokens=False).input_ids) - (n - max_len)
+        if keep <= 0:
+            cut = ""
+        elif getattr(tokenizer, "is_fast", False):  # the exact prefix of `text` that its first `keep` tokens cover
+            offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+            cut = text[: offsets[keep - 1][1]]
+        else:
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            cut = tokenizer.decode(ids[:keep]).rstrip("\ufffd")  # no half character at the end
+        space = max(cut.rfind(" "), cut.rfind("\n"))
+        at_word_end = text.startswith(cut) and text[len(cut) : len(cut) + 1].isspace()
+        if not at_word_end and space > len(cut) // 2:
+            cut = cut[:space]
+        cut = cut.rstrip()
+        text = cut if len(cut) < len(text) else text[:-1]  # always progress
+
+
+def to_prompt_response(row: dict, fmt: str, tokenizer, max_prompt_length: int) -> tuple[str, str]:
+    """The prompt (fitted to max_prompt_length: the TL;DR post, the Alpaca input, or else the Alpaca
+    instruction is cut) and the reference response of one row; every script builds its prompts here."""
+    if fmt == "tldr":
+        build = lambda post: f"SUBREDDIT: r/{row['subreddit']}\n\nTITLE: {row['title']}\n\nPOST: {post}\n\nTL;DR:"
+        return fit_prompt(build, row["post"].strip(), tokenizer, max_prompt_length), " " + row["summary"].strip()
+    if row["input"]:
+        build = lambda inp: ALPACA_PROMPT_INPUT.format(instruction=row["instruction"], input=inp)
+        return fit_prompt(build, row["input"], tokenizer, max_prompt_length), row["output"]
+    build = lambda ins: ALPACA_PROMPT_NO_INPUT.format(instruction=ins)
+    return fit_prompt(build, row["instruction"], tokenizer, max_prompt_length), row["output"]
+
+
+def build_prompts(rows, tokenizer, max_prompt_length, where):
+    """Prompt strings, exactly as the stage scripts build them (to_prompt_response: the post, the input or
+    the instruction is cut to fit --max-prompt-length)."""
+    fmt = detect_format(rows, where)
+    return [to_prompt_response(r, fmt, tokenizer, max_prompt_length)[0] for r in rows]
+
+
+# ------------------------------------------------------------------------- models
+def check_reward_config(path: str, trust_remote_code: bool, flag: str) -> None:
+    """Refuse a checkpoint that is not a one-output sequence classifier BEFORE loading its weights:
+    transformers would silently put a random `score` head on a causal LM."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    archs = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
+        raise ValueError(
+            f"{flag} {path} is not a reward model: its architectures are {archs} with num_labels={config.num_labels}; "
+            "a reward model is a *ForSequenceClassification checkpoint with num_labels=1, a linear head `score` "
+            "with one output (e.g. the output of train_rm.py or runs/tiny_world/gold_rm)"
+        )
+
+
+def load_reward_model(path: str, trust_remote_code: bool, dtype, flag: str):
+    """A reward model whose last layer is a linear `score` head with one output, in eval mode and frozen."""
+    check_reward_config(path, trust_remote_code, flag)
+    rm = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    head = getattr(rm, "score", None)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
+        raise ValueError(
+            f"{flag} {path}: a reward model here needs its last layer to be a linear head `score` with one "
+            f"output (a *ForSequenceClassification with num_labels=1), got {head!r}"
+        )
+    return rm.eval().requires_grad_(False)
+
+
+def check_same_tokenizer(policy_tok, rm_path, trust_remote_code):
+    """Refuse a proxy RM whose tokenizer is not the policy's: the RM is fed the policy's token ids as they
+    are, so another tokenizer (other ids for the same text, another EOS) would score meaningless inputs.
+    Compares the ids of a probe text (unicode, digits, the EOS) and the EOS id; cheap, before any model loads."""
+    fix = (
+        "train the proxy RM from the policy's SFT with train_rm.py (--sft-path <the SFT folder the policy starts "
+        "from>), which saves the SFT tokenizer with it"
+    )
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if os.path.isdir(rm_path) and not any(os.path.exists(os.path.join(rm_path, f)) for f in tokenizer_files):
+        raise ValueError(
+            f"--reward-model-path {rm_path} has no tokenizer, so nothing shows that it reads the policy's token "
+            f"ids (the trainer feeds it the policy's ids): {fix}; or, if it was trained on exactly the tokenizer "
+            f"of {policy_tok.name_or_path}, save that tokenizer into {rm_path} (tokenizer.save_pretrained)"
+        )
+    rm_tok = AutoTokenizer.from_pretrained(rm_path, trust_remote_code=trust_remote_code)
+    probe = (
+        "SUBREDDIT: r/relationships\n\nTITLE: Café bill: 3 crêpes for €12.50?\n\nPOST: On 2024-03-07 we paid "
+        "1,234 ¥ in 東京, naïve me 🙂. Don't ask!\n\nTL;DR: we overpaid" + (policy_tok.eos_token or "")
+    )
+    mine = policy_tok(probe, add_special_tokens=False).input_ids
+    theirs = rm_tok(probe, add_special_tokens=False).input_ids
+    if mine != theirs or policy_tok.eos_token_id != rm_tok.eos_token_id:
+        at = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+        raise ValueError(
+            f"the proxy RM {rm_path} has another tokenizer than the policy {policy_tok.name_or_path}: a probe "
+            f"text gives ids {mine[at : at + 5]} (policy) vs {theirs[at : at + 5]} (RM) from token {at} on, EOS id "
+            f"{policy_tok.eos_token_id} vs {rm_tok.eos_token_id}; the RM would score token ids it does not read "
+            f"as the policy meant them: {fix}"
+        )
+
+
+def position_ids_of(mask):
+    """Positions that skip the left padding, so a padded prompt is seen exactly as an unpadded one."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def response_logprobs(model, query, query_mask, response, response_mask, temperature):
+    """log pi(y_t | x, y_<t) of every response token: (N, T)."""
+    ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_of(mask)).logits
+    logits = logits[:, query.shape[1] - 1 : -1].float() / temperature
+    return logits.gather(-1, response.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def reward_and_features(rm, ids, mask):
+    """ONE forward of a reward model: (reward (N,), features h (N, d)), both float32, read at the last real
+    token of every row (the EOS when there is one; any padding, left or right). h is the input of the linear
+    `score` head and reward = w^T h + b - reward_offset (the constant that centres the references, in the
+    RM's config). The index comes from the mask, never from searching for pad ids; the head is applied in
+    float32, so a bf16 backbone does not quantise the reward. No `no_grad` here: train_rm.py trains through it."""
+    hidden = getattr(rm, rm.base_model_prefix)(input_ids=ids, attention_mask=mask, position_ids=position_ids_of(mask))
+    last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
+    h = hidden.last_hidden_state[torch.arange(ids.shape[0], device=ids.device), last].float()
+    bias = None if rm.score.bias is None else rm.score.bias.float()
+    with torch.autocast(h.device.type, enabled=False):  # float32 even inside an autocast region (bf16 training)
+        reward = F.linear(h, rm.score.weight.float(), bias).squeeze(-1)
+    return reward - getattr(rm.config, "reward_offset", 0.0), h
+
+
+def truncate_after_eos(response, eos_id, pad_id):
+    """Keep each completion up to and including its first EOS; the tokens after it become `pad_id`.
+    Returns (response, mask (1 on the kept tokens), has_eos (N,) bool)."""
+    is_eos = response == eos_id
+    has_eos = is_eos.any(1)
+    first = torch.where(has_eos, is_eos.int().argmax(1), response.shape[1])
+    mask = torch.arange(response.shape[1], device=response.device).unsqueeze(0) <= first.unsqueeze(1)
+    return response.masked_fill(~mask, pad_id), mask.long(), has_eos
+
+
+def rm_input_ids(tokenizer, prompt: str, response: str, max_length: int, chat: bool) -> list[int]:
+    """What a reward model reads. chat: the tokenizer's chat template (user = prompt, assistant =
+    response), for a gold like Skywork; else prompt ids + response ids + EOS (the tiny-world gold, and
+    the proxy RM, whose RL stage concatenates policy tokens the same way)."""
+    if chat:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response.strip()}]
+        ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids
+    else:
+        ids = (
+            tokenizer(prompt, add_special_tokens=False).input_ids
+            + tokenizer(response, add_special_tokens=False).input_ids
+        )
+        ids = ids + [tokenizer.eos_token_id]
+    return ids[-max_length:]  # keep the end: that is where the reward is read
+
+
+@torch.no_grad()
+def gold_rewards(gold, gold_tok, prompts, responses, args, device):
+    """The gold RM's score of each (prompt, response text), built exactly as gen_prefs.py and eval_gold.py
+    build it (`rm_input_ids`: the chat format if the gold's tokenizer has a chat template), right-padded."""
+    out = []
+    for i in range(0, len(prompts), args.gold_batch_size):
+        seqs = [
+            rm_input_ids(gold_tok, p, r, args.gold_max_length, bool(gold_tok.chat_template))
+            for p, r in zip(prompts[i : i + args.gold_batch_size], responses[i : i + args.gold_batch_size])
+        ]
+        width = max(map(len, seqs))
+        ids = torch.tensor([x + [gold_tok.pad_token_id] * (width - len(x)) for x in seqs], device=device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs], device=device)
+        out.append(reward_and_features(gold, ids, mask)[0])
+    return torch.cat(out)
+
+
+def pairwise_agreement(proxy, gold):
+    """Proxy RM accuracy vs gold on on-policy pairs: over all pairs within a group whose gold scores
+    differ, the fraction where the proxy orders them as the gold does. proxy, gold: (B, K)."""
+    dp, dg = proxy.unsqueeze(2) - proxy.unsqueeze(1), gold.unsqueeze(2) - gold.unsqueeze(1)
+    upper = torch.triu(torch.ones_like(dg, dtype=torch.bool), diagonal=1) & (dg != 0)
+    return ((dp * dg > 0) & upper).sum().item() / max(upper.sum().item(), 1)
+
+
+# ------------------------------------------------------------------------- run folder and checkpoints
+def open_run_dir(args, accelerator):
+    """Make `args.output_dir` this run's, on the main process, before anything heavy: refuse a folder that
+    holds a run unless --resume or --overwrite; on --resume, refuse arguments that would change the run
+    (against its args.json) and keep its run_name; take a lock that this process holds until it exits, so
+    a second run (e.g. a resume while orphaned workers of a killed launcher still write) is refused.
+    Errors are raised on every process. Returns the lock's open file (keep it referenced)."""
+    error, lock, out = None, None, args.output_dir
+    if accelerator.is_main_process:
+        os.makedirs(out, exist_ok=True)
+        lock = open(os.path.join(out, ".lock"), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            error = f"{out} is in use by a live run (pid {lock.read().strip() or '?'}): stop it first, or pick another --output-dir"
+        used = [name for name in os.listdir(out) if name != ".lock"]
+        saved = os.path.join(out, "args.json")
+        if error is None and used and args.overwrite:
+            for name in used:
+                path = os.path.join(out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        elif error is None and used and not args.resume:
+            error = (
+                f"{out} already holds a run ({', '.join(sorted(used)[:4])}): pass --resume to continue it, "
+                "--overwrite to replace it, or another --output-dir"
+            )
+        elif error is None and args.resume and os.path.exists(saved):
+            with open(saved) as f:
+                before = json.load(f)
+            now = asdict(args) | {"num_processes": args.num_processes}
+            changed = {
+                k: (before.get(k), v) for k, v in now.items() if k not in RESUME_MAY_CHANGE and before.get(k) != v
+            }
+            if changed:
+                error = f"--resume of {out} with arguments that change the run (was, now): {changed}; resume with the run's own arguments"
+            args.run_name = before.get("run_name") or args.run_name
+        if error is None:
+            lock.truncate(0)
+            lock.write(str(os.getpid()))
+            lock.flush()
+    error, args.run_name = broadcast_object_list([error, args.run_name])
+    if error:
+        raise SystemExit(f"error: {error}")
+    return lock
+
+
+def save_checkpoint(accelerator, policy, optimizer, step, output_dir):
+    """Write checkpoint-{step}.tmp, rename it to checkpoint-{step}, then point `latest` at it (atomic
+    rename); older checkpoints are deleted only after that. So at every moment `latest` names a complete
+    checkpoint. A leftover checkpoint-{step} of a run killed before it updated `latest` is replaced."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    torch.save(
+        {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        os.path.join(tmp, f"rng_{accelerator.process_index}.pt"),
+    )
+    optim_state = optimizer.state_dict()  # a collective under some distributed back-ends: every rank calls it
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(policy).save_pretrained(os.path.join(tmp, "model"), safe_serialization=True)
+        torch.save(optim_state, os.path.join(tmp, "optimizer.pt"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step}, f)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)  # not `latest`'s: a leftover of a killed run
+        os.replace(tmp, final)
+        with open(os.path.join(output_dir, "latest.tmp"), "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(os.path.join(output_dir, "latest.tmp"), os.path.join(output_dir, "latest"))
+        for name in os.listdir(output_dir):  # keep only the newest checkpoint
+            if name.startswith("checkpoint-") and name != os.path.basename(final):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def latest_checkpoint(output_dir):
+    """The folder `latest` names, or None when the run was killed before its first checkpoint."""
+    latest = os.path.join(output_dir, "latest")
+    if not os.path.exists(latest):
+        return None
+    with open(latest) as f:
+        return os.path.join(output_dir, f.read().strip())
+
+
+def restore_checkpoint(accelerator, optimizer, ckpt):
+    """Restore the optimiser and this rank's RNG from a checkpoint (the policy was loaded from it)."""
+    optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu", weights_only=True))
+    rng = torch.load(os.path.join(ckpt, f"rng_{accelerator.process_index}.pt"), weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def keep_steps_upto(path, step):
+    """Drop the rows of a jsonl log written after `step` (a resumed run writes them again)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
+def prompt_indices(step, num_prompts, per_step, seed):
+    """The dataset rows of a step: consecutive slices of a fresh permutation every epoch. A function of
+    its arguments alone, so a resumed run sees exactly the prompts an uninterrupted one would have."""
+    positions = range((step - 1) * per_step, step * per_step)
+    perms = {
+        epoch: torch.randperm(num_prompts, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        for epoch in {pos // num_prompts for pos in positions}
+    }
+    return [perms[pos // num_prompts][pos % num_prompts].item() for pos in positions]
+
+
+def in_chunks(fn, size, *tensors):
+    """fn over slices of `size` rows, outputs concatenated (bounds the memory of no-grad forwards)."""
+    outs = [fn(*(t[i : i + size] for t in tensors)) for i in range(0, tensors[0].shape[0], size)]
+    return tuple(torch.cat(o) for o in zip(*outs)) if isinstance(outs[0], tuple) else torch.cat(outs)
+
+
+@torch.no_grad()
+def sample(policy, query, query_mask, args, pad_id):
+    """K completions of temperature `args.temperature` (pure sampling: no top-k, no top-p), padded to
+    `max_new_tokens` (generate stops early when every row has finished)."""
+    out = policy.generate(
+        input_ids=query,
+        attention_mask=query_mask,
+        do_sample=True,
+        temperature=args.temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=args.max_new_tokens,
+        pad_token_id=pad_id,
+    )
+    return F.pad(out[:, query.shape[1] :], (0, args.max_new_tokens - (out.shape[1] - query.shape[1])), value=pad_id)
+
+
+@torch.no_grad()
+def sample_static(policy, query, query_mask, args, pad_id, _compiled={}):
+    """What `sample` returns, from a sampling loop of our own over the model's forward with a static KV cache:
+    the logits of every step are softmax-sampled at `args.temperature` (no top-k, no top-p), a finished row
+    gets `pad_id` after its EOS (the EOS of `policy.generation_config`, as `generate`), and the loop stops
+    when every row has finished. The cache and the inputs of a decoding step keep one shape for the whole
+    loop (the prompt is left-padded to a multiple of 64), so with `args.generation_backend == "compiled"` the
+    step is replayed as a CUDA graph instead of launching hundreds of small kernels per token: the overhead
+    that bounds `generate`."""
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0 for sampling, got {args.temperature}")
+    from transformers import StaticCache
+
+    eos = policy.generation_config.eos_token_id
+    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=query.device)
+    extra = -query.shape[1] % 64  # fixed shapes per 64-token bucket: few recompilations under `compiled`
+    query, query_mask = F.pad(query, (extra, 0), value=pad_id), F.pad(query_mask, (extra, 0), value=0)
+    (n, width), T = query.shape, args.max_new_tokens
+    step, cache = policy.forward, None
+    if args.generation_backend == "compiled":  # one compiled step and one cache per policy, reused: the graph reads
+        # the cache and the weights (updated in place by the optimiser) at fixed addresses
+        held = _compiled.setdefault(id(policy), {})
+        if "step" not in held:
+            held["step"] = torch.compile(policy.forward, mode="reduce-overhead", fullgraph=True)
+        if held.get("shape") != (n, width + T):
+            held["shape"], held["cache"] = (n, width + T), StaticCache(config=policy.config, max_cache_len=width + T)
+        step, cache = held["step"], held["cache"]
+        cache.reset()
+    cache = cache or StaticCache(config=policy.config, max_cache_len=width + T)
+    # transformers renamed `past_key_values` to `cache` in 5.x; pass the name this model's forward takes
+    name = "cache" if "cache" in inspect.signature(type(policy).forward).parameters else "past_key_values"
+    mask = torch.cat([query_mask, query_mask.new_ones(n, T)], 1)  # one shape; causality hides the future columns
+    logits = policy(
+        input_ids=query,
+        attention_mask=mask[:, :width],
+        position_ids=position_ids_of(query_mask),
+        use_cache=True,
+        logits_to_keep=1,
+        **{name: cache},
+    ).logits
+    out = query.new_full((n, T), pad_id)
+    unfinished = torch.ones(n, dtype=torch.bool, device=query.device)
+    position = query_mask.sum(1, keepdim=True)  # the position of the first new token (left padding skipped)
+    for t in range(T):
+        probs = torch.softmax(logits[:, -1].to(torch.float32, copy=True) / args.temperature, -1)
+        token = torch.multinomial(probs, 1).squeeze(1).masked_fill(~unfinished, pad_id)
+        out[:, t] = token
+        unfinished &= ~torch.isin(token, eos)
+        if t == T - 1 or not unfinished.any():
+            break
+        logits = step(
+            input_ids=token.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=position + t,
+            use_cache=True,
+            **{name: cache},
+        ).logits
+    return out
+
+
+def policy_update(accelerator, policy, optimizer, batch, args):
+    """Step 4: `num_ppo_epochs` optimiser steps on this process's rollouts. Every micro-batch's loss is
+    its token sum over (micro_batch_size x max_new_tokens); accelerate divides it by the accumulation
+    steps and DDP averages over processes, so the step follows the gradient of
+    sum over ALL tokens / (completions per step x max_new_tokens): the Dr.GRPO constant normaliser,
+    the same however the batch is split over processes and micro-batches.
+    The policy is in train mode here only (gradient checkpointing acts in train mode; generation wants
+    eval mode and its KV cache). Returns this process's stats: `loss` (the Dr.GRPO loss of its rollouts,
+    averaged over epochs), `seq_kl` (N,) and the k3 sum and token count of the first epoch, `grad_norm`."""
+    mbs, n = args.micro_batch_size, batch["response"].shape[0]
+    stats = {"loss": 0.0, "seq_kl": [], "k3_sum": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+    policy.train()
+    for epoch in range(args.num_ppo_epochs):
+        for s in range(0, n, mbs):
+            mb = {k: v[s : s + mbs] for k, v in batch.items()}
+            with accelerator.accumulate(policy):
+                lp = response_logprobs(
+                    policy, mb["query"], mb["query_mask"], mb["response"], mb["response_mask"], args.temperature
+                )
+                old_lp = mb["old_logprobs"] if args.num_ppo_epochs > 1 else lp.detach()  # 1 epoch: ratio = 1
+                loss, kl = dr_grpo_loss(
+                    lp,
+                    old_lp,
+                    mb["ref_logprobs"],
+                    mb["advantages"],
+                    mb["response_mask"],
+                    args.clip_range,
+                    args.kl_coef,
+                    normalizer=mbs * args.max_new_tokens,
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    stats["grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
+                optimizer.step()
+                optimizer.zero_grad()
+            if epoch == 0:  # KL(pi || pi_ref) of the rollouts, per sequence (k1, summed over tokens)
+                stats["seq_kl"].append(((lp.detach() - mb["ref_logprobs"]) * mb["response_mask"]).sum(1))
+                stats["k3_sum"] += kl.item() * mb["response_mask"].sum().item()
+                stats["tokens"] += mb["response_mask"].sum().item()
+            stats["loss"] += loss.item() * mbs / (n * args.num_ppo_epochs)  # the loss of the whole local batch
+    policy.eval()
+    stats["seq_kl"] = torch.cat(stats["seq_kl"])
+    return stats
+
+
+if __name__ == "__main__":
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="tiny", choices=PRESETS)
+    args = tyro.cli(Args, default=PRESETS[pre.parse_known_args()[0].preset])
+    if args.budget < 0 or args.ridge < 0:
+        raise ValueError(
+            f"--budget (B, Zhang et al. sweep 1, 5, 10, 15) and --ridge must be >= 0, got {args.budget} and {args.ridge}"
+        )
+    if args.resume and not args.output_dir:
+        raise ValueError(
+            f"--resume needs --output-dir: the folder of the run to continue (e.g. runs/{args.exp_name}__1__1764180000)"
+        )
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues a run and --overwrite deletes it: pass one of them")
+    if min(args.gold_every, args.save_every, args.log_samples_every) < 1:
+        raise ValueError("--gold-every, --save-every and --log-samples-every must be >= 1")
+    for name in ("policy_path", "reward_model_path", "gold_rm_path"):
+        require_path(getattr(args, name), f"--{name.replace('_', '-')}")
+
+    # batch arithmetic, checked before anything heavy is loaded
+    from accelerate import PartialState
+
+    on_cpu = not torch.cuda.is_available()  # then `accelerate launch --multi_gpu` runs CPU processes (gloo)
+    args.num_processes = PartialState(cpu=on_cpu).num_processes
+    args.local_num_prompts = exact_div(
+        args.num_prompts_per_step, args.num_processes, "--num-prompts-per-step over the processes"
+    )
+    args.local_batch_size = args.local_num_prompts * args.num_generations
+    args.batch_size = args.num_prompts_per_step * args.num_generations
+    args.gradient_accumulation_steps = exact_div(
+        args.local_batch_size,
+        args.micro_batch_size,
+        "completions per process (--num-prompts-per-step x --num-generations / processes) over --micro-batch-size",
+    )
+    # inputs, checked before any model is loaded and before the run folder exists
+    rows, where = load_split(args.dataset, args.dataset_split, args.dataset_config)
+    pref_rows = load_preference_rows(args.prefs_path)  # AdvPO's M: the RM's training pairs, checked now
+    check_reward_config(args.reward_model_path, args.trust_remote_code, "--reward-model-path")
+    if args.gold_rm_path:
+        check_reward_config(args.gold_rm_path, args.trust_remote_code, "--gold-rm-path")
+    trust = dict(trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(args.policy_path, padding_side="left", **trust)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # only if it has none (pad is masked anyway)
+    eos_id = tokenizer.eos_token_id
+    check_same_tokenizer(tokenizer, args.reward_model_path, args.trust_remote_code)
+    prompts = build_prompts(rows, tokenizer, args.max_prompt_length, where)
+    accelerator = Accelerator(
+        cpu=on_cpu,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision="bf16" if args.bf16 else "no",
+    )
+    device, rank = accelerator.device, accelerator.process_index
+    args.run_name = broadcast_object_list([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
+    args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
+    run_lock = open_run_dir(args, accelerator)  # refuses a used folder, checks a resume, keeps the run's name
+    if accelerator.is_main_process:
+        print(
+            f"[{args.exp_name}] {args.num_processes} process(es) x {args.local_num_prompts} prompts x "
+            f"{args.num_generations} completions = {args.batch_size} completions per step, in "
+            f"{args.gradient_accumulation_steps} micro-batches of {args.micro_batch_size} per process; "
+            f"Dr.GRPO normaliser = {args.batch_size} x {args.max_new_tokens} tokens"
+        )
+        print(json.dumps(asdict(args), indent=1))
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if device.type == "cpu":  # share the cores between the processes
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.num_processes))
+
+    # models: the policy (trained), its frozen copy (KL reference), the proxy RM and, to monitor, the gold RM
+    ckpt = latest_checkpoint(args.output_dir) if args.resume else None
+    start_step = 0
+    if ckpt:
+        with open(os.path.join(ckpt, "state.json")) as f:
+            start_step = json.load(f)["step"]
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    policy = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "model") if ckpt else args.policy_path, **trust)
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    if args.gradient_checkpointing:  # acts in train mode, which policy_update sets
+        policy.gradient_checkpointing_enable()
+    ref_policy = (
+        AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=dtype, **trust).eval().requires_grad_(False)
+    )
+    rm = load_reward_model(args.reward_model_path, args.trust_remote_code, dtype, "--reward-model-path")
+    if rm.config.vocab_size < len(tokenizer):
+        raise ValueError(
+            f"the proxy RM's vocabulary ({rm.config.vocab_size}) is smaller than the policy tokenizer's "
+            f"({len(tokenizer)}): the proxy must share the policy's tokenizer (train it with train_rm.py)"
+        )
+    gold, gold_tok = None, None
+    if args.gold_rm_path:
+        gold = load_reward_model(args.gold_rm_path, args.trust_remote_code, dtype, "--gold-rm-path")
+        gold_tok = AutoTokenizer.from_pretrained(args.gold_rm_path, padding_side="right", **trust)
+        gold_tok.pad_token = gold_tok.pad_token or gold_tok.eos_token
+    rm.to(device)  # AdvPO: M and the reference features from the RM's training responses, once, in float64
+    M, ref_mean = advpo_statistics(
+        rm,
+        tokenizer,
+        pref_rows,
+        args.ridge,
+        args.generation_batch_size,
+        args.max_prompt_length + args.max_new_tokens + 1,
+        accelerator,
+    )
+    m_chol = advpo_cholesky(M)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy.eval()  # generation mode; policy_update switches to train mode and back
+    for m in (ref_policy, rm, gold):
+        if m is not None:
+            m.to(device)
+    torch.manual_seed(args.seed + rank)  # each process samples different completions
+    if ckpt:
+        restore_checkpoint(accelerator, optimizer, ckpt)
+
+    if accelerator.is_main_process:
+        print(
+            f"{len(prompts)} prompts from {args.dataset}[{args.dataset_split}]; starting at step {start_step + 1} "
+            f"of {args.total_steps}{' (resumed from ' + ckpt + ')' if ckpt else ''}; writing to {args.output_dir}"
+        )
+        for name in ("metrics.jsonl", "samples.jsonl"):  # a resumed run writes the steps after its checkpoint again
+            keep_steps_upto(os.path.join(args.output_dir, name), start_step)
+        if args.track:
+            import wandb
+
+            wandb.init(
+                project=args.wandb_project_name,
+                entity=args.wandb_entity,
+                config=asdict(args),
+                name=args.run_name,
+                id=args.run_name,  # a resumed run keeps its name, so it continues the same wandb run
+                resume="allow",
+                dir=args.output_dir,
+                save_code=True,
+            )
+
+    K = args.num_generations
+    bar = tqdm(range(start_step + 1, args.total_steps + 1), disable=not accelerator.is_main_process, desc="steps")
+    for step in bar:
+        t0 = time.perf_counter()
+        # 1. rollouts: K completions of each of this process's prompts
+        mine = prompt_indices(step, len(prompts), args.num_prompts_per_step, args.seed)[
+            rank * args.local_num_prompts : (rank + 1) * args.local_num_prompts
+        ]
+        step_prompts = [prompts[i] for i in mine]
+        enc = tokenizer(step_prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        query, query_mask = enc.input_ids.repeat_interleave(K, 0), enc.attention_mask.repeat_interleave(K, 0)
+        sampler = sample if args.generation_backend == "hf" else sample_static  # the same distribution
+        generated = in_chunks(
+            lambda q, m: sampler(accelerator.unwrap_model(policy), q, m, args, tokenizer.pad_token_id),
+            args.generation_batch_size,
+            query,
+            query_mask,
+        )
+        response, response_mask, has_eos = truncate_after_eos(generated, eos_id, tokenizer.pad_token_id)
+        t1 = time.perf_counter()
+
+        # 2. scoring: reward AND features from one proxy-RM forward; reference log-probs for the KL
+        with torch.no_grad():
+            ref_logprobs = in_chunks(
+                lambda *t: response_logprobs(ref_policy, *t, args.temperature),
+                args.generation_batch_size,
+                query,
+                query_mask,
+                response,
+                response_mask,
+            )
+            reward, features = in_chunks(
+                lambda q, qm, r, rmk: reward_and_features(rm, torch.cat([q, r], 1), torch.cat([qm, rmk], 1)),
+                args.generation_batch_size,
+                query,
+                query_mask,
+                response,
+                response_mask,
+            )
+        if args.missing_eos_penalty is not None:  # a fixed reward instead of the RM's
+            reward = torch.where(has_eos, reward, args.missing_eos_penalty)
+        monitor = gold is not None and ((step - 1) % args.gold_every == 0 or step == args.total_steps)
+        log_samples = step % args.log_samples_every == 0 or step == args.total_steps
+        if monitor or log_samples:
+            texts = tokenizer.batch_decode(
+                [r[: int(m.sum()) - int(e)] for r, m, e in zip(response, response_mask, has_eos)]
+            )
+        if monitor:
+            gold_reward = gold_rewards(gold, gold_tok, [p for p in step_prompts for _ in range(K)], texts, args, device)
+            if args.missing_eos_penalty is not None:  # as eval_gold.py scores it
+                gold_reward = torch.where(has_eos, gold_reward, args.missing_eos_penalty)
+        t2 = time.perf_counter()
+
+        # 3. advantages: AdvPO's pessimistic reward, g over all processes, then Dr.GRPO (eq. 4)
+        if args.missing_eos_penalty is not None:  # a fixed reward does not depend on the head phi: feature 0
+            features = features * has_eos.unsqueeze(1)
+        advpo_reward, penalty, g_norm = advpo_rewards(
+            reward, features, m_chol, ref_mean, args.budget, gather=accelerator.gather
+        )
+        advantages = dr_grpo_advantages(advpo_reward.view(-1, K))
+
+        # 4. update: the Dr.GRPO loss with the re-weighted advantages
+        batch = dict(
+            query=query,
+            query_mask=query_mask,
+            response=response,
+            response_mask=response_mask,
+            ref_logprobs=ref_logprobs,
+            advantages=advantages.flatten(),
+        )
+        if args.num_ppo_epochs > 1:  # several steps on one batch: the ratio is against the sampling policy
+            with torch.no_grad():
+                batch["old_logprobs"] = in_chunks(
+                    lambda *t: response_logprobs(policy, *t, args.temperature),
+                    args.generation_batch_size,
+                    query,
+                    query_mask,
+                    response,
+                    response_mask,
+                )
+        stats = policy_update(accelerator, policy, optimizer, batch, args)
+        t3 = time.perf_counter()
+
+        # logging: every metric over the global batch
+        g = accelerator.gather
+        all_reward, all_penalty = g(reward.view(-1, K)), g(penalty)
+        loss_kl = g(torch.tensor([[stats["loss"], stats["k3_sum"], stats["tokens"]]], device=device))
+        metrics = {
+            "step": step,
+            "reward/proxy": all_reward.mean().item(),
+            "policy/kl": g(stats["seq_kl"]).mean().item(),
+            "policy/kl_k3_per_token": (loss_kl[:, 1].sum() / loss_kl[:, 2].sum().clamp(min=1)).item(),
+            "policy/grad_norm": stats["grad_norm"],
+            "losses/loss": loss_kl[:, 0].mean().item(),
+            "advpo/reward": g(advpo_reward).mean().item(),
+            "advpo/penalty_mean": all_penalty.mean().item(),
+            "advpo/penalty_std": all_penalty.std(correction=0).item(),
+            "advpo/g_norm": g_norm.item(),
+            "completion/length": g(response_mask.sum(1).float()).mean().item(),
+            "completion/no_eos_rate": 1 - g(has_eos.float()).mean().item(),
+            "time/step": t3 - t0,
+            "time/generation": t1 - t0,
+            "time/scoring": t2 - t1,
+            "time/update": t3 - t2,
+        }
+        if monitor:
+            all_gold = g(gold_reward.view(-1, K))
+            metrics["reward/gold"] = all_gold.mean().item()
+            metrics["rm/proxy_accuracy"] = pairwise_agreement(all_reward, all_gold)
+        samples = None
+        if log_samples:  # every completion of the step
+            local = [
+                dict(
+                    step=step,
+                    group=rank * args.local_num_prompts + i // K,
+                    prompt=step_prompts[i // K],
+                    response=texts[i],
+                    has_eos=bool(has_eos[i]),
+                    length=int(response_mask[i].sum()),
+                    proxy=reward[i].item(),
+                    gold=gold_reward[i].item() if monitor else None,
+                    advantage=advantages.flatten()[i].item(),
+                    penalty=penalty[i].item(),
+                )
+                for i in range(len(texts))
+            ]
+            samples = gather_object(local)
+        if accelerator.is_main_process:
+            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if samples:
+                with open(os.path.join(args.output_dir, "samples.jsonl"), "a") as f:
+                    f.writelines(json.dumps(s) + "\n" for s in samples)
+            if args.track:
+                wandb.log(metrics, step=step)
+                if samples:
+                    table = wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])
+                    wandb.log({"samples": table}, step=step)
+            bar.set_postfix(
+                proxy=f"{metrics['reward/proxy']:.2f}",
+                gold=f"{metrics.get('reward/gold', math.nan):.2f}",
+                kl=f"{metrics['policy/kl']:.1f}",
+                penalty=f"{metrics['advpo/penalty_mean']:.3g}",
+            )
+        if step % args.save_every == 0 and step < args.total_steps:
+            save_checkpoint(accelerator, policy, optimizer, step, args.output_dir)
+
+    # the final policy, for eval_gold.py (atomic: written next to its place, then renamed)
+    if accelerator.is_main_process:
+        final, tmp = os.path.join(args.output_dir, "model"), os.path.join(args.output_dir, "model.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(policy).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        print(f"saved the policy to {final}; metrics in {os.path.join(args.output_dir, 'metrics.jsonl')}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()

@@ -1,0 +1,629 @@
+"""The baselines grpo_uwo.py, grpo_advpo.py, grpo_bspo.py and train_rm.py --lm-coef: each method's maths
+against an independent computation (numpy, scipy's SLSQP, a token-by-token loop), then each script end to
+end on a very small tiny world (2 steps), its bad inputs, 2 processes and resume after a kill."""
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from scipy.optimize import minimize
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    GPTNeoXForSequenceClassification,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from conftest import free_port  # noqa: E402
+
+import grpo_advpo  # noqa: E402
+import grpo_bspo  # noqa: E402
+import grpo_uwo  # noqa: E402
+
+
+def accelerate_cmd(procs):
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_cpu_threads_per_process",
+        "1",
+        "--main_process_port",
+        free_port(),
+        "--num_processes",
+        str(procs),
+    ]
+
+
+# ------------------------------------------------------------------ UWO
+@pytest.mark.parametrize("penalty", ["var", "std"])
+def test_uwo_reward_matches_numpy(penalty):
+    rng = np.random.default_rng(0)
+    r = rng.normal(size=(7, 3)) * rng.uniform(0.1, 3, size=(7, 1))
+    lam = 0.37
+    reward, term, spread = grpo_uwo.uwo_rewards(torch.tensor(r), lam, penalty)
+    var = np.var(r, axis=1)  # numpy's default: population variance (ddof = 0), Coste's definition
+    expected_term = lam * (var if penalty == "var" else np.std(r, axis=1))
+    np.testing.assert_allclose(term.numpy(), expected_term, rtol=1e-12)
+    np.testing.assert_allclose(reward.numpy(), r.mean(axis=1) - expected_term, rtol=1e-12)
+    np.testing.assert_allclose(spread.numpy(), np.std(r, axis=1), rtol=1e-12)
+
+
+def test_uwo_needs_two_members_and_dr_grpo_advantages_by_definition():
+    with pytest.raises(ValueError, match="k >= 2 ensemble members"):
+        grpo_uwo.uwo_rewards(torch.randn(5, 1), 0.1)
+    r = torch.randn(3, 4, dtype=torch.float64)
+    adv = grpo_uwo.dr_grpo_advantages(r)
+    for b in range(3):
+        for j in range(4):
+            assert adv[b, j].item() == pytest.approx(r[b, j].item() - sum(r[b].tolist()) / 4, abs=1e-12)
+
+
+# ------------------------------------------------------------------ AdvPO
+def advpo_problem(seed, n=6, d=4, n_ref=5):
+    g = torch.Generator().manual_seed(seed)
+    e = torch.randn(n, d, generator=g, dtype=torch.float64)
+    e_ref = torch.randn(n_ref, d, generator=g, dtype=torch.float64) + 0.5
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    M = a @ a.T + 0.5 * torch.eye(d, dtype=torch.float64)
+    phi_hat = torch.randn(d, generator=g, dtype=torch.float64)
+    return e, e_ref, M, phi_hat
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_advpo_penalty_is_the_minimiser_over_the_ellipsoid(seed):
+    """The per-sample penalty equals phi_hat^T e_j - phi*^T e_j, with phi* the minimiser of the batch objective
+    mean_pi phi^T e - mean_ref phi^T e over ||phi - phi_hat||_M <= b, found by SLSQP (no closed form)."""
+    e, e_ref, M, phi_hat = advpo_problem(seed)
+    budget, bias = 2.5, 0.3
+    b = budget**0.5
+    e_np, ref_np, M_np, hat_np = e.numpy(), e_ref.numpy(), M.numpy(), phi_hat.numpy()
+    objective = lambda phi: (e_np @ phi).mean() - (ref_np @ phi).mean()
+    ellipsoid = {"type": "ineq", "fun": lambda phi: b**2 - (phi - hat_np) @ M_np @ (phi - hat_np)}
+    res = minimize(objective, hat_np, constraints=[ellipsoid], method="SLSQP", options={"ftol": 1e-14, "maxiter": 500})
+    assert res.success, res.message
+    phi_star = res.x
+    rewards = e @ phi_hat + bias
+    pessimistic, penalty, g_norm = grpo_advpo.advpo_rewards(rewards, e, torch.linalg.cholesky(M), e_ref.mean(0), budget)
+    np.testing.assert_allclose(penalty.numpy(), e_np @ (hat_np - phi_star), atol=1e-5)
+    np.testing.assert_allclose(pessimistic.numpy(), e_np @ phi_star + bias, atol=1e-5)
+    # the batch objective at the pessimistic head: its closed-form minimum phi_hat^T g - b sqrt(g^T M^-1 g)
+    assert objective(phi_star) == pytest.approx(objective(hat_np) - b * g_norm.item(), abs=1e-6)
+
+
+def test_advpo_g_over_two_processes_equals_g_of_the_whole_batch():
+    e, e_ref, M, phi_hat = advpo_problem(7, n=8)
+    rewards, chol, ref = e @ phi_hat, torch.linalg.cholesky(M), e_ref.mean(0)
+    whole, whole_pen, whole_norm = grpo_advpo.advpo_rewards(rewards, e, chol, ref, 5.0)
+    a, b = slice(0, 4), slice(4, 8)
+    first = grpo_advpo.advpo_rewards(rewards[a], e[a], chol, ref, 5.0, gather=lambda t: torch.cat([t, e[b]]))
+    second = grpo_advpo.advpo_rewards(rewards[b], e[b], chol, ref, 5.0, gather=lambda t: torch.cat([e[a], t]))
+    torch.testing.assert_close(torch.cat([first[0], second[0]]), whole, rtol=1e-12, atol=1e-12)
+    assert first[2].item() == pytest.approx(whole_norm.item(), rel=1e-12)
+    # and without the gather, each half alone would use a different g
+    alone = grpo_advpo.advpo_rewards(rewards[a], e[a], chol, ref, 5.0)
+    assert not torch.allclose(alone[1], whole_pen[a])
+
+
+def tiny_neox(cls, seed=0, **extra):
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=0,
+        **extra,
+    )
+    return cls(config).eval()
+
+
+class FakeTokenizer:
+    """Words are token ids: "3 4 5" -> [3, 4, 5]; EOS = pad = 0."""
+
+    eos_token_id = pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return SimpleNamespace(input_ids=[int(w) for w in text.split()])
+
+
+def test_advpo_statistics_match_a_sum_over_responses_scored_one_at_a_time():
+    rm = tiny_neox(GPTNeoXForSequenceClassification, num_labels=1)
+    rows = [
+        {"prompt": "3 4 5", "chosen": "6 7", "rejected": "8"},
+        {"prompt": "9", "chosen": "10 11 12", "rejected": "13 14"},
+        {"prompt": "15 16", "chosen": "17", "rejected": "18 19 20 21"},
+    ]
+    accelerator = SimpleNamespace(
+        device=torch.device("cpu"),
+        is_main_process=True,
+        split_between_processes=contextlib.nullcontext,
+        reduce=lambda t, reduction: t,
+    )
+    M, ref = grpo_advpo.advpo_statistics(rm, FakeTokenizer(), rows, 0.7, 2, 64, accelerator)
+    feats = {}
+    for column in ("chosen", "rejected"):
+        feats[column] = []
+        for r in rows:
+            ids = [int(w) for w in (r["prompt"] + " " + r[column]).split()] + [0]
+            with torch.no_grad():
+                hidden = rm.gpt_neox(input_ids=torch.tensor([ids])).last_hidden_state[0, -1].double()
+            feats[column].append(hidden)
+    every = torch.stack(feats["chosen"] + feats["rejected"])
+    expected = 0.7 * torch.eye(16, dtype=torch.float64) + sum(torch.outer(x, x) for x in every)
+    torch.testing.assert_close(M, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ref, torch.stack(feats["chosen"]).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_advpo_singular_m_and_prefs_without_pairs_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="singular or not positive definite"):
+        grpo_advpo.advpo_cholesky(torch.zeros(3, 3, dtype=torch.float64))
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "c", "score": 1}) + "\n")
+    with pytest.raises(ValueError, match=r"has columns \['chosen', 'prompt', 'score'\]"):
+        grpo_advpo.load_preference_rows(str(tmp_path))
+
+
+# ------------------------------------------------------------------ BSPO
+def test_bspo_support_mask_against_token_probabilities_one_token_at_a_time():
+    lm = tiny_neox(GPTNeoXForCausalLM, seed=3)
+    eos, T = 0, 4
+    prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11], [12]]
+    responses = [[13, 14, eos], [15, eos], [16, 17, 18, 19], [20, 21, 22, eos]]
+    P = max(map(len, prompts))
+    query = torch.tensor([[eos] * (P - len(p)) + p for p in prompts])
+    qmask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    resp = torch.tensor([r + [eos] * (T - len(r)) for r in responses])
+    resp, rmask, _ = grpo_bspo.truncate_after_eos(resp, eos, eos)
+    with torch.no_grad():
+        lp = grpo_bspo.response_logprobs(lm, query, qmask, resp, rmask, 1.0)
+    lp = lp.masked_fill(rmask == 0, -100.0)  # whatever the padding after EOS scores, it is not a response token
+    probs = []  # beta(y_t | x, y_<t), each from its own unpadded forward
+    for p, r in zip(prompts, responses):
+        row = []
+        for t in range(len(r)):
+            with torch.no_grad():
+                logits = lm(input_ids=torch.tensor([p + r[:t]])).logits[0, -1]
+            row.append(torch.softmax(logits.double(), -1)[r[t]].item())
+        probs.append(row)
+    threshold = float(np.median([q for row in probs for q in row]))
+    rewards = torch.tensor([0.5, -0.2, 1.5, 0.1])
+    out_rewards, out, floor = grpo_bspo.bspo_rewards(rewards, lp, rmask, threshold)
+    expected = [any(q < threshold for q in row) for row in probs]
+    assert out.tolist() == expected and 0 < sum(expected) < len(expected)
+    assert floor.item() == pytest.approx(-0.2)
+    assert out_rewards.tolist() == pytest.approx([-0.2 if o else r for o, r in zip(expected, rewards.tolist())])
+    # the minimum comes from the global batch
+    _, _, global_floor = grpo_bspo.bspo_rewards(rewards, lp, rmask, threshold, gather=lambda t: torch.cat([t, -t - 9]))
+    assert global_floor.item() == pytest.approx(-10.5)
+
+
+# ------------------------------------------------------------------ a very small tiny world
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The CI tiny world (pad `<|padding|>` distinct from EOS); a `policy` that emits EOS sometimes (as in
+    test_trainer.py), so that the missing-EOS penalty and EOS-ended completions both occur; UWO members = the base
+    policy with 3 fresh heads, each saved with the policy's tokenizer as train_rm.py saves it; an RM with
+    behavior_lm/ (the base policy) for BSPO; a preference folder (chosen = the reference summary, rejected =
+    another row's)."""
+    root = tmp_path_factory.mktemp("world")
+    subprocess.run(
+        [sys.executable, "tiny_world.py", "--preset", "ci", "--output-dir", str(root)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=600,
+    )
+    tok = AutoTokenizer.from_pretrained(root / "base_policy")
+    assert tok.pad_token_id != tok.eos_token_id  # the world's convention, which the fixtures below keep
+    policy = AutoModelForCausalLM.from_pretrained(root / "base_policy")
+    with torch.no_grad():  # the EOS logit + 3.5 at every position: about 1 token in 11 is EOS
+        policy.gpt_neox.final_layer_norm.bias[0] = 5.0
+        policy.get_output_embeddings().weight[policy.config.eos_token_id, 0] = 0.7
+    policy.save_pretrained(root / "policy")
+    tok.save_pretrained(root / "policy")
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        rm = AutoModelForSequenceClassification.from_pretrained(root / "base_policy", num_labels=1)
+        rm.save_pretrained(root / f"rm_{seed}")
+        tok.save_pretrained(root / f"rm_{seed}")
+    shutil.copytree(root / "rm_1", root / "rm_bspo")
+    policy.save_pretrained(root / "rm_bspo" / "behavior_lm")  # the behaviour LM is the policy itself
+    tok.save_pretrained(root / "rm_bspo" / "behavior_lm")
+    import train_rm
+
+    (root / "prefs").mkdir()
+    for split, n in (("train", 24), ("test", 8)):
+        rows = train_rm.load_split(str(root / "data"), split)[0][:n]
+        with open(root / "prefs" / f"{split}.jsonl", "w") as f:
+            for i, r in enumerate(rows):
+                prompt, chosen = train_rm.to_prompt_response(r, "tldr", tok, 128)
+                rejected = " " + rows[(i + 1) % n]["summary"]
+                f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+    return root
+
+
+def baseline_cmd(script, world, out, *extra, procs=None):
+    head = accelerate_cmd(procs) if procs else [sys.executable]
+    model = {
+        "grpo_uwo.py": ["--reward-model-paths"] + [str(world / f"rm_{s}") for s in (1, 2, 3)],
+        "grpo_advpo.py": ["--reward-model-path", str(world / "rm_1"), "--prefs-path", str(world / "prefs")],
+        "grpo_bspo.py": ["--reward-model-path", str(world / "rm_bspo")],
+    }[script]
+    return head + [
+        script,
+        "--policy-path",
+        str(world / "policy"),
+        *model,
+        "--gold-rm-path",
+        str(world / "gold_rm"),
+        "--dataset",
+        str(world / "data"),
+        "--num-prompts-per-step",
+        "4",
+        "--num-generations",
+        "4",
+        "--micro-batch-size",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--output-dir",
+        str(out),
+        "--log-samples-every",
+        "1",
+        "--total-steps",
+        "2",
+        *extra,
+    ]
+
+
+def run_ok(cmd):
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_group_advantages(samples, K, reward_of):
+    """Every logged advantage is Dr.GRPO's: reward_of(sample) minus the mean of its group of K."""
+    assert len(samples) % K == 0 and samples
+    for s in range(0, len(samples), K):
+        group = samples[s : s + K]
+        mean = sum(map(reward_of, group)) / K
+        for row in group:
+            assert row["advantage"] == pytest.approx(reward_of(row) - mean, abs=1e-5)
+
+
+def test_uwo_end_to_end(world, tmp_path):
+    # lambda = 0 with identical members: the ensemble reward is the proxy's, the advantages Dr.GRPO's
+    same = tmp_path / "same"
+    cmd = baseline_cmd("grpo_uwo.py", world, same, "--uwo-lambda", "0")
+    i = cmd.index("--reward-model-paths")
+    cmd[i + 2 : i + 4] = [str(world / "rm_1")] * 2
+    run_ok(cmd)
+    for row in read_metrics(same):
+        assert row["uwo/spread"] == 0.0 and row["uwo/penalty"] == 0.0
+        assert row["uwo/reward"] == pytest.approx(row["reward/proxy"], abs=1e-6)
+    assert_group_advantages(read_jsonl(same / "samples.jsonl")[:8], 4, lambda r: r["proxy"])
+    # different members: a spread, and a penalty lambda * Var; the UWO reward is below the members' mean
+    diff = tmp_path / "diff"
+    run_ok(baseline_cmd("grpo_uwo.py", world, diff, "--uwo-lambda", "1.0"))
+    rows = read_metrics(diff)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["uwo/spread"] > 0 and row["uwo/penalty"] > 0
+        assert row["uwo/penalty"] >= row["uwo/spread"] ** 2 - 1e-6  # mean of Var >= (mean of std)^2 (Jensen)
+        for key in ("policy/kl_k3_per_token", "policy/grad_norm", "losses/loss", "completion/no_eos_rate"):
+            assert math.isfinite(row[key])
+        assert "reward/gold" in row and "rm/proxy_accuracy" in row and not any(k.startswith("signcert/") for k in row)
+    # a completion without EOS gets the penalty from every member: no UWO penalty, and its advantage is Dr.GRPO's
+    # of the penalised rewards (no certification in UWO)
+    samples = read_jsonl(diff / "samples.jsonl")
+    assert set(samples[0]) == {*SAMPLE_FIELDS, "uwo_reward", "penalty", "spread"}
+    no_eos = [s for s in samples if not s["has_eos"]]
+    assert no_eos and len(no_eos) < len(samples)  # both kinds occur
+    assert all(s["proxy"] == s["uwo_reward"] == -1.0 and s["penalty"] == s["spread"] == 0.0 for s in no_eos)
+    assert_group_advantages(samples[:8], 4, lambda r: r["uwo_reward"])
+    assert os.path.exists(diff / "model" / "model.safetensors")
+
+
+# what every trainer writes per completion (grpo_signcert.py adds `radius`, each baseline its own fields)
+SAMPLE_FIELDS = ("step", "group", "prompt", "response", "has_eos", "length", "proxy", "gold", "advantage")
+
+
+def read_metrics(out):
+    return read_jsonl(out / "metrics.jsonl")
+
+
+def test_advpo_end_to_end(world, tmp_path):
+    out = tmp_path / "run"
+    run_ok(baseline_cmd("grpo_advpo.py", world, out, "--budget", "5"))
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["advpo/g_norm"] > 0 and row["advpo/penalty_std"] > 0
+        assert row["advpo/reward"] == pytest.approx(row["reward/proxy"] - row["advpo/penalty_mean"], abs=1e-5)
+    samples = read_jsonl(out / "samples.jsonl")
+    assert set(samples[0]) == {*SAMPLE_FIELDS, "penalty"}
+    step1 = [s for s in samples if s["step"] == 1][:8]
+    assert_group_advantages(step1, 4, lambda r: r["proxy"] - r["penalty"])
+    # a completion without EOS has the fixed reward, which does not depend on the head: no AdvPO penalty
+    no_eos = [s for s in samples if not s["has_eos"]]
+    assert no_eos and all(s["proxy"] == -1.0 and s["penalty"] == 0.0 for s in no_eos)
+    # budget 0: the proxy reward, Dr.GRPO
+    zero = tmp_path / "zero"
+    run_ok(baseline_cmd("grpo_advpo.py", world, zero, "--budget", "0", "--total-steps", "1"))
+    assert read_metrics(zero)[0]["advpo/penalty_mean"] == 0.0
+    assert_group_advantages(read_jsonl(zero / "samples.jsonl")[:8], 4, lambda r: r["proxy"])
+
+
+def test_bspo_end_to_end(world, tmp_path):
+    # the behaviour LM is the policy itself: a threshold of 1e-30 keeps everything in support (Dr.GRPO),
+    # 0.5 sends almost every completion out of support, to the batch's minimum proxy reward
+    low, high = tmp_path / "low", tmp_path / "high"
+    run_ok(baseline_cmd("grpo_bspo.py", world, low, "--support-threshold", "1e-30"))
+    for row in read_metrics(low):
+        assert row["bspo/out_of_support_rate"] == 0.0
+        assert row["bspo/reward"] == pytest.approx(row["reward/proxy"], abs=1e-6)
+    assert_group_advantages(read_jsonl(low / "samples.jsonl")[:8], 4, lambda r: r["proxy"])
+    run_ok(baseline_cmd("grpo_bspo.py", world, high, "--support-threshold", "0.5", "--total-steps", "1"))
+    row = read_metrics(high)[0]
+    assert row["bspo/out_of_support_rate"] > 0.5
+    samples = read_jsonl(high / "samples.jsonl")[:8]
+    assert set(samples[0]) == {*SAMPLE_FIELDS, "out_of_support"}
+    assert any(s["out_of_support"] for s in samples)
+    floor = row["bspo/min_return"]
+    assert_group_advantages(samples, 4, lambda r: floor if r["out_of_support"] else r["proxy"])
+
+
+@pytest.mark.parametrize(
+    "script, edit, message",
+    [
+        ("grpo_uwo.py", "one_member", "at least 2 reward models"),
+        ("grpo_uwo.py", "other_vocab", "vocabulary differs from the policy's"),
+        ("grpo_uwo.py", "member_without_tokenizer", "has no tokenizer"),
+        ("grpo_uwo.py", "member_not_rm", "is not a reward model"),
+        ("grpo_advpo.py", "no_rejected", "has columns ['chosen', 'prompt']"),
+        ("grpo_bspo.py", "no_behavior_lm", "train it with `train_rm.py --lm-coef"),
+    ],
+)
+def test_bad_inputs_are_clear_errors(world, tmp_path, script, edit, message):
+    cmd = baseline_cmd(script, world, tmp_path / "run")
+    if edit == "one_member":
+        i = cmd.index("--reward-model-paths")
+        del cmd[i + 2 : i + 4]
+    elif edit == "other_vocab":
+        shutil.copytree(world / "rm_2", tmp_path / "member")
+        tok = AutoTokenizer.from_pretrained(world / "base_policy")
+        tok.add_tokens(["<a-token-the-policy-lacks>"])
+        tok.save_pretrained(tmp_path / "member")
+        cmd[cmd.index(str(world / "rm_2"))] = str(tmp_path / "member")
+    elif edit == "member_without_tokenizer":  # check_same_tokenizer, as for the proxy
+        (tmp_path / "member").mkdir()
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(world / "rm_3" / name, tmp_path / "member" / name)
+        cmd[cmd.index(str(world / "rm_3"))] = str(tmp_path / "member")
+    elif edit == "member_not_rm":  # check_reward_config, before any model loads
+        cmd[cmd.index(str(world / "rm_2"))] = str(world / "policy")
+    elif edit == "no_rejected":
+        (tmp_path / "prefs").mkdir()
+        (tmp_path / "prefs" / "train.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "c"}) + "\n")
+        cmd[cmd.index(str(world / "prefs"))] = str(tmp_path / "prefs")
+    elif edit == "no_behavior_lm":
+        cmd[cmd.index(str(world / "rm_bspo"))] = str(world / "rm_1")
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
+def test_advpo_two_processes(world, tmp_path):
+    out = tmp_path / "run"
+    run_ok(baseline_cmd("grpo_advpo.py", world, out, procs=2))
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["advpo/g_norm"] > 0 for r in rows)
+    assert json.load(open(out / "args.json"))["num_processes"] == 2
+
+
+def test_uwo_resume_after_kill_continues_with_no_lost_or_repeated_step(world, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    common = ("--total-steps", "4", "--save-every", "2")
+    run_ok(baseline_cmd("grpo_uwo.py", world, straight, *common))
+    proc = subprocess.Popen(
+        baseline_cmd("grpo_uwo.py", world, killed, *common),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (killed / "latest").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "latest").read_text() == "checkpoint-2" and not (killed / "model").exists()
+    run_ok(baseline_cmd("grpo_uwo.py", world, killed, *common, "--resume"))
+    a, b = read_metrics(straight), read_metrics(killed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert ra["uwo/reward"] == rb["uwo/reward"] and ra["policy/kl"] == rb["policy/kl"]
+    wa, wb = load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ------------------------------------------------------------------ train_rm.py --lm-coef
+def train_rm_cmd(script, world, out, *extra):
+    return [
+        sys.executable,
+        script,
+        "--policy-path",
+        str(world / "base_policy"),
+        "--prefs-path",
+        str(world / "prefs"),
+        "--dataset",
+        str(world / "data"),
+        "--output-dir",
+        str(out),
+        "--per-device-train-batch-size",
+        "4",
+        "--num-norm-samples",
+        "8",
+        "--eval-steps",
+        "100",
+        *extra,
+    ]
+
+
+def plain_bt_train_rm(tmp_path):
+    """train_rm.py as it was before --lm-coef existed (the newest commit without it), from git."""
+    try:
+        log = subprocess.run(
+            ["git", "log", "--format=%H", "--", "train_rm.py"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
+        for commit in log:
+            text = subprocess.run(
+                ["git", "show", f"{commit}:train_rm.py"], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout
+            if "lm_coef" not in text:
+                path = tmp_path / "train_rm_plain.py"
+                path.write_text(text)
+                return path
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        pass
+    pytest.skip("no git history with a train_rm.py before --lm-coef (shallow clone?)")
+
+
+def test_score_lm_reward_is_reward_and_features_and_its_lm_loss_a_token_by_token_nll():
+    """train_rm.py's ScoreLM forward: its reward is exactly reward_and_features' (no second copy of the
+    scoring), its LM loss the mean NLL of the lm_mask tokens, each from an unpadded forward; both backpropagate."""
+    import train_rm
+
+    rm = tiny_neox(GPTNeoXForSequenceClassification, seed=5, num_labels=1)
+    torch.manual_seed(6)
+    lm_head = torch.nn.Linear(16, 30, bias=False)
+    ids = torch.tensor([[3, 4, 5, 6, 2, 1], [7, 8, 9, 2, 1, 1]])  # right-padded with 1
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
+    lm_mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 0, 0]])  # the response tokens and their EOS
+    reward, loss = train_rm.reward_and_lm_loss(rm, lm_head, ids, mask, lm_mask)
+    torch.testing.assert_close(reward, train_rm.reward_and_features(rm, ids, mask)[0], rtol=0, atol=0)
+    nll = []
+    with torch.no_grad():
+        for row, m, lm in zip(ids, mask, lm_mask):
+            n = int(m.sum())
+            logp = torch.log_softmax(lm_head(rm.gpt_neox(input_ids=row[:n].unsqueeze(0)).last_hidden_state[0]), -1)
+            nll += [-logp[t - 1, row[t]].item() for t in range(1, n) if lm[t]]
+    assert loss.item() == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+    (reward.sum() + loss).backward()
+    assert rm.score.weight.grad.abs().sum() > 0 and lm_head.weight.grad.abs().sum() > 0
+    assert rm.gpt_neox.embed_in.weight.grad.abs().sum() > 0
+
+
+def test_lm_coef_zero_trains_exactly_the_plain_bradley_terry_rm(world, tmp_path):
+    plain = plain_bt_train_rm(tmp_path)
+    run_ok(train_rm_cmd(str(plain), world, tmp_path / "plain"))
+    run_ok(train_rm_cmd("train_rm.py", world, tmp_path / "zero", "--lm-coef", "0"))
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "zero" / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "zero" / "behavior_lm").exists()
+
+
+def test_lm_coef_saves_a_behaviour_lm_on_the_rm_backbone(world, tmp_path):
+    out = tmp_path / "scorelm"
+    run_ok(train_rm_cmd("train_rm.py", world, out, "--lm-coef", "1.0"))
+    behavior = AutoModelForCausalLM.from_pretrained(out / "behavior_lm")
+    rm = AutoModelForSequenceClassification.from_pretrained(out)
+    sft = AutoModelForCausalLM.from_pretrained(world / "base_policy")
+    b_backbone, r_backbone = behavior.gpt_neox.state_dict(), rm.gpt_neox.state_dict()
+    assert all(torch.equal(b_backbone[k], r_backbone[k]) for k in r_backbone)  # the RM's trained backbone
+    assert not torch.equal(rm.gpt_neox.embed_in.weight, sft.gpt_neox.embed_in.weight)  # it was trained
+    head, sft_head = behavior.get_output_embeddings().weight, sft.get_output_embeddings().weight
+    assert head.shape == sft_head.shape and not torch.equal(head, sft_head)  # the LM head was trained too
+
+
+def test_step_time_benchmark_times_all_five_methods(world):
+    res = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/step_time.py",
+            "--policy-path",
+            str(world / "base_policy"),
+            "--reward-model-path",
+            str(world / "rm_bspo"),
+            "--uwo-member-paths",
+            *[str(world / f"rm_{s}") for s in (1, 2, 3)],
+            "--dataset",
+            str(world / "data"),
+            "--num-prompts",
+            "2",
+            "--num-generations",
+            "4",
+            "--max-new-tokens",
+            "4",
+            "--repetitions",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = {line.split()[0]: line.split() for line in res.stdout.splitlines() if line.split()}
+    assert float(table["Dr.GRPO"][2]) == 1.0
+    for method in ("SignCert-PO", "UWO", "AdvPO", "BSPO"):
+        assert float(table[method][2]) > 0
+    assert "behavior_lm" in res.stdout  # BSPO's behaviour LM came from the RM folder
+
+
+# ------------------------------------------------------------------ the copies cannot drift
+TRAINERS = ("grpo_signcert.py", "grpo_uwo.py", "grpo_advpo.py", "grpo_bspo.py")
+
+
+def top_level_sources(script):
+    import ast
+
+    text = open(os.path.join(ROOT, script)).read()
+    tree = ast.parse(text)
+    return {
+        node.name: ast.get_source_segment(text, node)
+        for node in tree.body
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name != "Args"
+    }
+
+
+def test_every_helper_shared_by_the_trainers_is_the_same_source():
+    """Rollouts, scoring, loss, update, checkpoints, data: every function the trainers have in common is
+    byte-identical in each copy (the methods differ only in their own functions and main-body sections)."""
+    sources = {script: top_level_sources(script) for script in TRAINERS}
+    shared = set.intersection(*(set(s) for s in sources.values()))
+    assert {"dr_grpo_loss", "policy_update", "sample", "reward_and_features", "save_checkpoint"} <= shared
+    for name in sorted(set.union(*(set(s) for s in sources.values()))):
+        copies = {script: s[name] for script, s in sources.items() if name in s}
+        if len(copies) > 1:
+            assert len(set(copies.values())) == 1, f"{name} differs between {sorted(copies)}"
