@@ -533,7 +533,7 @@ def check_same_tokenizer(policy_tok, rm_path, trust_remote_code):
     are, so another tokenizer (other ids for the same text, another EOS) would score meaningless inputs.
     Compares the ids of a probe text (unicode, digits, the EOS) and the EOS id; cheap, before any model loads."""
     fix = (
-        "train the proxy RM from the policy's SFT with train_rm.py (--sft-path <the SFT folder the policy starts "
+        "train the proxy RM from the policy's SFT with train_rm.py (--policy-path <the SFT folder the policy starts "
         "from>), which saves the SFT tokenizer with it"
     )
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
