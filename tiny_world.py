@@ -8,7 +8,7 @@ to disk, and every later stage reads it through the same Hugging Face code paths
 
     {output_dir}/data/{train,validation,test}.jsonl  {"id", "subreddit", "title", "post", "summary"}
     {output_dir}/tokenizer/      PreTrainedTokenizerFast (ByteLevel BPE, every word is one token),
-                                 eos = "<|endoftext|>" (id 0), pad = "<|padding|>" (id 1), as with Pythia
+                                 eos = "<|endoftext|>" (id 0), pad = "<|padding|>" (the last id, 4096)
     {output_dir}/base_policy/    GPTNeoXForCausalLM, random init (the "pretrained" policy to SFT)
     {output_dir}/gold_rm/        GPTNeoXForSequenceClassification (num_labels=1, head `score`),
                                  larger than the policy, trained on far more data than the proxy sees
@@ -47,6 +47,7 @@ equals `reward_and_features` below, which finds the last real token from the att
 (what the stage scripts do, so that they also read a pad == eos model at the EOS).
 """
 
+import copy
 import json
 import os
 import random
@@ -151,7 +152,7 @@ PRESETS = {
 }
 
 EOS = "<|endoftext|>"
-PAD = "<|padding|>"  # Pythia's pad token (id 1 there and here): distinct from EOS, so HF pooling reads the EOS
+PAD = "<|padding|>"  # Pythia's pad token: distinct from EOS, so HF pooling reads the EOS
 
 # ---------------------------------------------------------------- the vocabulary of the world
 TOPICS = {
@@ -361,22 +362,46 @@ def imperfect_sample(rng, row, facts, ref):
 # ---------------------------------------------------------------- tokenizer and models
 def build_tokenizer(texts, out_dir):
     """ByteLevel BPE trained on the world's corpus, with room for every word to become one token
-    (like Pythia's GPTNeoXTokenizerFast); eos = bos = <|endoftext|> (id 0), pad = <|padding|> (id 1)."""
+    (like Pythia's GPTNeoXTokenizerFast); eos = bos = pad = <|endoftext|> (id 0) while the world is built:
+    `with_pad` adds the saved pad token at the end, so the world's ids, models and gold stay as calibrated."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=4096,
         min_frequency=1,
-        special_tokens=[EOS, PAD],
+        special_tokens=[EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=PAD, unk_token=EOS)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, unk_token=EOS)
     hf.padding_side = "right"
-    hf.save_pretrained(out_dir)
     return hf
+
+
+def with_pad(tokenizer):
+    """The tokenizer that is saved: the same ids plus a pad token `<|padding|>` distinct from the EOS, appended
+    as the last id (Pythia's vocabulary has it too), so plain Hugging Face pooling reads a score at the EOS."""
+    saved = copy.deepcopy(tokenizer)
+    saved.add_special_tokens({"pad_token": PAD})
+    return saved
+
+
+def save_with_pad(model, saved_tokenizer, path):
+    """Save a model built on the world's ids with one more embedding row (and output row) for the pad: zeros,
+    drawn from no random stream (so the world stays what it was). The pad is only ever masked padding."""
+    n = len(saved_tokenizer)
+    with torch.no_grad(), torch.random.fork_rng():
+        model.resize_token_embeddings(n, mean_resizing=False)
+        model.get_input_embeddings().weight[n - 1] = 0.0
+        if model.get_output_embeddings() is not None:
+            model.get_output_embeddings().weight[n - 1] = 0.0
+    model.config.pad_token_id = saved_tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = saved_tokenizer.pad_token_id
+    model.save_pretrained(path)
+    saved_tokenizer.save_pretrained(path)
 
 
 def neox_config(tokenizer, layers, hidden, heads, max_pos, **kw):
@@ -568,6 +593,8 @@ if __name__ == "__main__":
     corpus.append(" ".join(CONTENT + PERSONS + VERBS + FILLER_WORDS + COMMENTS + sorted(GLUE) + [t for t in TOPICS]))
     corpus.append(" " + " ".join(CONTENT + PERSONS + VERBS + FILLER_WORDS + COMMENTS + sorted(GLUE)) + " , .")
     tokenizer = build_tokenizer(corpus, f"{out}/tokenizer")
+    saved_tokenizer = with_pad(tokenizer)
+    saved_tokenizer.save_pretrained(f"{out}/tokenizer")
     lens = [len(tokenizer(prompt_of(r))["input_ids"]) for r in rows["validation"]]
     slens = [len(tokenizer(" " + r["summary"])["input_ids"]) for r in rows["validation"]]
     print(
@@ -579,8 +606,7 @@ if __name__ == "__main__":
     policy = GPTNeoXForCausalLM(
         neox_config(tokenizer, args.policy_layers, args.policy_hidden, args.num_heads, args.max_position_embeddings)
     )
-    policy.save_pretrained(f"{out}/base_policy")
-    tokenizer.save_pretrained(f"{out}/base_policy")
+    save_with_pad(copy.deepcopy(policy), saved_tokenizer, f"{out}/base_policy")
     print(f"base_policy: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params")
 
     # 4. gold RM: regression onto quality + within-post Bradley-Terry, on fresh posts every step
@@ -671,8 +697,7 @@ if __name__ == "__main__":
         "prompt + ' ' + summary + '<|endoftext|>' (truncate after the first EOS, keep it); "
         "read `score` at the last real token = that EOS; pad (<|padding|>) != eos, so HF pooling reads it too"
     )
-    gold.save_pretrained(f"{out}/gold_rm")
-    tokenizer.save_pretrained(f"{out}/gold_rm")
+    save_with_pad(gold, saved_tokenizer, f"{out}/gold_rm")
 
     # 6. world.json
     measured["build_seconds"] = time.time() - start

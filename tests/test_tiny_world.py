@@ -49,10 +49,11 @@ def test_files_load(world):
     gold = AutoModelForSequenceClassification.from_pretrained(world / "gold_rm", local_files_only=True)
     assert type(policy).__name__ == "GPTNeoXForCausalLM"
     assert type(gold).__name__ == "GPTNeoXForSequenceClassification" and gold.config.num_labels == 1
-    # Pythia's special ids: eos 0, pad <|padding|> 1, in the tokenizer and in every saved config
+    # eos 0; pad <|padding|> the last id, distinct from eos, in the tokenizer and in every saved config
     assert gold.config.eos_token_id == policy.config.eos_token_id == tok.eos_token_id == 0
-    assert gold.config.pad_token_id == policy.config.pad_token_id == tok.pad_token_id == 1
-    assert policy.generation_config.pad_token_id == 1
+    assert gold.config.pad_token_id == policy.config.pad_token_id == tok.pad_token_id == len(tok) - 1
+    assert policy.generation_config.pad_token_id == len(tok) - 1
+    assert gold.config.vocab_size == policy.config.vocab_size == len(tok)
     # the gold is larger than the policy
     assert sum(p.numel() for p in gold.parameters()) > sum(p.numel() for p in policy.parameters())
     b = tw.encode_scored(tok, ["SUBREDDIT: r/pets\n\nTITLE: t\n\nPOST: p\n\nTL;DR:"] * 2, ["my dog", "cat"])
@@ -79,7 +80,7 @@ def test_tokenizer_round_trip_and_pad_is_not_eos(world):
             "<|endoftext|>",
             0,
             "<|padding|>",
-            1,
+            len(tok) - 1,
         )
     for line in (world / "data" / "validation.jsonl").read_text().splitlines()[:20]:
         row = json.loads(line)
