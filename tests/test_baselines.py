@@ -30,32 +30,11 @@ from transformers import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from conftest import free_port  # noqa: E402
+from conftest import accelerate_cmd, ci_world_with_eos_policy, read_jsonl, read_metrics  # noqa: E402
 
 import grpo_advpo  # noqa: E402
 import grpo_bspo  # noqa: E402
 import grpo_uwo  # noqa: E402
-
-
-def accelerate_cmd(procs):
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--num_cpu_threads_per_process",
-        "1",
-        "--main_process_port",
-        free_port(),
-        "--num_processes",
-        str(procs),
-    ]
 
 
 # ------------------------------------------------------------------ UWO
@@ -231,22 +210,10 @@ def world(tmp_path_factory):
     policy with 3 fresh heads, each saved with the policy's tokenizer as train_rm.py saves it; an RM with
     behavior_lm/ (the base policy) for BSPO; a preference folder (chosen = the reference summary, rejected =
     another row's)."""
-    root = tmp_path_factory.mktemp("world")
-    subprocess.run(
-        [sys.executable, "tiny_world.py", "--preset", "ci", "--output-dir", str(root)],
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-        timeout=600,
-    )
+    root = ci_world_with_eos_policy(tmp_path_factory.mktemp("world"))
     tok = AutoTokenizer.from_pretrained(root / "base_policy")
     assert tok.pad_token_id != tok.eos_token_id  # the world's convention, which the fixtures below keep
-    policy = AutoModelForCausalLM.from_pretrained(root / "base_policy")
-    with torch.no_grad():  # the EOS logit + 3.5 at every position: about 1 token in 11 is EOS
-        policy.gpt_neox.final_layer_norm.bias[0] = 5.0
-        policy.get_output_embeddings().weight[policy.config.eos_token_id, 0] = 0.7
-    policy.save_pretrained(root / "policy")
-    tok.save_pretrained(root / "policy")
+    policy = AutoModelForCausalLM.from_pretrained(root / "policy")
     for seed in (1, 2, 3):
         torch.manual_seed(seed)
         rm = AutoModelForSequenceClassification.from_pretrained(root / "base_policy", num_labels=1)
@@ -307,11 +274,6 @@ def run_ok(cmd):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
 def assert_group_advantages(samples, K, reward_of):
     """Every logged advantage is Dr.GRPO's: reward_of(sample) minus the mean of its group of K."""
     assert len(samples) % K == 0 and samples
@@ -357,10 +319,6 @@ def test_uwo_end_to_end(world, tmp_path):
 
 # what every trainer writes per completion (grpo_signcert.py adds `radius`, each baseline its own fields)
 SAMPLE_FIELDS = ("step", "group", "prompt", "response", "has_eos", "length", "proxy", "gold", "advantage")
-
-
-def read_metrics(out):
-    return read_jsonl(out / "metrics.jsonl")
 
 
 def test_advpo_end_to_end(world, tmp_path):

@@ -21,7 +21,6 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 from transformers import (
-    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GPTNeoXConfig,
@@ -30,7 +29,7 @@ from transformers import (
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from conftest import free_port  # noqa: E402
+from conftest import accelerate_cmd, ci_world_with_eos_policy, read_metrics  # noqa: E402
 from update_worker import N as WORKER_N  # noqa: E402
 from update_worker import T as WORKER_T
 from update_worker import model_and_batch
@@ -47,29 +46,6 @@ from grpo_signcert import (  # noqa: E402
     save_checkpoint,
     truncate_after_eos,
 )
-
-
-# several CPU processes: `--multi_gpu` makes accelerate start them with torchrun, and the scripts, seeing no GPU,
-# run them on the CPU with gloo (`--cpu --num_processes 2` starts ONE process in accelerate 1.x)
-def accelerate_cmd(procs):
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--num_cpu_threads_per_process",
-        "1",
-        "--main_process_port",
-        free_port(),
-        "--num_processes",
-        str(procs),
-    ]
 
 
 # ------------------------------------------------------------------ the loss
@@ -329,23 +305,7 @@ def test_pairwise_agreement_by_brute_force():
 def world(tmp_path_factory):
     """A very small tiny world, with an untrained proxy RM (the base policy plus a fresh `score` head, saved
     with the policy's tokenizer as train_rm.py saves it)."""
-    root = tmp_path_factory.mktemp("world")
-    subprocess.run(
-        [sys.executable, "tiny_world.py", "--preset", "ci", "--output-dir", str(root)],
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-        timeout=600,
-    )
-    # the random-init base policy almost never ends; this copy emits EOS about 1 token in 11, so that completions
-    # with and without EOS (the missing-EOS penalty) both occur in a few steps
-    policy = AutoModelForCausalLM.from_pretrained(root / "base_policy")
-    eos = policy.config.eos_token_id
-    with torch.no_grad():
-        policy.gpt_neox.final_layer_norm.bias[0] = 5.0
-        policy.get_output_embeddings().weight[eos, 0] = 0.7  # the EOS logit + 3.5 at every position
-    policy.save_pretrained(root / "policy")
-    AutoTokenizer.from_pretrained(root / "base_policy").save_pretrained(root / "policy")
+    root = ci_world_with_eos_policy(tmp_path_factory.mktemp("world"))
     torch.manual_seed(0)  # the fresh head: the same whichever tests ran before
     rm = AutoModelForSequenceClassification.from_pretrained(root / "base_policy", num_labels=1)
     rm.save_pretrained(root / "rm")
@@ -379,11 +339,6 @@ def trainer_cmd(world, out, *extra, procs=None):
         "2",
         *extra,
     ]
-
-
-def read_metrics(out):
-    with open(out / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
 
 
 def read_samples(out):
