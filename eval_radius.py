@@ -900,7 +900,7 @@ if __name__ == "__main__":
                 proxy=finite_or_none(reward[i].item()),
                 radius=finite_or_none(radius[i].item()),
                 decile=decile.get(i),
-                **per_member.get(i, {}),
+                **per_member.get(i, dict.fromkeys(next(iter(per_member.values())))),  # null where not computed
             )
             f.write(json.dumps(line) + "\n")
     result = {
@@ -917,9 +917,7 @@ if __name__ == "__main__":
         "args": asdict(args),
     }
     (out / "radius.json").write_text(json.dumps(result, indent=1))
-    title = (
-        f"{Path(args.policy_path).name} scored by {Path(args.reward_model_path).name}: {counts['analysed']} completions"
-    )
+    title = f"{args.policy_path}, proxy {args.reward_model_path}: {counts['analysed']} completions"
     plot_radius(table, rho, out / "radius.png", title)
     commit_dir(out, args.output_dir)
     if args.track:
