@@ -29,9 +29,10 @@ What is left out, and counted in radius.json (`counts`):
 The proxy reads prompt ids + response ids (EOS included) in the policy's tokenizer, exactly as the trainer feeds
 it; the gold reads the decoded text in its own tokenizer (`gold_rewards`, as the trainer and eval_gold.py).
 
-Paper setting (appendix F.5): the Pythia-1B SFT policy and proxy RM on TL;DR, 500 test prompts x 8 completions at
-temperature 0.7, sigma 0.1 (parameters, per tensor) and 0.01 (embeddings), 10 draws each; gold
-Skywork-Reward-Llama-3.1-8B-v0.2. The number of draws is ours (the paper does not give it).
+Paper setting (appendix F.5, `--preset paper`): the Pythia-1B SFT policy and proxy RM on TL;DR, 500 test prompts x
+8 completions at temperature 0.7, sigma 0.1 (parameters, per tensor) and 0.01 (embeddings), 10 draws each (the number
+of draws is ours: the paper does not give it); gold Skywork-Reward-Llama-3.1-8B-v0.2. The tiny preset keeps all of
+it but 200 prompts and 5 draws (about 2 minutes on 2 CPU cores).
 
 Run it (one process; CUDA when there is one, else the CPU):
     python eval_radius.py                                           # runs/tiny_world/sft with runs/tiny_world/rm
@@ -98,8 +99,8 @@ class Args:
     """hub dataset config (e.g. `alpaca_instructions` for tatsu-lab/alpaca_farm)"""
     split: str = "test"
     """held-out split whose first --num-prompts prompts are used (paper: the TL;DR test split)"""
-    num_prompts: int = 500
-    """prompts (groups) analysed (paper: 500)"""
+    num_prompts: int = 200
+    """prompts (groups) analysed (paper: 500; tiny: 200, to stay within about 3 minutes on 2 CPU cores)"""
     max_prompt_length: int = 128
     """prompts longer than this (tokens) are cut in the POST/input (paper: 512)"""
 
@@ -118,8 +119,8 @@ class Args:
     """(a) std of the noise on every RM parameter tensor p, relative to its RMS ||p||_F / sqrt(numel p) (paper: 0.1)"""
     embedding_noise: float = 0.01
     """(b) std of the noise added to the RM's input embeddings (paper: 0.01)"""
-    num_draws: int = 10
-    """noise draws for (a) and for (b) each (ours: 10; the paper does not say)"""
+    num_draws: int = 5
+    """noise draws for (a) and for (b) each (paper preset: 10, our choice, the paper does not say; tiny: 5)"""
     num_bins: int = 10
     """bins of equal counts along Delta (paper: 10, deciles)"""
     min_spread: float = 1e-4
@@ -146,8 +147,10 @@ PRESETS = {
         reward_model_path="runs/paper/rm",
         gold_rm_path="Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",
         dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered",
+        num_prompts=500,
         max_prompt_length=512,
         max_new_tokens=53,
+        num_draws=10,
         generation_batch_size=256,
         score_batch_size=64,
         gold_batch_size=16,

@@ -282,3 +282,13 @@ def test_bad_input_fails_early_saying_what_to_do(world, kw, error, message):
     with pytest.raises(error, match=message):
         eval_radius.check_inputs(make_args(world, **kw))
     eval_radius.check_inputs(make_args(world))  # the good arguments pass
+
+
+def test_presets_give_the_papers_protocol_and_flags_override_them(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["eval_radius.py", "--preset", "paper", "--num-draws", "3"])
+    args = eval_radius.parse_args()
+    assert (args.num_prompts, args.num_generations, args.temperature) == (500, 8, 0.7)
+    assert (args.param_noise, args.embedding_noise, args.num_bins, args.num_draws) == (0.1, 0.01, 10, 3)
+    assert args.max_new_tokens == 53 and args.split == "test"
+    monkeypatch.setattr(sys, "argv", ["eval_radius.py"])
+    assert eval_radius.parse_args().num_prompts == 200
