@@ -38,8 +38,8 @@ Run it (one process; CUDA when there is one, else the CPU):
     python eval_radius.py                                           # runs/tiny_world/sft with runs/tiny_world/rm
     python eval_radius.py --policy-path runs/<rl run>/model
     python eval_radius.py --preset paper --policy-path runs/paper/sft --reward-model-path runs/paper/rm
-Writes to `--output-dir` (default runs/eval_radius/<the policy's folder name>, the parent's name for a
-`.../model` folder): radius.json (settings, counts, the per-decile table, the Spearman values), radius.png (the
+Writes to `--output-dir` (default runs/eval_radius/<the policy's folder name>, the run folder name for
+`runs/<run>/model`): radius.json (settings, counts, the per-decile table, the Spearman values), radius.png (the
 Figure 4 plot: survival rate per radius decile) and samples.jsonl (one line per completion: text, status,
 rewards, advantages, radius, decile, survival rates).
 """
@@ -73,7 +73,7 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, `torch.backends.cudnn.deterministic=True`"""
     track: bool = False
-    """unused here (no training curves to track); kept so that every script has the same head"""
+    """if toggled, the Spearman values, the table and the figure are logged to Weights and Biases"""
     wandb_project_name: str = "signcert-po"
     """the wandb's project name"""
     wandb_entity: Optional[str] = None
@@ -820,7 +820,7 @@ if __name__ == "__main__":
         for i in mine:
             if not (0 < radius[i] < math.inf):
                 status[i] = "radius_zero_or_infinite"
-        member_group += [len(set(member_group))] * len(mine)
+        member_group += [member_group[-1] + 1 if member_group else 0] * len(mine)
         members += mine
     members_t, group = torch.tensor(members, dtype=torch.long), torch.tensor(member_group, dtype=torch.long)
     analysed = torch.tensor([status[i] == "analysed" for i in members], dtype=torch.bool)
@@ -830,7 +830,7 @@ if __name__ == "__main__":
         "no_eos": status.count("no_eos"),
         "groups_too_few_eos": sum(sum(has_eos[g * K : (g + 1) * K].tolist()) < 2 for g in range(len(prompts))),
         "groups_flat": len({i // K for i, s in enumerate(status) if s == "group_flat"}),
-        "groups_analysed": len(set(member_group)),
+        "groups_analysed": member_group[-1] + 1 if member_group else 0,
         "radius_zero_or_infinite": status.count("radius_zero_or_infinite"),
         "analysed": int(analysed.sum()),
     }
@@ -865,9 +865,14 @@ if __name__ == "__main__":
     gold_reward = torch.cat(
         [
             gold_rewards(
-                gold, gold_tok, member_prompts[i : i + 4096], [texts[j] for j in members[i : i + 4096]], args, device
+                gold,
+                gold_tok,
+                member_prompts[i : i + 8 * args.gold_batch_size],
+                [texts[j] for j in members[i : i + 8 * args.gold_batch_size]],
+                args,
+                device,
             )
-            for i in tqdm(range(0, len(members), 4096), desc="gold")
+            for i in tqdm(range(0, len(members), 8 * args.gold_batch_size), desc="gold")
         ]
     )
     gold_advantages = group_centred(gold_reward.double(), group_d)
