@@ -32,7 +32,7 @@ it; the gold reads the decoded text in its own tokenizer (`gold_rewards`, as the
 Paper setting (appendix F.5, `--preset paper`): the Pythia-1B SFT policy and proxy RM on TL;DR, 500 test prompts x
 8 completions at temperature 0.7, sigma 0.1 (parameters, per tensor) and 0.01 (embeddings), 10 draws each (the number
 of draws is ours: the paper does not give it); gold Skywork-Reward-Llama-3.1-8B-v0.2. The tiny preset keeps all of
-it but 200 prompts and 5 draws (about 2 minutes on 2 CPU cores).
+it but 200 prompts and 5 draws (2 to 2.5 minutes on 2 busy CPU cores).
 
 Run it (one process; CUDA when there is one, else the CPU):
     python eval_radius.py                                           # runs/tiny_world/sft with runs/tiny_world/rm
