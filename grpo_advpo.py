@@ -40,7 +40,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -152,6 +152,15 @@ class Args:
     """sequences per gold forward on one device"""
     gold_max_length: int = 256
     """gold input tokens (longer inputs lose their beginning), as in gen_prefs.py and eval_gold.py"""
+    eval_every: int = 10
+    """held-out gold evaluation of the current policy (`eval/{split}/...`, as eval_gold.py scores it) at step 0
+    (the initial policy), every this many steps and at the last step; 0: off. Needs --gold-rm-path (paper: 100)"""
+    eval_splits: tuple[str, ...] = ("validation", "test")
+    """the dataset splits evaluated (validation: pick the early-stopping step; test: report it)"""
+    eval_num_prompts: int = 128
+    """the FIRST this many prompts of each split, the same at every evaluation (paper: 256)"""
+    eval_temperature: float = 0.01
+    """sampling temperature of the evaluation, one completion per prompt (eval_gold.py's 0.01: near-greedy)"""
 
     # -- outputs, checkpoints, resume
     output_dir: Optional[str] = None
@@ -198,6 +207,7 @@ RESUME_MAY_CHANGE = {
     "wandb_entity",
     "generation_batch_size",
     "gold_batch_size",
+    "eval_every",
     "micro_batch_size",
     "gradient_accumulation_steps",
     "gradient_checkpointing",
@@ -224,6 +234,8 @@ PRESETS = {
         gold_every=50,
         gold_batch_size=16,
         gold_max_length=1024,
+        eval_every=100,
+        eval_num_prompts=256,
         log_samples_every=50,
         save_every=100,
     ),
@@ -690,6 +702,74 @@ def pairwise_agreement(proxy, gold):
     return ((dp * dg > 0) & upper).sum().item() / max(upper.sum().item(), 1)
 
 
+@torch.no_grad()
+def heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold, args, accelerator):
+    """The gold reward of the CURRENT policy on fixed held-out prompts, scored as eval_gold.py scores it.
+
+    heldout: {split: (prompts, references)}, the prompts built by `build_prompts`, the same at every call.
+    For each split the prompts are split over the processes; each gets ONE completion sampled at
+    `args.eval_temperature` by the rollouts' sampler (`sample` or `sample_static`, in chunks of
+    `generation_batch_size`), cut after its first EOS and decoded as eval_gold.py decodes it; the gold RM scores
+    it (`gold_rewards`) and the proxy `rm` too (`reward_and_features` on the policy's token ids, as the rollouts);
+    a completion without EOS gets `args.missing_eos_penalty` for both. A win is gold(policy) > gold(reference),
+    strictly. reference_gold caches {split: this process's references' gold scores}: computed at the first call.
+    The sampling draws from the generator seeded with seed + rank, afresh for each split (as eval_gold.py seeds
+    it), inside `fork_rng`: the training RNG stream is left as it was, so the evaluation does not change the run.
+    Returns {"eval/{split}/gold_reward", "eval/{split}/win_rate", "eval/{split}/proxy_reward",
+    "eval/{split}/length", "eval/{split}/no_eos_rate"}, over all the split's prompts, on every process."""
+    device = accelerator.device
+    model, pad_id, eos_id = accelerator.unwrap_model(policy), tokenizer.pad_token_id, tokenizer.eos_token_id
+    sampler = sample if args.generation_backend == "hf" else sample_static
+    at_eval = replace(args, temperature=args.eval_temperature)
+    metrics = {}
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
+        for split, (prompts, references) in heldout.items():
+            torch.manual_seed(args.seed + accelerator.process_index)
+            with accelerator.split_between_processes(list(range(len(prompts)))) as mine:
+                mine = list(mine)
+            if split not in reference_gold:  # the references do not change: score them once
+                refs = [references[i] for i in mine]
+                local_prompts = [prompts[i] for i in mine]
+                reference_gold[split] = (
+                    gold_rewards(gold, gold_tok, local_prompts, refs, args, device).cpu() if mine else torch.zeros(0)
+                )
+            records = []
+            for start in range(0, len(mine), args.generation_batch_size):
+                chunk = [prompts[i] for i in mine[start : start + args.generation_batch_size]]
+                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                generated = sampler(model, enc.input_ids, enc.attention_mask, at_eval, pad_id)
+                response, response_mask, has_eos = truncate_after_eos(generated, eos_id, pad_id)
+                texts = tokenizer.batch_decode(  # as eval_gold.py: the tokens up to the EOS, special ones dropped
+                    [r[: int(m.sum())] for r, m in zip(response, response_mask)], skip_special_tokens=True
+                )
+                gold_score = gold_rewards(gold, gold_tok, chunk, texts, args, device)
+                proxy = reward_and_features(
+                    rm,
+                    torch.cat([enc.input_ids, response], 1),
+                    torch.cat([enc.attention_mask, response_mask], 1),
+                )[0]
+                if args.missing_eos_penalty is not None:  # as eval_gold.py: gold and proxy alike
+                    gold_score = torch.where(has_eos, gold_score, args.missing_eos_penalty)
+                    proxy = torch.where(has_eos, proxy, args.missing_eos_penalty)
+                records += zip(
+                    gold_score.tolist(),
+                    reference_gold[split][start : start + len(chunk)].tolist(),
+                    proxy.tolist(),
+                    response_mask.sum(1).tolist(),
+                    has_eos.tolist(),
+                )
+            records = gather_object(records)  # every prompt of the split, from every process
+            g, ref, proxy, length, ended = (np.array(column, dtype=np.float64) for column in zip(*records))
+            metrics |= {
+                f"eval/{split}/gold_reward": float(g.mean()),
+                f"eval/{split}/win_rate": float((g > ref).mean()),  # strict, as eval_gold.py
+                f"eval/{split}/proxy_reward": float(proxy.mean()),
+                f"eval/{split}/length": float(length.mean()),
+                f"eval/{split}/no_eos_rate": float(1 - ended.mean()),
+            }
+    return metrics
+
+
 # ------------------------------------------------------------------------- run folder and checkpoints
 def open_run_dir(args, accelerator):
     """Make `args.output_dir` this run's, on the main process, before anything heavy: refuse a folder that
@@ -720,7 +800,7 @@ def open_run_dir(args, accelerator):
         elif error is None and args.resume and os.path.exists(saved):
             with open(saved) as f:
                 before = json.load(f)
-            now = asdict(args) | {"num_processes": args.num_processes}
+            now = json.loads(json.dumps(asdict(args) | {"num_processes": args.num_processes}))  # tuples as lists
             changed = {
                 k: (before.get(k), v) for k, v in now.items() if k not in RESUME_MAY_CHANGE and before.get(k) != v
             }
@@ -952,6 +1032,12 @@ if __name__ == "__main__":
         raise ValueError("--resume continues a run and --overwrite deletes it: pass one of them")
     if min(args.gold_every, args.save_every, args.log_samples_every) < 1:
         raise ValueError("--gold-every, --save-every and --log-samples-every must be >= 1")
+    if args.eval_every < 0 or args.eval_num_prompts < 1 or not args.eval_temperature > 0 or not args.eval_splits:
+        raise ValueError(
+            f"the held-out evaluation needs --eval-every >= 0 (0: off), --eval-num-prompts >= 1, --eval-temperature "
+            f"> 0 and at least one --eval-splits; got {args.eval_every}, {args.eval_num_prompts}, "
+            f"{args.eval_temperature}, {args.eval_splits}"
+        )
     for name in ("policy_path", "reward_model_path", "gold_rm_path"):
         require_path(getattr(args, name), f"--{name.replace('_', '-')}")
 
@@ -982,6 +1068,26 @@ if __name__ == "__main__":
     eos_id = tokenizer.eos_token_id
     check_same_tokenizer(tokenizer, args.reward_model_path, args.trust_remote_code)
     prompts = build_prompts(rows, tokenizer, args.max_prompt_length, where)
+    heldout = {}  # {split: (prompts, references)}: the first --eval-num-prompts of each split, fixed
+    if args.eval_every > 0 and args.gold_rm_path:
+        for split in dict.fromkeys(args.eval_splits):
+            try:
+                split_rows, split_where = load_split(args.dataset, split, args.dataset_config)
+            except (FileNotFoundError, ValueError, RuntimeError) as e:
+                raise ValueError(
+                    f"--eval-splits {split}: {e}; pass the held-out splits that {args.dataset} has, or --eval-every 0"
+                ) from None
+            if len(split_rows) < args.eval_num_prompts:
+                raise ValueError(
+                    f"--eval-num-prompts {args.eval_num_prompts} is more than the {len(split_rows)} rows of "
+                    f"{split_where}: pass --eval-num-prompts {len(split_rows)} or fewer"
+                )
+            split_rows = split_rows[: args.eval_num_prompts]
+            fmt = detect_format(split_rows, split_where)
+            heldout[split] = (
+                build_prompts(split_rows, tokenizer, args.max_prompt_length, split_where),
+                [to_prompt_response(r, fmt, tokenizer, args.max_prompt_length)[1] for r in split_rows],
+            )
     accelerator = Accelerator(
         cpu=on_cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -997,6 +1103,12 @@ if __name__ == "__main__":
             f"{args.num_generations} completions = {args.batch_size} completions per step, in "
             f"{args.gradient_accumulation_steps} micro-batches of {args.micro_batch_size} per process; "
             f"Dr.GRPO normaliser = {args.batch_size} x {args.max_new_tokens} tokens"
+        )
+        print(
+            f"held-out gold evaluation: the first {args.eval_num_prompts} prompts of {list(heldout)} at temperature "
+            f"{args.eval_temperature}, at step 0, every {args.eval_every} steps and at the last"
+            if heldout
+            else f"held-out gold evaluation: off ({'--eval-every 0' if args.gold_rm_path else 'no --gold-rm-path'})"
         )
         print(json.dumps(asdict(args), indent=1))
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -1060,7 +1172,7 @@ if __name__ == "__main__":
             f"of {args.total_steps}{' (resumed from ' + ckpt + ')' if ckpt else ''}; writing to {args.output_dir}"
         )
         for name in ("metrics.jsonl", "samples.jsonl"):  # a resumed run writes the steps after its checkpoint again
-            keep_steps_upto(os.path.join(args.output_dir, name), start_step)
+            keep_steps_upto(os.path.join(args.output_dir, name), start_step if ckpt else -1)  # no checkpoint: all
         if args.track:
             import wandb
 
@@ -1074,6 +1186,17 @@ if __name__ == "__main__":
                 dir=args.output_dir,
                 save_code=True,
             )
+
+    reference_gold, last_eval = {}, {}  # {split: this process's references' gold}, heldout_eval's cache
+    if heldout and start_step == 0:  # the initial policy: the row of step 0
+        t4 = time.perf_counter()
+        last_eval = heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold, args, accelerator)
+        row = {"step": 0, **last_eval, "time/eval": time.perf_counter() - t4}
+        if accelerator.is_main_process:
+            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if args.track:
+                wandb.log(row, step=0)
 
     K = args.num_generations
     bar = tqdm(range(start_step + 1, args.total_steps + 1), disable=not accelerator.is_main_process, desc="steps")
@@ -1184,6 +1307,10 @@ if __name__ == "__main__":
             all_gold = g(gold_reward.view(-1, K))
             metrics["reward/gold"] = all_gold.mean().item()
             metrics["rm/proxy_accuracy"] = pairwise_agreement(all_reward, all_gold)
+        if heldout and (step % args.eval_every == 0 or step == args.total_steps):  # the policy after this update
+            t4 = time.perf_counter()
+            last_eval = heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold, args, accelerator)
+            metrics |= last_eval | {"time/eval": time.perf_counter() - t4}
         samples = None
         if log_samples:  # every completion of the step
             local = [
@@ -1218,6 +1345,7 @@ if __name__ == "__main__":
                 gold=f"{metrics.get('reward/gold', math.nan):.2f}",
                 kl=f"{metrics['policy/kl']:.1f}",
                 penalty=f"{metrics['advpo/penalty_mean']:.3g}",
+                val_gold=f"{last_eval.get('eval/validation/gold_reward', math.nan):.2f}",  # the last held-out eval
             )
         if step % args.save_every == 0 and step < args.total_steps:
             save_checkpoint(accelerator, policy, optimizer, step, args.output_dir)

@@ -248,6 +248,7 @@ if __name__ == "__main__":
                     d("data"),
                     "--output-dir",
                     out,
+                    *(["--eval-num-prompts", "16"] if args.world_preset == "ci" else []),  # ci: 50 held-out rows
                     extra=shlex.split(args.extra_rl_args),
                 )
                 ev_dir = os.path.join(out, f"eval_{args.eval_split}")
@@ -268,7 +269,7 @@ if __name__ == "__main__":
                     "--output-dir",
                     ev_dir,
                 )
-                rows = read_metrics(os.path.join(out, "metrics.jsonl"))
+                rows = [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if r["step"] > 0]  # 0: eval only
                 runs[(method, seed)] = rows
                 table.append((method, seed, read_json(os.path.join(ev_dir, "eval.json")), rows[-1]["policy/kl"]))
 

@@ -265,6 +265,8 @@ def baseline_cmd(script, world, out, *extra, procs=None):
         "1",
         "--total-steps",
         "2",
+        "--eval-every",  # the held-out evaluation off, unless a test turns it on
+        "0",
         *extra,
     ]
 
@@ -412,7 +414,7 @@ def test_advpo_two_processes(world, tmp_path):
 
 def test_uwo_resume_after_kill_continues_with_no_lost_or_repeated_step(world, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    common = ("--total-steps", "4", "--save-every", "2")
+    common = ("--total-steps", "4", "--save-every", "2", "--eval-every", "2", "--eval-num-prompts", "6")
     run_ok(baseline_cmd("grpo_uwo.py", world, straight, *common))
     proc = subprocess.Popen(
         baseline_cmd("grpo_uwo.py", world, killed, *common),
@@ -428,9 +430,12 @@ def test_uwo_resume_after_kill_continues_with_no_lost_or_repeated_step(world, tm
     assert (killed / "latest").read_text() == "checkpoint-2" and not (killed / "model").exists()
     run_ok(baseline_cmd("grpo_uwo.py", world, killed, *common, "--resume"))
     a, b = read_metrics(straight), read_metrics(killed)
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for ra, rb in zip(a, b):
-        assert ra["uwo/reward"] == rb["uwo/reward"] and ra["policy/kl"] == rb["policy/kl"]
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]  # 0: the held-out evaluation of the initial policy
+    assert [r["step"] for r in b if "eval/validation/win_rate" in r] == [0, 2, 4]
+    for ra, rb in zip(a, b):  # every metric but the timings, held-out evaluation included
+        assert {k: v for k, v in ra.items() if not k.startswith("time/")} == {
+            k: v for k, v in rb.items() if not k.startswith("time/")
+        }
     wa, wb = load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

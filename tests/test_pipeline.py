@@ -33,7 +33,8 @@ def test_pipeline_runs_every_stage_and_writes_the_table(tmp_path):
     assert (root / "figure2.png").stat().st_size > 10_000
     signcert = [json.loads(line) for line in open(root / "rl" / "signcert_q0.3_kl0.01_s1" / "metrics.jsonl")]
     drgrpo = [json.loads(line) for line in open(root / "rl" / "drgrpo_kl0.01_s1" / "metrics.jsonl")]
-    assert [r["step"] for r in signcert] == [1, 2] == [r["step"] for r in drgrpo]
+    assert [r["step"] for r in signcert] == [0, 1, 2] == [r["step"] for r in drgrpo]  # 0: the held-out eval only
+    assert "eval/validation/win_rate" in signcert[0] and "eval/test/gold_reward" in signcert[-1]
     # the pipeline launched each method with its own quantile (Dr.GRPO is SignCert-PO with q = 0)
     quantiles = [
         json.load(open(root / "rl" / run / "args.json"))["quantile"]

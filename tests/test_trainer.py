@@ -21,6 +21,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     GPTNeoXConfig,
@@ -337,6 +338,8 @@ def trainer_cmd(world, out, *extra, procs=None):
         str(out),
         "--log-samples-every",
         "2",
+        "--eval-every",  # the held-out evaluation off, unless a test turns it on
+        "0",
         *extra,
     ]
 
@@ -459,7 +462,8 @@ def test_resume_after_kill_continues_with_no_lost_or_repeated_step(world, tmp_pa
     """kill -9 of the whole run (launcher and workers) after its first checkpoint, then --resume: the metrics, the
     samples and the final weights equal those of an uninterrupted run, with no step lost or written twice."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    common = ("--total-steps", "5", "--save-every", "2", "--log-samples-every", "1")
+    common = ("--total-steps", "5", "--save-every", "2", "--log-samples-every", "1", "--eval-every", "2")
+    common += ("--eval-num-prompts", "6")  # the held-out evaluation on: at steps 0, 2, 4 and 5
     subprocess.run(
         trainer_cmd(world, straight, *common, procs=procs), check=True, cwd=ROOT, capture_output=True, timeout=600
     )
@@ -487,9 +491,12 @@ def test_resume_after_kill_continues_with_no_lost_or_repeated_step(world, tmp_pa
         timeout=600,
     )
     a, b = read_metrics(straight), read_metrics(killed)
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
-    for ra, rb in zip(a, b):
-        assert ra["reward/proxy"] == rb["reward/proxy"] and ra["policy/kl"] == rb["policy/kl"]
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4, 5]  # step 0 once: the held-out evaluation of the initial policy
+    assert [r["step"] for r in b if "eval/test/gold_reward" in r] == [0, 2, 4, 5]
+    for ra, rb in zip(a, b):  # every metric but the timings, held-out evaluation included
+        assert {k: v for k, v in ra.items() if not k.startswith("time/")} == {
+            k: v for k, v in rb.items() if not k.startswith("time/")
+        }
     assert read_sample_steps(killed) == read_sample_steps(straight)
     wa, wb = load_file(straight / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -611,7 +618,15 @@ BAD_DATA = {
 }
 
 
-@pytest.mark.parametrize("case", [*BAD_DATA, "prompt length", "causal LM as reward model"])
+BAD_HELDOUT = {  # the held-out evaluation on (--eval-every 1), its arguments wrong
+    "eval every": (("--eval-every", "-1"), "needs --eval-every >= 0 (0: off)"),
+    "eval temperature": (("--eval-temperature", "0"), "--eval-temperature > 0"),
+    "eval split": (("--eval-splits", "validation", "dev", "--eval-num-prompts", "8"), "--eval-splits dev: "),
+    "eval prompts": (("--eval-num-prompts", "51"), "than the 50 rows of"),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_DATA, "prompt length", "causal LM as reward model", *BAD_HELDOUT])
 def test_bad_input_fails_in_seconds_and_leaves_no_run_folder(world, tmp_path, case):
     """Checked before any model loads and before the run folder exists (issue 8 item 7)."""
     extra = ()
@@ -619,6 +634,8 @@ def test_bad_input_fails_in_seconds_and_leaves_no_run_folder(world, tmp_path, ca
         (tmp_path / "data").mkdir()
         (tmp_path / "data" / "train.jsonl").write_text(BAD_DATA[case][0])
         extra, message = ("--dataset", str(tmp_path / "data")), BAD_DATA[case][1]
+    elif case in BAD_HELDOUT:
+        extra, message = ("--eval-every", "1", *BAD_HELDOUT[case][0]), BAD_HELDOUT[case][1]
     elif case == "prompt length":
         extra, message = ("--max-prompt-length", "3"), "raise --max-prompt-length (now 3)"
     else:
@@ -653,3 +670,117 @@ def test_reward_model_without_a_single_linear_head_is_refused(world, tmp_path):
             timeout=300,
         )
         assert res.returncode != 0 and message in res.stderr
+
+
+# ------------------------------------------------------------------ the held-out gold evaluation
+HELDOUT_KEYS = ("gold_reward", "win_rate", "proxy_reward", "length", "no_eos_rate")
+
+
+def training_keys(row):
+    return {k: v for k, v in row.items() if not k.startswith(("eval/", "time/"))}
+
+
+def heldout_setup(world, splits, n, gold_path=None, **kw):
+    """What the trainer passes heldout_eval, built here in-process for `n` prompts of each split."""
+    tok = AutoTokenizer.from_pretrained(world / "policy", padding_side="left")
+    heldout = {}
+    for split in splits:
+        rows, where = grpo_signcert.load_split(str(world / "data"), split)
+        rows = rows[:n]
+        refs = [grpo_signcert.to_prompt_response(r, "tldr", tok, 128)[1] for r in rows]
+        heldout[split] = (grpo_signcert.build_prompts(rows, tok, 128, where), refs)
+    policy = AutoModelForCausalLM.from_pretrained(world / "policy").eval()
+    rm = AutoModelForSequenceClassification.from_pretrained(world / "rm").eval()
+    gold = AutoModelForSequenceClassification.from_pretrained(gold_path or world / "gold_rm").eval()
+    gold_tok = AutoTokenizer.from_pretrained(world / "gold_rm", padding_side="right")
+    args = grpo_signcert.Args(max_new_tokens=8, **kw)
+    return policy, tok, rm, gold, gold_tok, heldout, args
+
+
+def test_heldout_eval_win_is_strict_and_a_completion_without_eos_gets_the_penalty(world, tmp_path):
+    """A gold RM with a zero head scores every text 0, the references included: a completion with EOS ties with
+    its reference (no win: the win is strict), one without gets the penalty, 0.5 here, and wins. So the win rate
+    is the no-EOS rate and the gold mean 0.5 x the no-EOS rate. Two calls give the same metrics (fixed prompts,
+    the evaluation's own seed) and leave the caller's RNG stream where it was."""
+    gold = AutoModelForSequenceClassification.from_pretrained(world / "gold_rm")
+    with torch.no_grad():
+        gold.score.weight.zero_()
+    gold.config.reward_offset = 0.0
+    gold.save_pretrained(tmp_path / "flat_gold")
+    policy, tok, rm, gold, gold_tok, heldout, args = heldout_setup(
+        world, ["validation"], 24, tmp_path / "flat_gold", eval_temperature=1.0, missing_eos_penalty=0.5
+    )
+    accelerator, cache = Accelerator(cpu=True), {}
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    m = grpo_signcert.heldout_eval(policy, tok, rm, gold, gold_tok, heldout, cache, args, accelerator)
+    assert torch.equal(torch.get_rng_state(), before)
+    no_eos = m["eval/validation/no_eos_rate"]
+    assert 0.2 < no_eos < 0.8, no_eos  # both kinds of completion occur (temperature 1)
+    assert m["eval/validation/win_rate"] == pytest.approx(no_eos)
+    assert m["eval/validation/gold_reward"] == pytest.approx(0.5 * no_eos, abs=1e-6)
+    assert torch.equal(cache["validation"], torch.zeros(24))  # the references' gold, cached
+    assert grpo_signcert.heldout_eval(policy, tok, rm, gold, gold_tok, heldout, cache, args, accelerator) == m
+
+
+@pytest.fixture(scope="module")
+def heldout_runs(world, tmp_path_factory):
+    """Two 3-step runs, the held-out evaluation off and every 2 steps (24 prompts of each split, at temperature 1:
+    with and without EOS both occur, where the CI policy's near-greedy completion is EOS alone)."""
+    root = tmp_path_factory.mktemp("heldout")
+    for name, every in (("off", "0"), ("on", "2")):
+        extra = ("--total-steps", "3", "--eval-every", every, "--eval-num-prompts", "24", "--eval-temperature", "1")
+        subprocess.run(trainer_cmd(world, root / name, *extra), check=True, cwd=ROOT, capture_output=True, timeout=600)
+    return root / "off", root / "on"
+
+
+def test_heldout_eval_does_not_change_training(heldout_runs):
+    """The evaluation samples from its own RNG stream and does not touch the policy: with it on, every training
+    metric and the final weights are bitwise those of the run with it off; it is logged at step 0 (the initial
+    policy), every --eval-every steps and at the last step."""
+    off, on = (read_metrics(out) for out in heldout_runs)
+    assert [r["step"] for r in off] == [1, 2, 3] and [r["step"] for r in on] == [0, 1, 2, 3]
+    with_eval = [r["step"] for r in on if "eval/validation/gold_reward" in r and "eval/test/win_rate" in r]
+    assert with_eval == [0, 2, 3]
+    assert set(on[0]) == {"step", "time/eval"} | {f"eval/{s}/{k}" for s in ("validation", "test") for k in HELDOUT_KEYS}
+    for a, b in zip(off, on[1:]):
+        assert training_keys(a) == training_keys(b)
+    wa, wb = (load_file(out / "model" / "model.safetensors") for out in heldout_runs)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_heldout_eval_at_step_0_equals_eval_gold(world, heldout_runs, tmp_path):
+    """The step-0 evaluation of a run is eval_gold.py's evaluation of the initial policy on the same first 24
+    prompts of the split (the second split: each split is sampled from a fresh seed, as eval_gold.py samples it):
+    the same completions, so the same gold mean (missing-EOS penalty included), strict win rate, length and
+    EOS rate. The proxy is read from the policy's token ids, as in training, where eval_gold.py re-tokenises the
+    decoded text: the CI policy (random weights) emits byte tokens that do not survive the round trip, so the
+    proxy mean is compared to 2e-3 (a missing penalty moves it by about 0.5)."""
+    cmd = [sys.executable, "eval_gold.py", "--policy-path", str(world / "policy"), "--gold-rm-path"]
+    cmd += [str(world / "gold_rm"), "--reward-model-path", str(world / "rm"), "--dataset", str(world / "data")]
+    cmd += ["--split", "test", "--num-prompts", "24", "--max-new-tokens", "8", "--temperature", "1"]
+    subprocess.run(cmd + ["--output-dir", str(tmp_path / "ev")], check=True, cwd=ROOT, capture_output=True, timeout=600)
+    theirs = json.load(open(tmp_path / "ev" / "eval.json"))
+    ours = read_metrics(heldout_runs[1])[0]
+    assert ours["step"] == 0 and theirs["eval/num_prompts"] == 24
+    assert 0 < theirs["eval/eos_rate"] < 1 and 0 < theirs["eval/win_rate"] < 1  # the penalty and the win matter
+    assert ours["eval/test/gold_reward"] == pytest.approx(theirs["eval/gold_reward_mean"], abs=1e-5)
+    assert ours["eval/test/win_rate"] == theirs["eval/win_rate"]
+    assert ours["eval/test/length"] == theirs["eval/response_length_mean"]
+    assert ours["eval/test/no_eos_rate"] == pytest.approx(1 - theirs["eval/eos_rate"], abs=1e-12)
+    assert ours["eval/test/proxy_reward"] == pytest.approx(theirs["eval/proxy_reward_mean"], abs=2e-3)
+
+
+def test_heldout_eval_over_two_processes_equals_one(world, tmp_path):
+    """23 prompts split 12 + 11 over two processes and gathered: the step-0 evaluation equals heldout_eval's in
+    one process (at the default temperature 0.01, where the samples do not depend on the process's seed)."""
+    out = tmp_path / "run"
+    extra = ("--total-steps", "1", "--eval-every", "1", "--eval-num-prompts", "23")
+    subprocess.run(trainer_cmd(world, out, *extra, procs=2), check=True, cwd=ROOT, capture_output=True, timeout=600)
+    two = read_metrics(out)[0]
+    policy, tok, rm, gold, gold_tok, heldout, args = heldout_setup(world, ["validation", "test"], 23)
+    one = grpo_signcert.heldout_eval(policy, tok, rm, gold, gold_tok, heldout, {}, args, Accelerator(cpu=True))
+    assert two["step"] == 0 and set(one) == {k for k in two if k.startswith("eval/")}
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert one["eval/validation/gold_reward"] != one["eval/test/gold_reward"]  # the splits' own prompts
