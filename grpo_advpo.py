@@ -1117,8 +1117,10 @@ if __name__ == "__main__":
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    if device.type == "cpu":  # share the cores between the processes
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.num_processes))
+    if device.type == "cpu":  # share the cores between the processes (OMP_NUM_THREADS, if set, decides)
+        torch.set_num_threads(
+            int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // args.num_processes)
+        )
 
     # models: the policy (trained), its frozen copy (KL reference), the proxy RM and, to monitor, the gold RM
     ckpt = latest_checkpoint(args.output_dir) if args.resume else None

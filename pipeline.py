@@ -1,16 +1,37 @@
 """The whole gold-model pipeline on the offline tiny world, one command, stage by stage:
 
-    world -> SFT -> preference pairs (gold labels) -> proxy RM -> gold evaluation of the SFT policy
-          -> Dr.GRPO and SignCert-PO against the proxy, per seed -> gold evaluation of each -> one table + plots
+    world -> per chain seed: SFT -> preference pairs (gold labels) -> proxy RM(s) -> gold evaluation of the SFT
+          -> RL against the proxy (each method, held-out gold evaluations every `--eval-every` steps)
+          -> the calibration, Table 1 (final policies), the gold-vs-KL frontier table, and the plots
 
-    python pipeline.py                                   # everything, 1 seed
-    python pipeline.py --seeds 1 2 3                     # the README's multi-seed result
-    python pipeline.py --no-rl                           # stop after the SFT policy's evaluation
-    python pipeline.py --num-processes 2                 # every stage under `accelerate launch` (CPU or GPU)
+    python pipeline.py                                        # the main job: one chain, Dr.GRPO and SignCert-PO
+    python pipeline.py --seeds 1 2 3 --methods drgrpo signcert drgrpo_kl   # the frontier comparison with its controls
+    python pipeline.py --seeds 1 2 3 --methods all --sweep    # Table 1: every method, knobs chosen on validation
+    python pipeline.py --no-rl                                # stop after the SFT policy's gold evaluation
 
-Each stage is a separate script run in a subprocess: they share nothing but files on disk, and this
-driver only passes paths. A stage whose output already exists is skipped (`--force` redoes it), so a
-killed pipeline continues where it stopped. Every artefact goes under `--root`.
+A chain seed redraws everything after the world (the world is a function of `--world-seed` alone): the SFT
+policy, the preference pairs, the proxy RM(s) and the RL runs, as the paper's seeds do. Chain seed 1 lives at the
+root (the paths every script defaults to), chain seed s under `seed{s}/`.
+
+Each stage is a separate script run in a subprocess: they share nothing but files on disk, and this driver only
+passes paths (and reads the metrics files back). A stage whose output already exists is skipped (`--force` redoes
+it), so a killed pipeline continues where it stopped. `--jobs 2` runs two RL runs at once, one core each.
+
+Methods and their own knob (`--sweep` chooses it on validation prompts of chain seed 1, among 3 values, by a
+criterion fixed before looking: the highest held-out VALIDATION gold reward at the last step; the test prompts
+are never looked at to choose anything):
+
+    drgrpo      Dr.GRPO (grpo_signcert.py --quantile 0)               no knob (beta = --kl-coef, as every method)
+    drgrpo_kl   Dr.GRPO with the larger KL coefficients --control-kl-coefs: the control for "moves more slowly"
+    signcert    SignCert-PO (grpo_signcert.py)                        q, --quantile
+    uwo         UWO, an ensemble of 3 proxies (grpo_uwo.py)           lambda, --uwo-lambda
+    advpo       AdvPO (grpo_advpo.py)                                 B, --advpo-budget
+    bspo        BSPO, critic-free (grpo_bspo.py, a ScoreLM proxy)     the support threshold, --bspo-threshold
+
+Every run's held-out evaluations (temperature 0.01, the first `--eval-num-prompts` prompts of the validation and
+the test split) give its frontier: test gold reward against KL(pi || pi_SFT). Reported per method, mean (min - max)
+over the chain seeds: the final gold reward; the peak (and the step and KL where it occurs); the test gold at the
+step where the VALIDATION gold peaked (early stopping, the control a reviewer asks for); the gold at matched KL.
 """
 
 import json
@@ -20,10 +41,12 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import List
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
 
 import tyro
+
+METHODS = ("drgrpo", "drgrpo_kl", "signcert", "uwo", "advpo", "bspo")
 
 
 @dataclass
@@ -31,58 +54,119 @@ class Args:
     root: str = "runs/tiny_world"
     """where the world and every stage's output go"""
     seeds: List[int] = field(default_factory=lambda: [1])
-    """RL seeds: each runs Dr.GRPO and SignCert-PO against the same proxy RM"""
-    quantile: float = 0.3
-    """SignCert-PO's quantile q (Dr.GRPO is q = 0)"""
-    rl_steps: int = 300
-    """optimiser steps of each RL run"""
+    """whole-chain seeds: each redraws the SFT policy, the preference pairs, the proxy RM(s) and the RL runs"""
+    methods: List[str] = field(default_factory=lambda: ["drgrpo", "signcert"])
+    """RL methods to run: drgrpo, drgrpo_kl (Dr.GRPO at each of --control-kl-coefs), signcert, uwo, advpo, bspo,
+    or `all`"""
     kl_coef: float = 0.01
-    """beta of both RL methods"""
-    eval_split: str = "test"
-    """the split the RL policies are evaluated on (`validation` to choose the quantile without the test set)"""
+    """beta of every method (the paper's 0.01)"""
+    control_kl_coefs: List[float] = field(default_factory=lambda: [0.05, 0.1])
+    """the larger betas of the `drgrpo_kl` control"""
+    quantile: float = 0.3
+    """SignCert-PO's q (without --sweep)"""
+    uwo_lambda: float = 0.1
+    """UWO's lambda (without --sweep)"""
+    advpo_budget: float = 5.0
+    """AdvPO's B (without --sweep)"""
+    bspo_threshold: float = 1e-4
+    """BSPO's support threshold (without --sweep)"""
+    sweep: bool = False
+    """choose each method's knob on validation prompts of chain seed 1 among the grids below (criterion fixed in
+    advance: the highest validation gold reward at the last held-out evaluation), then run it on every seed"""
+    quantile_grid: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5])
+    uwo_lambda_grid: List[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])
+    advpo_budget_grid: List[float] = field(default_factory=lambda: [1.0, 5.0, 15.0])
+    bspo_threshold_grid: List[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3])
+    rl_steps: Optional[int] = None
+    """optimiser steps of each RL run (None: the trainers' default)"""
+    eval_every: int = 10
+    """held-out gold evaluation of each RL run every this many steps (and at step 0 and the last)"""
+    eval_num_prompts: int = 128
+    """prompts of each held-out split (validation, test) in those evaluations"""
+    matched_kl: List[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
+    """KL values at which the methods' test gold rewards are compared"""
+    jobs: int = 1
+    """RL runs at once; each gets cores / jobs threads (2 on the 2-core machine: faster than one at a time)"""
     rl: bool = True
     """run the RL stage (`--no-rl`: stop after the SFT policy's gold evaluation)"""
     num_processes: int = 1
     """processes per stage; above 1 every stage runs under `accelerate launch --multi_gpu` (CPU processes
-    when there is no GPU)"""
+    when there is no GPU); --jobs must then be 1"""
+    world_seed: int = 1
+    """seed of the world (data, tokenizer, base policy, gold RM)"""
     world_preset: str = "full"
     """tiny_world.py's preset (`ci`: a very small world, for tests)"""
     extra_world_args: str = ""
     """extra arguments of tiny_world.py, one string (write `--extra-world-args="--gold-steps 900"`)"""
+    extra_stage_args: str = ""
+    """extra arguments of sft.py, gen_prefs.py and train_rm.py, one string (e.g. for tests)"""
     extra_rl_args: str = ""
-    """extra arguments of grpo_signcert.py, one string (e.g. `--extra-rl-args="--learning-rate 1e-4"`)"""
+    """extra arguments of every RL run, one string (e.g. `--extra-rl-args="--learning-rate 1e-4"`)"""
     force: bool = False
     """redo stages whose outputs exist"""
 
 
-def run(args, script, out_marker, *script_args, extra=(), launch=True):
+# ---------------------------------------------------------------- running stages
+def launcher(args):
+    if args.num_processes <= 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1"] + [
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        str(args.num_processes),
+    ]
+
+
+def stage(args, script, out_marker, *script_args, launch=True):
     """Run one stage unless `out_marker` exists; print where its artefacts went."""
     name = os.path.basename(script)
     if os.path.exists(out_marker) and not args.force:
-        print(f"[pipeline] skip {name}: {out_marker} exists")
+        print(f"[pipeline] skip {name}: {out_marker} exists", flush=True)
         return
-    head = [sys.executable]
-    if launch and args.num_processes > 1:
-        head += [
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--num_processes",
-            str(args.num_processes),
-        ]
-    cmd = head + [script, *script_args, *extra]
-    print(f"[pipeline] $ {' '.join(cmd)}", flush=True)
+    cmd = (launcher(args) if launch else [sys.executable]) + [script, *script_args]
+    print(f"[pipeline] $ {shlex.join(cmd)}", flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True)
     print(f"[pipeline] {name} done in {time.time() - t0:.0f} s -> {out_marker}", flush=True)
 
 
+def run_all(args, jobs):
+    """Run RL jobs [(name, cmd, out_marker)], `args.jobs` at a time, each with cores / jobs threads."""
+    todo = [(n, c, m) for n, c, m in jobs if args.force or not os.path.exists(m)]
+    for n, _, m in jobs:
+        if (n, _, m) not in todo:
+            print(f"[pipeline] skip {n}: {m} exists", flush=True)
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if args.jobs > 1 else dict(os.environ)
+    running = []
+    while todo or running:
+        while todo and len(running) < max(1, args.jobs):
+            name, cmd, _ = todo.pop(0)
+            print(f"[pipeline] $ {shlex.join(cmd)}", flush=True)
+            out = cmd[cmd.index("--output-dir") + 1]
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            log = open(out + ".log", "w") if args.jobs > 1 else None
+            running.append((name, subprocess.Popen(cmd, env=env, stdout=log, stderr=log), time.time(), log))
+        time.sleep(0.5)
+        for item in list(running):
+            name, proc, t0, log = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if log:
+                log.close()
+            if proc.returncode != 0:
+                for _, p, _, _ in running:
+                    p.kill()
+                where = f" (log: {log.name})" if log else ""
+                raise SystemExit(f"[pipeline] {name} failed with exit code {proc.returncode}{where}")
+            print(f"[pipeline] {name} done in {time.time() - t0:.0f} s", flush=True)
+
+
+# ---------------------------------------------------------------- reading runs back: the frontier
 def read_json(path):
     with open(path) as f:
         return json.load(f)
@@ -93,219 +177,335 @@ def read_metrics(path):
         return [json.loads(line) for line in f]
 
 
+def kl_at(rows, step, window=2):
+    """KL(pi || pi_SFT) of the policy evaluated at `step`: the rollouts' `policy/kl` averaged over the steps within
+    `window` of it (one step's 128 completions are a noisy estimate); 0 at step 0, the SFT policy itself."""
+    if step == 0:
+        return 0.0
+    near = [r["policy/kl"] for r in rows if "policy/kl" in r and abs(r["step"] - step) <= window]
+    return sum(near) / len(near) if near else math.nan
+
+
+def eval_curve(rows, split):
+    """[(step, kl, gold, win_rate, proxy)] of the held-out evaluations of one run on one split, in step order."""
+    key = f"eval/{split}/gold_reward"
+    pts = [r for r in rows if key in r]
+    return [
+        (r["step"], kl_at(rows, r["step"]), r[key], r[f"eval/{split}/win_rate"], r[f"eval/{split}/proxy_reward"])
+        for r in sorted(pts, key=lambda r: r["step"])
+    ]
+
+
+def gold_at_kl(curve, target):
+    """The test gold reward where the run's KL first reaches `target`, linearly interpolated between the two
+    evaluations around it; None if the run never gets there."""
+    for (_, k0, g0, *_), (_, k1, g1, *_) in zip(curve, curve[1:]):
+        if k0 <= target <= k1 and k1 > k0:
+            return g0 + (g1 - g0) * (target - k0) / (k1 - k0)
+        if k0 >= target:  # already past it (the first point)
+            return g0
+    return None
+
+
+def frontier(rows, matched_kl):
+    """One run's frontier summary from its held-out evaluations: final, peak, early-stopped (validation-best)."""
+    test, val = eval_curve(rows, "test"), eval_curve(rows, "validation")
+    if not test:
+        raise SystemExit("[pipeline] a run has no held-out test evaluation (was it run with --eval-every 0?)")
+    peak = max(test, key=lambda p: p[2])
+    best_val_step = max(val, key=lambda p: p[2])[0] if val else test[-1][0]
+    stopped = next(p for p in test if p[0] == best_val_step)
+    first, last = test[0], test[-1]
+    out = {
+        "sft_gold": first[2],
+        "final_gold": last[2],
+        "final_win_rate": last[3],
+        "final_proxy": last[4],
+        "final_kl": last[1],
+        "final_step": last[0],
+        "peak_gold": peak[2],
+        "peak_step": peak[0],
+        "peak_kl": peak[1],
+        "gain_lost": (peak[2] - last[2]) / (peak[2] - first[2]) if peak[2] > first[2] else math.nan,
+        "stopped_gold": stopped[2],
+        "stopped_win_rate": stopped[3],
+        "stopped_step": stopped[0],
+        "stopped_kl": stopped[1],
+    }
+    for k in matched_kl:
+        out[f"gold_at_kl{k:g}"] = gold_at_kl(test, k)
+    return out
+
+
+def spread(values):
+    """mean (min - max) of the values that exist, as the tables print it; '-' when none does."""
+    vs = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vs:
+        return "-"
+    if len(vs) == 1:
+        return f"{vs[0]:.3f}"
+    missing = f" [{len(values) - len(vs)} never]" if len(vs) < len(values) else ""
+    return f"{sum(vs) / len(vs):.3f} ({min(vs):.3f} - {max(vs):.3f}){missing}"
+
+
+# ---------------------------------------------------------------- plots
 def smooth(xs, window=10):
     """Trailing mean over `window` steps (per-step on-policy metrics are noisy)."""
     return [sum(xs[max(0, i - window + 1) : i + 1]) / len(xs[max(0, i - window + 1) : i + 1]) for i in range(len(xs))]
 
 
-def plot_figure2(runs, path):
-    """The paper's Figure 2 on the tiny world: proxy (dashed) and gold (solid) reward vs KL, and the proxy
-    RM's accuracy on on-policy pairs vs KL, one line per RL run."""
+def plot_runs(runs, path, reference_gold=None):
+    """Three panels per run: (a) the proxy RM's accuracy on on-policy pairs vs KL (the paper's Figure 2a);
+    (b) the rollouts' proxy (dashed) and gold (solid) reward vs KL (Figure 2b); (c) the held-out TEST gold reward vs
+    KL, the frontier the methods are compared on, with the early-stopped points (validation-best) marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_rew) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"Dr.GRPO": "tab:red", "SignCert-PO": "tab:green"}
-    for (method, seed), rows in runs.items():
-        kl = [r["policy/kl"] for r in rows]
-        label = f"{method} (seed {seed})"
+    fig, (ax_acc, ax_rew, ax_front) = plt.subplots(1, 3, figsize=(18, 5))
+    methods = sorted({m for m, _ in runs})
+    cmap = plt.get_cmap("tab10")
+    color = {m: cmap(i) for i, m in enumerate(methods)}
+    seen = set()
+    for (method, seed), rows in sorted(runs.items()):
+        label = method if method not in seen else None
+        seen.add(method)
+        steps = [r for r in rows if "policy/kl" in r]
+        kl = smooth([r["policy/kl"] for r in steps])
+        gold_rows = [r for r in steps if "rm/proxy_accuracy" in r]
+        gkl = smooth([r["policy/kl"] for r in gold_rows])
         ax_acc.plot(
-            smooth(kl), smooth([r["rm/proxy_accuracy"] for r in rows]), color=colors[method], alpha=0.8, label=label
+            gkl, smooth([r["rm/proxy_accuracy"] for r in gold_rows]), color=color[method], alpha=0.7, label=label
         )
-        ax_rew.plot(
-            smooth(kl), smooth([r["reward/gold"] for r in rows]), color=colors[method], alpha=0.8, label=label + " gold"
+        ax_rew.plot(kl, smooth([r["reward/proxy"] for r in steps]), color=color[method], alpha=0.7, ls="--")
+        ax_rew.plot(gkl, smooth([r["reward/gold"] for r in gold_rows]), color=color[method], alpha=0.7, label=label)
+        test = eval_curve(rows, "test")
+        ax_front.plot(
+            [p[1] for p in test], [p[2] for p in test], color=color[method], alpha=0.7, marker=".", label=label
         )
-        ax_rew.plot(
-            smooth(kl),
-            smooth([r["reward/proxy"] for r in rows]),
-            color=colors[method],
-            alpha=0.8,
-            ls="--",
-            label=label + " proxy",
-        )
+        f = frontier(rows, [])
+        ax_front.plot([f["stopped_kl"]], [f["stopped_gold"]], color=color[method], marker="*", ms=12, ls="none")
     ax_acc.axhline(0.5, color="grey", lw=0.8)
+    if reference_gold is not None:
+        ax_front.axhline(reference_gold, color="grey", lw=0.8, ls=":", label="references")
     ax_acc.set(
-        xlabel="KL(pi || pi_SFT) per completion",
-        ylabel="proxy RM accuracy vs gold (on-policy pairs)",
-        title="(a) KL - proxy RM accuracy",
+        xlabel="KL(pi || pi_SFT)", ylabel="proxy RM accuracy vs gold, on-policy pairs", title="(a) proxy accuracy"
     )
-    ax_rew.set(
-        xlabel="KL(pi || pi_SFT) per completion", ylabel="reward", title="(b) KL - reward: gold (solid), proxy (dashed)"
+    ax_rew.set(xlabel="KL(pi || pi_SFT)", ylabel="reward of the rollouts", title="(b) gold (solid) and proxy (dashed)")
+    ax_front.set(
+        xlabel="KL(pi || pi_SFT)",
+        ylabel="held-out test gold reward (T = 0.01)",
+        title="(c) the frontier; * = stopped at validation-best",
     )
-    for ax in (ax_acc, ax_rew):
-        ax.legend(fontsize=7)
+    for ax in (ax_acc, ax_rew, ax_front):
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- the runs
+def rl_run(args, chain, seed, method, knob):
+    """(row label, run folder, command) of one RL run. `knob` is the method's own value (beta for drgrpo_kl)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    beta = knob if method == "drgrpo_kl" else args.kl_coef
+    if method in ("drgrpo", "drgrpo_kl"):
+        name, script, flags = "drgrpo", "grpo_signcert.py", ["--quantile", "0"]
+        label = "Dr.GRPO" if method == "drgrpo" else f"Dr.GRPO beta={knob:g}"
+    elif method == "signcert":
+        name, script, flags = f"signcert_q{knob:g}", "grpo_signcert.py", ["--quantile", str(knob)]
+        label = f"SignCert-PO q={knob:g}"
+    elif method == "uwo":
+        members = [os.path.join(chain, r) for r in ("rm", "rm_2", "rm_3")]
+        name, script, flags = (
+            f"uwo_l{knob:g}",
+            "grpo_uwo.py",
+            ["--uwo-lambda", str(knob), "--reward-model-paths", *members],
+        )
+        label = f"UWO lambda={knob:g}"
+    elif method == "advpo":
+        name, script = f"advpo_b{knob:g}", "grpo_advpo.py"
+        flags = ["--budget", str(knob), "--prefs-path", os.path.join(chain, "prefs")]
+        label = f"AdvPO B={knob:g}"
+    else:
+        name, script, flags = f"bspo_t{knob:g}", "grpo_bspo.py", ["--support-threshold", str(knob)]
+        label = f"BSPO threshold={knob:g}"
+    out = os.path.join(chain, "rl", f"{name}_kl{beta:g}_s{seed}")
+    rm = os.path.join(chain, "rm_bspo" if method == "bspo" else "rm")
+    cmd = launcher(args) + [os.path.join(here, script), "--seed", str(seed), "--kl-coef", str(beta)] + flags
+    if method != "uwo":
+        cmd += ["--reward-model-path", rm]
+    cmd += ["--policy-path", os.path.join(chain, "sft"), "--gold-rm-path", os.path.join(args.root, "gold_rm")]
+    cmd += ["--dataset", os.path.join(args.root, "data"), "--output-dir", out]
+    cmd += ["--overwrite"] if args.force else ["--resume"]  # a killed run continues where it stopped
+    cmd += ["--eval-every", str(args.eval_every), "--eval-num-prompts", str(args.eval_num_prompts)]
+    if args.rl_steps is not None:
+        cmd += ["--total-steps", str(args.rl_steps)]
+    cmd += shlex.split(args.extra_rl_args)
+    return label, out, cmd
+
+
+def knob_of(args, method):
+    return {
+        "signcert": args.quantile,
+        "uwo": args.uwo_lambda,
+        "advpo": args.advpo_budget,
+        "bspo": args.bspo_threshold,
+    }.get(method)
+
+
+def grid_of(args, method):
+    return {
+        "signcert": args.quantile_grid,
+        "uwo": args.uwo_lambda_grid,
+        "advpo": args.advpo_budget_grid,
+        "bspo": args.bspo_threshold_grid,
+    }.get(method)
+
+
+def build_chain(args, seed, methods):
+    """SFT -> preference pairs -> proxy RM (+ UWO's members, BSPO's ScoreLM) -> the SFT policy's gold evaluation."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = lambda name: os.path.join(here, name)
+    R, c = args.root, chain_dir(args, seed)
+    extra = shlex.split(args.extra_stage_args)
+    data, gold, s = os.path.join(R, "data"), os.path.join(R, "gold_rm"), str(seed)
+    j = lambda *p: os.path.join(c, *p)
+    stage(args, script("sft.py"), j("sft", "config.json"), "--seed", s, "--model-name-or-path",
+          os.path.join(R, "base_policy"), "--dataset", data, "--output-dir", j("sft"), *extra)  # fmt: skip
+    stage(args, script("gen_prefs.py"), j("prefs", "test.jsonl"), "--seed", s, "--policy-path", j("sft"),
+          "--gold-rm-path", gold, "--dataset", data, "--output-dir", j("prefs"), *extra)  # fmt: skip
+    rms = [("rm", seed, [])]
+    if "uwo" in methods:  # UWO's other members: the same data, other seeds (init of the head, data order)
+        rms += [("rm_2", 1000 + seed, []), ("rm_3", 2000 + seed, [])]
+    if "bspo" in methods:  # BSPO's ScoreLM: Bradley-Terry + alpha x next-token loss, saves behavior_lm/
+        rms += [("rm_bspo", seed, ["--lm-coef", "1.0"])]
+    for name, rm_seed, flags in rms:
+        stage(args, script("train_rm.py"), j(name, "config.json"), "--seed", str(rm_seed), "--policy-path", j("sft"),
+              "--prefs-path", j("prefs"), "--dataset", data, "--output-dir", j(name), *flags, *extra)  # fmt: skip
+    stage(args, script("eval_gold.py"), j("eval_sft_test", "eval.json"), "--policy-path", j("sft"), "--gold-rm-path",
+          gold, "--reward-model-path", j("rm"), "--dataset", data, "--split", "test", "--output-dir",
+          j("eval_sft_test"), "--num-prompts", str(args.eval_num_prompts))  # fmt: skip
+
+
+def chain_dir(args, seed):
+    return args.root if seed == 1 else os.path.join(args.root, f"seed{seed}")
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny world never needs the hub
     os.environ.setdefault("WANDB_MODE", "disabled")
+    methods = list(METHODS) if "all" in args.methods else list(args.methods)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"--methods: unknown {bad}; choose among {list(METHODS)} or `all`")
+    if args.jobs > 1 and args.num_processes > 1:
+        raise SystemExit("--jobs > 1 runs RL runs side by side on the CPU cores; use it with --num-processes 1")
+    if args.rl and args.eval_every < 1:
+        raise SystemExit("--eval-every must be >= 1: the tables are read from the held-out evaluations")
     here = os.path.dirname(os.path.abspath(__file__))
-    script = lambda name: os.path.join(here, name)
     R = args.root
-    d = lambda *p: os.path.join(R, *p)
     t_start = time.time()
+    print("[pipeline] settings:", json.dumps(asdict(args)), flush=True)
 
-    run(
-        args,
-        script("tiny_world.py"),
-        d("world.json"),
-        "--output-dir",
-        R,
-        "--preset",
-        args.world_preset,
-        extra=shlex.split(args.extra_world_args),
-        launch=False,
-    )
-    world = read_json(d("world.json"))
-    run(
-        args,
-        script("sft.py"),
-        d("sft", "config.json"),
-        "--model-name-or-path",
-        d("base_policy"),
-        "--dataset",
-        d("data"),
-        "--output-dir",
-        d("sft"),
-    )
-    run(
-        args,
-        script("gen_prefs.py"),
-        d("prefs", "test.jsonl"),
-        "--policy-path",
-        d("sft"),
-        "--gold-rm-path",
-        d("gold_rm"),
-        "--dataset",
-        d("data"),
-        "--output-dir",
-        d("prefs"),
-    )
-    run(
-        args,
-        script("train_rm.py"),
-        d("rm", "config.json"),
-        "--policy-path",
-        d("sft"),
-        "--prefs-path",
-        d("prefs"),
-        "--dataset",
-        d("data"),
-        "--output-dir",
-        d("rm"),
-    )
-    run(
-        args,
-        script("eval_gold.py"),
-        d(f"eval_sft_{args.eval_split}", "eval.json"),
-        "--policy-path",
-        d("sft"),
-        "--gold-rm-path",
-        d("gold_rm"),
-        "--reward-model-path",
-        d("rm"),
-        "--dataset",
-        d("data"),
-        "--split",
-        args.eval_split,
-        "--output-dir",
-        d(f"eval_sft_{args.eval_split}"),
-    )
+    stage(args, os.path.join(here, "tiny_world.py"), os.path.join(R, "world.json"), "--seed", str(args.world_seed),
+          "--output-dir", R, "--preset", args.world_preset, *shlex.split(args.extra_world_args), launch=False)  # fmt: skip
+    world = read_json(os.path.join(R, "world.json"))
+    for seed in args.seeds:
+        build_chain(args, seed, methods if args.rl else [])
 
-    rm_metrics = read_json(d("rm", "eval.json"))
-    table = [("SFT", "-", read_json(d(f"eval_sft_{args.eval_split}", "eval.json")), None)]
-    runs = {}
+    # RL: first the knob sweeps on validation (chain seed 1), then every method on every chain seed
+    chosen = {m: knob_of(args, m) for m in methods}
+    if args.rl and args.sweep:
+        sweep = {m: [rl_run(args, chain_dir(args, args.seeds[0]), args.seeds[0], m, v) for v in grid_of(args, m)]
+                 for m in methods if grid_of(args, m)}  # fmt: skip
+        run_all(
+            args, [(lbl, cmd, os.path.join(out, "model", "config.json")) for r in sweep.values() for lbl, out, cmd in r]
+        )
+        choice = {}
+        for m, rs in sweep.items():
+            vals = [read_metrics(os.path.join(out, "metrics.jsonl")) for _, out, _ in rs]
+            scores = [eval_curve(v, "validation")[-1][2] for v in vals]
+            chosen[m] = grid_of(args, m)[scores.index(max(scores))]
+            choice[m] = dict(grid=grid_of(args, m), validation_gold_at_last_step=scores, chosen=chosen[m])
+            print(f"[pipeline] sweep {m}: validation gold {dict(zip(grid_of(args, m), scores))} -> {chosen[m]:g}")
+        with open(os.path.join(R, "sweep.json"), "w") as f:
+            json.dump(choice, f, indent=1)
+    runs = []  # (label, method key for tables, seed, folder)
     if args.rl:
+        jobs = []
         for seed in args.seeds:
-            for method, q in (("Dr.GRPO", 0.0), ("SignCert-PO", args.quantile)):
-                out = d("rl", f"{'drgrpo' if q == 0 else f'signcert_q{q}'}_kl{args.kl_coef}_s{seed}")
-                run(
-                    args,
-                    script("grpo_signcert.py"),
-                    os.path.join(out, "model", "config.json"),
-                    "--seed",
-                    str(seed),
-                    "--quantile",
-                    str(q),
-                    "--kl-coef",
-                    str(args.kl_coef),
-                    "--total-steps",
-                    str(args.rl_steps),
-                    "--policy-path",
-                    d("sft"),
-                    "--reward-model-path",
-                    d("rm"),
-                    "--gold-rm-path",
-                    d("gold_rm"),
-                    "--dataset",
-                    d("data"),
-                    "--output-dir",
-                    out,
-                    *(["--eval-num-prompts", "16"] if args.world_preset == "ci" else []),  # ci: 50 held-out rows
-                    extra=shlex.split(args.extra_rl_args),
-                )
-                ev_dir = os.path.join(out, f"eval_{args.eval_split}")
-                run(
-                    args,
-                    script("eval_gold.py"),
-                    os.path.join(ev_dir, "eval.json"),
-                    "--policy-path",
-                    os.path.join(out, "model"),
-                    "--gold-rm-path",
-                    d("gold_rm"),
-                    "--reward-model-path",
-                    d("rm"),
-                    "--dataset",
-                    d("data"),
-                    "--split",
-                    args.eval_split,
-                    "--output-dir",
-                    ev_dir,
-                )
-                rows = [r for r in read_metrics(os.path.join(out, "metrics.jsonl")) if r["step"] > 0]  # 0: eval only
-                runs[(method, seed)] = rows
-                table.append((method, seed, read_json(os.path.join(ev_dir, "eval.json")), rows[-1]["policy/kl"]))
+            for m in methods:
+                knobs = args.control_kl_coefs if m == "drgrpo_kl" else [chosen[m]]
+                for k in knobs:
+                    label, out, cmd = rl_run(args, chain_dir(args, seed), seed, m, k)
+                    runs.append((label, seed, out))
+                    jobs.append((label, cmd, os.path.join(out, "model", "config.json")))
+        run_all(args, jobs)
 
-    # one table: the world's calibration, then each policy's gold evaluation
+    # the world's calibration, Table 1 (final policies) and the frontier table
     print("\n" + "=" * 100)
     print(f"tiny world: {R}   (pipeline {time.time() - t_start:.0f} s)")
     for key, value in world.get("measured", {}).items():
         print(f"  world.{key}: {value}")
-    for key, value in rm_metrics.items():
-        print(f"  rm.{key}: {value}")
-    print("\n| method | seed | gold win rate vs reference | mean gold reward | mean proxy reward | KL (last step) |")
-    print("|---|---|---|---|---|---|")
-    for method, seed, ev, kl in table:
-        kl_s = "0" if kl is None else f"{kl:.2f}"
-        print(
-            f"| {method} | {seed} | {ev['eval/win_rate']:.3f} | {ev['eval/gold_reward_mean']:.3f} | "
-            f"{ev.get('eval/proxy_reward_mean', math.nan):.3f} | {kl_s} |"
+    calib = {}
+    for seed in args.seeds:
+        c = chain_dir(args, seed)
+        calib[seed] = dict(
+            rm=read_json(os.path.join(c, "rm", "eval.json")),
+            sft=read_json(os.path.join(c, "eval_sft_test", "eval.json")),
         )
-    if len(args.seeds) > 1:  # mean and spread over the seeds
-        print(f"\nover seeds {args.seeds}: mean (min - max)")
-        print("| method | gold win rate vs reference | mean gold reward | mean proxy reward | KL (last step) |")
-        print("|---|---|---|---|---|")
-        for method in ("Dr.GRPO", "SignCert-PO"):
-            rows = [(e, k) for m, _, e, k in table if m == method]
-            cells = []
-            for values in (
-                [e["eval/win_rate"] for e, _ in rows],
-                [e["eval/gold_reward_mean"] for e, _ in rows],
-                [e["eval/proxy_reward_mean"] for e, _ in rows],
-                [k for _, k in rows],
-            ):
-                cells.append(f"{sum(values) / len(values):.3f} ({min(values):.3f} - {max(values):.3f})")
-            print(f"| {method} | " + " | ".join(cells) + " |")
-    summary = {"root": R, "args": vars(args), "rows": [dict(method=m, seed=s, kl=k, **e) for m, s, e, k in table]}
-    with open(d(f"pipeline_summary_{args.eval_split}.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+        print(
+            f"  chain seed {seed}: proxy RM accuracy on held-out SFT pairs {calib[seed]['rm']['eval/accuracy']:.3f}; "
+            f"SFT gold win rate vs references {calib[seed]['sft']['eval/win_rate']:.3f} "
+            f"(gold {calib[seed]['sft']['eval/gold_reward_mean']:.3f} vs references "
+            f"{calib[seed]['sft']['eval/reference_gold_reward_mean']:.3f})"
+        )
+    summary = {"root": R, "args": asdict(args), "chosen": chosen, "calibration": calib, "runs": []}
+    metrics = {}
+    for label, seed, out in runs:
+        rows = read_metrics(os.path.join(out, "metrics.jsonl"))
+        metrics[(label, seed)] = rows
+        summary["runs"].append(dict(label=label, seed=seed, folder=out, **frontier(rows, args.matched_kl)))
     if runs:
-        plot_figure2(runs, d("figure2.png"))
-        print(f"\nplots: {d('figure2.png')}; table: {d(f'pipeline_summary_{args.eval_split}.json')}")
+        labels = list(dict.fromkeys(label for label, _, _ in runs))
+        by = lambda lbl, key: [r[key] for r in summary["runs"] if r["label"] == lbl]
+        n = len(args.seeds)
+        print(
+            f"\nTable 1 in kind: final policies, held-out TEST prompts ({args.eval_num_prompts}), mean (min - max) over {n} chain seed(s)"
+        )
+        print("| method | gold win rate vs reference | mean gold reward | mean proxy reward | KL |")
+        print("|---|---|---|---|---|")
+        sft = [calib[s]["sft"] for s in args.seeds]
+        print(f"| SFT | {spread([e['eval/win_rate'] for e in sft])} | {spread([e['eval/gold_reward_mean'] for e in sft])} | "
+              f"{spread([e['eval/proxy_reward_mean'] for e in sft])} | 0 |")  # fmt: skip
+        for lbl in labels:
+            cells = [spread(by(lbl, k)) for k in ("final_win_rate", "final_gold", "final_proxy", "final_kl")]
+            print(f"| {lbl} | " + " | ".join(cells) + " |")
+        print(f"\nThe gold-vs-KL frontier (held-out TEST gold reward), mean (min - max) over {n} chain seed(s)")
+        head = ["method", "SFT gold", "peak gold", "step at peak", "KL at peak", "final gold", "share of the gain lost",
+                "stopped at validation-best: gold", "its KL"] + [f"gold at KL {k:g}" for k in args.matched_kl]  # fmt: skip
+        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+        keys = [
+            "sft_gold",
+            "peak_gold",
+            "peak_step",
+            "peak_kl",
+            "final_gold",
+            "gain_lost",
+            "stopped_gold",
+            "stopped_kl",
+        ]
+        for lbl in labels:
+            cells = [spread(by(lbl, k)) for k in keys + [f"gold_at_kl{k:g}" for k in args.matched_kl]]
+            print(f"| {lbl} | " + " | ".join(cells) + " |")
+        plot_runs(
+            metrics, os.path.join(R, "frontier.png"), calib[args.seeds[0]]["sft"]["eval/reference_gold_reward_mean"]
+        )
+        print(f"\nplot: {os.path.join(R, 'frontier.png')}")
+    with open(os.path.join(R, "pipeline_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"summary: {os.path.join(R, 'pipeline_summary.json')}   (pipeline {time.time() - t_start:.0f} s)")

@@ -9,7 +9,9 @@ Paper setting (SignCert-PO, appendix F.4): Pythia-1B on TL;DR
 (`vwxyzjn/summarize_from_feedback_tldr_3_filtered`), lr 3e-6, cosine, 1 epoch, per-device batch 16,
 bf16, 8 GPUs. The SFT warmup is not given in the paper: we use none at paper scale (our choice).
 Tiny preset (our choice): the tiny world's policy is trained from scratch, so lr 1e-2, warmup 0.05,
-1 epoch, per-device batch 64 (~4 min on 2 shared CPU cores; validation loss 6.9 -> 1.7).
+6 epochs, per-device batch 64 (about 2 minutes on 2 idle CPU cores; validation loss 6.9 -> 0.95). With 2
+epochs (the earlier default) the SFT policy copied too little of the post and won 2% against the references;
+with 6 it wins about 22% (the paper's Pythia-1B SFT: 15.7%), leaving room both to improve and to be hacked.
 
 Data: `--dataset` is a hub id or a local path (a folder with `{split}.jsonl`/`{split}.parquet`, a
 single .jsonl/.parquet file, or a `datasets.save_to_disk` folder), in the TL;DR format (columns
@@ -88,8 +90,9 @@ class Args:
     """prompts longer than this (tokens) are shortened (TL;DR: the POST is cut at a whitespace)"""
     max_response_length: int = 32
     """reference responses are cut to this many tokens, EOS included"""
-    num_train_epochs: int = 2
-    """passes over the training data (paper: 1; the tiny world's random-init model needs 2)"""
+    num_train_epochs: int = 6
+    """passes over the training data (paper: 1; the tiny world's random-init model needs 6 to copy the post's
+    key nouns: gold win rate vs the references about 22% with 6 epochs, 2% with 2)"""
     learning_rate: float = 1e-2
     """peak learning rate of AdamW"""
     lr_scheduler_type: str = "cosine"

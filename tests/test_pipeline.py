@@ -1,15 +1,65 @@
-"""The README's main command, `python pipeline.py`, end to end at very small settings: a `ci` world,
-every stage, Dr.GRPO and SignCert-PO for 2 steps, the table, the summary and Figure 2."""
+"""pipeline.py: the frontier read from a run's metrics (checked on hand-made curves against values worked out by
+hand), and the README's main command end to end at very small settings (a `ci` world, every stage, every method,
+the knob sweep on validation, two RL runs at once, the tables, the summary and the plot)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import pipeline  # noqa: E402
 
 
-def test_pipeline_runs_every_stage_and_writes_the_table(tmp_path):
+def fake_run(test_gold, val_gold, kls, every=10):
+    """metrics.jsonl rows of a run evaluated at steps 0, every, 2*every, ...; the rollouts' KL is `kls[i]` at every
+    step of the i-th stretch (so the +-2-step window around an evaluation averages the two stretches it touches)."""
+    rows = [
+        {"step": 0, "eval/test/gold_reward": test_gold[0], "eval/test/win_rate": 0.1, "eval/test/proxy_reward": 0.0}
+    ]
+    rows[0] |= {"eval/validation/gold_reward": val_gold[0], "eval/validation/win_rate": 0.1}
+    rows[0] |= {"eval/validation/proxy_reward": 0.0}
+    for i in range(1, len(test_gold)):
+        for s in range((i - 1) * every + 1, i * every + 1):
+            rows.append({"step": s, "policy/kl": kls[i]})
+        rows[-1] |= {
+            f"eval/test/{k}": v for k, v in (("gold_reward", test_gold[i]), ("win_rate", i / 10), ("proxy_reward", i))
+        }
+        rows[-1] |= {
+            f"eval/validation/{k}": v for k, v in (("gold_reward", val_gold[i]), ("win_rate", 0), ("proxy_reward", i))
+        }
+    return rows
+
+
+def test_frontier_of_a_run_that_peaks_and_falls():
+    # KL per stretch: 1, 2, 4, 8 (constant within a stretch, so the window mean at an evaluation step s = 10 i mixes
+    # steps s-2..s (stretch i) and s+1, s+2 (stretch i+1): (3 kl_i + 2 kl_{i+1}) / 5; the last step has no s+1)
+    rows = fake_run(test_gold=[0.0, 0.6, 1.0, 0.5, 0.2], val_gold=[0.0, 0.5, 0.8, 0.9, 0.1], kls=[0, 1, 2, 4, 8])
+    kl = [0.0, (3 * 1 + 2 * 2) / 5, (3 * 2 + 2 * 4) / 5, (3 * 4 + 2 * 8) / 5, 8.0]
+    assert [p[1] for p in pipeline.eval_curve(rows, "test")] == pytest.approx(kl)
+    f = pipeline.frontier(rows, [1.0, 2.0, 100.0])
+    assert (f["peak_gold"], f["peak_step"], f["peak_kl"]) == (1.0, 20, pytest.approx(kl[2]))
+    assert (f["final_gold"], f["final_step"], f["final_kl"]) == (0.2, 40, 8.0)
+    assert f["gain_lost"] == pytest.approx((1.0 - 0.2) / (1.0 - 0.0))
+    # early stopping: the VALIDATION gold peaks at step 30 (0.9), where the test gold is 0.5 (not the test peak)
+    assert (f["stopped_step"], f["stopped_gold"], f["stopped_kl"]) == (30, 0.5, pytest.approx(kl[3]))
+    # matched KL: KL 1 lies between step 0 (KL 0, gold 0) and step 10 (KL 1.4, gold 0.6); KL 2 between 1.4 and 2.8
+    assert f["gold_at_kl1"] == pytest.approx(0.6 * 1 / kl[1])
+    assert f["gold_at_kl2"] == pytest.approx(0.6 + (1.0 - 0.6) * (2 - kl[1]) / (kl[2] - kl[1]))
+    assert f["gold_at_kl100"] is None  # never reached
+
+
+def test_spread_prints_mean_min_max_and_counts_runs_that_never_reached():
+    assert pipeline.spread([1.0, 2.0, 6.0]) == "3.000 (1.000 - 6.000)"
+    assert pipeline.spread([1.0, None, 3.0]) == "2.000 (1.000 - 3.000) [1 never]"
+    assert pipeline.spread([None, math.nan]) == "-"
+
+
+def test_pipeline_runs_every_stage_every_method_and_writes_the_tables(tmp_path):
     root = tmp_path / "tw"
     cmd = [
         sys.executable,
@@ -18,29 +68,76 @@ def test_pipeline_runs_every_stage_and_writes_the_table(tmp_path):
         str(root),
         "--world-preset",
         "ci",
+        "--methods",
+        "all",
+        "--sweep",
+        "--quantile-grid",
+        "0.1",
+        "0.5",
+        "--uwo-lambda-grid",
+        "0.1",
+        "--advpo-budget-grid",
+        "5",
+        "--bspo-threshold-grid",
+        "1e-4",
+        "--control-kl-coefs",
+        "0.1",
         "--rl-steps",
         "2",
+        "--eval-every",
+        "1",
+        "--eval-num-prompts",
+        "8",
+        "--jobs",
+        "2",
         "--extra-world-args=--gold-steps 3",
-        "--extra-rl-args=--num-prompts-per-step 4 --num-generations 4 --micro-batch-size 16 --max-new-tokens 8",
+        "--extra-rl-args=--num-prompts-per-step 4 --num-generations 4 --micro-batch-size 16 --max-new-tokens 8 "
+        "--gold-every 1",
     ]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "| method | seed | gold win rate vs reference |" in res.stdout
-    summary = json.load(open(root / "pipeline_summary_test.json"))
-    assert [r["method"] for r in summary["rows"]] == ["SFT", "Dr.GRPO", "SignCert-PO"]
-    for r in summary["rows"]:
-        assert 0.0 <= r["eval/win_rate"] <= 1.0
-    assert (root / "figure2.png").stat().st_size > 10_000
-    signcert = [json.loads(line) for line in open(root / "rl" / "signcert_q0.3_kl0.01_s1" / "metrics.jsonl")]
-    drgrpo = [json.loads(line) for line in open(root / "rl" / "drgrpo_kl0.01_s1" / "metrics.jsonl")]
-    assert [r["step"] for r in signcert] == [0, 1, 2] == [r["step"] for r in drgrpo]  # 0: the held-out eval only
-    assert "eval/validation/win_rate" in signcert[0] and "eval/test/gold_reward" in signcert[-1]
-    # the pipeline launched each method with its own quantile (Dr.GRPO is SignCert-PO with q = 0)
-    quantiles = [
-        json.load(open(root / "rl" / run / "args.json"))["quantile"]
-        for run in ("drgrpo_kl0.01_s1", "signcert_q0.3_kl0.01_s1")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.load(open(root / "pipeline_summary.json"))
+    # the sweep chose each knob by the validation gold at the last evaluation, read back from the runs themselves
+    sweep = json.load(open(root / "sweep.json"))
+    for q in (0.1, 0.5):
+        rows = [json.loads(line) for line in open(root / "rl" / f"signcert_q{q:g}_kl0.01_s1" / "metrics.jsonl")]
+        assert (
+            sweep["signcert"]["validation_gold_at_last_step"][[0.1, 0.5].index(q)]
+            == rows[-1]["eval/validation/gold_reward"]
+        )
+    scores = sweep["signcert"]["validation_gold_at_last_step"]
+    assert summary["chosen"]["signcert"] == [0.1, 0.5][scores.index(max(scores))]
+    labels = [r["label"] for r in summary["runs"]]
+    q = summary["chosen"]["signcert"]
+    assert labels == [
+        "Dr.GRPO",
+        "Dr.GRPO beta=0.1",
+        f"SignCert-PO q={q:g}",
+        "UWO lambda=0.1",
+        "AdvPO B=5",
+        "BSPO threshold=0.0001",
     ]
-    assert quantiles == [0.0, 0.3] and any(r["signcert/eps"] > 0 for r in signcert)
-    # a second run skips every stage whose output exists
+    # each method ran with its own script and knob, against the proxy it needs
+    args_of = lambda run: json.load(open(os.path.join(run["folder"], "args.json")))
+    a = {r["label"]: args_of(r) for r in summary["runs"]}
+    assert a["Dr.GRPO"]["quantile"] == 0 and a["Dr.GRPO"]["kl_coef"] == 0.01 and a["Dr.GRPO beta=0.1"]["kl_coef"] == 0.1
+    assert a[f"SignCert-PO q={q:g}"]["quantile"] == q
+    assert [os.path.basename(p) for p in a["UWO lambda=0.1"]["reward_model_paths"]] == ["rm", "rm_2", "rm_3"]
+    assert os.path.basename(a["BSPO threshold=0.0001"]["reward_model_path"]) == "rm_bspo"
+    assert a["AdvPO B=5"]["budget"] == 5
+    # the tables are the runs' own held-out numbers
+    for r in summary["runs"]:
+        rows = [json.loads(line) for line in open(os.path.join(r["folder"], "metrics.jsonl"))]
+        assert (
+            r["final_gold"] == rows[-1]["eval/test/gold_reward"] and r["sft_gold"] == rows[0]["eval/test/gold_reward"]
+        )
+        assert r["peak_gold"] == max(x["eval/test/gold_reward"] for x in rows if "eval/test/gold_reward" in x)
+    assert "Table 1 in kind" in res.stdout and "The gold-vs-KL frontier" in res.stdout
+    assert "| SignCert-PO q=" in res.stdout and "| SFT |" in res.stdout
+    assert (root / "frontier.png").stat().st_size > 10_000
+    # a second run skips every stage and every run whose output exists
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("[pipeline] skip") == 9
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (
+        "$ " not in again.stdout and again.stdout.count("[pipeline] skip") == 1 + 7 + 5 + 6
+    )  # world; sft, prefs, 4 RMs, eval; 5 sweep runs; 6 runs
