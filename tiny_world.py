@@ -721,6 +721,17 @@ if __name__ == "__main__":
             "non-glue words; too_long = more than 12 words; words = re.findall('[a-z]+', text.lower())",
             keys_file="data/{split}_facts.jsonl",
         ),
+        exploit=dict(
+            description="What RL against the small proxy RM exploits (measured, README 'The frontier'): the proxy "
+            "reads surface features (topic nouns, shortness, the reference templates) but cannot check that a noun "
+            "is in THIS post or said only once (a word-by-word match). The policy collapses onto the short template "
+            "'X and Y' of topic nouns; the gold gives it 2 when both are key nouns of the post and 0 or less when a "
+            "noun is invented (of the topic, not in the post) or repeated. The held-out gold rises while the policy "
+            "learns the template and then falls back part of the way as the proxy's favourite nouns drift from "
+            "the post's, while the proxy reward keeps rising and the proxy's on-policy accuracy falls to chance.",
+            tried="A longer SFT (6 epochs) made the SFT policy copy key nouns (win rate 2% -> 22%); a proxy trained on "
+            "4000 instead of 12000 pairs (accuracy 65.6%) over-optimised no more than the 12000-pair proxy.",
+        ),
         gold_input=dict(
             text="prompt + ' ' + summary + '<|endoftext|>', prompt = "
             "f'SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:'",
