@@ -62,8 +62,8 @@ class Args:
     """beta of every method (the paper's 0.01)"""
     control_kl_coefs: List[float] = field(default_factory=lambda: [0.05, 0.1])
     """the larger betas of the `drgrpo_kl` control"""
-    quantile: float = 0.3
-    """SignCert-PO's q (without --sweep)"""
+    quantile: float = 0.1
+    """SignCert-PO's q (without --sweep; 0.1 is the value the sweep chose on validation prompts, README)"""
     uwo_lambda: float = 0.1
     """UWO's lambda (without --sweep)"""
     advpo_budget: float = 5.0

@@ -728,9 +728,13 @@ if __name__ == "__main__":
             "'X and Y' of topic nouns; the gold gives it 2 when both are key nouns of the post and 0 or less when a "
             "noun is invented (of the topic, not in the post) or repeated. The held-out gold rises while the policy "
             "learns the template and then falls back part of the way as the proxy's favourite nouns drift from "
-            "the post's, while the proxy reward keeps rising and the proxy's on-policy accuracy falls to chance.",
+            "the post's, while the proxy reward keeps rising and the proxy's on-policy accuracy falls to chance. "
+            "The proxy scores every 'X and Y' of a prompt alike whatever the nouns, so the fall is mild (Dr.GRPO "
+            "loses about 10% of its gain): an exploit the proxy rewards more the further the policy goes is not "
+            "built yet.",
             tried="A longer SFT (6 epochs) made the SFT policy copy key nouns (win rate 2% -> 22%); a proxy trained on "
-            "4000 instead of 12000 pairs (accuracy 65.6%) over-optimised no more than the 12000-pair proxy.",
+            "4000 instead of 12000 pairs (accuracy 65.6%) over-optimised no more than the 12000-pair proxy; 300 RL "
+            "steps instead of 150 stayed on the plateau.",
         ),
         gold_input=dict(
             text="prompt + ' ' + summary + '<|endoftext|>', prompt = "
