@@ -46,7 +46,14 @@ from typing import List
 
 import tyro
 
+HERE = os.path.dirname(os.path.abspath(__file__))  # the stage scripts live next to this driver
 METHODS = ("drgrpo", "drgrpo_kl", "signcert", "uwo", "advpo", "bspo")
+KNOBS = {  # method: (its knob's Args field, the field with the knob's sweep grid)
+    "signcert": ("quantile", "quantile_grid"),
+    "uwo": ("uwo_lambda", "uwo_lambda_grid"),
+    "advpo": ("advpo_budget", "advpo_budget_grid"),
+    "bspo": ("bspo_threshold", "bspo_threshold_grid"),
+}
 
 
 @dataclass
@@ -137,19 +144,22 @@ def stage(args, script, out_marker, *script_args, launch=True):
 
 
 def run_all(args, jobs):
-    """Run RL jobs [(name, cmd, out_marker)], `args.jobs` at a time, each with cores / jobs threads."""
-    todo = [(n, c, m) for n, c, m in jobs if args.force or not os.path.exists(m)]
-    for n, _, m in jobs:
-        if (n, _, m) not in todo:
-            print(f"[pipeline] skip {n}: {m} exists", flush=True)
+    """Run RL runs [(name, output folder, cmd)], `args.jobs` at a time, each with cores / jobs threads; a run whose
+    final policy exists is skipped (`--force` redoes it)."""
+    todo = []
+    for name, out, cmd in jobs:
+        marker = os.path.join(out, "model", "config.json")
+        if os.path.exists(marker) and not args.force:
+            print(f"[pipeline] skip {name}: {marker} exists", flush=True)
+        else:
+            todo.append((name, out, cmd))
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if args.jobs > 1 else dict(os.environ)
     running = []
     while todo or running:
         while todo and len(running) < max(1, args.jobs):
-            name, cmd, _ = todo.pop(0)
+            name, out, cmd = todo.pop(0)
             print(f"[pipeline] $ {shlex.join(cmd)}", flush=True)
-            out = cmd[cmd.index("--output-dir") + 1]
             os.makedirs(os.path.dirname(out), exist_ok=True)
             log = open(out + ".log", "w") if args.jobs > 1 else None
             running.append((name, subprocess.Popen(cmd, env=env, stdout=log, stderr=log), time.time(), log))
@@ -312,7 +322,6 @@ def plot_runs(runs, path, reference_gold=None):
 # ---------------------------------------------------------------- the runs
 def rl_run(args, chain, seed, method, knob):
     """(row label, run folder, command) of one RL run. `knob` is the method's own value (beta for drgrpo_kl)."""
-    here = os.path.dirname(os.path.abspath(__file__))
     beta = knob if method == "drgrpo_kl" else args.kl_coef
     if method in ("drgrpo", "drgrpo_kl"):
         name, script, flags = "drgrpo", "grpo_signcert.py", ["--quantile", "0"]
@@ -337,7 +346,7 @@ def rl_run(args, chain, seed, method, knob):
         label = f"BSPO threshold={knob:g}"
     out = os.path.join(chain, "rl", f"{name}_kl{beta:g}_s{seed}")
     rm = os.path.join(chain, "rm_bspo" if method == "bspo" else "rm")
-    cmd = launcher(args) + [os.path.join(here, script), "--seed", str(seed), "--kl-coef", str(beta)] + flags
+    cmd = launcher(args) + [os.path.join(HERE, script), "--seed", str(seed), "--kl-coef", str(beta)] + flags
     if method != "uwo":
         cmd += ["--reward-model-path", rm]
     cmd += ["--policy-path", os.path.join(chain, "sft"), "--gold-rm-path", os.path.join(args.root, "gold_rm")]
@@ -349,28 +358,9 @@ def rl_run(args, chain, seed, method, knob):
     return label, out, cmd
 
 
-def knob_of(args, method):
-    return {
-        "signcert": args.quantile,
-        "uwo": args.uwo_lambda,
-        "advpo": args.advpo_budget,
-        "bspo": args.bspo_threshold,
-    }.get(method)
-
-
-def grid_of(args, method):
-    return {
-        "signcert": args.quantile_grid,
-        "uwo": args.uwo_lambda_grid,
-        "advpo": args.advpo_budget_grid,
-        "bspo": args.bspo_threshold_grid,
-    }.get(method)
-
-
 def build_chain(args, seed, methods):
     """SFT -> preference pairs -> proxy RM (+ UWO's members, BSPO's ScoreLM) -> the SFT policy's gold evaluation."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    script = lambda name: os.path.join(here, name)
+    script = lambda name: os.path.join(HERE, name)
     R, c = args.root, chain_dir(args, seed)
     extra = shlex.split(args.extra_stage_args)
     data, gold, s = os.path.join(R, "data"), os.path.join(R, "gold_rm"), str(seed)
@@ -408,35 +398,33 @@ if __name__ == "__main__":
         raise SystemExit("--jobs > 1 runs RL runs side by side on the CPU cores; use it with --num-processes 1")
     if args.rl and args.eval_every < 1:
         raise SystemExit("--eval-every must be >= 1: the tables are read from the held-out evaluations")
-    here = os.path.dirname(os.path.abspath(__file__))
     R = args.root
     t_start = time.time()
     print("[pipeline] settings:", json.dumps(asdict(args)), flush=True)
 
-    stage(args, os.path.join(here, "tiny_world.py"), os.path.join(R, "world.json"), "--seed", str(args.world_seed),
+    stage(args, os.path.join(HERE, "tiny_world.py"), os.path.join(R, "world.json"), "--seed", str(args.world_seed),
           "--output-dir", R, "--preset", args.world_preset, *shlex.split(args.extra_world_args), launch=False)  # fmt: skip
     world = read_json(os.path.join(R, "world.json"))
     for seed in args.seeds:
         build_chain(args, seed, methods if args.rl else [])
 
     # RL: first the knob sweeps on validation (chain seed 1), then every method on every chain seed
-    chosen = {m: knob_of(args, m) for m in methods}
+    chosen = {m: getattr(args, KNOBS[m][0]) if m in KNOBS else None for m in methods}
     if args.rl and args.sweep:
-        sweep = {m: [rl_run(args, chain_dir(args, args.seeds[0]), args.seeds[0], m, v) for v in grid_of(args, m)]
-                 for m in methods if grid_of(args, m)}  # fmt: skip
-        run_all(
-            args, [(lbl, cmd, os.path.join(out, "model", "config.json")) for r in sweep.values() for lbl, out, cmd in r]
-        )
+        grid = {m: getattr(args, KNOBS[m][1]) for m in methods if m in KNOBS}
+        sweep = {m: [rl_run(args, chain_dir(args, args.seeds[0]), args.seeds[0], m, v) for v in values]
+                 for m, values in grid.items()}  # fmt: skip
+        run_all(args, [run for runs_of_m in sweep.values() for run in runs_of_m])
         choice = {}
         for m, rs in sweep.items():
             vals = [read_metrics(os.path.join(out, "metrics.jsonl")) for _, out, _ in rs]
             scores = [eval_curve(v, "validation")[-1][2] for v in vals]
-            chosen[m] = grid_of(args, m)[scores.index(max(scores))]
-            choice[m] = dict(grid=grid_of(args, m), validation_gold_at_last_step=scores, chosen=chosen[m])
-            print(f"[pipeline] sweep {m}: validation gold {dict(zip(grid_of(args, m), scores))} -> {chosen[m]:g}")
+            chosen[m] = grid[m][scores.index(max(scores))]
+            choice[m] = dict(grid=grid[m], validation_gold_at_last_step=scores, chosen=chosen[m])
+            print(f"[pipeline] sweep {m}: validation gold {dict(zip(grid[m], scores))} -> {chosen[m]:g}")
         with open(os.path.join(R, "sweep.json"), "w") as f:
             json.dump(choice, f, indent=1)
-    runs = []  # (label, method key for tables, seed, folder)
+    runs = []  # (label, seed, folder)
     if args.rl:
         jobs = []
         for seed in args.seeds:
@@ -445,7 +433,7 @@ if __name__ == "__main__":
                 for k in knobs:
                     label, out, cmd = rl_run(args, chain_dir(args, seed), seed, m, k)
                     runs.append((label, seed, out))
-                    jobs.append((label, cmd, os.path.join(out, "model", "config.json")))
+                    jobs.append((label, out, cmd))
         run_all(args, jobs)
 
     # the world's calibration, Table 1 (final policies) and the frontier table
