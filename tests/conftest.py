@@ -46,6 +46,35 @@ def accelerate_cmd(procs):
     ]
 
 
+def short_run_cmd(script, world, out, *extra, procs=None):
+    """A short run of one of the four trainers on the CI world (4 prompts x 4 completions of 8 tokens), on `procs`
+    processes (None: plain python), with the held-out evaluation off unless `extra` turns it on. `extra` comes
+    last, so it can override any flag here (the last occurrence wins); the reward model(s) go in `extra`."""
+    head = accelerate_cmd(procs) if procs else [sys.executable]
+    return head + [
+        script,
+        "--policy-path",
+        str(world / "policy"),
+        "--gold-rm-path",
+        str(world / "gold_rm"),
+        "--dataset",
+        str(world / "data"),
+        "--num-prompts-per-step",
+        "4",
+        "--num-generations",
+        "4",
+        "--micro-batch-size",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--output-dir",
+        str(out),
+        "--eval-every",
+        "0",
+        *extra,
+    ]
+
+
 def ci_world_with_eos_policy(root: Path) -> Path:
     """The CI tiny world in `root`, plus `root/policy`: a copy of its random-init base policy (which almost never
     ends) whose EOS logit is raised by 3.5 at every position, so that it emits EOS about 1 token in 11 and

@@ -30,7 +30,7 @@ from transformers import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from conftest import accelerate_cmd, ci_world_with_eos_policy, read_jsonl, read_metrics  # noqa: E402
+from conftest import ci_world_with_eos_policy, read_jsonl, read_metrics, short_run_cmd  # noqa: E402
 
 import grpo_advpo  # noqa: E402
 import grpo_bspo  # noqa: E402
@@ -236,39 +236,14 @@ def world(tmp_path_factory):
 
 
 def baseline_cmd(script, world, out, *extra, procs=None):
-    head = accelerate_cmd(procs) if procs else [sys.executable]
     model = {
         "grpo_uwo.py": ["--reward-model-paths"] + [str(world / f"rm_{s}") for s in (1, 2, 3)],
         "grpo_advpo.py": ["--reward-model-path", str(world / "rm_1"), "--prefs-path", str(world / "prefs")],
         "grpo_bspo.py": ["--reward-model-path", str(world / "rm_bspo")],
     }[script]
-    return head + [
-        script,
-        "--policy-path",
-        str(world / "policy"),
-        *model,
-        "--gold-rm-path",
-        str(world / "gold_rm"),
-        "--dataset",
-        str(world / "data"),
-        "--num-prompts-per-step",
-        "4",
-        "--num-generations",
-        "4",
-        "--micro-batch-size",
-        "4",
-        "--max-new-tokens",
-        "8",
-        "--output-dir",
-        str(out),
-        "--log-samples-every",
-        "1",
-        "--total-steps",
-        "2",
-        "--eval-every",  # the held-out evaluation off, unless a test turns it on
-        "0",
-        *extra,
-    ]
+    return short_run_cmd(
+        script, world, out, *model, "--log-samples-every", "1", "--total-steps", "2", *extra, procs=procs
+    )
 
 
 def run_ok(cmd):

@@ -30,7 +30,7 @@ from transformers import (
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from conftest import accelerate_cmd, ci_world_with_eos_policy, read_metrics  # noqa: E402
+from conftest import accelerate_cmd, ci_world_with_eos_policy, read_metrics, short_run_cmd  # noqa: E402
 from update_worker import N as WORKER_N  # noqa: E402
 from update_worker import T as WORKER_T
 from update_worker import model_and_batch
@@ -315,33 +315,8 @@ def world(tmp_path_factory):
 
 
 def trainer_cmd(world, out, *extra, procs=None):
-    head = accelerate_cmd(procs) if procs else [sys.executable]
-    return head + [
-        "grpo_signcert.py",
-        "--policy-path",
-        str(world / "policy"),
-        "--reward-model-path",
-        str(world / "rm"),
-        "--gold-rm-path",
-        str(world / "gold_rm"),
-        "--dataset",
-        str(world / "data"),
-        "--num-prompts-per-step",
-        "4",
-        "--num-generations",
-        "4",
-        "--micro-batch-size",
-        "4",
-        "--max-new-tokens",
-        "8",
-        "--output-dir",
-        str(out),
-        "--log-samples-every",
-        "2",
-        "--eval-every",  # the held-out evaluation off, unless a test turns it on
-        "0",
-        *extra,
-    ]
+    rm = ["--reward-model-path", str(world / "rm")]
+    return short_run_cmd("grpo_signcert.py", world, out, *rm, "--log-samples-every", "2", *extra, procs=procs)
 
 
 def read_samples(out):
