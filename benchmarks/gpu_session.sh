@@ -1,35 +1,68 @@
 #!/usr/bin/env bash
-# The one command a session with one GPU runs for issue 10 (at most 9 minutes: the three runs are capped at 240 + 150 + 150 s):
-#     bash benchmarks/gpu_session.sh                 # results under $OUT (default runs/gpu_session)
-# 1. installs TRL from a wheel under .whl/ (git-ignored; carry it to the machine), without dependencies so
-#    that torch and transformers stay as they are; without the wheel the TRL comparison is skipped;
-# 2. runs benchmarks/gpu_step.py at Pythia-1B's shape in bf16: our compiled static-cache decoding with the
-#    CUDA checks and TRL's GRPOTrainer side by side in one process, then ours with `generate` and with the
-#    uncompiled static loop. Each run has its own time limit, so one that hangs leaves the others' results.
-#    GPU_STEP_EXTRA adds flags to every run (a CPU smoke test: GPU_STEP_EXTRA="--shape tiny --num-prompts 2 ...").
+# The one command a session with one GPU runs (issue 10; about 9 minutes, every part capped by its own time limit):
+#     run(command='bash benchmarks/gpu_session.sh', carry=['.whl', 'runs/tiny_world/data', 'runs/tiny_world/tokenizer',
+#         'runs/tiny_world/sft', 'runs/tiny_world/rm', 'runs/tiny_world/gold_rm',
+#         'runs/tiny_world/base_policy'], timeout_s=600)
+# 1. installs every wheel under .whl/ (git-ignored; carry it) into /tmp/site without dependencies: tyro and its
+#    needs, transformers (the version CI uses), TRL with datasets, DeepSpeed with pydantic and hjson. Build it here:
+#      pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform any \
+#        --platform manylinux_2_17_x86_64 -d .whl trl==1.16.0 datasets dill multiprocess tyro docstring_parser \
+#        typeguard transformers hjson pydantic pydantic-core annotated-types typing-inspection
+#      pip wheel --no-deps --no-build-isolation deepspeed -w .whl        # DeepSpeed ships no wheel, only a source
+# 2. benchmarks/gpu_step.py at Pythia-1B's shape in bf16: our compiled static-cache decoding with the CUDA checks
+#    and TRL's GRPOTrainer side by side in one process, then ours with transformers' `generate`;
+# 3. the real scripts on CUDA on the tiny world (carried, built on a CPU): grpo_signcert.py in bf16 with compiled
+#    decoding; grpo_signcert.py under configs/ddp_8gpu.yaml with one process; sft.py under
+#    configs/deepspeed_zero2.yaml with one process.
+# GPU_STEP_EXTRA adds flags to every gpu_step.py run (a CPU smoke test: GPU_STEP_EXTRA="--shape tiny --device cpu ...").
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_session}"
 mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-  if ls .whl/trl-*.whl >/dev/null 2>&1; then
-    pip install --no-deps --quiet .whl/trl-*.whl && python -c "import trl; print('trl', trl.__version__)" \
-      || echo "trl does not import here (a missing dependency?): the TRL comparison will be skipped"
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && echo "installed: $(ls .whl)"
+    export PYTHONPATH=/tmp/site
   else
-    echo "no .whl/trl-*.whl: the TRL comparison will be skipped"
+    echo "no .whl/: nothing installed (TRL and DeepSpeed parts are skipped when they do not import)"
   fi
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  python3 -c "import trl; print('trl', trl.__version__)" || echo "trl does not import: the TRL comparison is skipped"
+  python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)" || echo "deepspeed does not import"
 } 2>&1 | tee "$OUT/env.txt"
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
 
-run() {  # run NAME LIMIT_SECONDS ARGS...
+step() {  # step NAME LIMIT_SECONDS ARGS...: one gpu_step.py run, its log and JSON under $OUT
   local name=$1 limit=$2
   shift 2
   echo "=== $name: python benchmarks/gpu_step.py $*" | tee "$OUT/$name.log"
-  timeout "$limit" python benchmarks/gpu_step.py "$@" ${GPU_STEP_EXTRA:-} --output "$OUT/$name.json" 2>&1 | tee -a "$OUT/$name.log"
+  timeout "$limit" python3 benchmarks/gpu_step.py "$@" ${GPU_STEP_EXTRA:-} --output "$OUT/$name.json" 2>&1 | tee -a "$OUT/$name.log"
   echo "=== $name: exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
 }
-run compiled_checks_trl 240 --generation-backend compiled --checks --steps 3 --warmup-steps 1
-run hf 150 --generation-backend hf --no-trl --steps 3 --warmup-steps 1
-run static 150 --generation-backend static --no-trl --steps 3 --warmup-steps 1
-nvidia-smi --query-gpu=name,memory.used --format=csv >> "$OUT/env.txt" || true
+script() {  # script LIMIT_SECONDS COMMAND...: one real script on the tiny world, appended to scripts.log
+  local limit=$1
+  shift
+  echo "=== $*" | tee -a "$OUT/scripts.log"
+  timeout "$limit" "$@" 2>&1 | grep -v "it/s\]$" | tee -a "$OUT/scripts.log"
+  echo "=== exit ${PIPESTATUS[0]}" | tee -a "$OUT/scripts.log"
+}
+
+step compiled_checks_trl 240 --generation-backend compiled --checks --steps 1 --warmup-steps 1 --profile 16
+step hf 120 --generation-backend hf --no-trl --steps 3 --warmup-steps 1
+
+if [ -d runs/tiny_world/sft ] && [ -d runs/tiny_world/rm ]; then
+  R=/tmp/gpu_runs
+  script 100 python3 grpo_signcert.py --bf16 --generation-backend compiled --total-steps 30 --gold-every 5 \
+    --output-dir $R/signcert_bf16 --overwrite
+  cp $R/signcert_bf16/metrics.jsonl "$OUT/signcert_bf16_metrics.jsonl" 2>/dev/null
+  script 60 accelerate launch --config_file configs/ddp_8gpu.yaml --num_processes 1 grpo_signcert.py --bf16 \
+    --total-steps 5 --output-dir $R/ddp_1proc --overwrite
+  script 80 accelerate launch --config_file configs/deepspeed_zero2.yaml --num_processes 1 sft.py --bf16 \
+    --num-train-epochs 1 --output-dir $R/sft_zero2
+else
+  echo "no runs/tiny_world/{sft,rm}: the real scripts were not run (carry them)" | tee -a "$OUT/scripts.log"
+fi
+nvidia-smi --query-gpu=name,memory.used --format=csv >>"$OUT/env.txt" 2>&1 || true

@@ -90,6 +90,9 @@ class Args:
     """checkpoint the policy's layers in the update (the paper preset's choice), on both sides"""
     trl: bool = True
     """also run TRL's GRPOTrainer when `trl` is importable (it is skipped, with a message, when not)"""
+    profile: int = 0
+    """if > 0: after the timed steps, profile the update on this many micro-batches of the last batch (torch
+    profiler) and print the operators that take the most GPU and CPU time: what limits the update"""
     checks: bool = False
     """run the correctness checks (bf16 vs fp32 update, finite loss/KL, reward under left padding)"""
     device: Optional[str] = None
@@ -226,6 +229,8 @@ def run_ours(accelerator, policy, start, ref, rm, prompts, tokenizer, args, devi
                 )
             )
             print(f"  {method:12s} step {i + 1}{' (warm-up)' if i < args.warmup_steps else ''}: " + fmt(steps[-1]))
+        if args.profile and method == "Dr.GRPO":
+            profile_update(accelerator, policy, optimizer, dict(batch, advantages=adv.flatten()), train_args, device)
         timed = sorted(steps[args.warmup_steps :], key=lambda s: s["step"])
         med = timed[(len(timed) - 1) // 2]  # the timed step of median time, whose phases add up to it
         med = {k: med[k] for k in ("generation", "scoring", "update", "step")}
@@ -233,6 +238,29 @@ def run_ours(accelerator, policy, start, ref, rm, prompts, tokenizer, args, devi
         del optimizer
         accelerator._optimizers.clear()
     return results
+
+
+def profile_update(accelerator, policy, optimizer, batch, args, device):
+    """The update of `args.profile` micro-batches under torch.profiler: wall time per micro-batch against the
+    GPU's busy time (launch-bound when the GPU idles), and the top operators by GPU and by CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    part = {k: v[: args.profile * args.micro_batch_size] for k, v in batch.items()}
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        policy_update(accelerator, policy, optimizer, part, args)
+        sync(device)
+    wall = time.perf_counter() - t0
+    ev = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in ev) if device.type == "cuda" else 0.0
+    print(
+        f"profile: {args.profile} micro-batches in {wall:.3f}s ({1e3 * wall / args.profile:.1f} ms each, profiler on); "
+        f"GPU busy {gpu_us / 1e6:.3f}s ({100 * gpu_us / 1e6 / wall:.0f}% of the wall time)"
+    )
+    for key in (["self_device_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]:
+        print(ev.table(sort_by=key, row_limit=15, max_name_column_width=60))
 
 
 def fmt(s):
@@ -324,6 +352,7 @@ def checks(accelerator, policy, start, folder, ref, rm, prompts, tokenizer, args
     fp32 = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "policy")).to(device)  # unprepared: no autocast
     if args.gradient_checkpointing:
         fp32.gradient_checkpointing_enable()
+        fp32.disable_input_require_grads()  # as the trainer: the hook breaks the compiled decoding
     for name, model in (("bf16", policy), ("fp32", fp32)):
         optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(model.parameters(), lr=args.learning_rate))
         before = [p.detach().float().clone() for p in model.parameters()]
@@ -387,6 +416,7 @@ if __name__ == "__main__":
     rm = rm.to(device, dtype).eval().requires_grad_(False)
     if args.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
+        policy.disable_input_require_grads()  # as the trainer: the hook breaks the compiled decoding
     policy = accelerator.prepare_model(policy.to(device))
     start = {k: v.detach().cpu().clone() for k, v in policy.state_dict().items()}
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

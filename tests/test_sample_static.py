@@ -113,3 +113,22 @@ def test_temperature_zero_is_refused():
     args = SimpleNamespace(temperature=0.0, max_new_tokens=4, generation_backend="static")
     with pytest.raises(ValueError, match="temperature must be > 0"):
         sample_static(policy, query, mask, args, PAD)
+
+
+def test_compiled_loop_with_gradient_checkpointing_as_the_trainers_enable_it():
+    """Gradient checkpointing (the paper preset) registers transformers' input-require-grads hook on the embeddings,
+    whose `requires_grad_` call torch.compile(fullgraph=True) of torch 2.11 refuses (seen on an H100: the compiled
+    backend failed at its first step; torch 2.13, used here, traces it, so the failure does not reproduce on this
+    CPU). The trainers remove the hook right after enabling checkpointing (the embeddings are trained, so it is not
+    needed): checked in their source; and with it removed the compiled loop samples what `generate` samples."""
+    policy, (query, mask) = tiny_policy(), left_padded_prompts()
+    args = SimpleNamespace(temperature=1.0, max_new_tokens=6, generation_backend="compiled")
+    policy.gradient_checkpointing_enable()
+    policy.disable_input_require_grads()
+    torch.manual_seed(0)
+    hf = sample(policy, query, mask, args, PAD)
+    torch.manual_seed(0)
+    assert torch.equal(sample_static(policy, query, mask, args, PAD), hf)
+    for script in ("grpo_signcert.py", "grpo_uwo.py", "grpo_advpo.py", "grpo_bspo.py"):
+        src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), script)).read()
+        assert "policy.gradient_checkpointing_enable()\n        policy.disable_input_require_grads()" in src, script
