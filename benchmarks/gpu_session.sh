@@ -9,8 +9,8 @@
 #        --platform manylinux_2_17_x86_64 -d .whl trl==1.16.0 datasets dill multiprocess tyro docstring_parser \
 #        typeguard transformers hjson pydantic pydantic-core annotated-types typing-inspection
 #      pip wheel --no-deps --no-build-isolation deepspeed -w .whl        # DeepSpeed ships no wheel, only a source
-# 2. benchmarks/gpu_step.py at Pythia-1B's shape in bf16: our compiled static-cache decoding with the CUDA checks
-#    and TRL's GRPOTrainer side by side in one process, then ours with transformers' `generate`;
+# 2. benchmarks/gpu_step.py at Pythia-1B's shape in bf16: our compiled static-cache decoding with the CUDA checks,
+#    the update under the profiler, and TRL's GRPOTrainer side by side in one process (`generate`: measured, README);
 # 3. the real scripts on CUDA on the tiny world (carried, built on a CPU): grpo_signcert.py in bf16 with compiled
 #    decoding; grpo_signcert.py under configs/ddp_8gpu.yaml with one process; sft.py under
 #    configs/deepspeed_zero2.yaml with one process.
@@ -50,17 +50,16 @@ script() {  # script LIMIT_SECONDS COMMAND...: one real script on the tiny world
   echo "=== exit ${PIPESTATUS[0]}" | tee -a "$OUT/scripts.log"
 }
 
-step compiled_checks_trl 240 --generation-backend compiled --checks --steps 1 --warmup-steps 1 --profile 16
-step hf 120 --generation-backend hf --no-trl --steps 3 --warmup-steps 1
+step compiled_checks_trl 360 --generation-backend compiled --checks --steps 1 --warmup-steps 1 --profile 16
 
 if [ -d runs/tiny_world/sft ] && [ -d runs/tiny_world/rm ]; then
   R=/tmp/gpu_runs
-  script 100 python3 grpo_signcert.py --bf16 --generation-backend compiled --total-steps 30 --gold-every 5 \
+  script 80 python3 grpo_signcert.py --bf16 --generation-backend compiled --total-steps 30 --gold-every 5 \
     --output-dir $R/signcert_bf16 --overwrite
   cp $R/signcert_bf16/metrics.jsonl "$OUT/signcert_bf16_metrics.jsonl" 2>/dev/null
-  script 60 accelerate launch --config_file configs/ddp_8gpu.yaml --num_processes 1 grpo_signcert.py --bf16 \
+  script 40 accelerate launch --config_file configs/ddp_8gpu.yaml --num_processes 1 grpo_signcert.py --bf16 \
     --total-steps 5 --output-dir $R/ddp_1proc --overwrite
-  script 80 accelerate launch --config_file configs/deepspeed_zero2.yaml --num_processes 1 sft.py --bf16 \
+  script 60 accelerate launch --config_file configs/deepspeed_zero2.yaml --num_processes 1 sft.py --bf16 \
     --num-train-epochs 1 --output-dir $R/sft_zero2
 else
   echo "no runs/tiny_world/{sft,rm}: the real scripts were not run (carry them)" | tee -a "$OUT/scripts.log"

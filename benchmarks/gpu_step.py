@@ -229,28 +229,33 @@ def run_ours(accelerator, policy, start, ref, rm, prompts, tokenizer, args, devi
                 )
             )
             print(f"  {method:12s} step {i + 1}{' (warm-up)' if i < args.warmup_steps else ''}: " + fmt(steps[-1]))
+        profiled = None
         if args.profile and method == "Dr.GRPO":
-            profile_update(accelerator, policy, optimizer, dict(batch, advantages=adv.flatten()), train_args, device)
+            part = {
+                k: v[: args.profile * args.micro_batch_size] for k, v in dict(batch, advantages=adv.flatten()).items()
+            }
+            profiled = profile_update(accelerator, policy, optimizer, part, train_args, device)
         timed = sorted(steps[args.warmup_steps :], key=lambda s: s["step"])
         med = timed[(len(timed) - 1) // 2]  # the timed step of median time, whose phases add up to it
         med = {k: med[k] for k in ("generation", "scoring", "update", "step")}
         results[method] = dict(median=med, steps=steps, peak_memory_gb=peak_gb(device))
+        if profiled:
+            results[method]["profile"] = profiled
         del optimizer
         accelerator._optimizers.clear()
     return results
 
 
 def profile_update(accelerator, policy, optimizer, batch, args, device):
-    """The update of `args.profile` micro-batches under torch.profiler: wall time per micro-batch against the
-    GPU's busy time (launch-bound when the GPU idles), and the top operators by GPU and by CPU time."""
+    """The update on `batch` under torch.profiler: wall time per micro-batch against the GPU's busy time
+    (launch-bound when the GPU idles), the kernel launches, and the top operators by GPU and by CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
-    part = {k: v[: args.profile * args.micro_batch_size] for k, v in batch.items()}
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
-        policy_update(accelerator, policy, optimizer, part, args)
+        policy_update(accelerator, policy, optimizer, batch, args)
         sync(device)
     wall = time.perf_counter() - t0
     ev = prof.key_averages()
@@ -261,6 +266,8 @@ def profile_update(accelerator, policy, optimizer, batch, args, device):
     )
     for key in (["self_device_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]:
         print(ev.table(sort_by=key, row_limit=15, max_name_column_width=60))
+    launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx", "cuLaunchKernel"))
+    return dict(micro_batches=args.profile, wall_seconds=wall, gpu_busy_seconds=gpu_us / 1e6, kernel_launches=launches)
 
 
 def fmt(s):

@@ -15,7 +15,16 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_step.py")
 
 def test_help_documents_every_field():
     out = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, check=True).stdout
-    for flag in ("--shape", "--steps", "--warmup-steps", "--generation-backend", "--checks", "--output", "--no-trl"):
+    for flag in (
+        "--shape",
+        "--steps",
+        "--warmup-steps",
+        "--generation-backend",
+        "--checks",
+        "--output",
+        "--no-trl",
+        "--profile",
+    ):
         assert flag in out
 
 
@@ -25,8 +34,18 @@ def test_tiny_run_writes_consistent_json(tmp_path, backend):
     cmd = [sys.executable, SCRIPT, "--shape", "tiny", "--steps", "2", "--warmup-steps", "0", "--no-trl"]
     cmd += ["--prompt-length", "30", "--num-prompts", "2", "--num-generations", "4", "--max-new-tokens", "8"]
     cmd += ["--no-bf16", "--no-gradient-checkpointing", "--device", "cpu", "--generation-backend", backend]
-    subprocess.run(cmd + ["--output", str(out)], check=True, cwd=ROOT, timeout=600)
+    cmd += ["--profile", "2"] if backend == "static" else []
+    log = subprocess.run(
+        cmd + ["--output", str(out)], check=True, cwd=ROOT, timeout=600, capture_output=True, text=True
+    )
     result = json.loads(out.read_text())
+    if backend == "static":  # the profiled update: 2 micro-batches, its wall time printed and in the JSON
+        prof = result["ours"]["Dr.GRPO"]["profile"]
+        assert prof["micro_batches"] == 2 and prof["wall_seconds"] > 0 and prof["gpu_busy_seconds"] == 0  # a CPU
+        assert f"profile: 2 micro-batches in {prof['wall_seconds']:.3f}s" in log.stdout
+        assert "aten::" in log.stdout  # the operator table
+    else:
+        assert "profile" not in result["ours"]["Dr.GRPO"]
     for method in ("Dr.GRPO", "SignCert-PO"):
         r = result["ours"][method]
         assert len(r["steps"]) == 2
