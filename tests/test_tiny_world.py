@@ -4,6 +4,7 @@ and check the documented properties of the quality function on hand-made example
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -118,3 +119,33 @@ def test_quality_properties():
     assert q("oven and pasta " + " ".join(["the"] * 20)) == 1  # more than 12 words: too long
     t = tw.quality_terms(row, "oven , oven and cake", keys)
     assert t == dict(coverage=1, invented=1, repeated=1, too_long=False)
+
+
+def test_key_nouns_follow_the_zipf_weights():
+    """The exploit's source: a topic's noun of rank r is drawn as a key fact with weight 1 / r**zipf at each of the
+    three draws without replacement. Rates against an exact enumeration of the ordered draws."""
+    import itertools
+
+    nouns = tw.TOPICS["cooking"]
+
+    def exact_rate(zipf):  # P(noun i is a key), summed over every ordered draw of 3 distinct nouns
+        w = [1.0 / (i + 1) ** zipf for i in range(len(nouns))]
+        rate = [0.0] * len(nouns)
+        for a, b, c in itertools.permutations(range(len(nouns)), 3):
+            p = w[a] / sum(w) * w[b] / (sum(w) - w[a]) * w[c] / (sum(w) - w[a] - w[b])
+            for i in (a, b, c):
+                rate[i] += p
+        return rate
+
+    rng, n = random.Random(0), 20000
+    for zipf in (1.0, 0.0):
+        counts = [0] * len(nouns)
+        for _ in range(n):
+            keys = tw.draw_keys(rng, nouns, zipf)
+            assert len(set(keys)) == 3 and set(keys) <= set(nouns)
+            for k in keys:
+                counts[nouns.index(k)] += 1
+        for c, r in zip(counts, exact_rate(zipf)):
+            assert abs(c / n - r) < 4 * (r * (1 - r) / n) ** 0.5 + 1e-3
+    assert exact_rate(1.0)[0] > 0.7 and exact_rate(1.0)[-1] < 0.11  # the docstring's 74% and 10%
+    assert max(abs(r - 0.25) for r in exact_rate(0.0)) < 1e-9  # zipf 0: every noun alike
