@@ -15,11 +15,11 @@ to disk, and every later stage reads it through the same Hugging Face code paths
     {output_dir}/world.json      settings, sizes, vocabulary, the quality formula, measured numbers
 
 The world. A post belongs to a subreddit (a topic with its own 12 nouns). It states three KEY facts
-(a person did something to a topic noun) and is padded with 0-2 filler sentences. Some nouns come up far
-more often than others, as in real forums: the noun of rank r in its topic's list is drawn as a key fact
-with weight 1 / r (`--key-zipf 1`), so a topic's first noun is a key fact of 74% of its posts, its last of 10%. The reference
-summary names the key nouns, sometimes with glue fluff ("long story short"), sometimes misses one, and
-in 40% of posts ends with a comment of the writer's that the post does not contain ("ugh"), as human
+(a person did something to a topic noun) and is padded with 0-2 filler sentences. Every noun of a topic is
+as likely to be a key fact (`--key-zipf 1` instead draws the noun of rank r with weight 1 / r, as popular
+things come up more often in real forums: tried as the source of a stronger exploit, README "What did not
+work"). The reference summary names the key nouns, sometimes with glue fluff ("long story short"),
+sometimes misses one, and in 40% of posts ends with a comment of the writer's that the post does not contain ("ugh"), as human
 references do: that leaves a policy room to beat the references.
 
 Quality (`quality(row, summary, keys)`), in plain words: a good summary names the post's key facts,
@@ -34,11 +34,7 @@ is easy to read from surface features (are there topic nouns, is a word foreign 
 part needs a word-by-word match of the summary against the post (is this noun in the post, is it
 said twice). A large gold RM trained on lots of data learns both; a small proxy trained on a few
 thousand on-policy pairs learns mostly the easy part. That gap is the blind spot that RL against the
-proxy can exploit, which is the phenomenon the paper studies. The exploit, measured (README, "Results"): a proxy
-that cannot check a noun against the post learns instead how OFTEN a noun is right, its popularity, which is what
-separates the SFT policy's good samples from its bad ones; RL then names the popular nouns of the topic whether or
-not the post mentions them: the proxy reward keeps rising while the gold reward peaks and falls below the SFT
-policy's (each noun the post does not contain is an invented word). A popularity bias, as real proxies have. (Tried and dropped: a count of all
+proxy can exploit, which is the phenomenon the paper studies. (Tried and dropped: a count of all
 three keys, a per-word length cost and a "share of glue words" term: the gold RM, trained in
 minutes on a CPU, could not rank their small differences at 95%, mostly because attention averages
 and cannot easily count; each documented notion here is one the gold reaches >= 95% on.)
@@ -113,9 +109,9 @@ class Args:
     reference_comment_prob: float = 0.4
     """probability that a reference summary ends with a comment word absent from the post ("ugh"): an
     invented word, as human references have; it leaves room for a policy to beat the references"""
-    key_zipf: float = 1.0
+    key_zipf: float = 0.0
     """how unevenly a topic's nouns are drawn as key facts: the noun of rank r (its place in the topic's list)
-    has weight 1 / r**key_zipf at each draw (0: every noun alike). The source of the exploit (module docstring)"""
+    has weight 1 / r**key_zipf at each draw (0: every noun alike, the default; 1 was tried, README)"""
     gold_key_zipf: float = 0.0
     """the same for the posts the gold RM trains on: 0, every noun alike, so that the gold learns to check each
     noun against the post instead of how often a noun is a key fact (trained on the skewed posts it agreed as
@@ -229,6 +225,8 @@ def draw_keys(rng, nouns, zipf):
     """Three distinct key nouns of a topic, drawn one after the other without replacement; the noun of rank r
     (1 = first in the topic's list) has weight 1 / r**zipf (zipf 0: uniform). With zipf = 1 the first noun is a key
     fact of 74% of the topic's posts, the last of 10%."""
+    if zipf == 0:
+        return rng.sample(nouns, 3)  # uniform, and the same random stream as the world before this knob
     pool, keys = list(nouns), []
     for _ in range(3):
         w = [1.0 / (nouns.index(n) + 1) ** zipf for n in pool]
@@ -236,7 +234,7 @@ def draw_keys(rng, nouns, zipf):
     return keys
 
 
-def make_post(rng, zipf=1.0):
+def make_post(rng, zipf=0.0):
     """One post: its dataset row plus the hidden facts (the three key nouns, the person, the verbs)."""
     subreddit = rng.choice(sorted(TOPICS))
     keys = draw_keys(rng, TOPICS[subreddit], zipf)
@@ -746,20 +744,23 @@ if __name__ == "__main__":
             keys_file="data/{split}_facts.jsonl",
         ),
         exploit=dict(
-            description="What RL against the small proxy RM exploits (measured, README 'Results on the tiny "
-            "world'): key nouns follow Zipf weights within a topic (key_zipf), so in the SFT policy's samples a "
-            "popular noun is more often a right one. The proxy, too small to match a summary's nouns against the "
-            "post, learns the nouns' popularity instead; RL against it shifts the summaries toward the topic's "
-            "popular nouns whether or not the post contains them. The held-out gold reward peaks (about step 70 of "
-            "150) and then falls below the SFT policy's, while the proxy reward keeps rising: each noun that is not "
-            "in the post is an invented word for the gold.",
-            tried="Uniform key nouns (every noun alike): the proxy scored every 'X and Y' of a prompt alike whatever "
-            "the nouns, so the policy collapsed onto that template and then only drifted (Dr.GRPO lost about 10% "
-            "of its gain). With it: a longer SFT (6 epochs, kept), a 4000-pair proxy, 300 RL steps: the same "
-            "plateau. Counting coverage up to 3 keys: the gold agreed with quality only 93-94% (84% with 600 gold "
-            "steps instead of 1000). Three popular nouns per topic at 3x weight: the SFT policy beat the references "
-            "55% of the time (target "
-            "10-30%) and Dr.GRPO lost 42% of its gain.",
+            description="What RL against the small proxy RM exploits (measured, README 'The frontier'): the proxy "
+            "reads surface features (topic nouns, shortness, the reference templates) but cannot check that a noun "
+            "is in THIS post or said only once (a word-by-word match). The policy collapses onto the short template "
+            "'X and Y' of topic nouns; the gold gives it 2 when both are key nouns of the post and 0 or less when a "
+            "noun is invented (of the topic, not in the post) or repeated. The held-out gold rises while the policy "
+            "learns the template and then falls back part of the way as the proxy's favourite nouns drift from "
+            "the post's, while the proxy reward keeps rising and the proxy's on-policy accuracy falls to chance. "
+            "The proxy scores every 'X and Y' of a prompt alike whatever the nouns, so the fall is mild (Dr.GRPO "
+            "loses about 10% of its gain): an exploit the proxy rewards more the further the policy goes is not "
+            "built yet.",
+            tried="A longer SFT (6 epochs) made the SFT policy copy key nouns (win rate 2% -> 22%); a proxy trained on "
+            "4000 instead of 12000 pairs (accuracy 65.6%) over-optimised no more than the 12000-pair proxy; 300 RL "
+            "steps instead of 150 stayed on the plateau. Coverage counted up to 3 keys: the gold agreed with quality "
+            "only 93-94%. Key nouns drawn with Zipf weights (--key-zipf 1, the gold trained on uniform draws): in one "
+            "probe (on this world's gold and tokenizer) Dr.GRPO's held-out gold peaked at step 70 and fell far below "
+            "the SFT policy's while the proxy kept rising; in a world rebuilt with it, none of 3 chain seeds "
+            "over-optimised (the gold rose and levelled off).",
         ),
         gold_input=dict(
             text="prompt + ' ' + summary + '<|endoftext|>', prompt = "
