@@ -3,7 +3,7 @@
 #     run(command='bash benchmarks/gpu_session.sh', carry=['.whl', 'runs/tiny_world/data', 'runs/tiny_world/tokenizer',
 #         'runs/tiny_world/sft', 'runs/tiny_world/rm', 'runs/tiny_world/gold_rm',
 #         'runs/tiny_world/base_policy'], timeout_s=600)
-# 1. installs every wheel under .whl/ (git-ignored; carry it) into /tmp/site without dependencies: tyro and its
+# 1. installs every wheel under .whl/ (git-ignored; carry it) into a temporary folder without dependencies: tyro and its
 #    needs, transformers (the version CI uses), TRL with datasets, DeepSpeed with pydantic and hjson. Build it here:
 #      pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform any \
 #        --platform manylinux_2_17_x86_64 -d .whl trl==1.16.0 datasets dill multiprocess tyro docstring_parser \
@@ -20,12 +20,14 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_session}"
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+SITE="$(mktemp -d)"  # the carried wheels, installed here
+R="$(mktemp -d)"     # the real scripts' runs
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
       && echo "installed: $(ls .whl)"
-    export PYTHONPATH=/tmp/site
+    export PYTHONPATH="$SITE"
   else
     echo "no .whl/: nothing installed (TRL and DeepSpeed parts are skipped when they do not import)"
   fi
@@ -33,7 +35,7 @@ export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1 TOKENIZERS_PARALL
   python3 -c "import trl; print('trl', trl.__version__)" || echo "trl does not import: the TRL comparison is skipped"
   python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)" || echo "deepspeed does not import"
 } 2>&1 | tee "$OUT/env.txt"
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
+ls .whl/*.whl >/dev/null 2>&1 && export PYTHONPATH="$SITE"
 
 step() {  # step NAME LIMIT_SECONDS ARGS...: one gpu_step.py run, its log and JSON under $OUT
   local name=$1 limit=$2
@@ -53,7 +55,6 @@ script() {  # script LIMIT_SECONDS COMMAND...: one real script on the tiny world
 step compiled_checks_trl 360 --generation-backend compiled --checks --steps 1 --warmup-steps 1 --profile 16
 
 if [ -d runs/tiny_world/sft ] && [ -d runs/tiny_world/rm ]; then
-  R=/tmp/gpu_runs
   script 80 python3 grpo_signcert.py --bf16 --generation-backend compiled --total-steps 30 --gold-every 5 \
     --output-dir $R/signcert_bf16 --overwrite
   cp $R/signcert_bf16/metrics.jsonl "$OUT/signcert_bf16_metrics.jsonl" 2>/dev/null
