@@ -758,8 +758,9 @@ if __name__ == "__main__":
             "4000 instead of 12000 pairs (accuracy 65.6%) over-optimised no more than the 12000-pair proxy; 300 RL "
             "steps instead of 150 stayed on the plateau. Coverage counted up to 3 keys: the gold agreed with quality "
             "only 93-94%. Key nouns drawn with Zipf weights (--key-zipf 1, the gold trained on uniform draws): in one "
-            "probe (on this world's gold and tokenizer) Dr.GRPO's held-out gold peaked at step 70 and fell far below "
-            "the SFT policy's while the proxy kept rising; in a world rebuilt with it, none of 3 chain seeds "
+            "probe (on this world's gold and tokenizer, chain seed 1) Dr.GRPO's held-out gold peaked at step 70 and fell "
+            "far below the SFT policy's while the proxy kept rising, but not on chain seeds 2 and 3 of the same "
+            "probe; in a world rebuilt with it, none of 3 chain seeds "
             "over-optimised (the gold rose and levelled off).",
         ),
         gold_input=dict(
