@@ -1070,7 +1070,7 @@ if __name__ == "__main__":
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     if args.gradient_checkpointing:  # acts in train mode, which policy_update sets
         policy.gradient_checkpointing_enable()
-        policy.disable_input_require_grads()  # a hook for frozen embeddings (PEFT); ours train, and torch.compile rejects it
+        policy.disable_input_require_grads()  # a hook for frozen (PEFT) embeddings; torch.compile rejects it
     ref_policy = (
         AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=dtype, **trust).eval().requires_grad_(False)
     )

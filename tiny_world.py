@@ -19,8 +19,8 @@ The world. A post belongs to a subreddit (a topic with its own 12 nouns). It sta
 as likely to be a key fact (`--key-zipf 1` instead draws the noun of rank r with weight 1 / r, as popular
 things come up more often in real forums: tried as the source of a stronger exploit, README "What did not
 work"). The reference summary names the key nouns, sometimes with glue fluff ("long story short"),
-sometimes misses one, and in 40% of posts ends with a comment of the writer's that the post does not contain ("ugh"), as human
-references do: that leaves a policy room to beat the references.
+sometimes misses one, and in 40% of posts ends with a comment of the writer's that the post does not
+contain ("ugh"), as human references do: that leaves a policy room to beat the references.
 
 Quality (`quality(row, summary, keys)`), in plain words: a good summary names the post's key facts,
 does not invent words that are not in the post, does not repeat itself, and stays short:
@@ -758,10 +758,10 @@ if __name__ == "__main__":
             "4000 instead of 12000 pairs (accuracy 65.6%) over-optimised no more than the 12000-pair proxy; 300 RL "
             "steps instead of 150 stayed on the plateau. Coverage counted up to 3 keys: the gold agreed with quality "
             "only 93-94%. Key nouns drawn with Zipf weights (--key-zipf 1, the gold trained on uniform draws): in one "
-            "probe (on this world's gold and tokenizer, chain seed 1) Dr.GRPO's held-out gold peaked at step 70 and fell "
-            "far below the SFT policy's while the proxy kept rising, but not on chain seeds 2 and 3 of the same "
-            "probe; in a world rebuilt with it, none of 3 chain seeds "
-            "over-optimised (the gold rose and levelled off).",
+            "probe (on this world's gold and tokenizer, chain seed 1) Dr.GRPO's held-out gold peaked at step 70 "
+            "and fell far below the SFT policy's while the proxy kept rising, but not on chain seeds 2 and 3 of the "
+            "same probe; in a world rebuilt with it, none of 3 chain seeds over-optimised (the gold rose and "
+            "levelled off).",
         ),
         gold_input=dict(
             text="prompt + ' ' + summary + '<|endoftext|>', prompt = "

@@ -11,7 +11,8 @@ import torch
 from scipy.stats import chisquare
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from grpo_signcert import position_ids_of, sample, sample_static, truncate_after_eos
 
 PAD, EOS, VOCAB = 0, 3, 8  # a small vocabulary, so that rows end (EOS) at different steps
@@ -130,5 +131,5 @@ def test_compiled_loop_with_gradient_checkpointing_as_the_trainers_enable_it():
     torch.manual_seed(0)
     assert torch.equal(sample_static(policy, query, mask, args, PAD), hf)
     for script in ("grpo_signcert.py", "grpo_uwo.py", "grpo_advpo.py", "grpo_bspo.py"):
-        src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), script)).read()
+        src = open(os.path.join(ROOT, script)).read()
         assert "policy.gradient_checkpointing_enable()\n        policy.disable_input_require_grads()" in src, script
