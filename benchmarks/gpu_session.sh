@@ -22,20 +22,19 @@ mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 SITE="$(mktemp -d)"  # the carried wheels, installed here
 R="$(mktemp -d)"     # the real scripts' runs
+if ls .whl/*.whl >/dev/null 2>&1; then  # here, not inside the logged block below: that runs in a subshell
+  { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    && echo "installed: $(ls .whl)"; } >"$OUT/env.txt" 2>&1
+  export PYTHONPATH="$SITE"
+else
+  echo "no .whl/: nothing installed (TRL and DeepSpeed parts are skipped when they do not import)" >"$OUT/env.txt"
+fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-      && echo "installed: $(ls .whl)"
-    export PYTHONPATH="$SITE"
-  else
-    echo "no .whl/: nothing installed (TRL and DeepSpeed parts are skipped when they do not import)"
-  fi
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   python3 -c "import trl; print('trl', trl.__version__)" || echo "trl does not import: the TRL comparison is skipped"
   python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)" || echo "deepspeed does not import"
-} 2>&1 | tee "$OUT/env.txt"
-ls .whl/*.whl >/dev/null 2>&1 && export PYTHONPATH="$SITE"
+} 2>&1 | tee -a "$OUT/env.txt"
 
 step() {  # step NAME LIMIT_SECONDS ARGS...: one gpu_step.py run, its log and JSON under $OUT
   local name=$1 limit=$2
