@@ -35,9 +35,10 @@ part needs a word-by-word match of the summary against the post (is this noun in
 said twice). A large gold RM trained on lots of data learns both; a small proxy trained on a few
 thousand on-policy pairs learns mostly the easy part. That gap is the blind spot that RL against the
 proxy can exploit, which is the phenomenon the paper studies. (Tried and dropped: a count of all
-three keys, a per-word length cost and a "share of glue words" term: the gold RM, trained in
-minutes on a CPU, could not rank their small differences at 95%, mostly because attention averages
-and cannot easily count; each documented notion here is one the gold reaches >= 95% on.)
+three keys, a per-word length cost, a "share of glue words" term and two key facts per post
+(`--num-keys 2`): the gold RM, trained in minutes on a CPU, could not rank their small differences at
+95%, mostly because attention averages and cannot easily count; each documented notion here is one
+the gold reaches >= 95% on.)
 
 Gold RM input convention (downstream code must follow it): the scored sequence is the token ids of
 `prompt + response` where prompt = f"SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
@@ -102,6 +103,8 @@ class Args:
     """posts in data/validation.jsonl (full: 1000, ci: 50)"""
     num_test: int | None = None
     """posts in data/test.jsonl (full: 1000, ci: 50)"""
+    num_keys: int = 3
+    """key facts per post (each names one topic noun); the summary's coverage counts up to 2 of them"""
     reference_miss_prob: float = 0.2
     """probability that a reference summary misses one key fact (human references are imperfect)"""
     reference_fluff_prob: float = 0.3
@@ -221,25 +224,25 @@ def words(text):
 
 
 # ---------------------------------------------------------------- posts and references
-def draw_keys(rng, nouns, zipf):
-    """Three distinct key nouns of a topic, drawn one after the other without replacement; the noun of rank r
-    (1 = first in the topic's list) has weight 1 / r**zipf (zipf 0: uniform). With zipf = 1 the first noun is a key
-    fact of 74% of the topic's posts, the last of 10%."""
+def draw_keys(rng, nouns, zipf, num_keys=3):
+    """`num_keys` distinct key nouns of a topic, drawn one after the other without replacement; the noun of rank r
+    (1 = first in the topic's list) has weight 1 / r**zipf (zipf 0: uniform). With zipf = 1 (and 3 keys) the first
+    noun is a key fact of 74% of the topic's posts, the last of 10%."""
     if zipf == 0:
-        return rng.sample(nouns, 3)  # uniform, and the same random stream as the world before this knob
+        return rng.sample(nouns, num_keys)  # uniform, and the same random stream as the world before this knob
     pool, keys = list(nouns), []
-    for _ in range(3):
+    for _ in range(num_keys):
         w = [1.0 / (nouns.index(n) + 1) ** zipf for n in pool]
         keys.append(pool.pop(rng.choices(range(len(pool)), weights=w)[0]))
     return keys
 
 
-def make_post(rng, zipf=0.0):
-    """One post: its dataset row plus the hidden facts (the three key nouns, the person, the verbs)."""
+def make_post(rng, zipf=0.0, num_keys=3):
+    """One post: its dataset row plus the hidden facts (the `num_keys` key nouns, the person, the verbs)."""
     subreddit = rng.choice(sorted(TOPICS))
-    keys = draw_keys(rng, TOPICS[subreddit], zipf)
+    keys = draw_keys(rng, TOPICS[subreddit], zipf, num_keys)
     person = rng.choice(PERSONS)
-    verbs = rng.sample(VERBS, 3)
+    verbs = rng.sample(VERBS, num_keys)
     sents = [
         rng.choice(KEY_SENTENCES).format(time=rng.choice(TIMES), person=person, verb=v, noun=k)
         for k, v in zip(keys, verbs)
@@ -257,9 +260,9 @@ def make_reference(rng, facts, miss_prob, fluff_prob, comment_prob):
     with a comment of the writer's that the post does not contain."""
     k = list(facts["keys"])
     if rng.random() < miss_prob:
-        k.pop(rng.randrange(3))
+        k.pop(rng.randrange(len(k)))
     p, v = facts["person"], facts["verbs"][0]
-    listed = " and ".join(k) if len(k) == 2 else f"{k[0]} , {k[1]} and {k[2]}"
+    listed = k[0] if len(k) == 1 else " , ".join(k[:-1]) + " and " + k[-1]
     templates = [
         f"my {p} {v} my {listed}" if k[0] == facts["keys"][0] else f"my {p} and my {listed}",
         f"{listed} problems with my {p}",
@@ -591,7 +594,7 @@ if __name__ == "__main__":
         rng = random.Random(f"{args.seed}-{split}")
         rows[split], facts_of[split] = [], []
         for i in range(n):
-            row, facts = make_post(rng, args.key_zipf)
+            row, facts = make_post(rng, args.key_zipf, args.num_keys)
             row = {
                 "id": f"tw-{split}-{i:06d}",
                 **row,
@@ -654,7 +657,7 @@ if __name__ == "__main__":
     for step in bar:
         prompts, sums, qs, prefix_qs = [], [], [], []
         for _ in range(args.gold_posts_per_batch):
-            row, facts = make_post(rng, args.gold_key_zipf)
+            row, facts = make_post(rng, args.gold_key_zipf, args.num_keys)
             ref = make_reference(
                 rng, facts, args.reference_miss_prob, args.reference_fluff_prob, args.reference_comment_prob
             )
@@ -761,7 +764,9 @@ if __name__ == "__main__":
             "probe (on this world's gold and tokenizer, chain seed 1) Dr.GRPO's held-out gold peaked at step 70 "
             "and fell far below the SFT policy's while the proxy kept rising, but not on chain seeds 2 and 3 of the "
             "same probe; in a world rebuilt with it, none of 3 chain seeds over-optimised (the gold rose and "
-            "levelled off).",
+            "levelled off). Two key facts per post (--num-keys 2 --reference-miss-prob 0.3, so a third noun is always "
+            "invented): gold agreement 94.4/93.9% and an SFT win rate of 79%, and Dr.GRPO rose and never fell (chain "
+            "seed 1). A 5x learning rate: an early peak, then the gold wandered while the proxy stopped rising.",
         ),
         gold_input=dict(
             text="prompt + ' ' + summary + '<|endoftext|>', prompt = "

@@ -149,3 +149,22 @@ def test_key_nouns_follow_the_zipf_weights():
             assert abs(c / n - r) < 4 * (r * (1 - r) / n) ** 0.5 + 1e-3
     assert exact_rate(1.0)[0] > 0.7 and exact_rate(1.0)[-1] < 0.11  # the docstring's 74% and 10%
     assert max(abs(r - 0.25) for r in exact_rate(0.0)) < 1e-9  # zipf 0: every noun alike
+
+
+def test_num_keys_shapes_posts_and_references():
+    """`--num-keys 2` (the two-key-facts attempt, README "What did not work"): every post states exactly that many
+    key facts, each key noun in the post, and the reference names all of them or, when it misses one, one fewer;
+    the default of 3 keeps the world's random stream (the data hash test above guards that)."""
+    rng = random.Random(0)
+    named = []
+    for _ in range(400):
+        row, facts = tw.make_post(rng, 0.0, 2)
+        assert len(facts["keys"]) == 2 == len(set(facts["keys"])) == len(facts["verbs"])
+        post = set(tw.words(row["post"]))
+        assert set(facts["keys"]) <= post
+        ref = tw.make_reference(rng, facts, 0.3, 0.3, 0.4)
+        named.append(len(set(facts["keys"]) & set(tw.words(ref))))
+    assert set(named) == {1, 2}
+    assert 0.2 < named.count(1) / len(named) < 0.4  # a reference misses a key with probability 0.3
+    row, facts = tw.make_post(random.Random(0), 0.0, 3)
+    assert len(facts["keys"]) == 3

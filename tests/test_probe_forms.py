@@ -1,0 +1,72 @@
+"""tools/probe_forms.py on the CI world: the quality column is the documented formula's value for each form, and
+the RM columns are each RM's own mean score (recomputed here through plain Hugging Face pooling)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    subprocess.run(
+        [sys.executable, "tiny_world.py", "--preset", "ci", "--output-dir", str(root)],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+        timeout=600,
+    )
+    out = root / "probe.json"
+    cmd = [
+        sys.executable,
+        "tools/probe_forms.py",
+        "--root",
+        str(root),
+        "--rm-paths",
+        str(root / "gold_rm"),
+        "--num-prompts",
+        "20",
+        "--output",
+        str(out),
+        "--threads",
+        "1",
+    ]
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=600)
+    return root, json.loads(out.read_text())["table"]
+
+
+def test_quality_column_is_the_formula(probed):
+    _, table = probed
+    q = {name: cols["quality"] for name, cols in table.items()}
+    assert q["X and Y"] == 2 and q["X , Y and Z"] == 2 and q["X"] == 1  # coverage counts to 2
+    assert q["X and X (repeated)"] == 0  # coverage 1, one repeat
+    assert q["X and W (W invented)"] == 0 and q["W and V (both invented)"] == -2
+    assert q["X and Y and W and V (more nouns)"] == 0
+    assert q["X and Y + 12 glue words (too long)"] == 1  # 15 words: too long, glue otherwise free
+    assert q["X and Y , ugh (comment)"] == 1
+
+
+def test_rm_columns_are_the_rms_mean_scores(probed):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    root, table = probed
+    rows = [json.loads(line) for line in open(root / "data" / "validation.jsonl")][:20]
+    facts = [json.loads(line) for line in open(root / "data" / "validation_facts.jsonl")][:20]
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer")
+    gold = AutoModelForSequenceClassification.from_pretrained(root / "gold_rm").eval()
+    texts = [
+        f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR: "
+        f"{f['keys'][0]} and {f['keys'][1]}<|endoftext|>"
+        for r, f in zip(rows, facts)
+    ]
+    with torch.no_grad():  # HF pooling: the last non-pad token, which is the EOS (pad != eos)
+        expected = gold(**tok(texts, return_tensors="pt", padding=True)).logits.squeeze(-1).mean().item()
+    assert table["X and Y"]["gold"] == pytest.approx(expected, abs=1e-5)
+    for cols in table.values():  # the gold passed as an RM to probe scores what the gold column says
+        assert cols[str(root / "gold_rm")] == pytest.approx(cols["gold"], abs=1e-6)

@@ -1,0 +1,116 @@
+"""Probe reward models of the tiny world with hand-made summary forms: what does each RM reward, and what is it blind to?
+
+For the first `--num-prompts` posts of a split, this writes summaries of fixed forms from the post's hidden facts
+(its key nouns X, Y, Z; W and V: nouns of the post's topic that the post does not contain) and reports, per form,
+the mean exact `quality` of the world, the gold RM's mean score and each given RM's mean score:
+
+    python tools/probe_forms.py                                        # chain seed 1's proxy at runs/tiny_world/rm
+    python tools/probe_forms.py --rm-paths runs/tiny_world/rm runs/tiny_world/seed2/rm runs/tiny_world/seed3/rm
+
+A proxy that scores "X and W" (an invented noun) like "X and Y", or "X and X" (a repeated noun) like "X and Y", is
+blind to what the gold penalises: RL can drift there without the proxy noticing. A proxy whose score keeps rising
+along a direction the gold penalises (more nouns, more words) is what makes RL over-optimise (README, "What did not
+work"). It reads the world like every stage does (the RM input convention of `tiny_world.py`) and uses the
+world's own `quality`, so it is a tool of the tiny world, not of the real TL;DR pipeline.
+"""
+
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from typing import List
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tiny_world.py, one level up
+
+import torch
+import tyro
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import tiny_world as tw
+
+
+@dataclass
+class Args:
+    root: str = "runs/tiny_world"
+    """the world: data/, tokenizer/, gold_rm/"""
+    rm_paths: List[str] = field(default_factory=lambda: ["runs/tiny_world/rm"])
+    """reward models to probe (each a GPTNeoXForSequenceClassification folder, as train_rm.py writes)"""
+    split: str = "validation"
+    """the posts the forms are written for"""
+    num_prompts: int = 200
+    """posts (the first ones of the split)"""
+    seed: int = 0
+    """seed of the draw of W and V"""
+    output: str = ""
+    """where the JSON goes (default: {root}/probe_forms.json)"""
+    threads: int = 2
+    """torch CPU threads"""
+
+
+def forms(rng, row, facts):
+    """{form name: summary} for one post. X, Y, Z: its key nouns (Z only when it has three); W, V: topic nouns absent
+    from the post, so invented words."""
+    keys = facts["keys"]
+    x, y = keys[0], keys[1]
+    post_words = set(tw.words(row["title"] + " " + row["post"]))
+    w, v = rng.sample([n for n in tw.TOPICS[row["subreddit"]] if n not in post_words], 2)
+    p, verb = facts["person"], facts["verbs"][0]
+    out = {
+        "the reference": row["summary"],
+        "X": x,
+        "X and Y": f"{x} and {y}",
+        "X , Y and Z": f"{x} , {y} and {keys[2]}" if len(keys) > 2 else None,
+        "my person verb my X and Y": f"my {p} {verb} my {x} and {y}",
+        "long story short , X and Y": f"long story short , {x} and {y}",
+        "X and Y , ugh (comment)": f"{x} and {y} , ugh",
+        "X and W (W invented)": f"{x} and {w}",
+        "W and V (both invented)": f"{w} and {v}",
+        "X and X (repeated)": f"{x} and {x}",
+        "X and Y and W and V (more nouns)": f"{x} and {y} and {w} and {v}",
+        "X and Y, three times": " and ".join([x, y] * 3),
+        "X and Y + 12 glue words (too long)": f"{x} and {y} " + " ".join(["and the"] * 6),
+    }
+    return {k: s for k, s in out.items() if s is not None}
+
+
+@torch.no_grad()
+def mean_scores(model, tokenizer, prompts, summaries):
+    return tw.gold_scores(model, tokenizer, prompts, summaries).mean().item()
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    torch.set_num_threads(args.threads)
+    for path in [args.root + "/data", args.root + "/gold_rm", *args.rm_paths]:
+        if not os.path.exists(path):
+            raise SystemExit(f"{path} does not exist: build the world (`python tiny_world.py`) and the RMs first")
+    rows = [json.loads(line) for line in open(f"{args.root}/data/{args.split}.jsonl")][: args.num_prompts]
+    facts = [json.loads(line) for line in open(f"{args.root}/data/{args.split}_facts.jsonl")][: args.num_prompts]
+    rng = random.Random(args.seed)
+    by_form = {}  # form -> [(row, summary, keys)]
+    for row, f in zip(rows, facts):
+        for name, s in forms(rng, row, f).items():
+            by_form.setdefault(name, []).append((row, s, f["keys"]))
+    tokenizer = AutoTokenizer.from_pretrained(f"{args.root}/tokenizer")
+    models = {"gold": f"{args.root}/gold_rm", **{p: p for p in args.rm_paths}}
+    table = {
+        name: {"quality": sum(tw.quality(r, s, k) for r, s, k in items) / len(items)} for name, items in by_form.items()
+    }
+    for label, path in models.items():
+        rm = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+        for name, items in by_form.items():
+            table[name][label] = mean_scores(
+                rm, tokenizer, [tw.prompt_of(r) for r, _, _ in items], [s for _, s, _ in items]
+            )
+    labels = list(models)
+    print(f"{args.num_prompts} {args.split} posts of {args.root}; mean over the posts of each form")
+    print("| form | quality | " + " | ".join(labels) + " |")
+    print("|---|---|" + "---|" * len(labels))
+    for name, cols in table.items():
+        print(f"| {name} | {cols['quality']:.2f} | " + " | ".join(f"{cols[lab]:.3f}" for lab in labels) + " |")
+    out = args.output or f"{args.root}/probe_forms.json"
+    with open(out, "w") as f:
+        json.dump(dict(args=vars(args), table=table), f, indent=1)
+    print(f"wrote {out}")
