@@ -1,4 +1,4 @@
-"""Probe reward models of the tiny world with hand-made summary forms: what does each RM reward, and what is it blind to?
+"""Probe the tiny world's reward models with hand-made summary forms: what each RM rewards, and what it is blind to.
 
 For the first `--num-prompts` posts of a split, this writes summaries of fixed forms from the post's hidden facts
 (its key nouns X, Y, Z; W and V: nouns of the post's topic that the post does not contain) and reports, per form,
