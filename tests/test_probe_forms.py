@@ -10,18 +10,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import ci_world_with_eos_policy  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def probed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("probe")
-    subprocess.run(
-        [sys.executable, "tiny_world.py", "--preset", "ci", "--output-dir", str(root)],
-        check=True,
-        cwd=REPO,
-        capture_output=True,
-        timeout=600,
-    )
+    root = ci_world_with_eos_policy(tmp_path_factory.mktemp("probe"))  # the CI world (its extra policy unused)
     out = root / "probe.json"
     cmd = [
         sys.executable,

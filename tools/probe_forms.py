@@ -75,11 +75,6 @@ def forms(rng, row, facts):
     return {k: s for k, s in out.items() if s is not None}
 
 
-@torch.no_grad()
-def mean_scores(model, tokenizer, prompts, summaries):
-    return tw.gold_scores(model, tokenizer, prompts, summaries).mean().item()
-
-
 if __name__ == "__main__":
     args = tyro.cli(Args)
     torch.set_num_threads(args.threads)
@@ -101,9 +96,8 @@ if __name__ == "__main__":
     for label, path in models.items():
         rm = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
         for name, items in by_form.items():
-            table[name][label] = mean_scores(
-                rm, tokenizer, [tw.prompt_of(r) for r, _, _ in items], [s for _, s, _ in items]
-            )
+            scores = tw.gold_scores(rm, tokenizer, [tw.prompt_of(r) for r, _, _ in items], [s for _, s, _ in items])
+            table[name][label] = scores.mean().item()
     labels = list(models)
     print(f"{args.num_prompts} {args.split} posts of {args.root}; mean over the posts of each form")
     print("| form | quality | " + " | ".join(labels) + " |")
