@@ -18,27 +18,31 @@ The world. A post belongs to a subreddit (a topic with its own 12 nouns). It sta
 (a person did something to a topic noun) and is padded with 0-2 filler sentences. Every noun of a topic is
 as likely to be a key fact (`--key-zipf 1` instead draws the noun of rank r with weight 1 / r, as popular
 things come up more often in real forums: tried as the source of a stronger exploit, README "What did not
-work"). The reference summary names the key nouns, sometimes with glue fluff ("long story short"),
-sometimes misses one, and in 40% of posts ends with a comment of the writer's that the post does not
-contain ("ugh"), as human references do: that leaves a policy room to beat the references.
+work"). The reference summary names all three key nouns in a quarter of the posts, two in half of them and
+one in a quarter, sometimes carries glue fluff ("long story short"), and in 40% of posts ends with a comment of the
+writer's that the post does not contain ("ugh"), as human references do: that leaves a policy room to beat
+the references.
 
 Quality (`quality(row, summary, keys)`), in plain words: a good summary names the post's key facts,
 does not invent words that are not in the post, does not repeat itself, and stays short:
 
-    q = coverage - invented - repeated - too_long            (at most 2)
+    q = coverage - invented - repeated - too_long            (at most 3)
 
-coverage = how many of the three key nouns the summary names, counted up to 2; invented = distinct
+coverage = how many of the three key nouns the summary names; invented = distinct
 summary words, other than GLUE words (my, and, the, ...), absent from title and post; repeated =
 extra occurrences of non-glue words; too_long = more than 12 words. Why this shape: part of quality
 is easy to read from surface features (are there topic nouns, is a word foreign to the topic), and
 part needs a word-by-word match of the summary against the post (is this noun in the post, is it
 said twice). A large gold RM trained on lots of data learns both; a small proxy trained on a few
 thousand on-policy pairs learns mostly the easy part. That gap is the blind spot that RL against the
-proxy can exploit, which is the phenomenon the paper studies. (Tried and dropped: a count of all
-three keys, a per-word length cost, a "share of glue words" term and two key facts per post
-(`--num-keys 2`): the gold RM, trained in minutes on a CPU, could not rank their small differences at
-95%, mostly because attention averages and cannot easily count; each documented notion here is one
-the gold reaches >= 95% on.)
+proxy can exploit, which is the phenomenon the paper studies. Because references (and so the SFT samples)
+name one to three keys, naming more topic nouns goes with quality in the proxy's training pairs; but only the
+post's own nouns count, and any other noun is an invented word, which the gold penalises and the proxy barely sees.
+(Tried and dropped: a per-word length cost, a "share of glue words" term and two key facts per post
+(`--num-keys 2`): the gold RM, trained in minutes on a CPU, could not rank their small differences at 95%.
+Counting the three keys needed a clean start: `init_match_circuit` writes into a subspace that the token
+embeddings are cleared of, and the other heads of its layers start silent; with noisy residuals the gold
+agreed 92-94% with this notion, with clean ones 99%.)
 
 Gold RM input convention (downstream code must follow it): the scored sequence is the token ids of
 `prompt + response` where prompt = f"SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
@@ -90,8 +94,9 @@ class Args:
     """the entity (team) of wandb's project"""
     output_dir: str = "runs/tiny_world"
     """where the world is written"""
-    threads: int = 2
-    """torch CPU threads"""
+    threads: int = 1
+    """torch CPU threads. The world depends on it (the gold's training sums floats in another order with more
+    threads), so it is fixed: 1, the count the README's world was built with; more is faster, and another world"""
 
     # World specific arguments
     preset: str = "full"
@@ -104,9 +109,10 @@ class Args:
     num_test: int | None = None
     """posts in data/test.jsonl (full: 1000, ci: 50)"""
     num_keys: int = 3
-    """key facts per post (each names one topic noun); the summary's coverage counts up to 2 of them"""
-    reference_miss_prob: float = 0.2
-    """probability that a reference summary misses one key fact (human references are imperfect)"""
+    """key facts per post (each names one topic noun); the summary's coverage counts how many it names"""
+    reference_miss_prob: float = 0.5
+    """probability that a reference summary misses a key fact; it has num_keys - 1 such chances, so by default it
+    names 3, 2 or 1 of the 3 keys with probability 1/4, 1/2, 1/4 (human references are imperfect)"""
     reference_fluff_prob: float = 0.3
     """probability that a reference summary carries fluff words ("long story short ,"; glue, free)"""
     reference_comment_prob: float = 0.4
@@ -256,11 +262,13 @@ def make_post(rng, zipf=0.0, num_keys=3):
 
 
 def make_reference(rng, facts, miss_prob, fluff_prob, comment_prob):
-    """A human-like reference: names the key nouns (sometimes misses one), sometimes with fluff, sometimes
-    with a comment of the writer's that the post does not contain."""
+    """A human-like reference: names the key nouns (with num_keys - 1 chances, each of probability miss_prob, to
+    miss one), sometimes with fluff, sometimes with a comment of the writer's that the
+    post does not contain."""
     k = list(facts["keys"])
-    if rng.random() < miss_prob:
-        k.pop(rng.randrange(len(k)))
+    for _ in range(len(k) - 1):  # num_keys - 1 chances to miss a key (it names at least one)
+        if rng.random() < miss_prob:
+            k.pop(rng.randrange(len(k)))
     p, v = facts["person"], facts["verbs"][0]
     listed = k[0] if len(k) == 1 else " , ".join(k[:-1]) + " and " + k[-1]
     templates = [
@@ -289,7 +297,7 @@ def quality_terms(row, summary, keys):
     nonglue = [w for w in sw if w not in GLUE]
     post_words = set(words(row["title"] + " " + row["post"]))
     return dict(
-        coverage=min(2, len(set(keys) & set(sw))),  # one key noun, or two or more
+        coverage=len(set(keys) & set(sw)),  # how many of the key nouns
         invented=len({w for w in nonglue if w not in post_words}),
         repeated=len(nonglue) - len(set(nonglue)),
         too_long=len(sw) > 12,
@@ -297,10 +305,9 @@ def quality_terms(row, summary, keys):
 
 
 def quality(row, summary, keys):
-    """q = coverage - invented - repeated - too_long, at most 2. Higher is better.
+    """q = coverage - invented - repeated - too_long, at most 3. Higher is better.
 
-    coverage: how many of the post's three key nouns the summary names, counted up to 2 (a summary
-    should name the main things that happened, not necessarily everything); invented: distinct non-glue
+    coverage: how many of the post's three key nouns the summary names; invented: distinct non-glue
     words absent from title and post; repeated: extra occurrences of non-glue words; too_long: more
     than 12 words. Glue words (my, and, the, ...) are free."""
     t = quality_terms(row, summary, keys)
@@ -448,29 +455,47 @@ def neox_config(tokenizer, layers, hidden, heads, max_pos, **kw):
 
 
 @torch.no_grad()
-def init_match_circuit(model, marker_id, sharpness=10.0, gain=3.0):
+def circuit_directions(model, noun_ids):
+    """Directions of the residual stream for the hand-set circuit of `init_match_circuit`, and clean embeddings.
+
+    A random 5-dimensional subspace is taken out of every token embedding, so that what the circuit writes
+    there is not blurred by the random embeddings: `seg` ("this token is in the summary") and `match` ("share
+    of this word's copies in the summary") are two of its directions, `noun` a third: every topic noun gets
+    `size` (half a token embedding's norm) along it, a "this is a topic noun" feature that training can read
+    directly; the other two are left free for trained features."""
+    d = model.config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(d, 5, generator=g))
+    subspace = list(basis.T.contiguous())
+    dirs = dict(seg=subspace[0], match=subspace[1], noun=subspace[4], subspace=subspace)
+    emb = model.gpt_neox.embed_in.weight
+    size = 0.5 * emb.norm(dim=1).mean()
+    emb -= (emb @ basis) @ basis.T
+    emb[sorted(noun_ids)] += size * dirs["noun"]
+    dirs["size"] = size
+    return dirs
+
+
+@torch.no_grad()
+def init_match_circuit(model, marker_id, dirs, sharpness=10.0):
     """Start the gold RM with a word-matching circuit, then train everything as usual.
 
     Quality is defined on word identity (is this summary word a key, in the post, said before?), and a
     randomly initialised RM needs far more steps than a CPU build has to discover token matching. So:
     layer 0, last head: every position after the `marker_id` token ("DR" of "TL;DR:") attends to it and
-    writes a "summary segment" direction into the residual stream; layer 1, heads 0 and 1: query = key =
+    writes the seg direction into the residual stream; layer 1, heads 0 and 1: query = key =
     one projection of the token (non-rotary dims only, so the match ignores position), so a word
-    attends to all its copies, and the value reads the segment direction: the head outputs the share
-    of the word's copies that lie in the summary (1 = invented, about 1/2 = once in the post, ...).
-    All weights stay trainable; `sharpness` is the attention logit of a match, `gain` the output size."""
+    attends to all its copies, and the value reads the seg direction: the heads write, along match, the
+    share of the word's copies that lie in the summary (1 = invented, about 1/2 = once in the post, ...).
+    The other heads' and the MLPs' outputs of layers 0 and 1 start at zero, so that the signals are clean.
+    All weights stay trainable; `sharpness` is the attention logit of a match."""
     cfg = model.config
     d, nh = cfg.hidden_size, cfg.num_attention_heads
     hs = d // nh
     rot = int(hs * cfg.rope_parameters["partial_rotary_factor"])
     g = torch.Generator().manual_seed(0)
     emb = model.gpt_neox.embed_in.weight
-    size = 0.5 * emb.norm(dim=1).mean()  # what the circuit writes: half a token embedding
-    seg_dir = torch.randn(d, generator=g)
-    seg_dir /= seg_dir.norm()
-    match_dir = torch.randn(d, generator=g)
-    match_dir -= (match_dir @ seg_dir) * seg_dir
-    match_dir /= match_dir.norm()
+    size, seg_dir, match_dir = dirs["size"], dirs["seg"], dirs["match"]
     # layer 0, segment head: constant query, key = "am I the marker", value = 1 at the marker
     blk = model.gpt_neox.layers[0]
     x = blk.input_layernorm(emb)
@@ -488,15 +513,20 @@ def init_match_circuit(model, marker_id, sharpness=10.0, gain=3.0):
     out.weight[:, h * hs] = size * seg_dir
     blk.mlp.dense_4h_to_h.weight.zero_()
     blk.mlp.dense_4h_to_h.bias.zero_()
-    # layer 1, match heads: query = key = a projection blind to the segment direction
+    # layer 1, match heads: query = key = a projection blind to the circuit directions
     blk = model.gpt_neox.layers[1]
     x = blk.input_layernorm(emb)
     seg_in = blk.input_layernorm(emb + size * seg_dir)  # a summary token as layer 1 sees it
     seg_read = ((seg_in - x) @ seg_dir).mean()  # the segment signal after the layer norm
     qkv, out = blk.attention.query_key_value, blk.attention.dense
+    out.weight.zero_()
+    out.bias.zero_()
+    blk.mlp.dense_4h_to_h.weight.zero_()
+    blk.mlp.dense_4h_to_h.bias.zero_()
     for h in (0, 1):
         proj = torch.randn(hs, d, generator=g) / d**0.5
-        proj -= (proj @ seg_dir)[:, None] * seg_dir[None, :]
+        for u in dirs["subspace"]:
+            proj -= (proj @ u)[:, None] * u[None, :]  # blind to the circuit's subspace: a match of identities
         proj[:rot] = 0
         z = x @ proj.T
         same = z.pow(2).sum(-1).mean()
@@ -508,7 +538,6 @@ def init_match_circuit(model, marker_id, sharpness=10.0, gain=3.0):
         qkv.bias[base : base + 3 * hs] = 0
         qkv.weight[base + 2 * hs : base + 3 * hs] = 0
         qkv.weight[base + 2 * hs] = seg_dir / seg_read
-        out.weight[:, h * hs : (h + 1) * hs] = 0
         out.weight[:, h * hs] = size * match_dir / 2
 
 
@@ -639,8 +668,11 @@ if __name__ == "__main__":
         tokenizer, args.gold_layers, args.gold_hidden, args.num_heads, args.max_position_embeddings, num_labels=1
     )
     gold = GPTNeoXForSequenceClassification(gold_cfg)
+    marker = tokenizer.convert_tokens_to_ids("DR")
+    noun_ids = {tokenizer.convert_tokens_to_ids("\u0120" + w) for w in CONTENT}  # " ring" is one token
     if args.gold_match_init:
-        init_match_circuit(gold, tokenizer.convert_tokens_to_ids("DR"))
+        dirs = circuit_directions(gold, noun_ids)
+        init_match_circuit(gold, marker, dirs)
     print(
         f"gold_rm: {sum(p.numel() for p in gold.parameters()) / 1e6:.2f}M params, "
         f"{args.gold_train_summaries} training summaries"
@@ -741,32 +773,28 @@ if __name__ == "__main__":
         quality=dict(
             description="A good summary names the post's key facts (key nouns), does not invent words "
             "absent from the title+post, does not repeat itself, and stays short.",
-            formula="q = coverage - invented - repeated - too_long (at most 2); coverage = min(2, |keys & summary words|); "
+            formula="q = coverage - invented - repeated - too_long (at most 3); coverage = |keys & summary words|; "
             "invented = #distinct non-glue summary words not in title+post; repeated = #extra occurrences of "
             "non-glue words; too_long = more than 12 words; words = re.findall('[a-z]+', text.lower())",
             keys_file="data/{split}_facts.jsonl",
         ),
         exploit=dict(
-            description="What RL against the small proxy RM exploits (measured, README 'The frontier'): the proxy "
-            "reads surface features (topic nouns, shortness, the reference templates) but cannot check that a noun "
-            "is in THIS post or said only once (a word-by-word match). The policy collapses onto the short template "
-            "'X and Y' of topic nouns; the gold gives it 2 when both are key nouns of the post and 0 or less when a "
-            "noun is invented (of the topic, not in the post) or repeated. The held-out gold rises while the policy "
-            "learns the template and then falls back part of the way as the proxy's favourite nouns drift from "
-            "the post's, while the proxy reward keeps rising and the proxy's on-policy accuracy falls to chance. "
-            "The proxy scores every 'X and Y' of a prompt alike whatever the nouns, so the fall is mild (Dr.GRPO "
-            "loses about 10% of its gain): an exploit the proxy rewards more the further the policy goes is not "
-            "built yet.",
-            tried="A longer SFT (6 epochs) made the SFT policy copy key nouns (win rate 2% -> 22%); a proxy trained on "
-            "4000 instead of 12000 pairs (accuracy 65.6%) over-optimised no more than the 12000-pair proxy; 300 RL "
-            "steps instead of 150 stayed on the plateau. Coverage counted up to 3 keys: the gold agreed with quality "
-            "only 93-94%. Key nouns drawn with Zipf weights (--key-zipf 1, the gold trained on uniform draws): in one "
-            "probe (on this world's gold and tokenizer, chain seed 1) Dr.GRPO's held-out gold peaked at step 70 "
-            "and fell far below the SFT policy's while the proxy kept rising, but not on chain seeds 2 and 3 of the "
-            "same probe; in a world rebuilt with it, none of 3 chain seeds over-optimised (the gold rose and "
-            "levelled off). Two key facts per post (--num-keys 2 --reference-miss-prob 0.3, so a third noun is always "
-            "invented): gold agreement 94.4/93.9% and an SFT win rate of 79%, and Dr.GRPO rose and never fell (chain "
-            "seed 1). A 5x learning rate: an early peak, then the gold wandered while the proxy stopped rising.",
+            description="What RL against the small proxy RM exploits (measured, README 'Results'): the proxy reads "
+            "surface features (a topic noun, a person, the reference templates) but cannot check that a noun is in "
+            "THIS post (a word-by-word match), and in its training pairs (SFT samples, whose references name 1-3 "
+            "keys) naming nouns goes with quality. Dr.GRPO collapses onto one of the proxy's favourite short "
+            "templates ('my <person> and my <noun>', 'my <noun> are a mess') whose proxy score does not depend on "
+            "the noun; the policy picks the noun less and less from the post (in rollouts, key nouns named per "
+            "completion 0.66 -> 0.37 from step 25 to 150 on chain seed 1, 0.54 -> 0.34 on chain seed 3, with 0.7-0.9 "
+            "invented words each). The held-out gold peaks within 10-30 steps and falls below the SFT policy's on "
+            "2 of 3 chain seeds (on the third it loses 39% of its gain) while the held-out proxy reward rises (on "
+            "the third it levels off after about 60 steps).",
+            tried="Earlier worlds capped coverage at 2 keys (the gold could not count 3 at 95% from a noisy start) and "
+            "did not over-optimise: Dr.GRPO lost 10% of its gain on average. Tried there and dropped: a longer SFT, a "
+            "proxy on 4000 pairs, 300 RL steps, Zipf-popular key nouns (--key-zipf 1: one lucky chain seed of 3), "
+            "two key facts per post (--num-keys 2: gold agreement 94%, SFT win rate 79%), a 5x learning rate. What "
+            "made this world: the gold's match circuit written into a subspace the token embeddings are cleared of "
+            "(gold agreement 92% -> 99% with coverage counted to 3), then references naming 1-3 keys.",
         ),
         gold_input=dict(
             text="prompt + ' ' + summary + '<|endoftext|>', prompt = "

@@ -39,7 +39,7 @@ def probed(tmp_path_factory):
 def test_quality_column_is_the_formula(probed):
     _, table = probed
     q = {name: cols["quality"] for name, cols in table.items()}
-    assert q["X and Y"] == 2 and q["X , Y and Z"] == 2 and q["X"] == 1  # coverage counts to 2
+    assert q["X and Y"] == 2 and q["X , Y and Z"] == 3 and q["X"] == 1  # coverage: how many keys are named
     assert q["X and X (repeated)"] == 0  # coverage 1, one repeat
     assert q["X and W (W invented)"] == 0 and q["W and V (both invented)"] == -2
     assert q["X and Y and W and V (more nouns)"] == 0
