@@ -100,7 +100,7 @@ class Args:
 
     # World specific arguments
     preset: str = "full"
-    """`full` (the real tiny world, ~3 minutes on 2 cores) or `ci` (a very small world in seconds);
+    """`full` (the real tiny world, about 11 minutes at the default 1 thread) or `ci` (a very small world in seconds);
     explicit size flags below override the preset when set"""
     num_train: int | None = None
     """posts in data/train.jsonl (full: 12000, ci: 200)"""
