@@ -47,6 +47,7 @@ from typing import List
 import tyro
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the stage scripts live next to this driver
+WORLD_FORMAT = 2  # tiny_world.py's WORLD_FORMAT, the world this driver and the README's numbers belong to
 METHODS = ("drgrpo", "drgrpo_kl", "signcert", "uwo", "advpo", "bspo")
 KNOBS = {  # method: (its knob's Args field, the field with the knob's sweep grid)
     "signcert": ("quantile", "quantile_grid"),
@@ -128,6 +129,18 @@ def launcher(args):
         "--num_processes",
         str(args.num_processes),
     ]
+
+
+def check_world_format(world, root):
+    """Refuse a world built by another version of tiny_world.py: a stage whose output exists is skipped, so an old
+    world (and the chains built on it) would otherwise be reused silently, with another quality notion and gold."""
+    got = world.get("format", 1)
+    if got != WORLD_FORMAT:
+        raise SystemExit(
+            f"{root}/world.json was built by another version of tiny_world.py (world format {got}; this pipeline "
+            f"expects {WORLD_FORMAT}): its quality notion and gold RM differ. Move {root} away (or pass --root "
+            "elsewhere) and rerun, and the present world is built."
+        )
 
 
 def stage(args, script, out_marker, *script_args, launch=True):
@@ -405,6 +418,7 @@ if __name__ == "__main__":
     stage(args, os.path.join(HERE, "tiny_world.py"), os.path.join(R, "world.json"), "--seed", str(args.world_seed),
           "--output-dir", R, "--preset", args.world_preset, *shlex.split(args.extra_world_args), launch=False)  # fmt: skip
     world = read_json(os.path.join(R, "world.json"))
+    check_world_format(world, R)
     for seed in args.seeds:
         build_chain(args, seed, methods if args.rl else [])
 

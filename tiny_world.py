@@ -169,6 +169,7 @@ PRESETS = {
     "ci": dict(num_train=200, num_validation=50, num_test=50, gold_steps=20, num_eval_posts=20),
 }
 
+WORLD_FORMAT = 2  # bumped whenever the world a seed builds changes meaning (2: coverage counts all 3 keys, 1-3 named)
 EOS = "<|endoftext|>"
 PAD = "<|padding|>"  # Pythia's pad token: distinct from EOS, so HF pooling reads the EOS
 
@@ -759,6 +760,7 @@ if __name__ == "__main__":
     # 6. world.json
     measured["build_seconds"] = time.time() - start
     world = dict(
+        format=WORLD_FORMAT,
         args=asdict(args),
         sizes=dict(
             splits,

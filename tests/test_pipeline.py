@@ -141,3 +141,16 @@ def test_pipeline_runs_every_stage_every_method_and_writes_the_tables(tmp_path):
     assert (
         "$ " not in again.stdout and again.stdout.count("[pipeline] skip") == 1 + 7 + 5 + 6
     )  # world; sft, prefs, 4 RMs, eval; 5 sweep runs; 6 runs
+
+
+def test_a_world_of_another_format_is_refused_with_what_to_do(tmp_path):
+    """A stage whose output exists is skipped, so an older runs/tiny_world would be reused silently; the pipeline
+    refuses it (no "format" = format 1, the world before coverage counted 3 keys) and says what to do. Its constant
+    is tiny_world.py's."""
+    import tiny_world
+
+    assert pipeline.WORLD_FORMAT == tiny_world.WORLD_FORMAT
+    pipeline.check_world_format({"format": tiny_world.WORLD_FORMAT}, str(tmp_path))
+    for old in ({}, {"format": tiny_world.WORLD_FORMAT - 1}):
+        with pytest.raises(SystemExit, match="another version of tiny_world.py.*Move"):
+            pipeline.check_world_format(old, str(tmp_path))
