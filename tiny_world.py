@@ -264,8 +264,7 @@ def make_post(rng, zipf=0.0, num_keys=3):
 
 def make_reference(rng, facts, miss_prob, fluff_prob, comment_prob):
     """A human-like reference: names the key nouns (with num_keys - 1 chances, each of probability miss_prob, to
-    miss one), sometimes with fluff, sometimes with a comment of the writer's that the
-    post does not contain."""
+    miss one), sometimes with fluff, sometimes with a comment of the writer's that the post does not contain."""
     k = list(facts["keys"])
     for _ in range(len(k) - 1):  # num_keys - 1 chances to miss a key (it names at least one)
         if rng.random() < miss_prob:
@@ -453,6 +452,11 @@ def neox_config(tokenizer, layers, hidden, heads, max_pos, **kw):
         pad_token_id=tokenizer.pad_token_id,
         **kw,
     )
+
+
+def noun_ids(tokenizer):
+    """Token ids of the topic nouns as they follow a space (" ring" is one token of the world's tokenizer)."""
+    return {tokenizer.convert_tokens_to_ids("\u0120" + w) for w in CONTENT}
 
 
 @torch.no_grad()
@@ -669,11 +673,8 @@ if __name__ == "__main__":
         tokenizer, args.gold_layers, args.gold_hidden, args.num_heads, args.max_position_embeddings, num_labels=1
     )
     gold = GPTNeoXForSequenceClassification(gold_cfg)
-    marker = tokenizer.convert_tokens_to_ids("DR")
-    noun_ids = {tokenizer.convert_tokens_to_ids("\u0120" + w) for w in CONTENT}  # " ring" is one token
     if args.gold_match_init:
-        dirs = circuit_directions(gold, noun_ids)
-        init_match_circuit(gold, marker, dirs)
+        init_match_circuit(gold, tokenizer.convert_tokens_to_ids("DR"), circuit_directions(gold, noun_ids(tokenizer)))
     print(
         f"gold_rm: {sum(p.numel() for p in gold.parameters()) / 1e6:.2f}M params, "
         f"{args.gold_train_summaries} training summaries"

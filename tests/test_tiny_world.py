@@ -156,24 +156,22 @@ def test_num_keys_shapes_posts_and_references():
     key facts, each key noun in the post, and the reference names all of them or, when it misses one, one fewer;
     with the default 3 keys a reference may miss a key twice, each time with the miss probability."""
     rng = random.Random(0)
-    named = []
-    for _ in range(400):
-        row, facts = tw.make_post(rng, 0.0, 2)
-        assert len(facts["keys"]) == 2 == len(set(facts["keys"])) == len(facts["verbs"])
-        post = set(tw.words(row["post"]))
-        assert set(facts["keys"]) <= post
-        ref = tw.make_reference(rng, facts, 0.3, 0.3, 0.4)
-        named.append(len(set(facts["keys"]) & set(tw.words(ref))))
+
+    def keys_named(num_keys, miss_prob, n):
+        named = []
+        for _ in range(n):
+            row, facts = tw.make_post(rng, 0.0, num_keys)
+            assert len(facts["keys"]) == num_keys == len(set(facts["keys"])) == len(facts["verbs"])
+            assert set(facts["keys"]) <= set(tw.words(row["post"]))
+            ref = tw.make_reference(rng, facts, miss_prob, 0.3, 0.4)
+            named.append(len(set(facts["keys"]) & set(tw.words(ref))))
+        return named
+
+    named = keys_named(2, 0.3, 400)
     assert set(named) == {1, 2}
     assert 0.2 < named.count(1) / len(named) < 0.4  # a reference misses a key with probability 0.3
-    row, facts = tw.make_post(random.Random(0), 0.0, 3)
-    assert len(facts["keys"]) == 3
     # three keys, the default miss probability 0.5: two independent misses, so 1, 2 or 3 named (1/4, 1/2, 1/4)
-    named = []
-    for _ in range(2000):
-        row, facts = tw.make_post(rng, 0.0, 3)
-        ref = tw.make_reference(rng, facts, 0.5, 0.3, 0.4)
-        named.append(len(set(facts["keys"]) & set(tw.words(ref))))
+    named = keys_named(3, 0.5, 2000)
     rates = [named.count(k) / len(named) for k in (1, 2, 3)]
     assert max(abs(r - e) for r, e in zip(rates, (0.25, 0.5, 0.25))) < 0.04, rates
 
@@ -189,7 +187,7 @@ def test_match_circuit_writes_the_summary_share_of_each_word(world):
     torch.manual_seed(0)
     gold = GPTNeoXForSequenceClassification(tw.neox_config(tok, 4, 128, 4, 256, num_labels=1))
     marker = tok.convert_tokens_to_ids("DR")
-    dirs = tw.circuit_directions(gold, {tok.convert_tokens_to_ids("\u0120" + w) for w in tw.CONTENT})
+    dirs = tw.circuit_directions(gold, tw.noun_ids(tok))
     tw.init_match_circuit(gold, marker, dirs)
     rows = [json.loads(line) for line in (world / "data" / "test.jsonl").read_text().splitlines()]
     facts = [json.loads(line) for line in (world / "data" / "test_facts.jsonl").read_text().splitlines()]
