@@ -15,7 +15,8 @@ root (the paths every script defaults to), chain seed s under `seed{s}/`.
 
 Each stage is a separate script run in a subprocess: they share nothing but files on disk, and this driver only
 passes paths (and reads the metrics files back). A stage whose output already exists is skipped (`--force` redoes
-it), so a killed pipeline continues where it stopped. `--jobs 2` runs two RL runs at once, one core each.
+it), so a killed pipeline continues where it stopped. Every stage runs on `--threads 1` core (the chain's floats
+depend on the thread count) and `--jobs 2` RL runs go side by side.
 
 Methods and their own knob (`--sweep` chooses it on validation prompts of chain seed 1, among 3 values, by a
 criterion fixed before looking: the highest held-out VALIDATION gold reward at the last step; the test prompts
@@ -96,13 +97,16 @@ class Args:
     """prompts of each held-out split (validation, test) in those evaluations"""
     matched_kl: List[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     """KL values at which the methods' test gold rewards are compared"""
-    jobs: int = 1
-    """RL runs at once; each gets cores / jobs threads (2 on the 2-core machine: faster than one at a time)"""
+    threads: int = 1
+    """torch threads of every stage and RL run (OMP_NUM_THREADS). A chain's float sums, and so in time its samples,
+    depend on it: the README's chains ran at 1, so that `python pipeline.py` redraws its chain seed 1"""
+    jobs: int = 2
+    """RL runs at once (2: both cores of the 2-core machine, one thread each; 1 with --num-processes > 1)"""
     rl: bool = True
     """run the RL stage (`--no-rl`: stop after the SFT policy's gold evaluation)"""
     num_processes: int = 1
     """processes per stage; above 1 every stage runs under `accelerate launch --multi_gpu` (CPU processes
-    when there is no GPU); --jobs must then be 1"""
+    when there is no GPU)"""
     world_seed: int = 1
     """seed of the world (data, tokenizer, base policy, gold RM)"""
     world_preset: str = "full"
@@ -143,6 +147,10 @@ def check_world_format(world, root):
         )
 
 
+def stage_env(args):
+    return dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+
+
 def stage(args, script, out_marker, *script_args, launch=True):
     """Run one stage unless `out_marker` exists; print where its artefacts went."""
     name = os.path.basename(script)
@@ -150,14 +158,14 @@ def stage(args, script, out_marker, *script_args, launch=True):
         print(f"[pipeline] skip {name}: {out_marker} exists", flush=True)
         return
     cmd = (launcher(args) if launch else [sys.executable]) + [script, *script_args]
-    print(f"[pipeline] $ {shlex.join(cmd)}", flush=True)
+    print(f"[pipeline] $ OMP_NUM_THREADS={args.threads} {shlex.join(cmd)}", flush=True)
     t0 = time.time()
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=stage_env(args))
     print(f"[pipeline] {name} done in {time.time() - t0:.0f} s -> {out_marker}", flush=True)
 
 
 def run_all(args, jobs):
-    """Run RL runs [(name, output folder, cmd)], `args.jobs` at a time, each with cores / jobs threads; a run whose
+    """Run RL runs [(name, output folder, cmd)], `args.jobs` at a time, each with `args.threads` threads; a run whose
     final policy exists is skipped (`--force` redoes it)."""
     todo = []
     for name, out, cmd in jobs:
@@ -166,16 +174,14 @@ def run_all(args, jobs):
             print(f"[pipeline] skip {name}: {marker} exists", flush=True)
         else:
             todo.append((name, out, cmd))
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if args.jobs > 1 else dict(os.environ)
     running = []
     while todo or running:
         while todo and len(running) < max(1, args.jobs):
             name, out, cmd = todo.pop(0)
-            print(f"[pipeline] $ {shlex.join(cmd)}", flush=True)
+            print(f"[pipeline] $ OMP_NUM_THREADS={args.threads} {shlex.join(cmd)}", flush=True)
             os.makedirs(os.path.dirname(out), exist_ok=True)
             log = open(out + ".log", "w") if args.jobs > 1 else None
-            running.append((name, subprocess.Popen(cmd, env=env, stdout=log, stderr=log), time.time(), log))
+            running.append((name, subprocess.Popen(cmd, env=stage_env(args), stdout=log, stderr=log), time.time(), log))
         time.sleep(0.5)
         for item in list(running):
             name, proc, t0, log = item
@@ -408,7 +414,8 @@ if __name__ == "__main__":
     if bad:
         raise SystemExit(f"--methods: unknown {bad}; choose among {list(METHODS)} or `all`")
     if args.jobs > 1 and args.num_processes > 1:
-        raise SystemExit("--jobs > 1 runs RL runs side by side on the CPU cores; use it with --num-processes 1")
+        print("[pipeline] --num-processes > 1: the RL runs go one at a time (--jobs 1), each on every process")
+        args.jobs = 1
     if args.rl and args.eval_every < 1:
         raise SystemExit("--eval-every must be >= 1: the tables are read from the held-out evaluations")
     R = args.root

@@ -14,6 +14,15 @@ to disk, and every later stage reads it through the same Hugging Face code paths
                                  larger than the policy, trained on far more data than the proxy sees
     {output_dir}/world.json      settings, sizes, vocabulary, the quality formula, measured numbers
 
+Everything but the gold RM's training takes seconds. That training takes 11 minutes on one core, and its float
+sums depend on the thread count and the CPU, so the repository ships the trained weights of the default world
+(`tiny_world_gold/`: model.safetensors and the world.json of the build that trained them, `--threads 1` on a
+2-core Intel Xeon). `--gold-weights auto` (the default) loads them when every setting of the build and the
+tokenizer are theirs, so the default world is the same on every machine; any other settings train the gold here
+(`--gold-weights train` always does). To refresh the shipped gold after changing the world:
+`python tiny_world.py --gold-weights train && cp runs/tiny_world/world.json runs/tiny_world/gold_rm/model.safetensors
+tiny_world_gold/`.
+
 The world. A post belongs to a subreddit (a topic with its own 12 nouns). It states three KEY facts
 (a person did something to a topic noun) and is padded with 0-2 filler sentences. Every noun of a topic is
 as likely to be a key fact (`--key-zipf 1` instead draws the noun of rank r with weight 1 / r, as popular
@@ -55,6 +64,7 @@ equals `reward_and_features` below, which finds the last real token from the att
 """
 
 import copy
+import hashlib
 import json
 import os
 import random
@@ -68,6 +78,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 from transformers import (
@@ -95,13 +106,13 @@ class Args:
     output_dir: str = "runs/tiny_world"
     """where the world is written"""
     threads: int = 1
-    """torch CPU threads. The world depends on it (the gold's training sums floats in another order with more
-    threads), so it is fixed: 1, the count the README's world was built with; more is faster, and another world"""
+    """torch CPU threads of the gold's training. The world depends on it (more threads sum floats in another
+    order), so it is fixed: 1, the count the README's world (and the shipped gold) was built with"""
 
     # World specific arguments
     preset: str = "full"
-    """`full` (the real tiny world, about 11 minutes at the default 1 thread) or `ci` (a very small world in seconds);
-    explicit size flags below override the preset when set"""
+    """`full` (the real tiny world: seconds with the shipped gold, 11 minutes training it at 1 thread) or `ci` (a very
+    small world in seconds); explicit size flags below override the preset when set"""
     num_train: int | None = None
     """posts in data/train.jsonl (full: 12000, ci: 200)"""
     num_validation: int | None = None
@@ -156,6 +167,11 @@ class Args:
     summary cut there (many targets per sequence; teaches the word-level judgement quickly)"""
     gold_match_init: bool = True
     """start the gold with the word-matching circuit of `init_match_circuit` (then train everything)"""
+    gold_weights: str = "auto"
+    """`auto`: load the gold RM's trained weights that this repository ships (tiny_world_gold/, the README's world)
+    when every setting of this build is theirs, else train the gold; `train`: always train it (the default world:
+    about 11 minutes at 1 thread, and its floats depend on the thread count and the CPU); or a path to a
+    model.safetensors of this world's gold"""
     num_eval_posts: int | None = None
     """held-out posts for measuring gold agreement (full: 400, ci: 20)"""
 
@@ -169,6 +185,9 @@ PRESETS = {
     "ci": dict(num_train=200, num_validation=50, num_test=50, gold_steps=20, num_eval_posts=20),
 }
 
+SHIPPED_GOLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_world_gold")
+NOT_WORLD = ("exp_name", "torch_deterministic", "track", "wandb_project_name", "wandb_entity", "output_dir")
+NOT_WORLD += ("preset", "gold_weights")  # where a build goes and how it is logged, not what it builds
 WORLD_FORMAT = 2  # bumped whenever the world a seed builds changes meaning (2: coverage counts all 3 keys, 1-3 named)
 EOS = "<|endoftext|>"
 PAD = "<|padding|>"  # Pythia's pad token: distinct from EOS, so HF pooling reads the EOS
@@ -603,12 +622,117 @@ def pair_agreement(scores, qualities, groups):
     return float(agree) / max(total, 1), total
 
 
-if __name__ == "__main__":
-    args = tyro.cli(Args)
+def world_settings(args):
+    """The settings that decide what a build writes (the others say where it goes and how it is logged)."""
+    return json.loads(json.dumps({k: v for k, v in asdict(args).items() if k not in NOT_WORLD}))
+
+
+def sha256_of(data: bytes):
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_of_file(path):
+    with open(path, "rb") as f:
+        return sha256_of(f.read())
+
+
+def gold_weights_file(args, tokenizer_sha256):
+    """The safetensors file to load the gold RM's trained weights from, or None: train them. `auto` takes the
+    shipped ones only when this build's settings and tokenizer are exactly those they were trained for."""
+    if args.gold_weights == "train":
+        return None
+    if args.gold_weights != "auto":
+        if not os.path.isfile(args.gold_weights):
+            raise SystemExit(
+                f"--gold-weights {args.gold_weights}: no such file (a model.safetensors, `auto` or `train`)"
+            )
+        return args.gold_weights
+    if not os.path.isfile(os.path.join(SHIPPED_GOLD, "world.json")):
+        print(f"training the gold RM: no shipped gold at {SHIPPED_GOLD}")
+        return None
+    with open(os.path.join(SHIPPED_GOLD, "world.json")) as f:  # the world.json of the build that trained them
+        manifest = json.load(f)
+    settings = world_settings(args)
+    differ = sorted(k for k in settings if settings[k] != manifest["settings"].get(k))
+    if differ or tokenizer_sha256 != manifest["tokenizer_sha256"]:
+        why = f"settings {differ}" if differ else "the tokenizer (another `tokenizers` version?)"
+        print(f"training the gold RM: this build's {why} differ from those of the shipped gold ({SHIPPED_GOLD})")
+        return None
+    path = os.path.join(SHIPPED_GOLD, "model.safetensors")
+    if sha256_of_file(path) != manifest["gold_weights_sha256"]:
+        raise SystemExit(
+            f"{path} is not the file its world.json describes (a Git LFS pointer, or changed?): check out "
+            "the repository's copy, or pass --gold-weights train"
+        )
+    return path
+
+
+def train_gold(gold, tokenizer, args):
+    """Train the gold RM: regression onto quality + within-post Bradley-Terry + the dense per-word loss, on fresh
+    posts every step (`gold_steps` x `gold_posts_per_batch` x `gold_summaries_per_post` summaries)."""
+    opt = torch.optim.AdamW(gold.parameters(), lr=args.gold_lr, weight_decay=0.01)
+    warm = max(1, args.gold_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, args.gold_steps) / args.gold_steps))
+    )
+    rng = random.Random(f"{args.seed}-gold")
+    q_mean, q_std = 0.0, 2.0  # fixed scale; references land near +2.5
+    gold.train()
+    bar = tqdm(range(args.gold_steps), desc="gold RM")
+    for step in bar:
+        prompts, sums, qs, prefix_qs = [], [], [], []
+        for _ in range(args.gold_posts_per_batch):
+            row, facts = make_post(rng, args.gold_key_zipf, args.num_keys)
+            ref = make_reference(
+                rng, facts, args.reference_miss_prob, args.reference_fluff_prob, args.reference_comment_prob
+            )
+            cands = [ref] + [variant(rng, row, facts, ref) for _ in range(args.gold_summaries_per_post - 1)]
+            for s in cands:
+                prompts.append(prompt_of(row))
+                sums.append(s)
+                qs.append(quality(row, s, facts["keys"]))
+                w = s.split()
+                prefix_qs.append([quality(row, " ".join(w[: j + 1]), facts["keys"]) for j in range(len(w))])
+        b = encode_scored(tokenizer, prompts, sums)
+        h = gold.gpt_neox(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+        all_r = gold.score(h).squeeze(-1)  # (batch, seq): the score at every position
+        eos_at = last_token_index(b["attention_mask"])
+        r = all_r[torch.arange(len(sums)), eos_at]
+        # every summary word is one token, so word j of a summary sits at eos_at - len(words) + j
+        rows_i = [i for i, p in enumerate(prefix_qs) for _ in p]
+        cols_i = [int(eos_at[i]) - len(p) + j for i, p in enumerate(prefix_qs) for j in range(len(p))]
+        prefix_target = (torch.tensor([q for p in prefix_qs for q in p]) - q_mean) / q_std
+        loss_prefix = (all_r[rows_i, cols_i] - prefix_target).pow(2).mean() if rows_i else torch.zeros(())
+        target = (torch.tensor(qs) - q_mean) / q_std
+        loss_reg = (r - target).pow(2).mean()
+        rg = r.view(args.gold_posts_per_batch, -1)
+        tg = target.view(args.gold_posts_per_batch, -1)
+        diff_t = tg[:, :, None] - tg[:, None, :]
+        better = (diff_t > 1e-6).float()  # pairs (i, j) with q_i > q_j
+        loss_bt = (
+            -torch.nn.functional.logsigmoid(rg[:, :, None] - rg[:, None, :]) * better
+        ).sum() / better.sum().clamp(min=1)
+        loss = loss_reg + args.gold_pair_coef * loss_bt + args.gold_prefix_coef * loss_prefix
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gold.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 10 == 0:
+            bar.set_postfix(reg=f"{loss_reg.item():.3f}", bt=f"{loss_bt.item():.3f}")
+
+
+def with_preset(args):
+    """Fill the sizes not given explicitly from the preset, and the derived count."""
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.gold_train_summaries = args.gold_steps * args.gold_posts_per_batch * args.gold_summaries_per_post
+    return args
+
+
+if __name__ == "__main__":
+    args = with_preset(tyro.cli(Args))
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -668,67 +792,27 @@ if __name__ == "__main__":
     save_with_pad(copy.deepcopy(policy), saved_tokenizer, f"{out}/base_policy")
     print(f"base_policy: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params")
 
-    # 4. gold RM: regression onto quality + within-post Bradley-Terry, on fresh posts every step
+    # 4. gold RM: the repository's trained weights of this very world (`--gold-weights auto`), or trained here
     gold_cfg = neox_config(
         tokenizer, args.gold_layers, args.gold_hidden, args.num_heads, args.max_position_embeddings, num_labels=1
     )
     gold = GPTNeoXForSequenceClassification(gold_cfg)
-    if args.gold_match_init:
-        init_match_circuit(gold, tokenizer.convert_tokens_to_ids("DR"), circuit_directions(gold, noun_ids(tokenizer)))
-    print(
-        f"gold_rm: {sum(p.numel() for p in gold.parameters()) / 1e6:.2f}M params, "
-        f"{args.gold_train_summaries} training summaries"
-    )
-    opt = torch.optim.AdamW(gold.parameters(), lr=args.gold_lr, weight_decay=0.01)
-    warm = max(1, args.gold_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * min(s, args.gold_steps) / args.gold_steps))
-    )
-    rng = random.Random(f"{args.seed}-gold")
-    q_mean, q_std = 0.0, 2.0  # fixed scale; references land near +2.5
-    gold.train()
-    bar = tqdm(range(args.gold_steps), desc="gold RM")
-    for step in bar:
-        prompts, sums, qs, prefix_qs = [], [], [], []
-        for _ in range(args.gold_posts_per_batch):
-            row, facts = make_post(rng, args.gold_key_zipf, args.num_keys)
-            ref = make_reference(
-                rng, facts, args.reference_miss_prob, args.reference_fluff_prob, args.reference_comment_prob
-            )
-            cands = [ref] + [variant(rng, row, facts, ref) for _ in range(args.gold_summaries_per_post - 1)]
-            for s in cands:
-                prompts.append(prompt_of(row))
-                sums.append(s)
-                qs.append(quality(row, s, facts["keys"]))
-                w = s.split()
-                prefix_qs.append([quality(row, " ".join(w[: j + 1]), facts["keys"]) for j in range(len(w))])
-        b = encode_scored(tokenizer, prompts, sums)
-        h = gold.gpt_neox(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-        all_r = gold.score(h).squeeze(-1)  # (batch, seq): the score at every position
-        eos_at = last_token_index(b["attention_mask"])
-        r = all_r[torch.arange(len(sums)), eos_at]
-        # every summary word is one token, so word j of a summary sits at eos_at - len(words) + j
-        rows_i = [i for i, p in enumerate(prefix_qs) for _ in p]
-        cols_i = [int(eos_at[i]) - len(p) + j for i, p in enumerate(prefix_qs) for j in range(len(p))]
-        prefix_target = (torch.tensor([q for p in prefix_qs for q in p]) - q_mean) / q_std
-        loss_prefix = (all_r[rows_i, cols_i] - prefix_target).pow(2).mean() if rows_i else torch.zeros(())
-        target = (torch.tensor(qs) - q_mean) / q_std
-        loss_reg = (r - target).pow(2).mean()
-        rg = r.view(args.gold_posts_per_batch, -1)
-        tg = target.view(args.gold_posts_per_batch, -1)
-        diff_t = tg[:, :, None] - tg[:, None, :]
-        better = (diff_t > 1e-6).float()  # pairs (i, j) with q_i > q_j
-        loss_bt = (
-            -torch.nn.functional.logsigmoid(rg[:, :, None] - rg[:, None, :]) * better
-        ).sum() / better.sum().clamp(min=1)
-        loss = loss_reg + args.gold_pair_coef * loss_bt + args.gold_prefix_coef * loss_prefix
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(gold.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 10 == 0:
-            bar.set_postfix(reg=f"{loss_reg.item():.3f}", bt=f"{loss_bt.item():.3f}")
+    tokenizer_sha256 = sha256_of(tokenizer.backend_tokenizer.to_str().encode())
+    weights = gold_weights_file(args, tokenizer_sha256)
+    if weights:  # the same model on every machine, in seconds
+        with torch.random.fork_rng():
+            gold.resize_token_embeddings(len(saved_tokenizer), mean_resizing=False)  # as saved: + the pad's row
+        gold.load_state_dict(load_file(weights))
+        print(f"gold_rm: {sum(p.numel() for p in gold.parameters()) / 1e6:.2f}M params, trained weights from {weights}")
+    else:
+        if args.gold_match_init:
+            marker, dirs = tokenizer.convert_tokens_to_ids("DR"), circuit_directions(gold, noun_ids(tokenizer))
+            init_match_circuit(gold, marker, dirs)
+        print(
+            f"gold_rm: {sum(p.numel() for p in gold.parameters()) / 1e6:.2f}M params, "
+            f"{args.gold_train_summaries} training summaries"
+        )
+        train_gold(gold, tokenizer, args)
 
     # 5. measure the gold on held-out posts (the test split's posts, never seen in gold training)
     rng = random.Random(f"{args.seed}-eval")
@@ -763,6 +847,10 @@ if __name__ == "__main__":
     world = dict(
         format=WORLD_FORMAT,
         args=asdict(args),
+        settings=world_settings(args),  # what `--gold-weights auto` compares with tiny_world_gold/world.json's
+        tokenizer_sha256=tokenizer_sha256,
+        gold_weights=weights or "trained in this build",
+        gold_weights_sha256=sha256_of_file(f"{out}/gold_rm/model.safetensors"),
         sizes=dict(
             splits,
             vocab_size=len(tokenizer),

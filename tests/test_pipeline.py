@@ -154,3 +154,18 @@ def test_a_world_of_another_format_is_refused_with_what_to_do(tmp_path):
     for old in ({}, {"format": tiny_world.WORLD_FORMAT - 1}):
         with pytest.raises(SystemExit, match="another version of tiny_world.py.*Move"):
             pipeline.check_world_format(old, str(tmp_path))
+
+
+@pytest.mark.parametrize("threads, caller", [(1, "2"), (2, "1")])
+def test_every_stage_and_rl_run_gets_the_pipelines_thread_count(tmp_path, monkeypatch, threads, caller):
+    """A chain's floats depend on torch's thread count, so every stage and every RL run gets `--threads`, whatever
+    the caller's OMP_NUM_THREADS: read back from torch inside the subprocesses."""
+    monkeypatch.setenv("OMP_NUM_THREADS", caller)
+    args = pipeline.Args(root=str(tmp_path), threads=threads, jobs=2)
+    probe = "import sys, torch; open(sys.argv[1], 'w').write(str(torch.get_num_threads()))"
+    pipeline.stage(args, "-c", str(tmp_path / "stage.txt"), probe, str(tmp_path / "stage.txt"))
+    runs = [(f"run{i}", str(tmp_path / f"run{i}"), [sys.executable, "-c", probe, str(tmp_path / f"run{i}.txt")])
+            for i in range(2)]  # fmt: skip
+    pipeline.run_all(args, runs)  # two at once (--jobs 2)
+    got = [open(tmp_path / f).read() for f in ("stage.txt", "run0.txt", "run1.txt")]
+    assert got == [str(threads)] * 3

@@ -19,7 +19,7 @@ import tiny_world as tw  # noqa: E402
 COLUMNS = ["id", "subreddit", "title", "post", "summary"]
 
 
-def build(out, seed=1):
+def build(out, seed=1, *extra):
     cmd = [
         sys.executable,
         os.path.join(ROOT, "tiny_world.py"),
@@ -31,6 +31,7 @@ def build(out, seed=1):
         str(out),
         "--gold-steps",
         "3",
+        *extra,
     ]
     subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
     return out
@@ -101,6 +102,57 @@ def test_deterministic(world, tmp_path):
         a = (world / "data" / f"{split}.jsonl").read_bytes()
         b = (other / "data" / f"{split}.jsonl").read_bytes()
         assert hashlib.sha256(a).digest() == hashlib.sha256(b).digest()
+
+
+def sha256(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_gold_weights_from_a_file_give_the_world_that_trained_them(world, tmp_path):
+    """`--gold-weights PATH` loads a trained gold instead of training one (how the shipped gold is used): the world
+    written is the one whose build trained those weights, gold file and measured agreement alike."""
+    trained = world / "gold_rm" / "model.safetensors"
+    other = build(tmp_path / "loaded", 1, "--gold-weights", str(trained))
+    assert sha256(other / "gold_rm" / "model.safetensors") == sha256(trained)
+    a, b = json.load(open(world / "world.json")), json.load(open(other / "world.json"))
+    assert a["gold_weights"] == "trained in this build" and b["gold_weights"] == str(trained)
+    assert a["gold_weights_sha256"] == b["gold_weights_sha256"] == sha256(trained)
+    assert a["settings"] == b["settings"] and a["tokenizer_sha256"] == b["tokenizer_sha256"]
+    a["measured"].pop("build_seconds"), b["measured"].pop("build_seconds")
+    assert a["measured"] == b["measured"]
+
+
+def test_auto_takes_the_shipped_gold_only_for_the_world_it_was_trained_for(world, tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "world.json").write_bytes((world / "world.json").read_bytes())
+    (shipped / "model.safetensors").write_bytes((world / "gold_rm" / "model.safetensors").read_bytes())
+    monkeypatch.setattr(tw, "SHIPPED_GOLD", str(shipped))
+    built = json.load(open(world / "world.json"))
+    args = tw.Args(**{**built["args"], "gold_weights": "auto", "output_dir": "elsewhere", "exp_name": "other"})
+    tok = built["tokenizer_sha256"]
+    assert tw.gold_weights_file(args, tok) == str(shipped / "model.safetensors")
+    assert tw.gold_weights_file(tw.Args(**{**built["args"], "gold_weights": "train"}), tok) is None
+    assert tw.gold_weights_file(args, "another tokenizer") is None
+    for changed in ({"seed": 2}, {"gold_lr": 2e-3}, {"threads": 2}, {"reference_miss_prob": 0.2}):
+        assert tw.gold_weights_file(tw.Args(**{**built["args"], "gold_weights": "auto", **changed}), tok) is None
+    with open(shipped / "model.safetensors", "ab") as f:
+        f.write(b"x")  # not the file the manifest describes
+    with pytest.raises(SystemExit, match="not the file its world.json describes"):
+        tw.gold_weights_file(args, tok)
+    with pytest.raises(SystemExit, match="no such file"):
+        tw.gold_weights_file(tw.Args(gold_weights=str(tmp_path / "missing.safetensors")), tok)
+    monkeypatch.setattr(tw, "SHIPPED_GOLD", str(tmp_path / "nothing shipped"))
+    assert tw.gold_weights_file(args, tok) is None
+
+
+def test_the_shipped_gold_is_the_default_worlds():
+    """The repository ships the README world's trained gold: `--gold-weights auto` must pick it for the default
+    settings (or the main job trains the gold again, 11 minutes), and the file must be the one it trained."""
+    shipped = json.load(open(os.path.join(tw.SHIPPED_GOLD, "world.json")))
+    assert shipped["settings"] == tw.world_settings(tw.with_preset(tw.Args()))
+    assert shipped["gold_weights"] == "trained in this build" and shipped["format"] == tw.WORLD_FORMAT
+    assert sha256(os.path.join(tw.SHIPPED_GOLD, "model.safetensors")) == shipped["gold_weights_sha256"]
 
 
 def test_quality_properties():
