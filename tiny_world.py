@@ -797,7 +797,7 @@ if __name__ == "__main__":
         tokenizer, args.gold_layers, args.gold_hidden, args.num_heads, args.max_position_embeddings, num_labels=1
     )
     gold = GPTNeoXForSequenceClassification(gold_cfg)
-    tokenizer_sha256 = sha256_of(tokenizer.backend_tokenizer.to_str().encode())
+    tokenizer_sha256 = sha256_of(json.dumps(sorted(tokenizer.get_vocab().items())).encode())  # its token ids
     weights = gold_weights_file(args, tokenizer_sha256)
     if weights:  # the same model on every machine, in seconds
         with torch.random.fork_rng():

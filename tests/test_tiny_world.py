@@ -108,16 +108,23 @@ def sha256(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def test_gold_weights_from_a_file_give_the_world_that_trained_them(world, tmp_path):
-    """`--gold-weights PATH` loads a trained gold instead of training one (how the shipped gold is used): the world
-    written is the one whose build trained those weights, gold file and measured agreement alike."""
+def test_auto_loads_a_shipped_gold_and_gives_the_world_that_trained_it(world, tmp_path):
+    """`--gold-weights auto`, end to end: a copy of tiny_world.py next to a `tiny_world_gold/` holding this CI world's
+    trained gold and world.json, run with the same settings, loads that gold instead of training one and writes the
+    world whose build trained it, gold file and measured agreement alike."""
+    (tmp_path / "tiny_world_gold").mkdir()
+    (tmp_path / "tiny_world.py").write_bytes(open(os.path.join(ROOT, "tiny_world.py"), "rb").read())
+    (tmp_path / "tiny_world_gold" / "world.json").write_bytes((world / "world.json").read_bytes())
     trained = world / "gold_rm" / "model.safetensors"
-    other = build(tmp_path / "loaded", 1, "--gold-weights", str(trained))
+    (tmp_path / "tiny_world_gold" / "model.safetensors").write_bytes(trained.read_bytes())
+    cmd = [sys.executable, str(tmp_path / "tiny_world.py"), "--preset", "ci", "--output-dir", str(tmp_path / "out")]
+    subprocess.run(cmd + ["--gold-steps", "3"], check=True, cwd=ROOT, capture_output=True)
+    other = tmp_path / "out"
     assert sha256(other / "gold_rm" / "model.safetensors") == sha256(trained)
     a, b = json.load(open(world / "world.json")), json.load(open(other / "world.json"))
-    assert a["gold_weights"] == "trained in this build" and b["gold_weights"] == str(trained)
+    assert a["gold_weights"] == "trained in this build"
+    assert b["gold_weights"] == str(tmp_path / "tiny_world_gold" / "model.safetensors")
     assert a["gold_weights_sha256"] == b["gold_weights_sha256"] == sha256(trained)
-    assert a["settings"] == b["settings"] and a["tokenizer_sha256"] == b["tokenizer_sha256"]
     a["measured"].pop("build_seconds"), b["measured"].pop("build_seconds")
     assert a["measured"] == b["measured"]
 
