@@ -39,6 +39,7 @@ import os
 import random
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -482,7 +483,6 @@ def rm_input_ids(tokenizer, prompt: str, response: str, max_length: int, chat: b
     return ids[-max_length:]  # keep the end: that is where the reward is read
 
 
-@torch.no_grad()
 def score_texts(
     model,
     tokenizer,
@@ -494,22 +494,38 @@ def score_texts(
     accelerator,
     desc: str,
 ):
-    """Reward and feature of every (prompt, response), right-padded batches (see rm_input_ids for `chat`)."""
-    rewards, features = [], []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not accelerator.is_main_process):
-        ids = [
-            rm_input_ids(tokenizer, p, r, max_length, chat)
-            for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size])
-        ]
+    """Reward and feature of every (prompt, response), right-padded batches (see rm_input_ids for `chat`).
+    On a CPU with cores to spare (torch on fewer threads than there are cores, e.g. OMP_NUM_THREADS=1 as pipeline.py
+    runs every stage), several batches are scored at once in threads: each on torch's threads, with the same kernels
+    on the same batches as one at a time, so the same scores to the bit, sooner."""
+    device, pad = accelerator.device, tokenizer.pad_token_id
+    workers = 1
+    if device.type == "cpu":
+        workers = max(1, (os.cpu_count() or 1) // (torch.get_num_threads() * accelerator.num_processes))
+
+    def encode(i):  # in the calling thread: a fast tokenizer must not be called from two threads at once
+        pairs = zip(prompts[i : i + batch_size], responses[i : i + batch_size])
+        ids = [rm_input_ids(tokenizer, p, r, max_length, chat) for p, r in pairs]
         n = max(len(x) for x in ids)
-        input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (n - len(x)) for x in ids], device=accelerator.device)
-        mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids], device=accelerator.device)
-        r, h = reward_and_features(model, input_ids, mask)
-        rewards.append(r.float().cpu())
-        features.append(h.float().cpu())
-    if not rewards:
+        mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in ids])
+        return torch.tensor([x + [pad] * (n - len(x)) for x in ids]), mask
+
+    def score(batch):
+        with torch.no_grad():  # grad mode is per thread
+            r, h = reward_and_features(model, batch[0].to(device), batch[1].to(device))
+        return r.float().cpu(), h.float().cpu()
+
+    starts = range(0, len(prompts), batch_size)
+    out, bar = [], tqdm(total=len(starts), desc=desc, disable=not accelerator.is_main_process)
+    with ThreadPoolExecutor(workers) as pool:
+        for w in range(0, len(starts), workers):
+            window = [encode(i) for i in starts[w : w + workers]]
+            out += pool.map(score, window) if workers > 1 else map(score, window)  # map keeps the order
+            bar.update(len(window))
+    bar.close()
+    if not out:
         return torch.zeros(0), torch.zeros(0, model.config.hidden_size)
-    return torch.cat(rewards), torch.cat(features)
+    return torch.cat([r for r, _ in out]), torch.cat([h for _, h in out])
 
 
 # ---------------------------------------------------------------- outputs

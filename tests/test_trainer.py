@@ -7,6 +7,7 @@ import fcntl
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -409,10 +410,40 @@ def test_the_gold_reads_what_gen_prefs_and_eval_gold_read(world, chat):
     args = SimpleNamespace(gold_batch_size=2, gold_max_length=64)
     with torch.no_grad():
         ours = grpo_signcert.gold_rewards(gold, tok, prompts, responses, args, torch.device("cpu"))
-        cpu = SimpleNamespace(device=torch.device("cpu"), is_main_process=False)
+        cpu = SimpleNamespace(device=torch.device("cpu"), is_main_process=False, num_processes=1)
         theirs = eval_gold.score_texts(gold, tok, prompts, responses, chat, 5, 64, cpu, "gold")[0]
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert ours.std() > 0  # different texts, different scores: the comparison is not vacuous
+
+
+def test_scoring_batches_in_threads_gives_the_same_scores_to_the_bit(world, monkeypatch):
+    """eval_gold.py's and gen_prefs.py's score_texts and tiny_world.gold_scores score several batches at once, in
+    threads, when torch runs on fewer threads than there are cores (as pipeline.py runs every stage): the scores
+    and features, in order, are those of one batch at a time, bit for bit (the pipeline's chains depend on it)."""
+    import eval_gold
+    import tiny_world
+
+    gold = AutoModelForSequenceClassification.from_pretrained(world / "gold_rm").eval()
+    tok = AutoTokenizer.from_pretrained(world / "gold_rm")
+    rng = random.Random(0)
+    words = "my dog cat ate the shoe ring oven pasta boss lost found".split()
+    prompts = [f"SUBREDDIT: r/pets\n\nTITLE: t{i}\n\nPOST: my dog ate my shoe {i}\n\nTL;DR:" for i in range(37)]
+    responses = [" " + " ".join(rng.choices(words, k=rng.randint(1, 9))) for _ in prompts]
+    cpu = SimpleNamespace(device=torch.device("cpu"), is_main_process=False, num_processes=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        got = {}
+        for cores in (1, 4):  # 1: one batch at a time; 4: four batches at once, one torch thread each
+            monkeypatch.setattr(os, "cpu_count", lambda: cores)
+            got[cores] = eval_gold.score_texts(gold, tok, prompts, responses, False, 4, 64, cpu, "gold") + (
+                tiny_world.gold_scores(gold, tok, prompts, [r[1:] for r in responses], batch_size=4),
+            )
+    finally:
+        torch.set_num_threads(threads)
+    for one, four in zip(got[1], got[4]):
+        assert torch.equal(one, four)
+    assert got[1][0].unique().numel() > 30 and torch.equal(got[1][0], got[1][2])  # distinct scores; the two agree
 
 
 def test_a_short_run_raises_the_proxy_reward(world, tmp_path):
