@@ -19,7 +19,8 @@ sums depend on the thread count and the CPU, so the repository ships the trained
 (`tiny_world_gold/`: model.safetensors and the world.json of the build that trained them, `--threads 1` on a
 2-core Intel Xeon). `--gold-weights auto` (the default) loads them when every setting of the build and the
 tokenizer are theirs, so the default world is the same on every machine; any other settings train the gold here
-(`--gold-weights train` always does). To refresh the shipped gold after changing the world:
+(`--gold-weights train` always does), and so does a shipped world.json of another WORLD_FORMAT. Whoever changes
+what the gold learns (quality, the variants, its training) bumps WORLD_FORMAT and refreshes the shipped gold:
 `python tiny_world.py --gold-weights train && cp runs/tiny_world/world.json runs/tiny_world/gold_rm/model.safetensors
 tiny_world_gold/`.
 
@@ -660,6 +661,8 @@ def gold_weights_file(args, tokenizer_sha256):
         manifest = json.load(f)
     settings = world_settings(args)
     differ = sorted(k for k in settings if settings[k] != manifest["settings"].get(k))
+    if manifest.get("format") != WORLD_FORMAT:  # the code's world changed meaning since they were trained
+        differ.append(f"format (theirs {manifest.get('format')}, this code's {WORLD_FORMAT})")
     if differ or tokenizer_sha256 != manifest["tokenizer_sha256"]:
         why = f"settings {differ}" if differ else "the tokenizer (another `tokenizers` version?)"
         print(f"training the gold RM: this build's {why} differ from those of the shipped gold ({SHIPPED_GOLD})")

@@ -143,6 +143,10 @@ def test_auto_takes_the_shipped_gold_only_for_the_world_it_was_trained_for(world
     assert tw.gold_weights_file(args, "another tokenizer") is None
     for changed in ({"seed": 2}, {"gold_lr": 2e-3}, {"threads": 2}, {"reference_miss_prob": 0.2}):
         assert tw.gold_weights_file(tw.Args(**{**built["args"], "gold_weights": "auto", **changed}), tok) is None
+    fmt = tw.WORLD_FORMAT
+    monkeypatch.setattr(tw, "WORLD_FORMAT", fmt + 1)  # the code's world changed meaning since they were trained
+    assert tw.gold_weights_file(args, tok) is None
+    monkeypatch.setattr(tw, "WORLD_FORMAT", fmt)
     with open(shipped / "model.safetensors", "ab") as f:
         f.write(b"x")  # not the file the manifest describes
     with pytest.raises(SystemExit, match="not the file its world.json describes"):
