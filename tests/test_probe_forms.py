@@ -45,6 +45,8 @@ def test_quality_column_is_the_formula(probed):
     assert q["X and Y and W and V (more nouns)"] == 0
     assert q["X and Y + 12 glue words (too long)"] == 1  # 15 words: too long, glue otherwise free
     assert q["X and Y , ugh (comment)"] == 1
+    assert q["my person and my X (template)"] == 1 and q["my X are a mess (template)"] == 1  # glue is free
+    assert q["my person and my W (template, W invented)"] == q["my W are a mess (template, W invented)"] == -1
 
 
 def test_rm_columns_are_the_rms_mean_scores(probed):

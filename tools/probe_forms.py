@@ -71,6 +71,11 @@ def forms(rng, row, facts):
         "X and Y and W and V (more nouns)": f"{x} and {y} and {w} and {v}",
         "X and Y, three times": " and ".join([x, y] * 3),
         "X and Y + 12 glue words (too long)": f"{x} and {y} " + " ".join(["and the"] * 6),
+        # the templates Dr.GRPO collapses onto on the present world (README, Results), with a key and an invented noun
+        "my person and my X (template)": f"my {p} and my {x}",
+        "my person and my W (template, W invented)": f"my {p} and my {w}",
+        "my X are a mess (template)": f"my {x} are a mess",
+        "my W are a mess (template, W invented)": f"my {w} are a mess",
     }
     return {k: s for k, s in out.items() if s is not None}
 
