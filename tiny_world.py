@@ -14,7 +14,7 @@ to disk, and every later stage reads it through the same Hugging Face code paths
                                  larger than the policy, trained on far more data than the proxy sees
     {output_dir}/world.json      settings, sizes, vocabulary, the quality formula, measured numbers
 
-Everything but the gold RM's training takes seconds. That training takes 11 minutes on one core, and its float
+Everything but the gold RM's training takes seconds. That training takes 9-11 minutes on one core, and its float
 sums depend on the thread count and the CPU, so the repository ships the trained weights of the default world
 (`tiny_world_gold/`: model.safetensors and the world.json of the build that trained them, `--threads 1` on a
 2-core Intel Xeon). `--gold-weights auto` (the default) loads them when every setting of the build and the
@@ -113,7 +113,7 @@ class Args:
 
     # World specific arguments
     preset: str = "full"
-    """`full` (the real tiny world: seconds with the shipped gold, 11 minutes training it at 1 thread) or `ci` (a very
+    """`full` (the real tiny world: seconds with the shipped gold, 9-11 minutes training it at 1 thread) or `ci` (a very
     small world in seconds); explicit size flags below override the preset when set"""
     num_train: int | None = None
     """posts in data/train.jsonl (full: 12000, ci: 200)"""
@@ -172,7 +172,7 @@ class Args:
     gold_weights: str = "auto"
     """`auto`: load the gold RM's trained weights that this repository ships (tiny_world_gold/, the README's world)
     when every setting of this build is theirs, else train the gold; `train`: always train it (the default world:
-    about 11 minutes at 1 thread, and its floats depend on the thread count and the CPU); or a path to a
+    9-11 minutes at 1 thread, and its floats depend on the thread count and the CPU); or a path to a
     model.safetensors of this world's gold"""
     num_eval_posts: int | None = None
     """held-out posts for measuring gold agreement (full: 400, ci: 20)"""
