@@ -522,6 +522,10 @@ def init_match_circuit(model, marker_id, dirs, sharpness=10.0):
     g = torch.Generator().manual_seed(0)
     emb = model.gpt_neox.embed_in.weight
     size, seg_dir, match_dir = dirs["size"], dirs["seg"], dirs["match"]
+    for blk in model.gpt_neox.layers[:2]:  # the circuit's layers start with every other output silent: clean signals
+        for layer in (blk.attention.dense, blk.mlp.dense_4h_to_h):
+            layer.weight.zero_()
+            layer.bias.zero_()
     # layer 0, segment head: constant query, key = "am I the marker", value = 1 at the marker
     blk = model.gpt_neox.layers[0]
     x = blk.input_layernorm(emb)
@@ -534,21 +538,13 @@ def init_match_circuit(model, marker_id, dirs, sharpness=10.0):
     qkv.bias[base + rot] = 1.0
     qkv.weight[base + hs + rot] = 2 * sharpness * hs**0.5 * m / x[marker_id].norm()
     qkv.weight[base + 2 * hs] = m / x[marker_id].norm()
-    out.weight.zero_()  # layer 0 starts as the segment head alone, so layer 1 sees clean token identities
-    out.bias.zero_()
-    out.weight[:, h * hs] = size * seg_dir
-    blk.mlp.dense_4h_to_h.weight.zero_()
-    blk.mlp.dense_4h_to_h.bias.zero_()
+    out.weight[:, h * hs] = size * seg_dir  # layer 0 is the segment head alone: layer 1 sees clean token identities
     # layer 1, match heads: query = key = a projection blind to the circuit directions
     blk = model.gpt_neox.layers[1]
     x = blk.input_layernorm(emb)
     seg_in = blk.input_layernorm(emb + size * seg_dir)  # a summary token as layer 1 sees it
     seg_read = ((seg_in - x) @ seg_dir).mean()  # the segment signal after the layer norm
     qkv, out = blk.attention.query_key_value, blk.attention.dense
-    out.weight.zero_()
-    out.bias.zero_()
-    blk.mlp.dense_4h_to_h.weight.zero_()
-    blk.mlp.dense_4h_to_h.bias.zero_()
     for h in (0, 1):
         proj = torch.randn(hs, d, generator=g) / d**0.5
         for u in dirs["subspace"]:
