@@ -19,10 +19,10 @@ import tiny_world as tw  # noqa: E402
 COLUMNS = ["id", "subreddit", "title", "post", "summary"]
 
 
-def build(out, seed=1, *extra):
+def build(out, seed=1, *extra, script=os.path.join(ROOT, "tiny_world.py")):
     cmd = [
         sys.executable,
-        os.path.join(ROOT, "tiny_world.py"),
+        str(script),
         "--preset",
         "ci",
         "--seed",
@@ -104,45 +104,43 @@ def test_deterministic(world, tmp_path):
         assert hashlib.sha256(a).digest() == hashlib.sha256(b).digest()
 
 
-def sha256(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+def ship(world, folder):
+    """`folder` as tiny_world_gold/ would be for `world`: its world.json and its trained gold's weights."""
+    folder.mkdir()
+    (folder / "world.json").write_bytes((world / "world.json").read_bytes())
+    (folder / "model.safetensors").write_bytes((world / "gold_rm" / "model.safetensors").read_bytes())
+    return folder
 
 
 def test_auto_loads_a_shipped_gold_and_gives_the_world_that_trained_it(world, tmp_path):
     """`--gold-weights auto`, end to end: a copy of tiny_world.py next to a `tiny_world_gold/` holding this CI world's
     trained gold and world.json, run with the same settings, loads that gold instead of training one and writes the
     world whose build trained it, gold file and measured agreement alike."""
-    (tmp_path / "tiny_world_gold").mkdir()
+    shipped = ship(world, tmp_path / "tiny_world_gold")
     (tmp_path / "tiny_world.py").write_bytes(open(os.path.join(ROOT, "tiny_world.py"), "rb").read())
-    (tmp_path / "tiny_world_gold" / "world.json").write_bytes((world / "world.json").read_bytes())
-    trained = world / "gold_rm" / "model.safetensors"
-    (tmp_path / "tiny_world_gold" / "model.safetensors").write_bytes(trained.read_bytes())
-    cmd = [sys.executable, str(tmp_path / "tiny_world.py"), "--preset", "ci", "--output-dir", str(tmp_path / "out")]
-    subprocess.run(cmd + ["--gold-steps", "3"], check=True, cwd=ROOT, capture_output=True)
-    other = tmp_path / "out"
-    assert sha256(other / "gold_rm" / "model.safetensors") == sha256(trained)
+    other = build(tmp_path / "out", 1, script=tmp_path / "tiny_world.py")
+    trained = tw.sha256_of_file(world / "gold_rm" / "model.safetensors")
+    assert tw.sha256_of_file(other / "gold_rm" / "model.safetensors") == trained
     a, b = json.load(open(world / "world.json")), json.load(open(other / "world.json"))
     assert a["gold_weights"] == "trained in this build"
-    assert b["gold_weights"] == str(tmp_path / "tiny_world_gold" / "model.safetensors")
-    assert a["gold_weights_sha256"] == b["gold_weights_sha256"] == sha256(trained)
+    assert b["gold_weights"] == str(shipped / "model.safetensors")
+    assert a["gold_weights_sha256"] == b["gold_weights_sha256"] == trained
     a["measured"].pop("build_seconds"), b["measured"].pop("build_seconds")
     assert a["measured"] == b["measured"]
 
 
 def test_auto_takes_the_shipped_gold_only_for_the_world_it_was_trained_for(world, tmp_path, monkeypatch):
-    shipped = tmp_path / "shipped"
-    shipped.mkdir()
-    (shipped / "world.json").write_bytes((world / "world.json").read_bytes())
-    (shipped / "model.safetensors").write_bytes((world / "gold_rm" / "model.safetensors").read_bytes())
+    shipped = ship(world, tmp_path / "shipped")
     monkeypatch.setattr(tw, "SHIPPED_GOLD", str(shipped))
     built = json.load(open(world / "world.json"))
-    args = tw.Args(**{**built["args"], "gold_weights": "auto", "output_dir": "elsewhere", "exp_name": "other"})
+    args_of = lambda **changed: tw.Args(**{**built["args"], "gold_weights": "auto", **changed})
+    args = args_of(output_dir="elsewhere", exp_name="other")
     tok = built["tokenizer_sha256"]
     assert tw.gold_weights_file(args, tok) == str(shipped / "model.safetensors")
-    assert tw.gold_weights_file(tw.Args(**{**built["args"], "gold_weights": "train"}), tok) is None
+    assert tw.gold_weights_file(args_of(gold_weights="train"), tok) is None
     assert tw.gold_weights_file(args, "another tokenizer") is None
     for changed in ({"seed": 2}, {"gold_lr": 2e-3}, {"threads": 2}, {"reference_miss_prob": 0.2}):
-        assert tw.gold_weights_file(tw.Args(**{**built["args"], "gold_weights": "auto", **changed}), tok) is None
+        assert tw.gold_weights_file(args_of(**changed), tok) is None
     fmt = tw.WORLD_FORMAT
     monkeypatch.setattr(tw, "WORLD_FORMAT", fmt + 1)  # the code's world changed meaning since they were trained
     assert tw.gold_weights_file(args, tok) is None
@@ -163,7 +161,7 @@ def test_the_shipped_gold_is_the_default_worlds():
     shipped = json.load(open(os.path.join(tw.SHIPPED_GOLD, "world.json")))
     assert shipped["settings"] == tw.world_settings(tw.with_preset(tw.Args()))
     assert shipped["gold_weights"] == "trained in this build" and shipped["format"] == tw.WORLD_FORMAT
-    assert sha256(os.path.join(tw.SHIPPED_GOLD, "model.safetensors")) == shipped["gold_weights_sha256"]
+    assert tw.sha256_of_file(os.path.join(tw.SHIPPED_GOLD, "model.safetensors")) == shipped["gold_weights_sha256"]
 
 
 def test_quality_properties():
