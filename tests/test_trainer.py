@@ -394,6 +394,10 @@ def test_every_logged_metric_against_an_independent_computation(world, tmp_path,
     assert args["num_processes"] == (procs or 1) and args["gradient_accumulation_steps"] == 4 // (procs or 1)
 
 
+# what score_texts reads of an Accelerator: one process on the CPU
+ONE_CPU = SimpleNamespace(device=torch.device("cpu"), is_main_process=False, num_processes=1)
+
+
 @pytest.mark.parametrize("chat", [False, True])
 def test_the_gold_reads_what_gen_prefs_and_eval_gold_read(world, chat):
     """`reward/gold` during training and the gold labels and evaluation score the same input: the trainer's
@@ -410,8 +414,7 @@ def test_the_gold_reads_what_gen_prefs_and_eval_gold_read(world, chat):
     args = SimpleNamespace(gold_batch_size=2, gold_max_length=64)
     with torch.no_grad():
         ours = grpo_signcert.gold_rewards(gold, tok, prompts, responses, args, torch.device("cpu"))
-        cpu = SimpleNamespace(device=torch.device("cpu"), is_main_process=False, num_processes=1)
-        theirs = eval_gold.score_texts(gold, tok, prompts, responses, chat, 5, 64, cpu, "gold")[0]
+        theirs = eval_gold.score_texts(gold, tok, prompts, responses, chat, 5, 64, ONE_CPU, "gold")[0]
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert ours.std() > 0  # different texts, different scores: the comparison is not vacuous
 
@@ -429,14 +432,13 @@ def test_scoring_batches_in_threads_gives_the_same_scores_to_the_bit(world, monk
     words = "my dog cat ate the shoe ring oven pasta boss lost found".split()
     prompts = [f"SUBREDDIT: r/pets\n\nTITLE: t{i}\n\nPOST: my dog ate my shoe {i}\n\nTL;DR:" for i in range(37)]
     responses = [" " + " ".join(rng.choices(words, k=rng.randint(1, 9))) for _ in prompts]
-    cpu = SimpleNamespace(device=torch.device("cpu"), is_main_process=False, num_processes=1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         got = {}
         for cores in (1, 4):  # 1: one batch at a time; 4: four batches at once, one torch thread each
             monkeypatch.setattr(os, "cpu_count", lambda: cores)
-            got[cores] = eval_gold.score_texts(gold, tok, prompts, responses, False, 4, 64, cpu, "gold") + (
+            got[cores] = eval_gold.score_texts(gold, tok, prompts, responses, False, 4, 64, ONE_CPU, "gold") + (
                 tiny_world.gold_scores(gold, tok, prompts, [r[1:] for r in responses], batch_size=4),
             )
     finally:
