@@ -180,8 +180,9 @@ def own_output_dir(args: Args) -> str:
 
 
 def require_path(path: Optional[str], flag: str) -> None:
-    """Fail now, saying what to do, on a path that cannot be what was meant (instead of a hub lookup that
-    fails later with "couldn't connect to huggingface.co", or a tokenizer error on a run folder)."""
+    """Fail now, naming the flag and saying what to do, on a path that cannot be what was meant: a local folder
+    that does not exist, a run folder instead of its model, or a hub id that cannot be had (the hub offline or
+    unreachable, and no cached copy), instead of a hub lookup that fails later under a long traceback."""
     if not path:
         return
     p = Path(path).expanduser()
@@ -189,13 +190,35 @@ def require_path(path: Optional[str], flag: str) -> None:
         raise FileNotFoundError(f"{flag} {path} is a run folder, not a model: pass its model, {p / 'model'}")
     if p.exists():
         return
+    missing = f"{flag} {path}: no such local folder"
+    todo = "run the stage that writes it, `python pipeline.py` for the tiny world, or give an existing folder"
     first = p.parts[0] if p.parts else ""
     # a hub id is `name` or `owner/name`; anything else, or an `owner` that is a local folder, is a local path
     if path.startswith((".", "/", "~", "runs/")) or path.count("/") > 1 or Path(first).is_dir():
+        raise FileNotFoundError(f"{missing} ({todo})")
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(path, "config.json"), str):
+        return  # the hub's local cache has it: it loads offline too
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
         raise FileNotFoundError(
-            f"{flag} {path}: no such folder (run the stage that writes it, `python pipeline.py` for the "
-            f"tiny world, or give the path of an existing folder)"
+            f"{missing}, and the hub is offline (HF_HUB_OFFLINE=1) with no cached copy of {path!r} ({todo}; "
+            "for a hub model, unset HF_HUB_OFFLINE where the hub can be reached)"
         )
+    try:
+        huggingface_hub.model_info(path, timeout=10)
+    except GatedRepoError:
+        return  # it exists; loading it says what access it needs
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{missing}, nor a hub model you can read ({todo})") from None
+    except HfHubHTTPError:
+        return  # the hub answered: loading it reports the rest
+    except Exception as e:  # no answer: no network, a proxy, a wrong HF_ENDPOINT
+        raise FileNotFoundError(
+            f"{missing}, and the hub is unreachable ({type(e).__name__}: {e}) ({todo}; for a hub model, "
+            "check the network or HF_ENDPOINT)"
+        ) from None
 
 
 # ---------------------------------------------------------------- data

@@ -3,16 +3,30 @@ helpers several test files share: a multi-process launch command, the CI tiny wo
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# Under pytest-xdist (pyproject.toml runs the suite on the cores with -n auto) every worker and the scripts it
+# launches share the cores: each worker's torch gets its share of them instead of all, so that two workers on two
+# cores do not run four threads. A test that needs another count sets it itself.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4 (each runs model-training subprocesses of up to ~1 GB)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def free_port():
@@ -101,3 +115,64 @@ def read_jsonl(path) -> list[dict]:
 
 def read_metrics(out: Path) -> list[dict]:
     return read_jsonl(out / "metrics.jsonl")
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` run once per test session, by whichever pytest-xdist worker asks first (the others wait on a
+    lock and then read the same folder), so that a world or a model several test files need is not built once per
+    worker. `name` may be a path below another such folder (a stage's output inside its world). The folder is
+    shared: read it, and copy it (`copy_of`) before writing into it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this run's folder, shared by its workers (each has its own basetemp below it)
+    out = base / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / ".built").exists():
+            shutil.rmtree(out, ignore_errors=True)  # what a worker that failed mid-build left
+            build(out)  # it makes the folder
+            (out / ".built").touch()
+    return out
+
+
+def copy_of(folder: Path, dest: Path) -> Path:
+    """A private copy of a shared folder of `built_once`, to write into."""
+    return Path(shutil.copytree(folder, dest, ignore=shutil.ignore_patterns(".built")))
+
+
+@pytest.fixture(scope="session")
+def ci_world_3_gold_steps(tmp_path_factory) -> Path:
+    """`tiny_world.py --preset ci --seed 1 --gold-steps 3`, built once for the whole session and shared (read only):
+    the world tests/test_tiny_world.py reads, and the one the pipeline's end-to-end test builds as its first stage."""
+
+    def build(out):
+        cmd = [sys.executable, "tiny_world.py", "--preset", "ci", "--seed", "1", "--gold-steps", "3"]
+        repo = Path(__file__).resolve().parents[1]
+        subprocess.run(cmd + ["--output-dir", str(out)], check=True, cwd=repo, capture_output=True, timeout=600)
+
+    return built_once(tmp_path_factory, "ci_world_3_gold_steps", build)
+
+
+@pytest.fixture(scope="session")
+def ci_world(tmp_path_factory) -> Path:
+    """The CI tiny world with its EOS-emitting `policy` (`ci_world_with_eos_policy`), built once for the whole
+    session and shared: copy it (`copy_of`) before writing into it."""
+    return built_once(tmp_path_factory, "ci_world", ci_world_with_eos_policy)
+
+
+# the longest tests (each 30-150 s on a 2-core machine) start first, so that under pytest-xdist the other worker's
+# many short tests fill the time beside them instead of one long test ending the run alone
+LONGEST_FIRST = (
+    "test_pipeline_runs_every_stage_every_method_and_writes_the_tables",
+    "test_resume_after_kill_continues_with_no_lost_or_repeated_step",
+    "test_run_folders_cannot_be_mixed_up",
+    "test_uwo_resume_after_kill_continues_with_no_lost_or_repeated_step",
+    "test_update_is_the_same_for_1x4_2x2_and_1x1_and_matches_the_full_batch_gradient",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.originalname, len(rank)))  # stable: the rest keep their order

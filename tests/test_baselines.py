@@ -1,5 +1,5 @@
 """The baselines grpo_uwo.py, grpo_advpo.py, grpo_bspo.py and train_rm.py --lm-coef: each method's maths
-against an independent computation (numpy, scipy's SLSQP, a token-by-token loop), then each script end to
+against an independent computation (numpy, KKT conditions and feasible points, a token-by-token loop), then each script end to
 end on a very small tiny world (2 steps), its bad inputs, 2 processes and resume after a kill."""
 
 import contextlib
@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,7 +31,7 @@ from transformers import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from conftest import ci_world_with_eos_policy, read_jsonl, read_metrics, short_run_cmd  # noqa: E402
+from conftest import built_once, copy_of, read_jsonl, read_metrics, short_run_cmd  # noqa: E402
 
 import grpo_advpo  # noqa: E402
 import grpo_bspo  # noqa: E402
@@ -72,25 +73,59 @@ def advpo_problem(seed, n=6, d=4, n_ref=5):
     return e, e_ref, M, phi_hat
 
 
-@pytest.mark.parametrize("seed", range(5))
+def feasible_upper_bounds(objective, centre, scale, radius, rng, starts=3):
+    """Objective values (`objective` maps (d,) to a number and (d, n) to n of them) at feasible points of
+    {x : ||scale^T (x - centre)|| <= radius} (scale^T: a matrix whose
+    norm defines the ellipsoid): many random points on its boundary, and scipy's SLSQP from several starts, each
+    result pulled back inside when it ends outside. Any feasible point is an upper bound of the
+    minimum whether or not a solver converged, so nothing here hinges on one line search (SLSQP can stop with
+    "Positive directional derivative for linesearch" on one CPU and not on another)."""
+    d = len(centre)
+    inv = np.linalg.inv(scale.T)  # x = centre + inv @ u maps the ball ||u|| <= radius onto the ellipsoid
+    norm = lambda x: np.linalg.norm(scale.T @ (x - centre))
+    u = rng.normal(size=(2000, d))
+    points = list(centre + (inv @ (radius * u / np.linalg.norm(u, axis=1, keepdims=True)).T).T)
+    constraint = {"type": "ineq", "fun": lambda x: radius**2 - norm(x) ** 2}
+    for k in range(starts):
+        x0 = centre + inv @ (rng.normal(size=d) * radius / (2 * math.sqrt(d)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a solver that stops early still returns a point
+            x = minimize(objective, x0, constraints=[constraint], method="SLSQP", options={"maxiter": 300}).x
+        n = norm(x)
+        points.append(x if n <= radius else centre + (x - centre) * radius / n)
+    return objective(np.array(points).T)
+
+
+@pytest.mark.parametrize("seed", range(50))
 def test_advpo_penalty_is_the_minimiser_over_the_ellipsoid(seed):
-    """The per-sample penalty equals phi_hat^T e_j - phi*^T e_j, with phi* the minimiser of the batch objective
-    mean_pi phi^T e - mean_ref phi^T e over ||phi - phi_hat||_M <= b, found by SLSQP (no closed form)."""
+    """The per-sample penalty is phi_hat^T e_j - phi*^T e_j for one head phi*, and phi* minimises the batch
+    objective c^T phi = mean_pi phi^T e - mean_ref phi^T e over ||phi - phi_hat||_M <= b. Optimality is certified
+    by the KKT conditions (a linear objective over a convex set with an interior: they are sufficient), checked
+    numerically at phi*, and no feasible point (random ones, scipy's local solvers from several starts) beats it."""
     e, e_ref, M, phi_hat = advpo_problem(seed)
     budget, bias = 2.5, 0.3
     b = budget**0.5
     e_np, ref_np, M_np, hat_np = e.numpy(), e_ref.numpy(), M.numpy(), phi_hat.numpy()
-    objective = lambda phi: (e_np @ phi).mean() - (ref_np @ phi).mean()
-    ellipsoid = {"type": "ineq", "fun": lambda phi: b**2 - (phi - hat_np) @ M_np @ (phi - hat_np)}
-    res = minimize(objective, hat_np, constraints=[ellipsoid], method="SLSQP", options={"ftol": 1e-14, "maxiter": 500})
-    assert res.success, res.message
-    phi_star = res.x
+    objective = lambda phi: (e_np @ phi).mean(0) - (ref_np @ phi).mean(0)
     rewards = e @ phi_hat + bias
     pessimistic, penalty, g_norm = grpo_advpo.advpo_rewards(rewards, e, torch.linalg.cholesky(M), e_ref.mean(0), budget)
-    np.testing.assert_allclose(penalty.numpy(), e_np @ (hat_np - phi_star), atol=1e-5)
-    np.testing.assert_allclose(pessimistic.numpy(), e_np @ phi_star + bias, atol=1e-5)
+    # the head the penalties imply (e has full column rank): penalty_j = (phi_hat - phi*)^T e_j exactly
+    shift = np.linalg.lstsq(e_np, penalty.numpy(), rcond=None)[0]
+    phi_star = hat_np - shift
+    np.testing.assert_allclose(e_np @ shift, penalty.numpy(), atol=1e-10)
+    np.testing.assert_allclose(pessimistic.numpy(), e_np @ phi_star + bias, atol=1e-10)
+    # KKT: feasible with the constraint active, and grad c^T phi = c = -mu grad ||phi - phi_hat||_M^2 with mu >= 0
+    assert (phi_star - hat_np) @ M_np @ (phi_star - hat_np) == pytest.approx(b**2, rel=1e-9)
+    c = e_np.mean(0) - ref_np.mean(0)
+    grad_constraint = 2 * M_np @ (phi_star - hat_np)
+    mu = -(c @ grad_constraint) / (grad_constraint @ grad_constraint)
+    assert mu > 0
+    np.testing.assert_allclose(c, -mu * grad_constraint, atol=1e-9 * np.linalg.norm(c))
+    # no feasible point does better
+    bounds = feasible_upper_bounds(objective, hat_np, np.linalg.cholesky(M_np), b, np.random.default_rng(seed))
+    assert bounds.min() >= objective(phi_star) - 1e-9
     # the batch objective at the pessimistic head: its closed-form minimum phi_hat^T g - b sqrt(g^T M^-1 g)
-    assert objective(phi_star) == pytest.approx(objective(hat_np) - b * g_norm.item(), abs=1e-6)
+    assert objective(phi_star) == pytest.approx(objective(hat_np) - b * g_norm.item(), abs=1e-9)
 
 
 def test_advpo_g_over_two_processes_equals_g_of_the_whole_batch():
@@ -203,14 +238,18 @@ def test_bspo_support_mask_against_token_probabilities_one_token_at_a_time():
 
 
 # ------------------------------------------------------------------ a very small tiny world
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """The CI tiny world (pad `<|padding|>` distinct from EOS); a `policy` that emits EOS sometimes (as in
+@pytest.fixture(scope="session")
+def world(tmp_path_factory, ci_world):
+    """A copy of the CI tiny world (pad `<|padding|>` distinct from EOS); a `policy` that emits EOS sometimes (as in
     test_trainer.py), so that the missing-EOS penalty and EOS-ended completions both occur; UWO members = the base
     policy with 3 fresh heads, each saved with the policy's tokenizer as train_rm.py saves it; an RM with
     behavior_lm/ (the base policy) for BSPO; a preference folder (chosen = the reference summary, rejected =
-    another row's)."""
-    root = ci_world_with_eos_policy(tmp_path_factory.mktemp("world"))
+    another row's). Built once per session (conftest.built_once), read only."""
+    return built_once(tmp_path_factory, "baselines_world", lambda root: build_baselines_world(ci_world, root))
+
+
+def build_baselines_world(ci_world, root):
+    copy_of(ci_world, root)
     tok = AutoTokenizer.from_pretrained(root / "base_policy")
     assert tok.pad_token_id != tok.eos_token_id  # the world's convention, which the fixtures below keep
     policy = AutoModelForCausalLM.from_pretrained(root / "policy")
@@ -232,7 +271,6 @@ def world(tmp_path_factory):
                 prompt, chosen = train_rm.to_prompt_response(r, "tldr", tok, 128)
                 rejected = " " + rows[(i + 1) % n]["summary"]
                 f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
-    return root
 
 
 def baseline_cmd(script, world, out, *extra, procs=None):

@@ -17,6 +17,7 @@ from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from conftest import built_once  # noqa: E402
 from test_stages import ENV, build_micro_world  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
@@ -177,11 +178,16 @@ def test_zero_noise_keeps_every_sign_and_huge_noise_is_a_coin_and_the_rm_is_rest
 
 
 # ------------------------------------------------------------------ end to end on a micro world
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """The micro world of test_stages.py (8 test prompts, pad = EOS); a policy that emits EOS often (its EOS logit
-    raised by 2.5), an untrained proxy RM (the base policy with a fresh head, the policy's tokenizer)."""
-    root = build_micro_world(tmp_path_factory.mktemp("world"))
+    raised by 2.5), an untrained proxy RM (the base policy with a fresh head, the policy's tokenizer). Built once per
+    session (conftest.built_once), read only."""
+    return built_once(tmp_path_factory, "radius_world", build_radius_world)
+
+
+def build_radius_world(root):
+    build_micro_world(root)
     tok = AutoTokenizer.from_pretrained(root / "base_policy")
     policy = AutoModelForCausalLM.from_pretrained(root / "base_policy")
     with torch.no_grad():

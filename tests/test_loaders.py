@@ -190,16 +190,36 @@ def test_missing_or_null_field_in_a_later_row_names_file_row_and_column(script, 
 
 
 # ---------------------------------------------------------------- paths (issue 8 item 9)
+def fake_hub_cache(cache: Path, repo_id: str) -> None:
+    """The hub cache's layout for one model, as a download leaves it: refs/main names a snapshot with a config."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_missing_local_paths_say_no_such_folder(script, tmp_path, monkeypatch):
+    import huggingface_hub
+
     mod = __import__(script)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     (tmp_path / "mymodels").mkdir()
     for path in ("mymodels/sft", "runs/nope", "./sft", "a/b/c"):
-        with pytest.raises(FileNotFoundError, match=rf"--policy-path {path}: no such folder"):
+        with pytest.raises(FileNotFoundError, match=rf"--policy-path {path}: no such local folder \(run the stage"):
             mod.require_path(path, "--policy-path")
-    mod.require_path("EleutherAI/pythia-1b", "--policy-path")  # a hub id: left to the hub
-    mod.require_path("gpt2", "--policy-path")
+    # a hub id (one slash at most, no local owner folder) offline: refused now unless the hub cache has it
+    for path in ("EleutherAI/pythia-1b", "gpt2", "mymodel/rm"):
+        with pytest.raises(
+            FileNotFoundError,
+            match=rf"--reward-model-path {path}: no such local folder, and the hub is offline \(HF_HUB_OFFLINE=1\) with no cached copy",
+        ):
+            mod.require_path(path, "--reward-model-path")
+    fake_hub_cache(tmp_path / "hub", "EleutherAI/pythia-1b")
+    mod.require_path("EleutherAI/pythia-1b", "--policy-path")  # cached: loads offline
     mod.require_path(None, "--gold-rm-path")  # optional and not given
     run = tmp_path / "runs" / "grpo"
     (run / "model").mkdir(parents=True)
@@ -209,6 +229,38 @@ def test_missing_local_paths_say_no_such_folder(script, tmp_path, monkeypatch):
     mod.require_path(str(run / "model"), "--policy-path")
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         mod.load_split("mymodels/data", "train")  # owner is a local folder: not a hub dataset
+
+
+def test_a_path_typo_on_the_command_line_names_the_flag_offline_and_unreachable(tmp_path):
+    """The user's case: `python grpo_signcert.py --reward-model-path mymodels/rm` with no such folder (one slash, so
+    possibly a hub id). Offline, and with the hub unreachable (a closed local port as its address), the script stops
+    in its argument checks with one error that names the flag and says why, instead of transformers' traceback."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:  # a port that nobody listens on once closed: connections are refused at once
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cases = {"1": "the hub is offline (HF_HUB_OFFLINE=1)", "0": "the hub is unreachable (ConnectError"}
+    for offline, says in cases.items():
+        env = {**os.environ, "HF_HUB_OFFLINE": offline, "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+        env["HF_HUB_CACHE"] = str(tmp_path / "empty_cache")
+        (tmp_path / "sft").mkdir(exist_ok=True)  # the policy exists: the RM's flag is the one at fault
+        cmd = [
+            sys.executable,
+            str(ROOT / "grpo_signcert.py"),
+            "--policy-path",
+            "sft",
+            "--reward-model-path",
+            "mymodels/rm",
+        ]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("FileNotFoundError: --reward-model-path mymodels/rm: no such local folder"), last
+        assert says in last, last
+        assert "huggingface.co" not in proc.stderr and proc.stderr.count("Traceback") == 1
+        assert not (tmp_path / "runs").exists()  # refused before any folder is made
 
 
 # ---------------------------------------------------------------- prompt fitting (issue 8 item 10)

@@ -12,6 +12,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from conftest import copy_of  # noqa: E402
+
 import pipeline  # noqa: E402
 
 
@@ -59,8 +62,11 @@ def test_spread_prints_mean_min_max_and_counts_runs_that_never_reached():
     assert pipeline.spread([None, math.nan]) == "-"
 
 
-def test_pipeline_runs_every_stage_every_method_and_writes_the_tables(tmp_path):
+def test_pipeline_runs_every_stage_every_method_and_writes_the_tables(tmp_path, ci_world_3_gold_steps):
     root = tmp_path / "tw"
+    # the world stage's output, built by the session (the same command as the pipeline's world stage below, so
+    # the stage is skipped: tests/test_tiny_world.py tests the world itself)
+    copy_of(ci_world_3_gold_steps, root)
     cmd = [
         sys.executable,
         "pipeline.py",

@@ -11,13 +11,19 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from conftest import ci_world_with_eos_policy  # noqa: E402
+from conftest import built_once  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def probed(tmp_path_factory):
-    root = ci_world_with_eos_policy(tmp_path_factory.mktemp("probe"))  # the CI world (its extra policy unused)
-    out = root / "probe.json"
+@pytest.fixture(scope="session")
+def probed(tmp_path_factory, ci_world):
+    root = ci_world  # the shared CI world, read only (its extra policy unused)
+    folder = built_once(tmp_path_factory, "probe", lambda out: probe(root, out))
+    return root, json.loads((folder / "probe.json").read_text())["table"]
+
+
+def probe(root, folder):
+    folder.mkdir()
+    out = folder / "probe.json"
     cmd = [
         sys.executable,
         "tools/probe_forms.py",
@@ -33,7 +39,6 @@ def probed(tmp_path_factory):
         "1",
     ]
     subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=600)
-    return root, json.loads(out.read_text())["table"]
 
 
 def test_quality_column_is_the_formula(probed):

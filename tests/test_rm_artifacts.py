@@ -19,6 +19,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from conftest import built_once  # noqa: E402
+
 import tiny_world as tw  # noqa: E402
 import train_rm  # noqa: E402
 from grpo_signcert import check_same_tokenizer, reward_and_features  # noqa: E402
@@ -37,20 +40,24 @@ def read_rows(path):
     return [json.loads(line) for line in open(path)]
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    run(["tiny_world.py", "--preset", "ci", "--output-dir", str(root)])
-    return root
+@pytest.fixture(scope="session")
+def world(ci_world):
+    """The CI tiny world (its EOS policy unused here), shared: read only."""
+    return ci_world
 
 
-@pytest.fixture(scope="module")
-def proxy(world):
+@pytest.fixture(scope="session")
+def proxy(tmp_path_factory, world):
     """A proxy RM saved by train_rm.py (a few updates from the base policy on hand-made pairs: the
-    reference against another post's reference), so its head and offset are non-trivial."""
+    reference against another post's reference), so its head and offset are non-trivial. Built once per session
+    (conftest.built_once), with its preference pairs beside it."""
+    return built_once(tmp_path_factory, "rm_artifacts/rm", lambda out: train_proxy(world, out))
+
+
+def train_proxy(world, out):
     rng = random.Random(0)
-    prefs = world / "prefs"
-    prefs.mkdir()
+    prefs = out.parent / "prefs"
+    prefs.mkdir(parents=True, exist_ok=True)
     for split, source, n in (("train", "train", 64), ("test", "validation", 16)):
         rows = read_rows(world / "data" / f"{source}.jsonl")[:n]
         with open(prefs / f"{split}.jsonl", "w") as f:
@@ -58,7 +65,6 @@ def proxy(world):
                 other = rng.choice([o for o in rows if o["id"] != r["id"]])
                 pair = {"prompt": tw.prompt_of(r), "chosen": " " + r["summary"], "rejected": " " + other["summary"]}
                 f.write(json.dumps(pair) + "\n")
-    out = world / "rm"
     run(
         [
             "train_rm.py",
@@ -78,7 +84,6 @@ def proxy(world):
             "3e-3",
         ]
     )
-    return out
 
 
 def scored_texts(world, n=20):
@@ -95,7 +100,7 @@ def scored_texts(world, n=20):
 
 @pytest.mark.parametrize("which", ["gold_rm", "rm"])
 def test_plain_hugging_face_gives_our_score_plus_offset(world, proxy, which):
-    path = world / which
+    path = proxy if which == "rm" else world / which
     tok = AutoTokenizer.from_pretrained(path)
     rm = AutoModelForSequenceClassification.from_pretrained(path).eval()
     assert tok.pad_token_id != tok.eos_token_id and rm.config.pad_token_id == tok.pad_token_id

@@ -81,7 +81,9 @@ def test_static_loop_stops_when_every_row_has_ended():
 
 
 def test_first_tokens_follow_softmax_of_the_logits_over_temperature():
-    policy, temperature, n = tiny_policy(), 0.7, 4000
+    # a correct sampler fails a test at level 1e-6 once in a million draws (another CPU rounds the probabilities
+    # differently and so draws another sample), and 10000 draws still tell T = 0.7 from T = 1 by far
+    policy, temperature, n = tiny_policy(), 0.7, 10000
     query, mask = left_padded_prompts(n=2)
     query, mask = query[:1].repeat(n, 1), mask[:1].repeat(n, 1)  # one left-padded prompt, n times
     args = SimpleNamespace(temperature=temperature, max_new_tokens=1, generation_backend="static")
@@ -91,10 +93,10 @@ def test_first_tokens_follow_softmax_of_the_logits_over_temperature():
         logits = policy(input_ids=query[:1], attention_mask=mask[:1], position_ids=position_ids_of(mask[:1])).logits
     p = torch.softmax(logits[0, -1].double() / temperature, -1)
     observed = torch.bincount(first, minlength=VOCAB).double()
-    assert chisquare(observed.numpy(), (n * p).numpy()).pvalue > 1e-3
+    assert chisquare(observed.numpy(), (n * p).numpy()).pvalue > 1e-6
     # and not the distribution at temperature 1 (the check can tell them apart)
     p1 = torch.softmax(logits[0, -1].double(), -1)
-    assert chisquare(observed.numpy(), (n * p1).numpy()).pvalue < 1e-3
+    assert chisquare(observed.numpy(), (n * p1).numpy()).pvalue < 1e-6
 
 
 def test_compiled_loop_samples_the_same_tokens():

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import free_port, read_jsonl  # noqa: E402
+from conftest import built_once, free_port, read_jsonl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -119,89 +119,41 @@ def run(args: list[str], launcher: list[str] | None = None, check: bool = True) 
     return proc
 
 
+# The micro world and its stages, each built once per session whichever worker asks first (conftest.built_once),
+# and read by the tests: a test that writes, writes into its own tmp_path.
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:
-    return build_micro_world(tmp_path_factory.mktemp("world"))
+    return built_once(tmp_path_factory, "micro_world", build_micro_world)
 
 
 @pytest.fixture(scope="session")
-def sft_dir(world) -> Path:
-    out = world / "sft"
+def sft_dir(tmp_path_factory, world) -> Path:
     # enough steps on 24 rows for the policy to emit EOS often, so that gen_prefs makes pairs
-    run(
-        [
-            "sft.py",
-            "--model-name-or-path",
-            str(world / "base_policy"),
-            "--dataset",
-            str(world / "data"),
-            "--output-dir",
-            str(out),
-            "--num-train-epochs",
-            "15",
-            "--per-device-train-batch-size",
-            "8",
-            "--learning-rate",
-            "1e-2",
-            "--max-eval-samples",
-            "8",
-            "--logging-steps",
-            "5",
-        ]
+    data = ["--model-name-or-path", str(world / "base_policy"), "--dataset", str(world / "data")]
+    opts = ["--num-train-epochs", "15", "--per-device-train-batch-size", "8", "--learning-rate", "1e-2"]
+    opts += ["--max-eval-samples", "8", "--logging-steps", "5"]
+    return built_once(
+        tmp_path_factory, "micro_world/sft", lambda out: run(["sft.py", *data, "--output-dir", str(out), *opts])
     )
-    return out
 
 
 @pytest.fixture(scope="session")
-def prefs_dir(world, sft_dir) -> Path:
-    out = world / "prefs"
-    run(
-        [
-            "gen_prefs.py",
-            "--policy-path",
-            str(sft_dir),
-            "--gold-rm-path",
-            str(world / "gold_rm"),
-            "--dataset",
-            str(world / "data"),
-            "--output-dir",
-            str(out),
-            "--num-test-prompts",
-            "8",
-            "--max-new-tokens",
-            "8",
-            "--generation-batch-size",
-            "16",
-        ]
+def prefs_dir(tmp_path_factory, world, sft_dir) -> Path:
+    data = ["--policy-path", str(sft_dir), "--gold-rm-path", str(world / "gold_rm"), "--dataset", str(world / "data")]
+    opts = ["--num-test-prompts", "8", "--max-new-tokens", "8", "--generation-batch-size", "16"]
+    return built_once(
+        tmp_path_factory, "micro_world/prefs", lambda out: run(["gen_prefs.py", *data, "--output-dir", str(out), *opts])
     )
-    return out
 
 
 @pytest.fixture(scope="session")
-def rm_dir(world, sft_dir, prefs_dir) -> Path:
-    out = world / "rm"
-    run(
-        [
-            "train_rm.py",
-            "--policy-path",
-            str(sft_dir),
-            "--prefs-path",
-            str(prefs_dir),
-            "--dataset",
-            str(world / "data"),
-            "--output-dir",
-            str(out),
-            "--per-device-train-batch-size",
-            "4",
-            "--eval-steps",
-            "2",
-            "--logging-steps",
-            "1",
-            "--num-norm-samples",
-            "8",
-        ]
+def rm_dir(tmp_path_factory, world, sft_dir, prefs_dir) -> Path:
+    data = ["--policy-path", str(sft_dir), "--prefs-path", str(prefs_dir), "--dataset", str(world / "data")]
+    opts = ["--per-device-train-batch-size", "4", "--eval-steps", "2", "--logging-steps", "1"]
+    opts += ["--num-norm-samples", "8"]
+    return built_once(
+        tmp_path_factory, "micro_world/rm", lambda out: run(["train_rm.py", *data, "--output-dir", str(out), *opts])
     )
-    return out
 
 
 def eval_args(world, sft_dir, rm_dir, out) -> list[str]:
@@ -404,7 +356,7 @@ def test_truncate_after_eos_and_penalty(script):
 # ---------------------------------------------------------------- bad input
 def test_missing_model_path_is_a_clear_error(world):
     proc = run(["sft.py", "--model-name-or-path", str(world / "nope"), "--dataset", str(world / "data")], check=False)
-    assert proc.returncode != 0 and f"--model-name-or-path {world / 'nope'}: no such folder" in proc.stderr
+    assert proc.returncode != 0 and f"--model-name-or-path {world / 'nope'}: no such local folder" in proc.stderr
 
 
 def test_causal_lm_as_gold_is_a_clear_error(world):

@@ -12,7 +12,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 os.environ["HF_HUB_OFFLINE"] = "1"
+
 
 import tiny_world as tw  # noqa: E402
 
@@ -37,9 +39,9 @@ def build(out, seed=1, *extra, script=os.path.join(ROOT, "tiny_world.py")):
     return out
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("world"))
+@pytest.fixture(scope="session")
+def world(ci_world_3_gold_steps):
+    return ci_world_3_gold_steps  # build(out), shared by the session (conftest): read only
 
 
 def test_files_load(world):

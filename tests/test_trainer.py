@@ -31,7 +31,7 @@ from transformers import (
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from conftest import accelerate_cmd, ci_world_with_eos_policy, read_metrics, short_run_cmd  # noqa: E402
+from conftest import accelerate_cmd, built_once, copy_of, read_metrics, short_run_cmd  # noqa: E402
 from update_worker import N as WORKER_N  # noqa: E402
 from update_worker import T as WORKER_T
 from update_worker import model_and_batch
@@ -197,14 +197,16 @@ def test_two_ppo_epochs_follow_the_clipped_objective_computed_by_hand():
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_temperature_in_sampling_and_log_probs(temperature):
     """Rollouts are sampled from softmax(logits / T) and the loss reads log softmax(logits / T): the first sampled
-    token's frequencies against softmax(logits / T) (chi-square, 4000 draws), and response_logprobs against it."""
+    token's frequencies against softmax(logits / T) (chi-square at level 1e-6, 20000 draws: a correct sampler fails it
+    once in a million draws, whatever CPU draws the sample), and response_logprobs against it."""
     policy, batch = model_and_batch()
     policy.eval()
     with torch.no_grad():
         policy.get_output_embeddings().weight *= (
             40  # logits spread over a few units, so that T changes the distribution
         )
-    query, qmask = batch["query"][:1].repeat(4000, 1), batch["query_mask"][:1].repeat(4000, 1)
+    n = 20000
+    query, qmask = batch["query"][:1].repeat(n, 1), batch["query_mask"][:1].repeat(n, 1)
     args = SimpleNamespace(temperature=temperature, max_new_tokens=1)
     torch.manual_seed(0)
     first = grpo_signcert.sample(policy, query, qmask, args, pad_id=0)[:, 0]
@@ -214,12 +216,17 @@ def test_temperature_in_sampling_and_log_probs(temperature):
         ).logits[0, -1]
     probs = torch.softmax(logits / temperature, -1)
     counts = torch.bincount(first, minlength=probs.numel()).double()
-    expected = probs.double() * 4000
+    expected = probs.double() * n
     keep = expected > 5
     chi2 = (((counts - expected) ** 2 / expected)[keep]).sum() + (
         counts[~keep].sum() - expected[~keep].sum()
     ) ** 2 / max(expected[~keep].sum().item(), 1e-9)
-    assert chi2 < scipy.stats.chi2.ppf(0.999, int(keep.sum())), chi2
+    assert chi2 < scipy.stats.chi2.ppf(1 - 1e-6, int(keep.sum())), chi2
+    if temperature != 1.0:  # the check tells T from 1: the same counts against softmax(logits) fail it by far
+        p1 = torch.softmax(logits, -1).double() * n
+        assert (((counts - p1) ** 2 / p1.clamp(min=1e-9))[keep]).sum() > 10 * scipy.stats.chi2.ppf(
+            1 - 1e-6, int(keep.sum())
+        )
     lp = response_logprobs(
         policy, batch["query"], batch["query_mask"], batch["response"], batch["response_mask"], temperature
     )
@@ -303,16 +310,19 @@ def test_pairwise_agreement_by_brute_force():
 
 
 # ------------------------------------------------------------------ the script end to end
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A very small tiny world, with an untrained proxy RM (the base policy plus a fresh `score` head, saved
-    with the policy's tokenizer as train_rm.py saves it)."""
-    root = ci_world_with_eos_policy(tmp_path_factory.mktemp("world"))
-    torch.manual_seed(0)  # the fresh head: the same whichever tests ran before
-    rm = AutoModelForSequenceClassification.from_pretrained(root / "base_policy", num_labels=1)
-    rm.save_pretrained(root / "rm")
-    AutoTokenizer.from_pretrained(root / "base_policy").save_pretrained(root / "rm")
-    return root
+@pytest.fixture(scope="session")
+def world(tmp_path_factory, ci_world):
+    """A copy of the CI tiny world, with an untrained proxy RM (the base policy plus a fresh `score` head, saved
+    with the policy's tokenizer as train_rm.py saves it); built once per session (conftest.built_once), read only."""
+
+    def build(root):
+        copy_of(ci_world, root)
+        torch.manual_seed(0)  # the fresh head: the same whichever tests ran before
+        rm = AutoModelForSequenceClassification.from_pretrained(root / "base_policy", num_labels=1)
+        rm.save_pretrained(root / "rm")
+        AutoTokenizer.from_pretrained(root / "base_policy").save_pretrained(root / "rm")
+
+    return built_once(tmp_path_factory, "trainer_world", build)
 
 
 def trainer_cmd(world, out, *extra, procs=None):
@@ -597,7 +607,10 @@ def test_a_kill_at_any_moment_of_a_checkpoint_leaves_a_complete_one_and_a_resuma
     [
         (("--quantile", "1.5"), "--quantile must lie in"),
         (("--num-prompts-per-step", "4", "--micro-batch-size", "5"), "or the second a divisor of 16"),
-        (("--reward-model-path", "runs/does_not_exist"), "--reward-model-path runs/does_not_exist: no such folder"),
+        (
+            ("--reward-model-path", "runs/does_not_exist"),
+            "--reward-model-path runs/does_not_exist: no such local folder",
+        ),
         (("--dataset", "./no_such_data"), "does not exist"),
     ],
 )
@@ -731,14 +744,18 @@ def test_heldout_eval_win_is_strict_and_a_completion_without_eos_gets_the_penalt
     assert grpo_signcert.heldout_eval(policy, tok, rm, gold, gold_tok, heldout, cache, args, accelerator) == m
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def heldout_runs(world, tmp_path_factory):
     """Two 3-step runs, the held-out evaluation off and every 2 steps (24 prompts of each split, at temperature 1:
-    with and without EOS both occur, where the CI policy's near-greedy completion is EOS alone)."""
-    root = tmp_path_factory.mktemp("heldout")
-    for name, every in (("off", "0"), ("on", "2")):
-        extra = ("--total-steps", "3", "--eval-every", every, "--eval-num-prompts", "24", "--eval-temperature", "1")
-        subprocess.run(trainer_cmd(world, root / name, *extra), check=True, cwd=ROOT, capture_output=True, timeout=600)
+    with and without EOS both occur, where the CI policy's near-greedy completion is EOS alone); once per session."""
+
+    def build(root):
+        for name, every in (("off", "0"), ("on", "2")):
+            extra = ("--total-steps", "3", "--eval-every", every, "--eval-num-prompts", "24", "--eval-temperature", "1")
+            cmd = trainer_cmd(world, root / name, *extra)
+            subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
+
+    root = built_once(tmp_path_factory, "trainer_heldout", build)
     return root / "off", root / "on"
 
 
