@@ -176,3 +176,33 @@ LONGEST_FIRST = (
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.originalname, len(rank)))  # stable: the rest keep their order
+
+
+def run_checks_in_process(cmd: list[str], cwd) -> subprocess.CompletedProcess:
+    """`python script.py ...` (a command as the tests build it) run INSIDE this test process, for the runs that must
+    fail in a script's argument and input checks, before any model loads: the same code path as the command line
+    (runpy runs the file as __main__ with that argv) without paying the ~5 s of importing torch and transformers in
+    a new interpreter for every bad input. Returns what subprocess.run would: returncode (1 for an exception, the
+    code of a SystemExit) and stderr ending in the exception's line as the interpreter prints it."""
+    import contextlib
+    import io
+    import runpy
+    import traceback
+
+    assert cmd[0] == sys.executable, cmd
+    script, err, out, code = os.path.join(str(cwd), cmd[1]), io.StringIO(), io.StringIO(), 0
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    try:
+        sys.argv = [script, *cmd[2:]]
+        os.chdir(cwd)
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except Exception as e:  # noqa: BLE001 - what the interpreter would print, and exit 1
+        err.write("".join(traceback.format_exception_only(type(e), e)))
+        code = 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+    return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())

@@ -31,7 +31,7 @@ from transformers import (
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from conftest import built_once, copy_of, read_jsonl, read_metrics, short_run_cmd  # noqa: E402
+from conftest import built_once, copy_of, read_jsonl, read_metrics, run_checks_in_process, short_run_cmd  # noqa: E402
 
 import grpo_advpo  # noqa: E402
 import grpo_bspo  # noqa: E402
@@ -412,7 +412,7 @@ def test_bad_inputs_are_clear_errors(world, tmp_path, script, edit, message):
         cmd[cmd.index(str(world / "prefs"))] = str(tmp_path / "prefs")
     elif edit == "no_behavior_lm":
         cmd[cmd.index(str(world / "rm_bspo"))] = str(world / "rm_1")
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = run_checks_in_process(cmd, ROOT)
     assert res.returncode != 0 and message in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "run").exists()  # refused before the run folder was made
 

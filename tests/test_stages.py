@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import built_once, free_port, read_jsonl  # noqa: E402
+from conftest import built_once, free_port, read_jsonl, run_checks_in_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -109,6 +109,11 @@ def build_micro_world(root: Path) -> Path:
     GPTNeoXForSequenceClassification(GPTNeoXConfig(**config, num_labels=1)).save_pretrained(root / "gold_rm")
     tokenizer.save_pretrained(root / "gold_rm")
     return root
+
+
+def run_refused(args: list[str]) -> subprocess.CompletedProcess:
+    """A stage run that must stop in its argument or input checks, run in this process (conftest)."""
+    return run_checks_in_process([sys.executable, *args], ROOT)
 
 
 def run(args: list[str], launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -355,12 +360,12 @@ def test_truncate_after_eos_and_penalty(script):
 
 # ---------------------------------------------------------------- bad input
 def test_missing_model_path_is_a_clear_error(world):
-    proc = run(["sft.py", "--model-name-or-path", str(world / "nope"), "--dataset", str(world / "data")], check=False)
+    proc = run_refused(["sft.py", "--model-name-or-path", str(world / "nope"), "--dataset", str(world / "data")])
     assert proc.returncode != 0 and f"--model-name-or-path {world / 'nope'}: no such local folder" in proc.stderr
 
 
 def test_causal_lm_as_gold_is_a_clear_error(world):
-    proc = run(
+    proc = run_refused(
         [
             "eval_gold.py",
             "--policy-path",
@@ -371,8 +376,7 @@ def test_causal_lm_as_gold_is_a_clear_error(world):
             str(world / "data"),
             "--output-dir",
             str(world / "bad"),
-        ],
-        check=False,
+        ]
     )
     assert proc.returncode != 0 and "is not a reward model" in proc.stderr and "GPTNeoXForCausalLM" in proc.stderr
 
@@ -388,7 +392,7 @@ def test_check_reward_config(world, script):
 def test_dataset_without_needed_columns(tmp_path, world):
     (tmp_path / "train.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
     (tmp_path / "validation.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
-    proc = run(["sft.py", "--model-name-or-path", str(world / "base_policy"), "--dataset", str(tmp_path)], check=False)
+    proc = run_refused(["sft.py", "--model-name-or-path", str(world / "base_policy"), "--dataset", str(tmp_path)])
     assert (
         proc.returncode != 0
         and "['answer', 'question']" in proc.stderr
@@ -441,7 +445,7 @@ def test_batch_sizes_that_do_not_divide(script):
 
 
 def test_total_batch_size_error_end_to_end(world, sft_dir, prefs_dir):
-    proc = run(
+    proc = run_refused(
         [
             "train_rm.py",
             "--policy-path",
@@ -456,8 +460,7 @@ def test_total_batch_size_error_end_to_end(world, sft_dir, prefs_dir):
             "10",
             "--output-dir",
             str(world / "bad_rm"),
-        ],
-        check=False,
+        ]
     )
     assert proc.returncode != 0 and "a multiple of 4 (e.g. [8, 12])" in proc.stderr
 

@@ -1,0 +1,92 @@
+"""One process of a short SignCertGRPOTrainer run (tests/test_trl.py): builds the trainer from the arguments, runs
+`--steps` optimiser steps, and writes what every `_generate_and_score_completions` returned on this process, before
+TRL's shuffle (prompt and completion ids with their masks, the advantages trained on, TRL's own advantages and the
+gathered rewards), to {out}/batches_{rank}.pt; TRL's logged metrics to {out}/log_{rank}.json.
+
+    python tests/trl_worker.py OUT WORLD QUANTILE SCALE_REWARDS PROMPTS_PER_STEP [STEPS]
+(under `accelerate launch` for several processes)."""
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import grpo_signcert_trl as trl_script  # noqa: E402
+
+
+class Recording(trl_script.SignCertGRPOTrainer):
+    """The trainer under test, recording each batch as the loss will see it (and TRL's advantages beside it)."""
+
+    batches = []
+
+    def _generate_and_score_completions(self, inputs):
+        trl_own = {}
+        original = trl_script.GRPOTrainer._generate_and_score_completions
+
+        def trl_only(this, inputs):  # TRL's own output, kept before the subclass replaces the advantages
+            out = original(this, inputs)
+            trl_own["advantages"] = out["advantages"].clone()
+            return out
+
+        trl_script.GRPOTrainer._generate_and_score_completions = trl_only
+        try:
+            out = super()._generate_and_score_completions(inputs)
+        finally:
+            trl_script.GRPOTrainer._generate_and_score_completions = original
+        keep = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "ref_per_token_logps")
+        row = {k: out[k].detach().cpu().clone() for k in keep if k in out}
+        row["trl_advantages"] = trl_own["advantages"].cpu()
+        row["rewards"] = self._rewards[:, 0].cpu().clone()  # gathered: the whole batch
+        self.batches.append(row)
+        return out
+
+
+if __name__ == "__main__":
+    out, world, q, scale, prompts = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    steps = int(sys.argv[6]) if len(sys.argv) > 6 else 1
+    from accelerate import PartialState
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    procs = PartialState(cpu=True).num_processes
+    tok = AutoTokenizer.from_pretrained(os.path.join(world, "policy"), padding_side="left")
+    rows, where = trl_script.load_split(os.path.join(world, "data"), "train")
+    train = Dataset.from_dict({"prompt": trl_script.build_prompts(rows[:64], tok, 128, where)})
+    local = prompts * 4 // procs  # 4 completions per prompt; with 3 prompts on 2 processes a group straddles them
+    config = trl_script.SignCertGRPOConfig(
+        output_dir=out,
+        quantile=q,
+        scale_rewards=scale,
+        loss_type="dr_grpo",
+        beta=0.01,
+        use_bias_correction_kl=False,
+        num_generations=4,
+        max_completion_length=8,
+        per_device_train_batch_size=local,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        max_steps=steps,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        seed=1,
+        top_k=0,
+    )
+    trainer = Recording(
+        model=os.path.join(world, "policy"),
+        reward_model=os.path.join(world, "rm"),
+        args=config,
+        train_dataset=train,
+        processing_class=tok,
+    )
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    torch.save(Recording.batches, os.path.join(out, f"batches_{rank}.pt"))
+    with open(os.path.join(out, f"log_{rank}.json"), "w") as f:
+        json.dump(trainer.state.log_history, f)
