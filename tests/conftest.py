@@ -162,6 +162,24 @@ def ci_world(tmp_path_factory) -> Path:
     return built_once(tmp_path_factory, "ci_world", ci_world_with_eos_policy)
 
 
+@pytest.fixture(scope="session")
+def ci_world_with_rm(tmp_path_factory, ci_world) -> Path:
+    """A copy of the CI world with an untrained proxy RM in `rm/` (the base policy plus a fresh `score` head, saved
+    with the policy's tokenizer as train_rm.py saves it); built once per session, read only."""
+
+    def build(root):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        copy_of(ci_world, root)
+        torch.manual_seed(0)  # the fresh head: the same whichever tests ran before
+        rm = AutoModelForSequenceClassification.from_pretrained(root / "base_policy", num_labels=1)
+        rm.save_pretrained(root / "rm")
+        AutoTokenizer.from_pretrained(root / "base_policy").save_pretrained(root / "rm")
+
+    return built_once(tmp_path_factory, "trainer_world", build)
+
+
 # the longest tests (each 30-150 s on a 2-core machine) start first, so that under pytest-xdist the other worker's
 # many short tests fill the time beside them instead of one long test ending the run alone
 LONGEST_FIRST = (
@@ -170,6 +188,8 @@ LONGEST_FIRST = (
     "test_run_folders_cannot_be_mixed_up",
     "test_uwo_resume_after_kill_continues_with_no_lost_or_repeated_step",
     "test_update_is_the_same_for_1x4_2x2_and_1x1_and_matches_the_full_batch_gradient",
+    "test_the_command_line_raises_the_proxy_reward_evaluates_and_resumes",
+    "test_two_processes_with_a_straddling_group_use_the_whole_batch",
 )
 
 

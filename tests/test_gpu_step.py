@@ -11,10 +11,14 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_step.py")
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from conftest import run_checks_in_process  # noqa: E402
 
 
 def test_help_documents_every_field():
-    out = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, check=True).stdout
+    res = run_checks_in_process([sys.executable, os.path.join("benchmarks", "gpu_step.py"), "--help"], ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout
     for flag in (
         "--shape",
         "--steps",

@@ -59,6 +59,7 @@ if __name__ == "__main__":
         output_dir=out,
         quantile=q,
         scale_rewards=scale,
+        missing_eos_penalty=None,  # every completion scored by the RM and certified: the whole batch's features count
         loss_type="dr_grpo",
         beta=0.01,
         use_bias_correction_kl=False,
