@@ -936,11 +936,10 @@ if __name__ == "__main__":
         print(json.dumps(asdict(args), indent=1))
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=1)
+    gold, gold_tok = None, None  # without held-out prompts the callback still writes TRL's logs to metrics.jsonl
     if heldout:
         gold = load_reward_model(args.gold_rm_path, False, None, "--gold-rm-path").to(trainer.accelerator.device)
         gold_tok = AutoTokenizer.from_pretrained(args.gold_rm_path, padding_side="right")
-        trainer.add_callback(HeldoutGoldEval(trainer, gold, gold_tok, heldout, args))
-    else:
-        trainer.add_callback(HeldoutGoldEval(trainer, None, None, {}, args))
+    trainer.add_callback(HeldoutGoldEval(trainer, gold, gold_tok, heldout, args))
     trainer.train(resume_from_checkpoint=args.resume or None)
     trainer.save_model(os.path.join(args.output_dir, "model"))

@@ -146,13 +146,17 @@ def copy_of(folder: Path, dest: Path) -> Path:
 def ci_world_3_gold_steps(tmp_path_factory) -> Path:
     """`tiny_world.py --preset ci --seed 1 --gold-steps 3`, built once for the whole session and shared (read only):
     the world tests/test_tiny_world.py reads, and the one the pipeline's end-to-end test builds as its first stage."""
+    return built_once(tmp_path_factory, "ci_world_3_gold_steps", build_ci_world_3_gold_steps)
 
-    def build(out):
-        cmd = [sys.executable, "tiny_world.py", "--preset", "ci", "--seed", "1", "--gold-steps", "3"]
-        repo = Path(__file__).resolve().parents[1]
-        subprocess.run(cmd + ["--output-dir", str(out)], check=True, cwd=repo, capture_output=True, timeout=600)
 
-    return built_once(tmp_path_factory, "ci_world_3_gold_steps", build)
+def build_ci_world_3_gold_steps(out, seed=1, *extra, script=None) -> Path:
+    """`tiny_world.py --preset ci --seed SEED --gold-steps 3 ...extra` into `out` (`script`: another copy of
+    tiny_world.py, e.g. one beside a shipped gold folder)."""
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(script or repo / "tiny_world.py"), "--preset", "ci", "--seed", str(seed)]
+    cmd += ["--output-dir", str(out), "--gold-steps", "3", *extra]
+    subprocess.run(cmd, check=True, cwd=repo, capture_output=True, timeout=600)
+    return out
 
 
 @pytest.fixture(scope="session")

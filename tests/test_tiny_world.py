@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import random
-import subprocess
 import sys
 
 import pytest
@@ -16,27 +15,11 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
+from conftest import build_ci_world_3_gold_steps as build  # noqa: E402
+
 import tiny_world as tw  # noqa: E402
 
 COLUMNS = ["id", "subreddit", "title", "post", "summary"]
-
-
-def build(out, seed=1, *extra, script=os.path.join(ROOT, "tiny_world.py")):
-    cmd = [
-        sys.executable,
-        str(script),
-        "--preset",
-        "ci",
-        "--seed",
-        str(seed),
-        "--output-dir",
-        str(out),
-        "--gold-steps",
-        "3",
-        *extra,
-    ]
-    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
-    return out
 
 
 @pytest.fixture(scope="session")

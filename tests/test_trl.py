@@ -19,6 +19,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 trl = pytest.importorskip("trl")
 from conftest import accelerate_cmd, built_once  # noqa: E402
+from trl_worker import with_trl_advantages  # noqa: E402
 
 import grpo_signcert  # noqa: E402
 import grpo_signcert_trl as ours  # noqa: E402
@@ -87,20 +88,14 @@ def score_batch(trainer, prompts, seed=0):
     sampler groups them), with TRL's own advantages kept beside ours."""
     trainer.model.train()
     torch.manual_seed(seed)
-    kept = {}
-    original = trl.GRPOTrainer._generate_and_score_completions
+    rows = [{"prompt": p} for p in prompts for _ in range(K)]
+    out, trl_advantages = with_trl_advantages(lambda: trainer._generate_and_score_completions(rows))
+    return out, trl_advantages, trainer._rewards[:, 0].clone()
 
-    def trl_only(this, inputs):
-        out = original(this, inputs)
-        kept["trl"] = out["advantages"].clone()
-        return out
 
-    trl.GRPOTrainer._generate_and_score_completions = trl_only
-    try:
-        out = trainer._generate_and_score_completions([{"prompt": p} for p in prompts for _ in range(K)])
-    finally:
-        trl.GRPOTrainer._generate_and_score_completions = original
-    return out, kept["trl"], trainer._rewards[:, 0].clone()
+def trl_group_scale(r):
+    """TRL's scale_rewards="group": each group's unbiased reward std + 1e-4, computed here in float64. r: (B, K)."""
+    return r.double().std(1, keepdim=True).float() + 1e-4
 
 
 def independent_scores(trainer, out, penalty=-1.0):
@@ -152,13 +147,13 @@ def test_advantages_are_signcert_of_an_independent_rm_forward_on_the_token_ids(t
     adv, radius, eps = grpo_signcert.signcert_advantages(r, h, 0.5, certified=has_eos.view(-1, K))
     assert eps > 0
     if scale == "group":
-        adv = adv / (r.double().std(1, keepdim=True).float() + 1e-4)
+        adv = adv / trl_group_scale(r)
     torch.testing.assert_close(out["advantages"], adv.flatten(), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(out["advantages"], trl_adv)  # the re-weighting acted
     # a completion without EOS: the penalty as its reward, and its Dr.GRPO advantage (times the same scale)
     dr_grpo = r - r.mean(1, keepdim=True)
     if scale == "group":
-        dr_grpo = dr_grpo / (r.double().std(1, keepdim=True).float() + 1e-4)
+        dr_grpo = dr_grpo / trl_group_scale(r)
     no_eos = ~has_eos
     assert (rewards[no_eos] == -1.0).all()
     torch.testing.assert_close(out["advantages"][no_eos], dr_grpo.flatten()[no_eos], rtol=1e-5, atol=1e-6)
@@ -240,7 +235,7 @@ def test_two_processes_with_a_straddling_group_use_the_whole_batch(two_process_r
     r, h, _ = independent_scores(trainer, whole, penalty=None)  # the worker runs without the penalty
     torch.testing.assert_close(batches[0]["rewards"].view(-1, K), r, rtol=1e-5, atol=1e-5)  # gathered: all 12
     adv, radius, eps = grpo_signcert.signcert_advantages(r, h, 0.5)
-    adv = (adv / (r.double().std(1, keepdim=True).float() + 1e-4)).flatten()
+    adv = (adv / trl_group_scale(r)).flatten()
     torch.testing.assert_close(torch.cat([b["advantages"] for b in batches]), adv, rtol=1e-4, atol=1e-5)
     # rows 4-7 are one group across the two processes: its mean and features came from both
     assert torch.equal(batches[0]["prompt_ids"][4], batches[1]["prompt_ids"][0])

@@ -16,28 +16,35 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grpo_signcert_trl as trl_script  # noqa: E402
 
 
+def with_trl_advantages(call):
+    """(what `call()` returns, TRL's own advantages): `call` runs the subclass's _generate_and_score_completions, and
+    GRPOTrainer's, which it calls first, is wrapped meanwhile to keep its advantages before the subclass replaces them."""
+    kept, original = {}, trl_script.GRPOTrainer._generate_and_score_completions
+
+    def trl_only(this, inputs):
+        out = original(this, inputs)
+        kept["advantages"] = out["advantages"].clone()
+        return out
+
+    trl_script.GRPOTrainer._generate_and_score_completions = trl_only
+    try:
+        return call(), kept["advantages"]
+    finally:
+        trl_script.GRPOTrainer._generate_and_score_completions = original
+
+
 class Recording(trl_script.SignCertGRPOTrainer):
     """The trainer under test, recording each batch as the loss will see it (and TRL's advantages beside it)."""
 
     batches = []
 
     def _generate_and_score_completions(self, inputs):
-        trl_own = {}
-        original = trl_script.GRPOTrainer._generate_and_score_completions
-
-        def trl_only(this, inputs):  # TRL's own output, kept before the subclass replaces the advantages
-            out = original(this, inputs)
-            trl_own["advantages"] = out["advantages"].clone()
-            return out
-
-        trl_script.GRPOTrainer._generate_and_score_completions = trl_only
-        try:
-            out = super()._generate_and_score_completions(inputs)
-        finally:
-            trl_script.GRPOTrainer._generate_and_score_completions = original
+        out, trl_advantages = with_trl_advantages(
+            lambda: super(Recording, self)._generate_and_score_completions(inputs)
+        )
         keep = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "ref_per_token_logps")
         row = {k: out[k].detach().cpu().clone() for k in keep if k in out}
-        row["trl_advantages"] = trl_own["advantages"].cpu()
+        row["trl_advantages"] = trl_advantages.cpu()
         row["rewards"] = self._rewards[:, 0].cpu().clone()  # gathered: the whole batch
         self.batches.append(row)
         return out
