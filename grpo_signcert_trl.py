@@ -35,6 +35,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -44,13 +45,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     TrainerCallback,
 )
+from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import nanstd
 
@@ -145,7 +147,9 @@ class Args:
     save_every: int = 50
     """a TRL checkpoint every this many steps"""
     resume: bool = False
-    """continue from the last TRL checkpoint in --output-dir"""
+    """continue from the last TRL checkpoint in --output-dir (none yet: start the run again)"""
+    overwrite: bool = False
+    """delete what --output-dir holds and start again (without it, or --resume, a used folder is refused)"""
 
 
 @dataclass
@@ -170,6 +174,15 @@ class SignCertGRPOConfig(GRPOConfig):
         if self.eps_mode not in ("delta", "inv_delta"):
             raise ValueError(f"SignCertGRPOConfig.eps_mode must be 'delta' or 'inv_delta', got {self.eps_mode!r}")
         super().__post_init__()
+
+
+def keep_steps_upto(path, step):
+    """Drop the rows of a jsonl log written after `step` (a resumed run writes them again)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path, "w") as f:
+            f.writelines(kept)
 
 
 def require_path(path: Optional[str], flag: str) -> None:
@@ -754,8 +767,10 @@ class SignCertGRPOTrainer(GRPOTrainer):
         self.rm.to(self.accelerator.device)
 
     def _generate(self, prompts):
+        t0 = time.perf_counter()
         out = super()._generate(prompts)
         self._prompt_ids = out[0]  # this process's prompt token ids, in the order of the completions
+        self._generation_time = time.perf_counter() - t0
         return out
 
     @torch.no_grad()
@@ -778,9 +793,28 @@ class SignCertGRPOTrainer(GRPOTrainer):
         self._rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)  # gathered
         return self._rewards
 
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        out = super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+        )
+        self._logps = out[0]  # the last call inside _compute_loss is the policy's own forward of the micro-batch
+        return out
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        if self.beta != 0.0:  # KL(pi || pi_ref) of the rollouts, per completion, as grpo_signcert.py logs `policy/kl`
+            log_ratio = (self._logps.detach() - inputs["ref_per_token_logps"]) * inputs["completion_mask"]
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["policy/kl"].append(self.accelerator.gather(log_ratio.sum(1)).mean().item())
+        return loss
+
     def _generate_and_score_completions(self, inputs):
+        t0 = time.perf_counter()
         out = super()._generate_and_score_completions(inputs)
         mode = "train" if self.model.training else "eval"
+        # the phases as grpo_signcert.py times them (scoring: the reward model's and the reference's forwards)
+        self._metrics[mode]["time/generation"].append(self._generation_time)
+        self._metrics[mode]["time/scoring"].append(time.perf_counter() - t0 - self._generation_time)
         k = self.num_generations if mode == "train" else self.num_generations_eval
         # the global batch, in TRL's order (consecutive groups of k; a group may straddle two processes)
         rewards = self._rewards[:, 0].view(-1, k)
@@ -811,6 +845,7 @@ class SignCertGRPOTrainer(GRPOTrainer):
             ((1 - eps / radius[finite]) <= 0).float().mean().item() if finite.any() else 0.0
         )
         metrics["completion/no_eos_rate"].append(1.0 - has_eos.float().mean().item())
+        metrics["reward/proxy"].append(rewards.mean().item())
         return out
 
 
@@ -821,6 +856,7 @@ class HeldoutGoldEval(TrainerCallback):
     def __init__(self, trainer, gold, gold_tok, heldout, args):
         self.trainer, self.gold, self.gold_tok, self.heldout, self.args = trainer, gold, gold_tok, heldout, args
         self.reference_gold, self.path = {}, os.path.join(args.output_dir, "metrics.jsonl")
+        self.step_start, self.step_time = None, None
 
     def write(self, row):
         if self.trainer.accelerator.is_main_process:
@@ -843,9 +879,21 @@ class HeldoutGoldEval(TrainerCallback):
             self.evaluate(0)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        self.write({"step": state.global_step, **{f"trl/{k}": v for k, v in (logs or {}).items()}})
+        """The subclass's metrics under grpo_signcert.py's names (so pipeline.py reads both alike), TRL's under trl/;
+        the step's wall time, optimiser step included, and its update share (the step less generation and scoring)."""
+        ours = lambda k: k.startswith(("signcert/", "policy/", "reward/", "completion/no_eos_rate", "time/"))
+        row = {k if ours(k) else f"trl/{k}": v for k, v in (logs or {}).items()}
+        if self.step_time is not None and "time/generation" in row:
+            row["time/step"] = self.step_time
+            row["time/update"] = self.step_time - row["time/generation"] - row["time/scoring"]
+            self.step_time = None
+        self.write({"step": state.global_step, **row})
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.step_time = time.perf_counter() - self.step_start  # before the held-out evaluation, as grpo_signcert.py
         step = state.global_step
         if self.heldout and (step % self.args.eval_every == 0 or step == state.max_steps):
             self.evaluate(step)
@@ -859,7 +907,8 @@ if __name__ == "__main__":
         require_path(getattr(args, name), f"--{name.replace('_', '-')}")
     from accelerate import PartialState
 
-    num_processes = PartialState(cpu=not torch.cuda.is_available()).num_processes
+    state = PartialState(cpu=not torch.cuda.is_available())
+    num_processes = state.num_processes
     local_prompts = exact_div(args.num_prompts_per_step, num_processes, "--num-prompts-per-step over the processes")
     accumulation = exact_div(
         local_prompts * args.num_generations,
@@ -883,7 +932,23 @@ if __name__ == "__main__":
     import datasets
 
     train = datasets.Dataset.from_dict({"prompt": build_prompts(rows, tokenizer, args.max_prompt_length, where)})
-    args.output_dir = args.output_dir or os.path.join("runs", f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues a run and --overwrite deletes it: pass one of them")
+    default_dir = os.path.join("runs", f"{args.exp_name}__{args.seed}__{int(time.time())}")
+    args.output_dir = args.output_dir or broadcast_object_list([default_dir])[0]  # one name on every process
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    ckpt = get_last_checkpoint(args.output_dir) if args.resume and os.path.isdir(args.output_dir) else None
+    if os.path.exists(metrics_path) and not (args.resume or args.overwrite):
+        raise SystemExit(
+            f"{args.output_dir} already holds a run: pass --resume to continue it, --overwrite to replace it, "
+            "or another --output-dir"
+        )
+    if state.is_main_process:
+        if ckpt:  # the rows after the checkpoint are written again by the resumed run
+            keep_steps_upto(metrics_path, int(ckpt.rsplit("-", 1)[1]))
+        elif os.path.isdir(args.output_dir) and (args.resume or args.overwrite):  # nothing to resume: start again
+            shutil.rmtree(args.output_dir)
+    state.wait_for_everyone()
     config = SignCertGRPOConfig(
         output_dir=args.output_dir,
         quantile=args.quantile,
@@ -941,5 +1006,5 @@ if __name__ == "__main__":
         gold = load_reward_model(args.gold_rm_path, False, None, "--gold-rm-path").to(trainer.accelerator.device)
         gold_tok = AutoTokenizer.from_pretrained(args.gold_rm_path, padding_side="right")
     trainer.add_callback(HeldoutGoldEval(trainer, gold, gold_tok, heldout, args))
-    trainer.train(resume_from_checkpoint=args.resume or None)
+    trainer.train(resume_from_checkpoint=ckpt)
     trainer.save_model(os.path.join(args.output_dir, "model"))

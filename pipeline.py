@@ -28,6 +28,8 @@ are never looked at to choose anything):
     uwo         UWO, an ensemble of 3 proxies (grpo_uwo.py)           lambda, --uwo-lambda
     advpo       AdvPO (grpo_advpo.py)                                 B, --advpo-budget
     bspo        BSPO, critic-free (grpo_bspo.py, a ScoreLM proxy)     the support threshold, --bspo-threshold
+    drgrpo_trl  Dr.GRPO in TRL's GRPOTrainer (grpo_signcert_trl.py --quantile 0): the same run in TRL's trainer
+    signcert_trl  SignCert-PO in TRL's GRPOTrainer (grpo_signcert_trl.py)   signcert's q (swept there, not again)
 
 Every run's held-out evaluations (temperature 0.01, the first `--eval-num-prompts` prompts of the validation and
 the test split) give its frontier: test gold reward against KL(pi || pi_SFT). Reported per method, mean (min - max)
@@ -49,8 +51,8 @@ import tyro
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the stage scripts live next to this driver
 WORLD_FORMAT = 2  # tiny_world.py's WORLD_FORMAT, the world this driver and the README's numbers belong to
-METHODS = ("drgrpo", "drgrpo_kl", "signcert", "uwo", "advpo", "bspo")
-KNOBS = {  # method: (its knob's Args field, the field with the knob's sweep grid)
+METHODS = ("drgrpo", "drgrpo_kl", "signcert", "uwo", "advpo", "bspo", "drgrpo_trl", "signcert_trl")
+KNOBS = {  # method: (its knob's Args field, the field with the knob's sweep grid); signcert_trl takes signcert's q
     "signcert": ("quantile", "quantile_grid"),
     "uwo": ("uwo_lambda", "uwo_lambda_grid"),
     "advpo": ("advpo_budget", "advpo_budget_grid"),
@@ -66,7 +68,7 @@ class Args:
     """whole-chain seeds: each redraws the SFT policy, the preference pairs, the proxy RM(s) and the RL runs"""
     methods: List[str] = field(default_factory=lambda: ["drgrpo", "signcert"])
     """RL methods to run: drgrpo, drgrpo_kl (Dr.GRPO at each of --control-kl-coefs), signcert, uwo, advpo, bspo,
-    or `all`"""
+    drgrpo_trl and signcert_trl (the same two in TRL's GRPOTrainer), or `all` (the first six)"""
     kl_coef: float = 0.01
     """beta of every method (the paper's 0.01)"""
     control_kl_coefs: List[float] = field(default_factory=lambda: [0.05, 0.1])
@@ -360,9 +362,13 @@ def rl_run(args, chain, seed, method, knob):
         name, script = f"advpo_b{knob:g}", "grpo_advpo.py"
         flags = ["--budget", str(knob), "--prefs-path", os.path.join(chain, "prefs")]
         label = f"AdvPO B={knob:g}"
-    else:
+    elif method == "bspo":
         name, script, flags = f"bspo_t{knob:g}", "grpo_bspo.py", ["--support-threshold", str(knob)]
         label = f"BSPO threshold={knob:g}"
+    else:  # the same two methods inside TRL's GRPOTrainer (grpo_signcert_trl.py), with the same data and settings
+        q = knob if method == "signcert_trl" else 0.0
+        name, script, flags = f"trl_q{q:g}", "grpo_signcert_trl.py", ["--quantile", str(q)]
+        label = f"SignCert-PO q={q:g} (TRL)" if method == "signcert_trl" else "Dr.GRPO (TRL)"
     out = os.path.join(chain, "rl", f"{name}_kl{beta:g}_s{seed}")
     rm = os.path.join(chain, "rm_bspo" if method == "bspo" else "rm")
     cmd = launcher(args) + [os.path.join(HERE, script), "--seed", str(seed), "--kl-coef", str(beta)] + flags
@@ -372,7 +378,9 @@ def rl_run(args, chain, seed, method, knob):
     cmd += ["--dataset", os.path.join(args.root, "data"), "--output-dir", out]
     cmd += ["--overwrite"] if args.force else ["--resume"]  # a killed run continues where it stopped
     cmd += ["--eval-every", str(args.eval_every), "--eval-num-prompts", str(args.eval_num_prompts)]
-    cmd += ["--total-steps", str(args.rl_steps), "--gold-every", str(args.gold_every)]
+    cmd += ["--total-steps", str(args.rl_steps)]
+    if not method.endswith("_trl"):  # TRL's trainer has no on-policy gold monitor (panels a and b of the plot)
+        cmd += ["--gold-every", str(args.gold_every)]
     cmd += shlex.split(args.extra_rl_args)
     return label, out, cmd
 
@@ -409,7 +417,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny world never needs the hub
     os.environ.setdefault("WANDB_MODE", "disabled")
-    methods = list(METHODS) if "all" in args.methods else list(args.methods)
+    # `all`: the paper's comparison, the first six; the TRL ones by name beside it
+    methods = list(dict.fromkeys(m for x in args.methods for m in (METHODS[:6] if x == "all" else [x])))
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SystemExit(f"--methods: unknown {bad}; choose among {list(METHODS)} or `all`")
@@ -445,6 +454,8 @@ if __name__ == "__main__":
             print(f"[pipeline] sweep {m}: validation gold {dict(zip(grid[m], scores))} -> {chosen[m]:g}")
         with open(os.path.join(R, "sweep.json"), "w") as f:
             json.dump(choice, f, indent=1)
+    if "signcert_trl" in methods:  # the same method in another trainer: the same q
+        chosen["signcert_trl"] = chosen["signcert"] if "signcert" in chosen else args.quantile
     runs = []  # (label, seed, folder)
     if args.rl:
         jobs = []

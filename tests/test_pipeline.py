@@ -76,6 +76,7 @@ def test_pipeline_runs_every_stage_every_method_and_writes_the_tables(tmp_path, 
         "ci",
         "--methods",
         "all",
+        "signcert_trl",
         "--sweep",
         "--quantile-grid",
         "0.1",
@@ -97,8 +98,9 @@ def test_pipeline_runs_every_stage_every_method_and_writes_the_tables(tmp_path, 
         "--jobs",
         "2",
         "--extra-world-args=--gold-steps 3",
-        "--extra-rl-args=--num-prompts-per-step 4 --num-generations 4 --micro-batch-size 16 --max-new-tokens 8 "
-        "--gold-every 1",
+        "--gold-every",
+        "1",
+        "--extra-rl-args=--num-prompts-per-step 4 --num-generations 4 --micro-batch-size 16 --max-new-tokens 8",
     ]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -122,6 +124,7 @@ def test_pipeline_runs_every_stage_every_method_and_writes_the_tables(tmp_path, 
         "UWO lambda=0.1",
         "AdvPO B=5",
         "BSPO threshold=0.0001",
+        f"SignCert-PO q={q:g} (TRL)",
     ]
     # each method ran with its own script and knob, against the proxy it needs
     args_of = lambda run: json.load(open(os.path.join(run["folder"], "args.json")))
@@ -131,6 +134,7 @@ def test_pipeline_runs_every_stage_every_method_and_writes_the_tables(tmp_path, 
     assert [os.path.basename(p) for p in a["UWO lambda=0.1"]["reward_model_paths"]] == ["rm", "rm_2", "rm_3"]
     assert os.path.basename(a["BSPO threshold=0.0001"]["reward_model_path"]) == "rm_bspo"
     assert a["AdvPO B=5"]["budget"] == 5
+    assert a[f"SignCert-PO q={q:g} (TRL)"]["quantile"] == q and a[f"SignCert-PO q={q:g} (TRL)"]["kl_coef"] == 0.01
     # the tables are the runs' own held-out numbers
     for r in summary["runs"]:
         rows = [json.loads(line) for line in open(os.path.join(r["folder"], "metrics.jsonl"))]
@@ -138,6 +142,8 @@ def test_pipeline_runs_every_stage_every_method_and_writes_the_tables(tmp_path, 
             r["final_gold"] == rows[-1]["eval/test/gold_reward"] and r["sft_gold"] == rows[0]["eval/test/gold_reward"]
         )
         assert r["peak_gold"] == max(x["eval/test/gold_reward"] for x in rows if "eval/test/gold_reward" in x)
+        kl = [x["policy/kl"] for x in rows if "policy/kl" in x]  # the KL axis: both trainers log it per step
+        assert len(kl) == 2 and r["final_kl"] == pytest.approx(sum(kl) / 2)
     assert "Table 1 in kind" in res.stdout and "The gold-vs-KL frontier" in res.stdout
     assert "| SignCert-PO q=" in res.stdout and "| SFT |" in res.stdout
     assert (root / "frontier.png").stat().st_size > 10_000
@@ -145,8 +151,8 @@ def test_pipeline_runs_every_stage_every_method_and_writes_the_tables(tmp_path, 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (
-        "$ " not in again.stdout and again.stdout.count("[pipeline] skip") == 1 + 7 + 5 + 6
-    )  # world; sft, prefs, 4 RMs, eval; 5 sweep runs; 6 runs
+        "$ " not in again.stdout and again.stdout.count("[pipeline] skip") == 1 + 7 + 5 + 7
+    )  # world; sft, prefs, 4 RMs, eval; 5 sweep runs; 7 runs
 
 
 def test_a_world_of_another_format_is_refused_with_what_to_do(tmp_path):

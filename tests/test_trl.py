@@ -189,6 +189,30 @@ def test_dr_grpo_loss_matches_our_loss_on_the_same_batch(trained):
     assert loss.item() == pytest.approx(ours_loss.item(), rel=1e-5, abs=1e-7)
 
 
+def test_policy_kl_is_the_rollouts_sequence_log_ratio_to_the_reference(trained):
+    """`policy/kl` (the pipeline's KL axis) is grpo_signcert.py's: per completion, the sum over its tokens of
+    log pi - log pi_ref, averaged; here recomputed with our response_logprobs on the policy and on TRL's reference
+    model, after moving the policy off the reference (at the SFT weights it is 0)."""
+    trainer, out, _, _ = trained[0.5, "none"]
+    trainer.current_gradient_accumulation_steps = 1
+    saved = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    try:
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        trainer._compute_loss(trainer.model, dict(out))
+        logged = trainer._metrics["train"]["policy/kl"][-1]
+        args = (out["prompt_ids"], out["prompt_mask"], out["completion_ids"], out["completion_mask"], 1.0)
+        with torch.no_grad():
+            lp = grpo_signcert.response_logprobs(trainer.model, *args)
+            ref = grpo_signcert.response_logprobs(trainer.ref_model, *args)
+        expected = ((lp - ref) * out["completion_mask"]).sum(1).mean().item()
+    finally:
+        trainer.model.load_state_dict(saved)
+    assert abs(expected) > 0.05  # the check is not 0 = 0
+    assert logged == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
+
 def test_config_refuses_bad_fields_and_the_trainer_refuses_other_rewards(ci_world_with_rm, tmp_path):
     with pytest.raises(ValueError, match=r"quantile must lie in \[0, 1\]"):
         ours.SignCertGRPOConfig(output_dir=str(tmp_path), quantile=1.5, use_cpu=True)
@@ -263,8 +287,16 @@ def test_the_command_line_raises_the_proxy_reward_evaluates_and_resumes(ci_world
     rewards = [r["trl/rewards/proxy_reward/mean"] for r in rows if "trl/rewards/proxy_reward/mean" in r]
     assert len(rewards) == 6 and np.mean(rewards[-2:]) > np.mean(rewards[:2])
     assert [r["step"] for r in rows if "eval/test/gold_reward" in r] == [0, 3, 6]
-    assert all("trl/signcert/eps" in r for r in rows if "trl/rewards/proxy_reward/mean" in r)
+    logged = [r for r in rows if "trl/rewards/proxy_reward/mean" in r]
+    assert all("signcert/eps" in r and "policy/kl" in r for r in logged)  # under grpo_signcert.py's names
+    for r in logged:  # our reward/proxy is TRL's own reward mean (one reward function, weight 1)
+        assert r["reward/proxy"] == pytest.approx(r["trl/reward"], rel=1e-5, abs=1e-6)
+        # the phases as grpo_signcert.py logs them: the step's wall time is their sum, each part positive
+        parts = [r[f"time/{p}"] for p in ("generation", "scoring", "update")]
+        assert min(parts) > 0 and sum(parts) == pytest.approx(r["time/step"], rel=1e-9)
+        assert r["trl/step_time"] < r["time/step"]  # TRL's own excludes the optimiser step
     rows = cli(ci_world_with_rm, out, "--total-steps", "8", "--eval-every", "3", "--save-every", "3",
                "--learning-rate", "3e-3", "--quantile", "0.5", "--resume")  # fmt: skip
     steps = [r["step"] for r in rows if "trl/rewards/proxy_reward/mean" in r]
     assert steps[:6] == list(range(1, 7)) and steps[6:] == [7, 8]  # continued from checkpoint-6
+    assert [r["step"] for r in rows if "eval/test/gold_reward" in r] == [0, 3, 6, 8]  # none evaluated twice
