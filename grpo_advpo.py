@@ -652,10 +652,12 @@ def position_ids_of(mask):
 
 
 def response_logprobs(model, query, query_mask, response, response_mask, temperature):
-    """log pi(y_t | x, y_<t) of every response token: (N, T)."""
+    """log pi(y_t | x, y_<t) of every response token: (N, T). The LM head runs only on the T positions that
+    predict them (`logits_to_keep`: the last T + 1, less the last), not on the prompt's (most of the sequence)."""
     ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_of(mask)).logits
-    logits = logits[:, query.shape[1] - 1 : -1].float() / temperature
+    T = response.shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_of(mask), logits_to_keep=T + 1).logits
+    logits = logits[:, :-1].float() / temperature
     return logits.gather(-1, response.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
@@ -717,12 +719,20 @@ def gold_rewards(gold, gold_tok, prompts, responses, args, device):
     return torch.cat(out)
 
 
+def on_host(metrics: dict) -> dict:
+    """The step's metrics with every tensor among them (0-d, on the device) made a float by ONE device-to-host
+    copy for all of them: the step's single host sync for its logged statistics."""
+    keys = [k for k, v in metrics.items() if torch.is_tensor(v)]
+    values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).tolist() if keys else []
+    return metrics | dict(zip(keys, values))
+
+
 def pairwise_agreement(proxy, gold):
     """Proxy RM accuracy vs gold on on-policy pairs: over all pairs within a group whose gold scores
     differ, the fraction where the proxy orders them as the gold does. proxy, gold: (B, K)."""
     dp, dg = proxy.unsqueeze(2) - proxy.unsqueeze(1), gold.unsqueeze(2) - gold.unsqueeze(1)
     upper = torch.triu(torch.ones_like(dg, dtype=torch.bool), diagonal=1) & (dg != 0)
-    return ((dp * dg > 0) & upper).sum().item() / max(upper.sum().item(), 1)
+    return ((dp * dg > 0) & upper).sum() / upper.sum().clamp(min=1)  # a 0-d tensor (on_host syncs it)
 
 
 @torch.no_grad()
@@ -1001,10 +1011,13 @@ def policy_update(accelerator, policy, optimizer, batch, args):
     sum over ALL tokens / (completions per step x max_new_tokens): the Dr.GRPO constant normaliser,
     the same however the batch is split over processes and micro-batches.
     The policy is in train mode here only (gradient checkpointing acts in train mode; generation wants
-    eval mode and its KV cache). Returns this process's stats: `loss` (the Dr.GRPO loss of its rollouts,
-    averaged over epochs), `seq_kl` (N,) and the k3 sum and token count of the first epoch, `grad_norm`."""
+    eval mode and its KV cache). Nothing here waits for the device (no `.item()`: a GPU runs ahead of Python
+    through all the micro-batches). Returns this process's stats, as tensors on the device: `loss` (the Dr.GRPO
+    loss of its rollouts, averaged over epochs), `seq_kl` (N,) and the k3 sum and token count of the first
+    epoch, `grad_norm` (before clipping, of the last optimiser step)."""
     mbs, n = args.micro_batch_size, batch["response"].shape[0]
-    stats = {"loss": 0.0, "seq_kl": [], "k3_sum": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+    sums = torch.zeros(4, device=batch["response"].device)  # loss, k3 sum, tokens, grad norm
+    seq_kl = []
     policy.train()
     for epoch in range(args.num_ppo_epochs):
         for s in range(0, n, mbs):
@@ -1026,17 +1039,18 @@ def policy_update(accelerator, policy, optimizer, batch, args):
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    stats["grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
+                    norm = accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                    sums[3] = math.nan if norm is None else norm  # None: DeepSpeed clips inside its step
                 optimizer.step()
                 optimizer.zero_grad()
             if epoch == 0:  # KL(pi || pi_ref) of the rollouts, per sequence (k1, summed over tokens)
-                stats["seq_kl"].append(((lp.detach() - mb["ref_logprobs"]) * mb["response_mask"]).sum(1))
-                stats["k3_sum"] += kl.item() * mb["response_mask"].sum().item()
-                stats["tokens"] += mb["response_mask"].sum().item()
-            stats["loss"] += loss.item() * mbs / (n * args.num_ppo_epochs)  # the loss of the whole local batch
+                seq_kl.append(((lp.detach() - mb["ref_logprobs"]) * mb["response_mask"]).sum(1))
+                tokens = mb["response_mask"].sum()
+                sums[1:3] += torch.stack([kl.detach() * tokens, tokens])
+            sums[0] += loss.detach() * (mbs / (n * args.num_ppo_epochs))  # the loss of the whole local batch
     policy.eval()
-    stats["seq_kl"] = torch.cat(stats["seq_kl"])
-    return stats
+    loss, k3_sum, tokens, grad_norm = sums  # 0-d tensors: the caller syncs them once, with its other metrics
+    return {"loss": loss, "seq_kl": torch.cat(seq_kl), "k3_sum": k3_sum, "tokens": tokens, "grad_norm": grad_norm}
 
 
 if __name__ == "__main__":
@@ -1182,7 +1196,10 @@ if __name__ == "__main__":
         accelerator,
     )
     m_chol = advpo_cholesky(M)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    # fused AdamW (one kernel for all parameters) on a GPU; the same update, up to float rounding
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=device.type == "cuda"
+    )
     policy, optimizer = accelerator.prepare(policy, optimizer)
     policy.eval()  # generation mode; policy_update switches to train mode and back
     for m in (ref_policy, rm, gold):
@@ -1305,34 +1322,32 @@ if __name__ == "__main__":
                     response_mask,
                 )
         stats = policy_update(accelerator, policy, optimizer, batch, args)
-        t3 = time.perf_counter()
 
         # logging: every metric over the global batch
         g = accelerator.gather
         all_reward, all_penalty = g(reward.view(-1, K)), g(penalty)
-        loss_kl = g(torch.tensor([[stats["loss"], stats["k3_sum"], stats["tokens"]]], device=device))
+        loss_kl = g(torch.stack([stats["loss"], stats["k3_sum"], stats["tokens"]]).unsqueeze(0))
         metrics = {
             "step": step,
-            "reward/proxy": all_reward.mean().item(),
-            "policy/kl": g(stats["seq_kl"]).mean().item(),
-            "policy/kl_k3_per_token": (loss_kl[:, 1].sum() / loss_kl[:, 2].sum().clamp(min=1)).item(),
+            "reward/proxy": all_reward.mean(),
+            "policy/kl": g(stats["seq_kl"]).mean(),
+            "policy/kl_k3_per_token": (loss_kl[:, 1].sum() / loss_kl[:, 2].sum().clamp(min=1)),
             "policy/grad_norm": stats["grad_norm"],
-            "losses/loss": loss_kl[:, 0].mean().item(),
-            "advpo/reward": g(advpo_reward).mean().item(),
-            "advpo/penalty_mean": all_penalty.mean().item(),
-            "advpo/penalty_std": all_penalty.std(correction=0).item(),
-            "advpo/g_norm": g_norm.item(),
-            "completion/length": g(response_mask.sum(1).float()).mean().item(),
-            "completion/no_eos_rate": 1 - g(has_eos.float()).mean().item(),
-            "time/step": t3 - t0,
-            "time/generation": t1 - t0,
-            "time/scoring": t2 - t1,
-            "time/update": t3 - t2,
+            "losses/loss": loss_kl[:, 0].mean(),
+            "advpo/reward": g(advpo_reward).mean(),
+            "advpo/penalty_mean": all_penalty.mean(),
+            "advpo/penalty_std": all_penalty.std(correction=0),
+            "advpo/g_norm": g_norm,
+            "completion/length": g(response_mask.sum(1).float()).mean(),
+            "completion/no_eos_rate": 1 - g(has_eos.float()).mean(),
         }
         if monitor:
             all_gold = g(gold_reward.view(-1, K))
-            metrics["reward/gold"] = all_gold.mean().item()
+            metrics["reward/gold"] = all_gold.mean()
             metrics["rm/proxy_accuracy"] = pairwise_agreement(all_reward, all_gold)
+        metrics = on_host(metrics)  # the step's one host sync; it returns when the update has finished
+        t3 = time.perf_counter()
+        metrics |= {"time/step": t3 - t0, "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2}
         if heldout and (step % args.eval_every == 0 or step == args.total_steps):  # the policy after this update
             t4 = time.perf_counter()
             last_eval = heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold, args, accelerator)

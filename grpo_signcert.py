@@ -136,7 +136,9 @@ class Args:
     num_prompts_per_step: int = 16
     """prompts per optimiser step, over all processes (paper: 32)"""
     micro_batch_size: int = 32
-    """completions per forward/backward on one device (paper: 2)"""
+    """completions per forward/backward on one device; 0: auto, the largest divisor of the per-process batch
+    whose update fits the GPU (measured at startup, printed; on a CPU at most 32). The numbers do not depend on
+    it (the constant normaliser), only speed and memory do (the paper: 2 per GPU on 8 GPUs)"""
     bf16: bool = False
     """bf16 mixed precision (GPU); the reference and reward models are then held in bf16, the reward head
     is applied in float32"""
@@ -228,7 +230,7 @@ PRESETS = {
         generation_batch_size=64,
         total_steps=2000,
         num_prompts_per_step=32,
-        micro_batch_size=2,
+        micro_batch_size=0,  # auto: the paper's 2 x 16 accumulation is for 8 GPUs; on one, 128 of 2 launch-bind it
         bf16=True,
         gradient_checkpointing=True,
         gold_rm_path="Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",
@@ -596,10 +598,12 @@ def position_ids_of(mask):
 
 
 def response_logprobs(model, query, query_mask, response, response_mask, temperature):
-    """log pi(y_t | x, y_<t) of every response token: (N, T)."""
+    """log pi(y_t | x, y_<t) of every response token: (N, T). The LM head runs only on the T positions that
+    predict them (`logits_to_keep`: the last T + 1, less the last), not on the prompt's (most of the sequence)."""
     ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_of(mask)).logits
-    logits = logits[:, query.shape[1] - 1 : -1].float() / temperature
+    T = response.shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_of(mask), logits_to_keep=T + 1).logits
+    logits = logits[:, :-1].float() / temperature
     return logits.gather(-1, response.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
@@ -661,12 +665,20 @@ def gold_rewards(gold, gold_tok, prompts, responses, args, device):
     return torch.cat(out)
 
 
+def on_host(metrics: dict) -> dict:
+    """The step's metrics with every tensor among them (0-d, on the device) made a float by ONE device-to-host
+    copy for all of them: the step's single host sync for its logged statistics."""
+    keys = [k for k, v in metrics.items() if torch.is_tensor(v)]
+    values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).tolist() if keys else []
+    return metrics | dict(zip(keys, values))
+
+
 def pairwise_agreement(proxy, gold):
     """Proxy RM accuracy vs gold on on-policy pairs: over all pairs within a group whose gold scores
     differ, the fraction where the proxy orders them as the gold does. proxy, gold: (B, K)."""
     dp, dg = proxy.unsqueeze(2) - proxy.unsqueeze(1), gold.unsqueeze(2) - gold.unsqueeze(1)
     upper = torch.triu(torch.ones_like(dg, dtype=torch.bool), diagonal=1) & (dg != 0)
-    return ((dp * dg > 0) & upper).sum().item() / max(upper.sum().item(), 1)
+    return ((dp * dg > 0) & upper).sum() / upper.sum().clamp(min=1)  # a 0-d tensor (on_host syncs it)
 
 
 @torch.no_grad()
@@ -938,6 +950,39 @@ def sample_static(policy, query, query_mask, args, pad_id, _compiled={}):
     return out
 
 
+CPU_MICRO_BATCH = 32  # --micro-batch-size 0 on a CPU: the largest divisor of the per-process batch up to this
+
+
+def fit_micro_batch(local_batch, fixed_bytes, per_completion_bytes, budget_bytes):
+    """The largest divisor d of `local_batch` with fixed + d x per_completion <= budget (1 if none fits)."""
+    fits = [d for d in range(1, local_batch + 1) if local_batch % d == 0]
+    return max([d for d in fits if fixed_bytes + d * per_completion_bytes <= budget_bytes], default=1)
+
+
+def probe_update_memory(policy, length, args, device):
+    """(fixed, per-completion) bytes of the update's peak GPU memory: one forward/backward of `response_logprobs`
+    at the longest sequence (`length` tokens, the last max_new_tokens the response) with 1 and with 2 completions,
+    as the update runs it (train mode, bf16 autocast if --bf16, gradient checkpointing if on); the gradients it
+    leaves are dropped."""
+    peaks, T = [], args.max_new_tokens
+    policy.train()
+    for b in (1, 2):
+        policy.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        ids = torch.ones(b, length, dtype=torch.long, device=device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16):
+            lp = response_logprobs(policy, ids[:, :-T], torch.ones_like(ids[:, :-T]), ids[:, -T:], ids[:, -T:], 1.0)
+        lp.sum().backward()
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+    policy.zero_grad(set_to_none=True)
+    policy.eval()
+    per = max(peaks[1] - peaks[0], 1)
+    return peaks[0] - per, per
+
+
 def policy_update(accelerator, policy, optimizer, batch, args):
     """Step 4: `num_ppo_epochs` optimiser steps on this process's rollouts. Every micro-batch's loss is
     its token sum over (micro_batch_size x max_new_tokens); accelerate divides it by the accumulation
@@ -945,10 +990,13 @@ def policy_update(accelerator, policy, optimizer, batch, args):
     sum over ALL tokens / (completions per step x max_new_tokens): the Dr.GRPO constant normaliser,
     the same however the batch is split over processes and micro-batches.
     The policy is in train mode here only (gradient checkpointing acts in train mode; generation wants
-    eval mode and its KV cache). Returns this process's stats: `loss` (the Dr.GRPO loss of its rollouts,
-    averaged over epochs), `seq_kl` (N,) and the k3 sum and token count of the first epoch, `grad_norm`."""
+    eval mode and its KV cache). Nothing here waits for the device (no `.item()`: a GPU runs ahead of Python
+    through all the micro-batches). Returns this process's stats, as tensors on the device: `loss` (the Dr.GRPO
+    loss of its rollouts, averaged over epochs), `seq_kl` (N,) and the k3 sum and token count of the first
+    epoch, `grad_norm` (before clipping, of the last optimiser step)."""
     mbs, n = args.micro_batch_size, batch["response"].shape[0]
-    stats = {"loss": 0.0, "seq_kl": [], "k3_sum": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+    sums = torch.zeros(4, device=batch["response"].device)  # loss, k3 sum, tokens, grad norm
+    seq_kl = []
     policy.train()
     for epoch in range(args.num_ppo_epochs):
         for s in range(0, n, mbs):
@@ -970,17 +1018,18 @@ def policy_update(accelerator, policy, optimizer, batch, args):
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    stats["grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
+                    norm = accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                    sums[3] = math.nan if norm is None else norm  # None: DeepSpeed clips inside its step
                 optimizer.step()
                 optimizer.zero_grad()
             if epoch == 0:  # KL(pi || pi_ref) of the rollouts, per sequence (k1, summed over tokens)
-                stats["seq_kl"].append(((lp.detach() - mb["ref_logprobs"]) * mb["response_mask"]).sum(1))
-                stats["k3_sum"] += kl.item() * mb["response_mask"].sum().item()
-                stats["tokens"] += mb["response_mask"].sum().item()
-            stats["loss"] += loss.item() * mbs / (n * args.num_ppo_epochs)  # the loss of the whole local batch
+                seq_kl.append(((lp.detach() - mb["ref_logprobs"]) * mb["response_mask"]).sum(1))
+                tokens = mb["response_mask"].sum()
+                sums[1:3] += torch.stack([kl.detach() * tokens, tokens])
+            sums[0] += loss.detach() * (mbs / (n * args.num_ppo_epochs))  # the loss of the whole local batch
     policy.eval()
-    stats["seq_kl"] = torch.cat(stats["seq_kl"])
-    return stats
+    loss, k3_sum, tokens, grad_norm = sums  # 0-d tensors: the caller syncs them once, with its other metrics
+    return {"loss": loss, "seq_kl": torch.cat(seq_kl), "k3_sum": k3_sum, "tokens": tokens, "grad_norm": grad_norm}
 
 
 if __name__ == "__main__":
@@ -1018,9 +1067,11 @@ if __name__ == "__main__":
     )
     args.local_batch_size = args.local_num_prompts * args.num_generations
     args.batch_size = args.num_prompts_per_step * args.num_generations
-    args.gradient_accumulation_steps = exact_div(
+    if args.micro_batch_size == 0 and on_cpu:  # auto on a CPU: no memory to fit, the cap keeps each matmul cache-sized
+        args.micro_batch_size = fit_micro_batch(args.local_batch_size, 0, 1, CPU_MICRO_BATCH)
+    args.gradient_accumulation_steps = exact_div(  # auto on a GPU: 1 until the models are loaded and measured
         args.local_batch_size,
-        args.micro_batch_size,
+        args.micro_batch_size or args.local_batch_size,
         "completions per process (--num-prompts-per-step x --num-generations / processes) over --micro-batch-size",
     )
     # inputs, checked before any model is loaded and before the run folder exists
@@ -1067,7 +1118,8 @@ if __name__ == "__main__":
         print(
             f"[{args.exp_name}] {args.num_processes} process(es) x {args.local_num_prompts} prompts x "
             f"{args.num_generations} completions = {args.batch_size} completions per step, in "
-            f"{args.gradient_accumulation_steps} micro-batches of {args.micro_batch_size} per process; "
+            f"{args.gradient_accumulation_steps} micro-batches of {args.micro_batch_size or 'auto (measured below)'} "
+            "per process; "
             f"Dr.GRPO normaliser = {args.batch_size} x {args.max_new_tokens} tokens"
         )
         print(
@@ -1114,7 +1166,27 @@ if __name__ == "__main__":
         gold = load_reward_model(args.gold_rm_path, args.trust_remote_code, dtype, "--gold-rm-path")
         gold_tok = AutoTokenizer.from_pretrained(args.gold_rm_path, padding_side="right", **trust)
         gold_tok.pad_token = gold_tok.pad_token or gold_tok.eos_token
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    if args.micro_batch_size == 0:  # auto on a GPU: measure one update's memory at the longest sequence, then fit
+        policy.to(device)
+        fixed, per = probe_update_memory(policy, args.max_prompt_length + args.max_new_tokens, args, device)
+        budget = 0.9 * torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)
+        budget -= 8 * sum(p.numel() for p in policy.parameters())  # AdamW's two fp32 moments, not yet allocated
+        mine = torch.tensor([fit_micro_batch(args.local_batch_size, fixed, per, budget)], device=device)
+        args.micro_batch_size = int(accelerator.gather(mine).min())  # one split on every process (DDP's steps)
+        args.gradient_accumulation_steps = args.local_batch_size // args.micro_batch_size
+        accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
+        if accelerator.is_main_process:
+            print(
+                f"--micro-batch-size 0 (auto): {args.micro_batch_size}, {args.gradient_accumulation_steps} micro-batches "
+                f"per process (measured: {fixed / 2**30:.2f} GiB + {per / 2**30:.3f} GiB per completion of "
+                f"{args.max_prompt_length + args.max_new_tokens} tokens; budget {budget / 2**30:.1f} GiB)"
+            )
+            with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+                json.dump(asdict(args), f, indent=1)
+    # fused AdamW (one kernel for all parameters) on a GPU; the same update, up to float rounding
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=device.type == "cuda"
+    )
     policy, optimizer = accelerator.prepare(policy, optimizer)
     policy.eval()  # generation mode; policy_update switches to train mode and back
     for m in (ref_policy, rm, gold):
@@ -1242,39 +1314,39 @@ if __name__ == "__main__":
                     response_mask,
                 )
         stats = policy_update(accelerator, policy, optimizer, batch, args)
-        t3 = time.perf_counter()
 
         # logging: every metric over the global batch
         g = accelerator.gather
         all_reward, all_radius, all_adv = g(reward.view(-1, K)), g(radius), g(advantages)
         finite = torch.isfinite(all_radius) & (all_radius > 0)
-        loss_kl = g(torch.tensor([[stats["loss"], stats["k3_sum"], stats["tokens"]]], device=device))
+        n_finite = finite.sum().clamp(min=1)
+        loss_kl = g(torch.stack([stats["loss"], stats["k3_sum"], stats["tokens"]]).unsqueeze(0))
         metrics = {
             "step": step,
-            "reward/proxy": all_reward.mean().item(),
-            "policy/kl": g(stats["seq_kl"]).mean().item(),
-            "policy/kl_k3_per_token": (loss_kl[:, 1].sum() / loss_kl[:, 2].sum().clamp(min=1)).item(),
+            "reward/proxy": all_reward.mean(),
+            "policy/kl": g(stats["seq_kl"]).mean(),
+            "policy/kl_k3_per_token": (loss_kl[:, 1].sum() / loss_kl[:, 2].sum().clamp(min=1)),
             "policy/grad_norm": stats["grad_norm"],
-            "losses/loss": loss_kl[:, 0].mean().item(),
-            "signcert/eps": eps.item(),
-            "signcert/frac_rho_nonpositive": ((all_radius <= eps) & (eps > 0)).float().mean().item(),
-            "signcert/frac_reweighted": (all_adv != all_reward - all_reward.mean(1, keepdim=True))
-            .float()
-            .mean()
-            .item(),
-            "signcert/mean_rho": (1 - eps / all_radius[finite]).mean().item() if finite.any() else 1.0,
-            "signcert/mean_radius": all_radius[finite].mean().item() if finite.any() else math.inf,
-            "completion/length": g(response_mask.sum(1).float()).mean().item(),
-            "completion/no_eos_rate": 1 - g(has_eos.float()).mean().item(),
-            "time/step": t3 - t0,
-            "time/generation": t1 - t0,
-            "time/scoring": t2 - t1,
-            "time/update": t3 - t2,
+            "losses/loss": loss_kl[:, 0].mean(),
+            "signcert/eps": eps,
+            "signcert/frac_rho_nonpositive": ((all_radius <= eps) & (eps > 0)).float().mean(),
+            "signcert/frac_reweighted": (all_adv != all_reward - all_reward.mean(1, keepdim=True)).float().mean(),
+            "signcert/mean_rho": torch.where(
+                finite.any(), torch.where(finite, 1 - eps / all_radius, 0).sum() / n_finite, 1.0
+            ),
+            "signcert/mean_radius": torch.where(
+                finite.any(), torch.where(finite, all_radius, 0).sum() / n_finite, math.inf
+            ),
+            "completion/length": g(response_mask.sum(1).float()).mean(),
+            "completion/no_eos_rate": 1 - g(has_eos.float()).mean(),
         }
         if monitor:
             all_gold = g(gold_reward.view(-1, K))
-            metrics["reward/gold"] = all_gold.mean().item()
+            metrics["reward/gold"] = all_gold.mean()
             metrics["rm/proxy_accuracy"] = pairwise_agreement(all_reward, all_gold)
+        metrics = on_host(metrics)  # the step's one host sync; it returns when the update has finished
+        t3 = time.perf_counter()
+        metrics |= {"time/step": t3 - t0, "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2}
         if heldout and (step % args.eval_every == 0 or step == args.total_steps):  # the policy after this update
             t4 = time.perf_counter()
             last_eval = heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold, args, accelerator)

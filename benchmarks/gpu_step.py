@@ -221,8 +221,8 @@ def run_ours(accelerator, policy, start, ref, rm, prompts, tokenizer, args, devi
                     scoring=t_score,
                     update=t_update,
                     step=t_gen + t_score + t_update,
-                    loss=stats["loss"],
-                    kl=stats["k3_sum"] / max(stats["tokens"], 1),  # k3 per token, as policy/kl_k3_per_token
+                    loss=float(stats["loss"]),
+                    kl=float(stats["k3_sum"] / stats["tokens"].clamp(min=1)),  # k3 per token, as policy/kl_k3_per_token
                     eps=eps.item(),
                     prompt_tokens=query.shape[1],
                     completion_tokens=int(batch["response_mask"].sum(1).float().mean()),

@@ -157,6 +157,89 @@ def test_update_stats_are_the_loss_kl_and_grad_norm_of_the_whole_batch():
     assert not policy.training  # back to eval mode for generation
 
 
+def test_response_logprobs_run_the_lm_head_on_the_response_positions_only():
+    """The LM head sees the T + 1 last positions (logits_to_keep), not the prompt's, and the log-probs equal a
+    log-softmax over the full logits computed here, with left-padded prompts."""
+    policy, batch = model_and_batch()
+    seen = []
+    policy.get_output_embeddings().register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
+    args = (batch["query"], batch["query_mask"], batch["response"], batch["response_mask"], 1.0)
+    with torch.no_grad():
+        lp = response_logprobs(policy, *args)
+        query, qmask, response, rmask = args[:4]
+        ids, mask = torch.cat([query, response], 1), torch.cat([qmask, rmask], 1)
+        full = policy(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    expected = torch.log_softmax(full[:, query.shape[1] - 1 : -1], -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
+    assert seen[0][1] == response.shape[1] + 1 and seen[1][1] == ids.shape[1]  # ours, then the full forward here
+    torch.testing.assert_close(lp, expected, rtol=1e-5, atol=1e-5)
+
+
+@contextlib.contextmanager
+def host_syncs_counted(monkeypatch):
+    """Count the ways a tensor's value reaches Python (item, tolist, bool, float, int) from the project's own code
+    while the block runs (transformers' mask builder checks whether a padding mask is all ones: not ours)."""
+    counts = {}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _original=original, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(ROOT) and "site-packages" not in caller:
+                counts[_name] = counts.get(_name, 0) + 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    yield counts
+    monkeypatch.undo()
+
+
+def test_the_update_never_waits_for_the_device_and_the_metrics_sync_once(monkeypatch):
+    """policy_update over 4 micro-batches reads no tensor value into Python (a GPU runs ahead through all of them;
+    before, 4 `.item()` per micro-batch); `on_host` turns the step's metrics into floats with one copy."""
+    policy, batch = model_and_batch()
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    with host_syncs_counted(monkeypatch) as counts:
+        stats = policy_update(accelerator, policy, optimizer, batch, update_args(max_grad_norm=1e-3))
+    assert counts == {}, counts
+    with host_syncs_counted(monkeypatch) as counts:
+        out = grpo_signcert.on_host({"step": 3, "loss": stats["loss"], "kl": stats["seq_kl"].mean(), "inf": math.inf})
+    assert counts == {"tolist": 1}, counts
+    assert out == {"step": 3, "loss": stats["loss"].item(), "kl": stats["seq_kl"].mean().item(), "inf": math.inf}
+    assert all(type(v) in (int, float) for v in out.values())
+
+
+def test_auto_micro_batch_is_the_largest_divisor_that_fits():
+    """--micro-batch-size 0: the largest divisor of the per-process batch whose update fits (fixed + d x per
+    completion <= budget), 1 when none does; on a CPU capped at CPU_MICRO_BATCH; the paper preset uses it."""
+    fit = grpo_signcert.fit_micro_batch
+    assert fit(256, 10, 1, 50) == 32  # divisors of 256 up to 40
+    assert fit(256, 10, 1, 266) == 256 and fit(256, 10, 1, 265) == 128
+    assert fit(48, 0, 1, grpo_signcert.CPU_MICRO_BATCH) == 24 and fit(128, 0, 1, grpo_signcert.CPU_MICRO_BATCH) == 32
+    assert fit(256, 60, 1, 50) == 1  # nothing fits: the smallest, and the run finds out at its first step
+    assert grpo_signcert.PRESETS["paper"].micro_batch_size == 0
+
+
+def test_fused_adamw_gives_the_same_update():
+    """The trainer's AdamW is fused where the device has it (a GPU): the same step as the per-parameter loop, to
+    float rounding (checked here on the CPU, where torch has the fused kernel too)."""
+    policy, batch = model_and_batch()
+    steps = {}
+    for fused in (False, True):
+        model = copy.deepcopy(policy)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, fused=fused)
+        before = [p.detach().clone() for p in model.parameters()]
+        for _ in range(3):
+            objective, _ = full_batch_objective(model, batch, 0.1)
+            objective.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        steps[fused] = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    assert steps[False].abs().max() > 1e-3  # it moved
+    assert ((steps[True] - steps[False]).norm() / steps[False].norm()).item() < 1e-4  # measured: 7e-6
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_gradient_checkpointing_is_active_when_asked(checkpointing):
     """A model fresh from from_pretrained is in eval mode, where transformers never checkpoints; the update must
