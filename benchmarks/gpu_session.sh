@@ -1,19 +1,18 @@
 #!/usr/bin/env bash
-# The one command a session with one GPU runs (issue 10; about 9 minutes, every part capped by its own time limit):
+# The one command a session with one GPU runs (about 9 minutes, every part capped by its own time limit):
 #     run(command='bash benchmarks/gpu_session.sh', carry=['.whl', 'runs/tiny_world/data', 'runs/tiny_world/tokenizer',
 #         'runs/tiny_world/sft', 'runs/tiny_world/rm', 'runs/tiny_world/gold_rm',
 #         'runs/tiny_world/base_policy'], timeout_s=600)
 # 1. installs every wheel under .whl/ (git-ignored; carry it) into a temporary folder without dependencies: tyro and its
-#    needs, transformers (the version CI uses), TRL with datasets, DeepSpeed with pydantic and hjson. Build it here:
+#    needs, transformers (the version CI uses), TRL with datasets. Build it here:
 #      pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform any \
 #        --platform manylinux_2_17_x86_64 -d .whl trl==1.16.0 datasets dill multiprocess tyro docstring_parser \
-#        typeguard transformers hjson pydantic pydantic-core annotated-types typing-inspection
-#      pip wheel --no-deps --no-build-isolation deepspeed -w .whl        # DeepSpeed ships no wheel, only a source
-# 2. benchmarks/gpu_step.py at Pythia-1B's shape in bf16: our compiled static-cache decoding with the CUDA checks,
-#    the update under the profiler, and TRL's GRPOTrainer side by side in one process (`generate`: measured, README);
-# 3. the real scripts on CUDA on the tiny world (carried, built on a CPU): grpo_signcert.py in bf16 with compiled
-#    decoding; grpo_signcert.py under configs/ddp_8gpu.yaml with one process; sft.py under
-#    configs/deepspeed_zero2.yaml with one process.
+#        typeguard transformers
+# 2. benchmarks/gpu_step.py at Pythia-1B's shape in bf16, each framework in its own process (ours, TRL, ours again):
+#    a. BEST against BEST (ours: micro-batch auto, compiled static-cache decoding; TRL: the largest micro-batch that
+#       runs), no checkpointing, with the CUDA checks and 8 profiled micro-batches (on a copy of the weights);  240 s
+#    b. MATCHED (both at micro-batch 2 with gradient checkpointing, transformers' generate on both), Dr.GRPO only;  200 s
+# 3. grpo_signcert.py on CUDA on the tiny world (carried, built on a CPU) in bf16 with compiled decoding, 20 steps. 60 s
 # GPU_STEP_EXTRA adds flags to every gpu_step.py run (a CPU smoke test: GPU_STEP_EXTRA="--shape tiny --device cpu ...").
 set -u
 cd "$(dirname "$0")/.."
@@ -33,7 +32,6 @@ fi
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   python3 -c "import trl; print('trl', trl.__version__)" || echo "trl does not import: the TRL comparison is skipped"
-  python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)" || echo "deepspeed does not import"
 } 2>&1 | tee -a "$OUT/env.txt"
 
 step() {  # step NAME LIMIT_SECONDS ARGS...: one gpu_step.py run, its log and JSON under $OUT
@@ -51,16 +49,13 @@ script() {  # script LIMIT_SECONDS COMMAND...: one real script on the tiny world
   echo "=== exit ${PIPESTATUS[0]}" | tee -a "$OUT/scripts.log"
 }
 
-step compiled_checks_trl 360 --generation-backend compiled --checks --steps 1 --warmup-steps 1 --profile 16
+step best 240 --best --no-matched --generation-backend compiled --checks --profile 8
+step matched 200 --no-signcert --generation-backend hf
 
 if [ -d runs/tiny_world/sft ] && [ -d runs/tiny_world/rm ]; then
-  script 80 python3 grpo_signcert.py --bf16 --generation-backend compiled --total-steps 30 --gold-every 5 \
+  script 60 python3 grpo_signcert.py --bf16 --generation-backend compiled --total-steps 20 --gold-every 5 \
     --output-dir $R/signcert_bf16 --overwrite
   cp $R/signcert_bf16/metrics.jsonl "$OUT/signcert_bf16_metrics.jsonl" 2>/dev/null
-  script 40 accelerate launch --config_file configs/ddp_8gpu.yaml --num_processes 1 grpo_signcert.py --bf16 \
-    --total-steps 5 --output-dir $R/ddp_1proc --overwrite
-  script 60 accelerate launch --config_file configs/deepspeed_zero2.yaml --num_processes 1 sft.py --bf16 \
-    --num-train-epochs 1 --output-dir $R/sft_zero2
 else
   echo "no runs/tiny_world/{sft,rm}: the real scripts were not run (carry them)" | tee -a "$OUT/scripts.log"
 fi

@@ -1,39 +1,51 @@
 """Benchmark: grpo_signcert.py's training step at Pythia-1B's shape on one GPU, in bf16, for Dr.GRPO and
-SignCert-PO, and (when `trl` is importable) TRL's GRPOTrainer on the same models and shapes, in one run.
+SignCert-PO, against TRL's GRPOTrainer on the same models, weights, prompts and dtypes.
 
-    python benchmarks/gpu_step.py --output runs/gpu_step.json                  # one GPU: Pythia-1B's shape
-    python benchmarks/gpu_step.py --generation-backend compiled --checks       # our decoding loop, CUDA checks
-    python benchmarks/gpu_step.py --shape tiny --steps 2 --no-trl              # any CPU, seconds (the CI test)
+    python benchmarks/gpu_step.py --output runs/gpu_step.json                  # one GPU: Pythia-1B's shape, matched
+    python benchmarks/gpu_step.py --best --generation-backend compiled --checks # + best against best, CUDA checks
+    python benchmarks/gpu_step.py --shape tiny --device cpu --no-bf16 ...      # any CPU, seconds (the CI test)
 
-No download: the models are random-init GPTNeoX of Pythia-1B's sizes (a policy, its frozen reference and a
-reward model with a one-output `score` head), the prompts are random words of a word-level tokenizer built
-here (about 300 tokens each). A random policy almost never samples EOS, so every completion runs to
-`--max-new-tokens`: the worst case of the step's time. Our step is the trainer's own functions (`sample` or
-`sample_static`, `truncate_after_eos`, `response_logprobs`, `reward_and_features`, `signcert_advantages`,
-`policy_update` with an Accelerator in bf16 mixed precision); each method runs `--warmup-steps` + `--steps`
-steps from the same initial weights, and the medians of the timed steps are reported. TRL runs the same
-initial weights, saved to a temporary folder, with `loss_type="dr_grpo"`, `scale_rewards="none"` and
-transformers' `generate`.
+No download: the models are random-init GPTNeoX of Pythia-1B's sizes (a policy, its frozen reference and a reward
+model with a one-output `score` head), built once here and saved to a temporary folder, with prompts of random
+words of a word-level tokenizer built here (prompt_length - 20 to prompt_length tokens, so rows are left-padded).
+Every completion runs to `--max-new-tokens`, on both sides: ours samples with no EOS (the policy's generation
+config has none, and no id is cut), TRL with `min_new_tokens = max_new_tokens`.
 
-`--checks` adds: the first update in bf16 against fp32 on the same batch (relative difference of the
-parameter change), the loss and KL finite over every step, and the reward read at the last real token of
-left-padded rows under the run's dtype against each row scored alone, unpadded.
+Each framework runs in its OWN process, in this order: ours, TRL, ours again (nothing one leaves allocated, a
+cache, a compiled graph, counts against the other; the two runs of ours show the spread between processes). Both
+load the same saved weights: the policy in fp32 (the master weights) under bf16 autocast, the reference and the
+reward model in bf16 (TRL's reference built with `model_init_kwargs={"dtype": bfloat16}`), AdamW with weight decay
+0, lr `--learning-rate`, clip 1.0, `loss_type="dr_grpo"`, `scale_rewards="none"`, beta `--kl-coef`.
+
+Configurations:
+- MATCHED: both at `--micro-batch-size` with `--gradient-checkpointing` (defaults: the paper preset's 2, on);
+- BEST (`--best`): each at its fastest setting that fits: ours `--micro-batch-size 0` (auto: measured, the largest
+  divisor that fits) without checkpointing; TRL at the largest of `--best-micro-batches` that runs without running
+  out of memory, without checkpointing.
+Per framework and configuration: `--warmup-steps` untimed steps, then `--steps` timed (median and range of each
+phase: generation, scoring, update, step), peak allocated and reserved GPU memory per phase, and the first update's
+loss, per-token KL and gradient norm. The second run of ours also updates, from the initial weights, on TRL's first
+batch (its prompts, completions, reference log-probs and advantages), so the two frameworks' first update on the
+SAME rollouts is compared. `--profile N` profiles N micro-batches of the update on a copy of the weights after the
+timed steps (nothing of the training state is touched); `--checks` adds the bf16-vs-fp32 update and reward checks.
 """
 
+import copy
 import gc
 import json
 import math
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
-from typing import Literal, Optional
+from typing import List, Literal, Optional
 
 import torch
 import tyro
-from accelerate import Accelerator
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -43,17 +55,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from grpo_signcert import (  # noqa: E402
-    in_chunks,
-    policy_update,
-    response_logprobs,
-    reward_and_features,
-    sample,
-    sample_static,
-    signcert_advantages,
-    truncate_after_eos,
-)
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import grpo_signcert as gs  # noqa: E402
+
+PHASES = ("generation", "scoring", "update", "step")
 
 
 @dataclass
@@ -61,21 +67,31 @@ class Args:
     shape: Literal["pythia-1b", "tiny"] = "pythia-1b"
     """the models' sizes: `pythia-1b` (hidden 2048, 16 layers, 8 heads, vocabulary 50304) or `tiny` (a CPU, seconds)"""
     steps: int = 3
-    """timed training steps per method (the median is reported)"""
-    warmup_steps: int = 1
-    """untimed steps before them, per method (allocator warm-up, CUDA graph capture, compilation)"""
+    """timed training steps per method and framework (median and range reported)"""
+    warmup_steps: int = 2
+    """untimed steps before them (allocator warm-up, CUDA graph capture, compilation)"""
     num_prompts: int = 32
     """prompts per step (the paper: 32)"""
     num_generations: int = 8
     """K, completions per prompt (the paper: 8)"""
     max_new_tokens: int = 53
-    """completion length (the paper: 53)"""
+    """completion length, forced on both sides (the paper: 53)"""
     prompt_length: int = 300
     """tokens per prompt: lengths are drawn in [prompt_length - 20, prompt_length], so rows are left-padded"""
     micro_batch_size: int = 2
-    """completions per forward/backward of the update (the paper: 2)"""
+    """completions per forward/backward of the MATCHED configuration, both sides (the paper preset: 2)"""
+    gradient_checkpointing: bool = True
+    """checkpoint the policy's layers in the MATCHED configuration, both sides"""
+    matched: bool = True
+    """run the MATCHED configuration"""
+    best: bool = False
+    """also run the BEST configuration: each framework at its fastest setting that fits, no checkpointing"""
+    signcert: bool = True
+    """also time our SignCert-PO step (beside our Dr.GRPO, the one compared with TRL's)"""
+    best_micro_batches: List[int] = field(default_factory=lambda: [256, 128, 64, 32, 16, 8])
+    """TRL's candidates in the BEST configuration, tried largest first until one runs"""
     generation_batch_size: int = 256
-    """completions generated at once (256: the whole step's rollouts, as TRL generates them)"""
+    """our completions generated at once (256: the whole step's rollouts, as TRL generates them)"""
     generation_backend: Literal["hf", "static", "compiled"] = "hf"
     """our decoding: transformers' `generate`, our static-cache loop, or that loop with CUDA graphs"""
     quantile: float = 0.4
@@ -85,14 +101,12 @@ class Args:
     learning_rate: float = 1e-6
     """AdamW's learning rate (the paper's)"""
     bf16: bool = True
-    """bf16 mixed precision for the policy, reference and reward model in bf16 (as the trainer's --bf16)"""
-    gradient_checkpointing: bool = True
-    """checkpoint the policy's layers in the update (the paper preset's choice), on both sides"""
+    """bf16 autocast for the policy, the reference and reward model held in bf16 (as the trainer's --bf16)"""
     trl: bool = True
-    """also run TRL's GRPOTrainer when `trl` is importable (it is skipped, with a message, when not)"""
+    """also run TRL's GRPOTrainer when `trl` is importable (skipped, with a message, when not)"""
     profile: int = 0
-    """if > 0: after the timed steps, profile the update on this many micro-batches of the last batch (torch
-    profiler) and print the operators that take the most GPU and CPU time: what limits the update"""
+    """if > 0: profile the update on this many micro-batches (torch profiler), on a copy of the weights after the
+    timed steps, and print the operators that take the most GPU and CPU time: what limits the update"""
     checks: bool = False
     """run the correctness checks (bf16 vs fp32 update, finite loss/KL, reward under left padding)"""
     device: Optional[str] = None
@@ -101,6 +115,13 @@ class Args:
     """write the results as JSON here"""
     seed: int = 1
     """seed of the models, the prompts and the sampling"""
+    # set by the driver for its child processes
+    role: Literal["driver", "ours", "trl"] = "driver"
+    """internal: `driver` runs the others, each in its own process"""
+    folder: Optional[str] = None
+    """internal: the saved models and prompts"""
+    first_batch: Optional[str] = None
+    """internal: TRL's first batch (`ours` updates on it too)"""
 
 
 SHAPES = {  # Pythia-1B's config (EleutherAI/pythia-1b), and a tiny one of the same family
@@ -137,20 +158,23 @@ def word_tokenizer(vocab_size):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", padding_side="left")
 
 
-def build_models(args):
+def build_and_save(args, folder):
+    """The random-init policy and RM, the tokenizer and the prompts of every step, saved for every process."""
     config = GPTNeoXConfig(**SHAPES[args.shape], eos_token_id=EOS, bos_token_id=EOS, pad_token_id=PAD)
     torch.manual_seed(args.seed)
     policy = GPTNeoXForCausalLM(config)
-    policy.generation_config.eos_token_id, policy.generation_config.pad_token_id = EOS, PAD
     rm = GPTNeoXForSequenceClassification(GPTNeoXConfig(**config.to_dict(), num_labels=1))
-    return policy, rm
-
-
-def fake_prompts(args, n):
+    tokenizer = word_tokenizer(SHAPES[args.shape]["vocab_size"])
+    policy.save_pretrained(os.path.join(folder, "policy"))
+    tokenizer.save_pretrained(os.path.join(folder, "policy"))
+    rm.save_pretrained(os.path.join(folder, "rm"))
     g = torch.Generator().manual_seed(args.seed)
+    n = (args.warmup_steps + args.steps) * args.num_prompts
     lengths = torch.randint(args.prompt_length - 20, args.prompt_length + 1, (n,), generator=g)
     vocab = SHAPES[args.shape]["vocab_size"]
-    return [" ".join(f"w{i}" for i in torch.randint(2, vocab, (int(k),), generator=g).tolist()) for k in lengths]
+    prompts = [" ".join(f"w{i}" for i in torch.randint(2, vocab, (int(k),), generator=g).tolist()) for k in lengths]
+    with open(os.path.join(folder, "prompts.json"), "w") as f:
+        json.dump(prompts, f)
 
 
 def sync(device):
@@ -158,215 +182,232 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def peak_gb(device):
-    return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+class Phases:
+    """Wall time and peak allocated / reserved GPU memory of each phase of a step (reset at the start of each)."""
+
+    def __init__(self, device):
+        self.device, self.out = device, {}
+
+    def start(self):
+        sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self.t = time.perf_counter()
+
+    def stop(self, name):
+        sync(self.device)
+        self.out[name] = time.perf_counter() - self.t
+        if self.device.type == "cuda":
+            self.out[f"{name}_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            self.out[f"{name}_peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
 
 
-def rollouts(policy, ref, rm, query, qmask, args, device):
-    """Steps 1-2 of the trainer: (batch without advantages, reward, features, seconds of generation and scoring)."""
-    K = args.num_generations
-    sampler = sample if args.generation_backend == "hf" else sample_static
-    sync(device)
-    t0 = time.perf_counter()
-    gen = in_chunks(lambda q, m: sampler(policy, q, m, args, PAD), args.generation_batch_size, query, qmask)
-    response, rmask, _ = truncate_after_eos(gen, EOS, PAD)
-    sync(device)
-    t1 = time.perf_counter()
+def summary(steps, warmup):
+    """Median and range of each phase over the timed steps; peak memory per phase over all steps."""
+    timed = steps[warmup:]
+    out = {p: dict(median=statistics.median(s[p] for s in timed), min=min(s[p] for s in timed),
+                   max=max(s[p] for s in timed)) for p in PHASES}  # fmt: skip
+    for key in steps[0]:
+        if key.endswith("_gb"):
+            out[key] = max(s[key] for s in steps)
+    return out
+
+
+def train_args(args, micro_batch_size):
+    return SimpleNamespace(
+        **asdict(replace(args, micro_batch_size=micro_batch_size)),
+        num_ppo_epochs=1,
+        clip_range=0.2,
+        max_grad_norm=1.0,
+        temperature=1.0,
+    )
+
+
+# ------------------------------------------------------------------------- ours
+def load_ours(args, micro_batch_size, checkpointing, device):
+    from accelerate import Accelerator
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    folder = args.folder
+    policy = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "policy"))  # fp32 master weights
+    policy.generation_config.eos_token_id = (
+        None  # no EOS: every completion runs to max_new_tokens (TRL: min_new_tokens)
+    )
+    policy.generation_config.pad_token_id = PAD
+    ref = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "policy"), dtype=dtype).to(device).eval()
+    rm = GPTNeoXForSequenceClassification.from_pretrained(os.path.join(folder, "rm"), dtype=dtype).to(device).eval()
+    ref.requires_grad_(False), rm.requires_grad_(False)
+    if checkpointing:
+        policy.gradient_checkpointing_enable()
+        policy.disable_input_require_grads()  # as the trainer: the hook breaks the compiled decoding
+    n = args.num_prompts * args.num_generations
+    targs = train_args(args, micro_batch_size)
+    if micro_batch_size == 0:  # the trainer's auto: measured on a GPU, capped on a CPU
+        policy.to(device)
+        if device.type == "cuda":
+            fixed, per = gs.probe_update_memory(policy, args.prompt_length + args.max_new_tokens, targs, device)
+            budget = 0.9 * torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated()
+            budget -= 8 * sum(p.numel() for p in policy.parameters())
+            targs.micro_batch_size = gs.fit_micro_batch(n, fixed, per, budget)
+        else:
+            targs.micro_batch_size = gs.fit_micro_batch(n, 0, 1, gs.CPU_MICRO_BATCH)
+    accelerator = Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision="bf16" if args.bf16 else "no",
+        gradient_accumulation_steps=n // targs.micro_batch_size,
+    )
+    policy = accelerator.prepare_model(policy.to(device))
+    return accelerator, policy, ref, rm, targs
+
+
+def rollouts(policy, ref, rm, query, qmask, targs, phases):
+    """Steps 1-2 of the trainer (timed into `phases`): the batch without advantages, reward and features."""
+    sampler = gs.sample if targs.generation_backend == "hf" else gs.sample_static
+    phases.start()
+    gen = gs.in_chunks(lambda q, m: sampler(policy, q, m, targs, PAD), targs.generation_batch_size, query, qmask)
+    response, rmask, _ = gs.truncate_after_eos(gen, -1, PAD)  # no id is EOS: the forced length
+    phases.stop("generation")
+    phases.start()
     with torch.no_grad():
-        ref_lp = in_chunks(
-            lambda *t: response_logprobs(ref, *t, 1.0), args.generation_batch_size, query, qmask, response, rmask
+        ref_lp = gs.in_chunks(
+            lambda *t: gs.response_logprobs(ref, *t, 1.0), targs.generation_batch_size, query, qmask, response, rmask
         )
-        reward, feats = in_chunks(
-            lambda q, qm, r, rm_: reward_and_features(rm, torch.cat([q, r], 1), torch.cat([qm, rm_], 1)),
-            args.generation_batch_size,
+        reward, feats = gs.in_chunks(
+            lambda q, qm, r, rm_: gs.reward_and_features(rm, torch.cat([q, r], 1), torch.cat([qm, rm_], 1)),
+            targs.generation_batch_size,
             query,
             qmask,
             response,
             rmask,
         )
-    sync(device)
+    phases.stop("scoring")
     batch = dict(query=query, query_mask=qmask, response=response, response_mask=rmask, ref_logprobs=ref_lp)
-    return batch, reward.view(-1, K), feats.view(-1, K, feats.shape[-1]), t1 - t0, time.perf_counter() - t1
+    K = targs.num_generations
+    return batch, reward.view(-1, K), feats.view(-1, K, feats.shape[-1])
 
 
-def run_ours(accelerator, policy, start, ref, rm, prompts, tokenizer, args, device):
-    """Dr.GRPO then SignCert-PO, each `warmup_steps + steps` steps from the initial weights."""
-    results = {}
-    train_args = SimpleNamespace(**asdict(args), num_ppo_epochs=1, clip_range=0.2, max_grad_norm=1.0, temperature=1.0)
-    for method, q in (("Dr.GRPO", 0.0), ("SignCert-PO", args.quantile)):
-        policy.load_state_dict(start)
-        optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(policy.parameters(), lr=args.learning_rate))
-        if device.type == "cuda":
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+def update_stats(stats):
+    return dict(
+        loss=float(stats["loss"]),
+        kl=float(stats["k3_sum"] / stats["tokens"].clamp(min=1)),  # k3 per token, as TRL's `kl`
+        grad_norm=float(stats["grad_norm"]),
+    )
+
+
+def profile_update(accelerator, policy, batch, targs, device):
+    """`targs.profile` micro-batches of the update under torch.profiler, on a COPY of the policy and a fresh
+    optimiser, with the accelerator's step counter put back after: the training state is not touched. Reports wall
+    time per micro-batch against the GPU's busy time (the kernels' own device time, each counted once), the kernel
+    launches, and the top operators by GPU and by CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = targs.profile * targs.micro_batch_size
+    part = {k: v[:n] for k, v in batch.items()}
+    model = copy.deepcopy(policy)
+    optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0))
+    saved_step = accelerator.step
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        gs.policy_update(accelerator, model, optimizer, part, targs)
+        sync(device)
+    wall = time.perf_counter() - t0
+    accelerator.step = saved_step
+    accelerator._optimizers.remove(optimizer)
+    del model, optimizer
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]  # device-side kernel events
+    gpu_us = sum(e.device_time for e in kernels) if device.type == "cuda" else 0.0
+    print(
+        f"profile: {targs.profile} micro-batches in {wall:.3f}s ({1e3 * wall / targs.profile:.1f} ms each, profiler "
+        f"on); GPU busy {gpu_us / 1e6:.3f}s ({100 * gpu_us / 1e6 / wall:.0f}% of the wall time)"
+    )
+    ev = prof.key_averages()
+    for key in (["self_device_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]:
+        print(ev.table(sort_by=key, row_limit=15, max_name_column_width=60))
+    launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx", "cuLaunchKernel"))
+    return dict(micro_batches=targs.profile, wall_seconds=wall, gpu_busy_seconds=gpu_us / 1e6, kernel_launches=launches)
+
+
+def run_ours(args, micro_batch_size, checkpointing, device):
+    """Dr.GRPO then SignCert-PO, each warmup + timed steps from the same initial weights; then (optional) the
+    update on TRL's first batch, the profile and the checks."""
+    accelerator, policy, ref, rm, targs = load_ours(args, micro_batch_size, checkpointing, device)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(args.folder, "policy"), padding_side="left")
+    prompts = json.load(open(os.path.join(args.folder, "prompts.json")))
+    start = {k: v.detach().cpu().clone() for k, v in accelerator.unwrap_model(policy).state_dict().items()}
+    out = dict(micro_batch_size=targs.micro_batch_size, gradient_checkpointing=checkpointing, methods={})
+
+    def fresh_optimizer():
+        accelerator.unwrap_model(policy).load_state_dict(start)
+        accelerator.step = 0
+        adamw = torch.optim.AdamW(
+            policy.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=device.type == "cuda"
+        )
+        return accelerator.prepare_optimizer(adamw)
+
+    for method, q in (("Dr.GRPO", 0.0), ("SignCert-PO", args.quantile))[: 2 if args.signcert else 1]:
+        optimizer = fresh_optimizer()
         torch.manual_seed(args.seed)
-        steps = []
+        steps, first = [], None
         for i in range(args.warmup_steps + args.steps):
             chosen = prompts[i * args.num_prompts : (i + 1) * args.num_prompts]
             enc = tokenizer(chosen, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             query = enc.input_ids.repeat_interleave(args.num_generations, 0)
             qmask = enc.attention_mask.repeat_interleave(args.num_generations, 0)
-            batch, reward, feats, t_gen, t_score = rollouts(
-                accelerator.unwrap_model(policy), ref, rm, query, qmask, train_args, device
-            )
-            t0 = time.perf_counter()
-            adv, _, eps = signcert_advantages(reward, feats, q)
-            stats = policy_update(accelerator, policy, optimizer, dict(batch, advantages=adv.flatten()), train_args)
-            sync(device)
-            t_update = time.perf_counter() - t0
-            steps.append(
-                dict(
-                    generation=t_gen,
-                    scoring=t_score,
-                    update=t_update,
-                    step=t_gen + t_score + t_update,
-                    loss=float(stats["loss"]),
-                    kl=float(stats["k3_sum"] / stats["tokens"].clamp(min=1)),  # k3 per token, as policy/kl_k3_per_token
-                    eps=eps.item(),
-                    prompt_tokens=query.shape[1],
-                    completion_tokens=int(batch["response_mask"].sum(1).float().mean()),
-                )
-            )
-            print(f"  {method:12s} step {i + 1}{' (warm-up)' if i < args.warmup_steps else ''}: " + fmt(steps[-1]))
-        profiled = None
+            phases = Phases(device)
+            batch, reward, feats = rollouts(accelerator.unwrap_model(policy), ref, rm, query, qmask, targs, phases)
+            phases.start()
+            adv, _, _ = gs.signcert_advantages(reward, feats, q)
+            batch["advantages"] = adv.flatten()
+            stats = update_stats(gs.policy_update(accelerator, policy, optimizer, batch, targs))
+            phases.stop("update")
+            row = dict(phases.out, step=sum(phases.out[p] for p in PHASES[:3]), **stats)
+            row["completion_tokens"] = float(batch["response_mask"].sum(1).float().mean())
+            steps.append(row)
+            first = first or stats
+            print(f"  ours {method:12s} step {i + 1}{' (warm-up)' if i < args.warmup_steps else ''}: " + fmt(row))
+        out["methods"][method] = dict(summary=summary(steps, args.warmup_steps), steps=steps, first_update=first)
         if args.profile and method == "Dr.GRPO":
-            part = {
-                k: v[: args.profile * args.micro_batch_size] for k, v in dict(batch, advantages=adv.flatten()).items()
-            }
-            profiled = profile_update(accelerator, policy, optimizer, part, train_args, device)
-        timed = sorted(steps[args.warmup_steps :], key=lambda s: s["step"])
-        med = timed[(len(timed) - 1) // 2]  # the timed step of median time, whose phases add up to it
-        med = {k: med[k] for k in ("generation", "scoring", "update", "step")}
-        results[method] = dict(median=med, steps=steps, peak_memory_gb=peak_gb(device))
-        if profiled:
-            results[method]["profile"] = profiled
+            out["profile"] = profile_update(accelerator, policy, batch, targs, device)
+        accelerator._optimizers.remove(optimizer)
         del optimizer
-        accelerator._optimizers.clear()
-    return results
-
-
-def profile_update(accelerator, policy, optimizer, batch, args, device):
-    """The update on `batch` under torch.profiler: wall time per micro-batch against the GPU's busy time
-    (launch-bound when the GPU idles), the kernel launches, and the top operators by GPU and by CPU time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync(device)
-    t0 = time.perf_counter()
-    with profile(activities=acts) as prof:
-        policy_update(accelerator, policy, optimizer, batch, args)
-        sync(device)
-    wall = time.perf_counter() - t0
-    ev = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in ev) if device.type == "cuda" else 0.0
-    print(
-        f"profile: {args.profile} micro-batches in {wall:.3f}s ({1e3 * wall / args.profile:.1f} ms each, profiler on); "
-        f"GPU busy {gpu_us / 1e6:.3f}s ({100 * gpu_us / 1e6 / wall:.0f}% of the wall time)"
-    )
-    for key in (["self_device_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]:
-        print(ev.table(sort_by=key, row_limit=15, max_name_column_width=60))
-    launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx", "cuLaunchKernel"))
-    return dict(micro_batches=args.profile, wall_seconds=wall, gpu_busy_seconds=gpu_us / 1e6, kernel_launches=launches)
-
-
-def fmt(s):
-    return " ".join(f"{k} {s[k]:.3f}s" for k in ("generation", "scoring", "update", "step")) + (
-        f" | loss {s['loss']:.4g} kl {s['kl']:.3g}" if "loss" in s else ""
-    )
-
-
-def run_trl(folder, tokenizer, prompts, args, device):
-    """TRL's GRPOTrainer, Dr.GRPO, on the same initial weights: seconds per optimiser step and peak memory."""
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    class StepTimer(TrainerCallback):  # one optimiser step = one generation of 256 completions + 128 micro-batches
-        def __init__(self):
-            self.marks = []
-
-        def on_train_begin(self, *a, **k):
-            sync(device)
-            self.marks.append(time.perf_counter())
-
-        def on_step_end(self, *a, **k):
-            sync(device)
-            self.marks.append(time.perf_counter())
-
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    policy = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "policy"))  # fp32 master weights, as ours
-    rm = GPTNeoXForSequenceClassification.from_pretrained(os.path.join(folder, "rm"), dtype=dtype)
-    n_steps = args.warmup_steps + args.steps
-    config = GRPOConfig(
-        output_dir=os.path.join(folder, "trl"),
-        max_steps=n_steps,
-        per_device_train_batch_size=args.micro_batch_size,
-        gradient_accumulation_steps=args.num_prompts * args.num_generations // args.micro_batch_size,
-        num_generations=args.num_generations,
-        max_completion_length=args.max_new_tokens,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        beta=args.kl_coef,
-        loss_type="dr_grpo",
-        scale_rewards="none",
-        learning_rate=args.learning_rate,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing,
-        use_cpu=device.type == "cpu",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=args.seed,
-    )
-    timer = StepTimer()
-    trainer = GRPOTrainer(
-        model=policy,
-        reward_funcs=rm,
-        args=config,
-        train_dataset=Dataset.from_dict({"prompt": prompts[: n_steps * args.num_prompts]}),
-        processing_class=tokenizer,
-        reward_processing_classes=tokenizer,
-        callbacks=[timer],
-    )
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    trainer.train()
-    steps = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
-    timed = sorted(steps[args.warmup_steps :])
-    out = dict(steps=steps, median_step=timed[(len(timed) - 1) // 2], peak_memory_gb=peak_gb(device))
-    del trainer, policy, rm
+    if args.first_batch:  # the first update on TRL's own first batch, from the same initial weights
+        trl_batch = torch.load(args.first_batch)
+        optimizer = fresh_optimizer()
+        batch = {k: v.to(device) for k, v in trl_batch["batch"].items()}
+        out["update_on_trl_batch"] = update_stats(gs.policy_update(accelerator, policy, optimizer, batch, targs))
+        accelerator._optimizers.remove(optimizer)
+    if args.checks:
+        out["checks"] = checks(accelerator, policy, start, ref, rm, prompts, tokenizer, targs, device)
     return out
 
 
-def checks(accelerator, policy, start, folder, ref, rm, prompts, tokenizer, args, device):
+def checks(accelerator, policy, start, ref, rm, prompts, tokenizer, targs, device):
     """Correctness under bf16: the first update against fp32 on the same batch, and the reward under left padding."""
     out = {}
-    train_args = SimpleNamespace(**asdict(args), num_ppo_epochs=1, clip_range=0.2, max_grad_norm=1.0, temperature=1.0)
-    policy.load_state_dict(start)
-    enc = tokenizer(prompts[: args.num_prompts], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    query = enc.input_ids.repeat_interleave(args.num_generations, 0)
-    qmask = enc.attention_mask.repeat_interleave(args.num_generations, 0)
-    torch.manual_seed(args.seed)
-    batch, reward, feats, _, _ = rollouts(accelerator.unwrap_model(policy), ref, rm, query, qmask, train_args, device)
-    adv, _, _ = signcert_advantages(reward, feats, args.quantile)
+    accelerator.unwrap_model(policy).load_state_dict(start)
+    n = targs.num_prompts
+    enc = tokenizer(prompts[:n], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    query = enc.input_ids.repeat_interleave(targs.num_generations, 0)
+    qmask = enc.attention_mask.repeat_interleave(targs.num_generations, 0)
+    torch.manual_seed(targs.seed)
+    batch, reward, feats = rollouts(accelerator.unwrap_model(policy), ref, rm, query, qmask, targs, Phases(device))
+    adv, _, _ = gs.signcert_advantages(reward, feats, targs.quantile)
     batch["advantages"] = adv.flatten()
     changes = {}
-    fp32 = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "policy")).to(device)  # unprepared: no autocast
-    if args.gradient_checkpointing:
-        fp32.gradient_checkpointing_enable()
-        fp32.disable_input_require_grads()  # as the trainer: the hook breaks the compiled decoding
+    fp32 = AutoModelForCausalLM.from_pretrained(os.path.join(targs.folder, "policy")).to(device)  # no autocast
     for name, model in (("bf16", policy), ("fp32", fp32)):
-        optimizer = accelerator.prepare_optimizer(torch.optim.AdamW(model.parameters(), lr=args.learning_rate))
+        accelerator.step = 0
+        optimizer = accelerator.prepare_optimizer(
+            torch.optim.AdamW(model.parameters(), lr=targs.learning_rate, weight_decay=0.0)
+        )
         before = [p.detach().float().clone() for p in model.parameters()]
-        policy_update(accelerator, model, optimizer, batch, train_args)
+        gs.policy_update(accelerator, model, optimizer, batch, targs)
         changes[name] = torch.cat([(p.detach().float() - b).flatten() for p, b in zip(model.parameters(), before)])
+        accelerator._optimizers.remove(optimizer)
         del optimizer, before
-        accelerator._optimizers.clear()
     del fp32
     d16, d32 = changes["bf16"], changes["fp32"]
     out["update_bf16_vs_fp32"] = dict(
@@ -374,109 +415,283 @@ def checks(accelerator, policy, start, folder, ref, rm, prompts, tokenizer, args
         cosine=torch.nn.functional.cosine_similarity(d16, d32, dim=0).item(),
         sign_agreement=(torch.sign(d16) == torch.sign(d32)).float().mean().item(),
     )
-    del changes, d16, d32
-    # the reward at the last real token: rows of different lengths, left-padded in one batch vs each alone
-    ids, mask = batch["query"][:: args.num_generations][:8], batch["query_mask"][:: args.num_generations][:8]
+    ids, mask = batch["query"][:: targs.num_generations][:8], batch["query_mask"][:: targs.num_generations][:8]
     with torch.no_grad():
-        together, _ = reward_and_features(rm, ids, mask)
-        alone = torch.cat([reward_and_features(rm, i[m.bool()][None], m[m.bool()][None])[0] for i, m in zip(ids, mask)])
-    spread = (reward.max() - reward.min()).item()
-    diff = (together - alone).abs().max().item()
+        together, _ = gs.reward_and_features(rm, ids, mask)
+        alone = torch.cat(
+            [gs.reward_and_features(rm, i[m.bool()][None], m[m.bool()][None])[0] for i, m in zip(ids, mask)]
+        )
+    spread, diff = (reward.max() - reward.min()).item(), (together - alone).abs().max().item()
     out["reward_left_padding"] = dict(
         padded_rows=int((mask == 0).any(1).sum()),
         max_abs_difference=diff,
         reward_spread_of_the_batch=spread,
         ok=diff <= 0.02 * max(spread, 1e-6),
     )
-    policy.load_state_dict(start)
+    accelerator.unwrap_model(policy).load_state_dict(start)
     return out
+
+
+def fmt(s):
+    return " ".join(f"{p} {s[p]:.3f}s" for p in PHASES) + (
+        f" | loss {s['loss']:.4g} kl {s['kl']:.3g} grad norm {s['grad_norm']:.3g}" if "loss" in s else ""
+    )
+
+
+# ------------------------------------------------------------------------- TRL
+def run_trl(args, micro_batch_size, checkpointing, device):
+    """TRL's GRPOTrainer, Dr.GRPO, on the same weights, prompts and dtypes: each step's phases and memory, the
+    first step's loss, KL and gradient norm, and its first batch (saved for ours to update on)."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    n_steps = args.warmup_steps + args.steps
+    n = args.num_prompts * args.num_generations
+    rows, first_batch = [], {}
+
+    class Timed(GRPOTrainer):  # the phases as ours: generation, then scoring (RM + reference), the rest is update
+        def _generate(self, prompts):
+            sync(device)
+            t0 = time.perf_counter()
+            out = super()._generate(prompts)
+            sync(device)
+            self._gen_time = time.perf_counter() - t0
+            return out
+
+        def _generate_and_score_completions(self, inputs):
+            sync(device)
+            t0 = time.perf_counter()
+            out = super()._generate_and_score_completions(inputs)
+            sync(device)
+            rows[-1]["generation"] = self._gen_time
+            rows[-1]["scoring"] = time.perf_counter() - t0 - self._gen_time
+            if device.type == "cuda":
+                rows[-1]["generation_scoring_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                rows[-1]["generation_scoring_peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+                torch.cuda.reset_peak_memory_stats()
+            if not first_batch:  # TRL's first batch, in its order, for ours to update on
+                first_batch["batch"] = dict(
+                    query=out["prompt_ids"].cpu(),
+                    query_mask=out["prompt_mask"].cpu(),
+                    response=out["completion_ids"].cpu(),
+                    response_mask=out["completion_mask"].cpu(),
+                    ref_logprobs=out["ref_per_token_logps"].float().cpu(),
+                    advantages=out["advantages"].float().cpu(),
+                )
+            return out
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            rows.append({"t0": time.perf_counter()})
+
+        def on_step_end(self, *a, **k):
+            sync(device)
+            r = rows[-1]
+            r["step"] = time.perf_counter() - r.pop("t0")
+            r["update"] = r["step"] - r["generation"] - r["scoring"]
+            if device.type == "cuda":
+                r["update_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                r["update_peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+
+    policy = AutoModelForCausalLM.from_pretrained(os.path.join(args.folder, "policy"))  # fp32 master weights, as ours
+    rm = GPTNeoXForSequenceClassification.from_pretrained(os.path.join(args.folder, "rm"), dtype=dtype)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(os.path.join(args.folder, "policy"), padding_side="left")
+    prompts = json.load(open(os.path.join(args.folder, "prompts.json")))
+    config = GRPOConfig(
+        output_dir=os.path.join(args.folder, "trl"),
+        max_steps=n_steps,
+        per_device_train_batch_size=micro_batch_size,
+        gradient_accumulation_steps=n // micro_batch_size,
+        steps_per_generation=n // micro_batch_size,  # one generation of all 256 completions per optimiser step
+        num_generations=args.num_generations,
+        max_completion_length=args.max_new_tokens,
+        generation_kwargs={"min_new_tokens": args.max_new_tokens},  # forced length, as ours
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=args.kl_coef,
+        use_bias_correction_kl=False,
+        loss_type="dr_grpo",
+        scale_rewards="none",
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        bf16=args.bf16,
+        gradient_checkpointing=checkpointing,
+        model_init_kwargs={"dtype": dtype},  # the reference TRL builds: bf16, as ours
+        use_cpu=device.type == "cpu",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+    )
+    trainer = Timed(
+        model=policy,
+        reward_funcs=rm,
+        args=config,
+        train_dataset=Dataset.from_dict({"prompt": prompts[: n_steps * args.num_prompts]}),
+        processing_class=tokenizer,
+        reward_processing_classes=tokenizer,
+        callbacks=[StepTimer()],
+    )
+    trainer.train()
+    logs = [r for r in trainer.state.log_history if "loss" in r]
+    first = dict(loss=logs[0]["loss"], kl=logs[0]["kl"], grad_norm=logs[0]["grad_norm"])
+    steps = [dict(r, completion_tokens=lg["completions/mean_length"]) for r, lg in zip(rows, logs)]
+    path = os.path.join(args.folder, "trl_first_batch.pt")
+    torch.save(first_batch, path)
+    return dict(
+        micro_batch_size=micro_batch_size,
+        gradient_checkpointing=checkpointing,
+        summary=summary(steps, args.warmup_steps),
+        steps=steps,
+        first_update=first,
+        first_batch=path,
+    )
+
+
+# ------------------------------------------------------------------------- the driver
+def child(args, role, micro_batch_size, checkpointing, out, first_batch=None):
+    """One framework's run in its own process; its result, or None (e.g. out of memory)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--role", role, "--folder", args.folder, "--output", out]
+    cmd += ["--micro-batch-size", str(micro_batch_size)]
+    cmd += ["--gradient-checkpointing" if checkpointing else "--no-gradient-checkpointing"]
+    for name, value in asdict(args).items():
+        if name in ("role", "folder", "output", "micro_batch_size", "gradient_checkpointing", "best", "matched",
+                    "first_batch"):  # fmt: skip
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            cmd += [flag if value else "--no-" + flag[2:]]
+        elif isinstance(value, list):
+            cmd += [flag, *map(str, value)]
+        elif value is not None:
+            cmd += [flag, str(value)]
+    cmd += ["--first-batch", first_batch] if first_batch else []
+    print(f"--- {role}, micro-batch {micro_batch_size or 'auto'}, checkpointing {checkpointing}", flush=True)
+    res = subprocess.run(cmd)
+    if res.returncode != 0:
+        print(f"--- {role} exited with {res.returncode}", flush=True)
+        return None
+    return json.load(open(out))
+
+
+def compare(ours_runs, trl):
+    """ours / TRL per phase (the median over both of our runs' timed steps), and the first update on the same batch."""
+    every = [s for r in ours_runs for m in r["methods"].values() for s in m["steps"]] + (trl["steps"] if trl else [])
+    out = {"loss_and_kl_finite": all(math.isfinite(s["loss"]) and math.isfinite(s["kl"]) for s in every if "loss" in s)}
+    for method in ours_runs[0]["methods"]:
+        timed = [s for r in ours_runs for s in r["methods"][method]["steps"][r["warmup_steps"] :]]
+        out[f"ours_{method}_step_median"] = statistics.median(s["step"] for s in timed)
+    if trl:
+        out["ours_over_trl"] = {
+            p: statistics.median(s[p] for r in ours_runs for s in r["methods"]["Dr.GRPO"]["steps"][r["warmup_steps"] :])
+            / trl["summary"][p]["median"]
+            for p in PHASES
+        }
+        mine = ours_runs[-1].get("update_on_trl_batch")
+        if mine:
+            out["first_update_on_the_same_batch"] = dict(
+                ours=mine,
+                trl=trl["first_update"],
+                abs_difference={k: abs(mine[k] - trl["first_update"][k]) for k in mine},  # the first loss is about 0
+                relative_difference={
+                    k: abs(mine[k] - trl["first_update"][k]) / max(abs(trl["first_update"][k]), 1e-12) for k in mine
+                },
+            )
+    return out
+
+
+def driver(args, device):
+    folder = tempfile.mkdtemp(prefix="gpu_step_")
+    args = replace(args, folder=folder)
+    build_and_save(args, folder)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(
+        f"{args.shape} on {gpu}{' (bf16)' if args.bf16 else ''}: {args.num_prompts} prompts x {args.num_generations} "
+        f"completions, {args.prompt_length - 20}-{args.prompt_length} prompt tokens, {args.max_new_tokens} new tokens "
+        f"(forced), generation `{args.generation_backend}`; {args.warmup_steps} warm-up + {args.steps} timed steps; "
+        f"each framework in its own process"
+    )
+    try:
+        import trl
+    except ImportError:
+        trl = None
+    if args.trl and trl is None:
+        print("TRL: not importable here (pip install trl, or bring its wheel): skipped")
+    configs = [("matched", args.micro_batch_size, args.gradient_checkpointing, [args.micro_batch_size])]
+    configs = configs if args.matched else []
+    if args.best:
+        configs.append(("best", 0, False, args.best_micro_batches))
+    result = dict(args=asdict(args), device=gpu, torch=torch.__version__, trl=trl.__version__ if trl else None)
+    for name, ours_mbs, ckpt, trl_candidates in configs:
+        j = lambda tag: os.path.join(folder, f"{name}_{tag}.json")  # noqa: E731
+        first = child(args, "ours", ours_mbs, ckpt, j("ours1"))
+        trl_run = None
+        if args.trl and trl is not None:
+            for mbs in trl_candidates:  # the largest that runs (matched: the one given)
+                trl_run = child(args, "trl", mbs, ckpt, j(f"trl{mbs}"))
+                if trl_run:
+                    break
+        again = replace(args, profile=0, checks=False)  # the profile and the checks ran in the first
+        second = child(again, "ours", ours_mbs, ckpt, j("ours2"), trl_run["first_batch"] if trl_run else None)
+        ours_runs = [r for r in (first, second) if r]
+        for r in ours_runs:
+            r["warmup_steps"] = args.warmup_steps
+        result[name] = dict(ours=ours_runs, trl=trl_run, **(compare(ours_runs, trl_run) if ours_runs else {}))
+    print_result(result)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.output}")
+    return result
+
+
+def print_result(result):
+    for name in ("matched", "best"):
+        if name not in result:
+            continue
+        r = result[name]
+        print(f"\n{name}: median (min - max) seconds per step over the timed steps; peak memory per phase")
+        rows = [(f"ours#{i + 1} {m}", o["micro_batch_size"], o["methods"][m]["summary"])
+                for i, o in enumerate(r["ours"]) for m in o["methods"]]  # fmt: skip
+        if r["trl"]:
+            rows.append(("TRL Dr.GRPO", r["trl"]["micro_batch_size"], r["trl"]["summary"]))
+        for label, mbs, s in rows:
+            cells = " ".join(f"{p} {s[p]['median']:.3f} ({s[p]['min']:.3f}-{s[p]['max']:.3f})" for p in PHASES)
+            mem = " ".join(f"{k[:-3]} {v:.1f}GB" for k, v in s.items() if k.endswith("_gb"))
+            print(f"  {label:22s} micro-batch {mbs}: {cells} {mem}")
+        if "ours_over_trl" in r:
+            print("  ours / TRL (Dr.GRPO): " + " ".join(f"{p} {v:.3f}" for p, v in r["ours_over_trl"].items()))
+        if "first_update_on_the_same_batch" in r:
+            print(f"  first update on TRL's batch: {json.dumps(r['first_update_on_the_same_batch'])}")
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
     if args.prompt_length <= 20 or args.steps < 1 or args.warmup_steps < 0:
         raise ValueError("--prompt-length must be > 20, --steps >= 1 and --warmup-steps >= 0")
-    if (args.num_prompts * args.num_generations) % args.micro_batch_size:
+    n = args.num_prompts * args.num_generations
+    if args.micro_batch_size < 0 or (args.micro_batch_size and n % args.micro_batch_size):
         raise ValueError(
-            f"--micro-batch-size {args.micro_batch_size} must divide the {args.num_prompts * args.num_generations} "
-            "completions of a step (--num-prompts x --num-generations)"
+            f"--micro-batch-size {args.micro_batch_size} must divide the {n} completions of a step (--num-prompts x "
+            "--num-generations), or be 0 (auto)"
         )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda but torch sees no GPU: run on a GPU machine or pass --device cpu")
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    n_prompts = (args.warmup_steps + args.steps) * args.num_prompts
-    tokenizer = word_tokenizer(SHAPES[args.shape]["vocab_size"])
-    prompts = fake_prompts(args, n_prompts)
-    policy, rm = build_models(args)
-    folder = tempfile.mkdtemp(prefix="gpu_step_")
-    policy.save_pretrained(os.path.join(folder, "policy"))  # the initial weights, for TRL and for the reference
-    rm.save_pretrained(os.path.join(folder, "rm"))
-    tokenizer.save_pretrained(os.path.join(folder, "policy"))
-    accelerator = Accelerator(
-        cpu=device.type == "cpu",
-        mixed_precision="bf16" if args.bf16 else "no",
-        gradient_accumulation_steps=args.num_prompts * args.num_generations // args.micro_batch_size,
-    )
-    ref = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "policy"), dtype=dtype).to(device).eval()
-    ref.requires_grad_(False)
-    rm = rm.to(device, dtype).eval().requires_grad_(False)
-    if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-        policy.disable_input_require_grads()  # as the trainer: the hook breaks the compiled decoding
-    policy = accelerator.prepare_model(policy.to(device))
-    start = {k: v.detach().cpu().clone() for k, v in policy.state_dict().items()}
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(
-        f"{args.shape} on {gpu}{' (bf16)' if args.bf16 else ''}: {args.num_prompts} prompts x {args.num_generations} "
-        f"completions, ~{args.prompt_length} prompt tokens, {args.max_new_tokens} new tokens, micro-batch "
-        f"{args.micro_batch_size}, generation `{args.generation_backend}`; {args.warmup_steps} warm-up + "
-        f"{args.steps} timed steps per method"
-    )
-    result = dict(args=asdict(args), device=gpu, torch=torch.__version__)
-    result["ours"] = run_ours(accelerator, policy, start, ref, rm, prompts, tokenizer, args, device)
-    dr, sc = result["ours"]["Dr.GRPO"]["median"], result["ours"]["SignCert-PO"]["median"]
-    result["signcert_over_drgrpo"] = sc["step"] / dr["step"]
-    all_steps = result["ours"]["Dr.GRPO"]["steps"] + result["ours"]["SignCert-PO"]["steps"]
-    result["loss_and_kl_finite"] = all(math.isfinite(s["loss"]) and math.isfinite(s["kl"]) for s in all_steps)
-    if args.checks:
-        result["checks"] = checks(accelerator, policy, start, folder, ref, rm, prompts, tokenizer, args, device)
-    try:
-        import trl
-    except ImportError:
-        trl = None
-    if not args.trl:
-        print("TRL: skipped (--no-trl)")
-    elif trl is None:
-        print("TRL: not importable here (pip install trl, or bring its wheel): skipped")
+    if args.role == "driver":
+        driver(args, device)
     else:
-        del policy, ref, rm, start
-        accelerator.free_memory()
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(reset_partial_state=True)  # TRL's Trainer builds its own Accelerator
-        result["trl"] = dict(version=trl.__version__, **run_trl(folder, tokenizer, prompts, args, device))
-        result["ours_over_trl"] = dr["step"] / result["trl"]["median_step"]
-
-    print("\nmedian seconds per step (generation / scoring / update = step), peak GPU memory:")
-    for method in ("Dr.GRPO", "SignCert-PO"):
-        r = result["ours"][method]
-        mem = f"{r['peak_memory_gb']:.1f} GB" if r["peak_memory_gb"] is not None else "n/a (cpu)"
-        print(f"  ours {method:12s} {fmt(r['median'])}  peak {mem}")
-    if "trl" in result:
-        t = result["trl"]
-        mem = f"{t['peak_memory_gb']:.1f} GB" if t["peak_memory_gb"] is not None else "n/a (cpu)"
-        print(f"  TRL {t['version']} Dr.GRPO  step {t['median_step']:.3f}s  peak {mem}")
-        print(f"ours (Dr.GRPO) / TRL step time: {result['ours_over_trl']:.3f}")
-    print(f"SignCert-PO / Dr.GRPO step time: {result['signcert_over_drgrpo']:.4f}")
-    print(f"loss and KL finite over every step: {result['loss_and_kl_finite']}")
-    if "checks" in result:
-        print("checks:", json.dumps(result["checks"], indent=1))
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        run = run_ours if args.role == "ours" else run_trl
+        out = run(args, args.micro_batch_size, args.gradient_checkpointing, device)
         with open(args.output, "w") as f:
-            json.dump(result, f, indent=1)
-        print(f"wrote {args.output}")
+            json.dump(out, f, indent=1)
+        gc.collect()
