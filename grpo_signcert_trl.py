@@ -26,7 +26,11 @@ each calling super() first; `tests/test_trl.py` fails when their signatures chan
   quantile are those of the whole batch), divided by the same positive scale as TRL's (`scale_rewards`: the group's
   or the batch's reward std + 1e-4, or 1 for "none"); then sliced back to this process as TRL slices them.
   quantile = 0 returns TRL's advantages untouched. It logs `signcert/eps`, `signcert/frac_reweighted`,
-  `signcert/frac_rho_nonpositive` and `completion/no_eos_rate` into TRL's metrics (so to its loggers).
+  `signcert/frac_rho_nonpositive`, `completion/no_eos_rate`, `reward/proxy` and `time/generation`, `time/scoring`
+  into TRL's metrics (so to its loggers).
+- `_get_per_token_logps_and_entropies` and `_compute_loss`: keep the log-probs of the loss's own forward, for
+  `policy/kl` (per completion, the sum of log pi - log pi_ref over its tokens, as grpo_signcert.py logs it: the
+  frontier's KL axis; TRL's own `kl` is the per-token k3 of the loss).
 Why the scale keeps the certificate: a positive scale does not change a sign, so the radius of A_j / s is the radius
 of A_j, exactly (docs/METHOD.md section 3.7). Any `loss_type` works: the advantages are what TRL reads.
 """

@@ -33,9 +33,12 @@ def test_the_overridden_private_methods_have_the_tested_signatures():
         "_generate": ["self", "prompts"],
         "_calculate_rewards": ["self", "inputs", "prompts", "completions", "completion_ids_list"],
         "_generate_and_score_completions": ["self", "inputs"],
+        "_compute_loss": ["self", "model", "inputs"],
+        # the subclass passes the rest through; it reads the first four and the log-probs returned first
+        "_get_per_token_logps_and_entropies": ["self", "model", "input_ids", "attention_mask", "logits_to_keep"],
     }
     for name, params in tested.items():
-        got = list(inspect.signature(getattr(trl.GRPOTrainer, name)).parameters)
+        got = list(inspect.signature(getattr(trl.GRPOTrainer, name)).parameters)[: len(params)]
         assert got == params, (
             f"grpo_signcert_trl.py was written against trl {ours.TESTED_TRL}; trl {trl.__version__} changed "
             f"GRPOTrainer.{name}{tuple(got)} (tested: {tuple(params)}): re-read it and adapt the override"
@@ -44,6 +47,10 @@ def test_the_overridden_private_methods_have_the_tested_signatures():
     source = inspect.getsource(trl.GRPOTrainer._calculate_rewards)
     assert "completion_ids=completion_ids_list" in source, f"tested with trl {ours.TESTED_TRL}"
     assert "process_slice" in inspect.getsource(trl.GRPOTrainer._generate_and_score_completions)
+    # `policy/kl` reads the log-probs of the one forward _compute_loss makes, and the reference's from its inputs
+    loss_source = inspect.getsource(trl.GRPOTrainer._compute_loss)
+    assert loss_source.count("self._get_per_token_logps_and_entropies(") == 1, f"tested with trl {ours.TESTED_TRL}"
+    assert 'inputs["ref_per_token_logps"]' in loss_source, f"tested with trl {ours.TESTED_TRL}"
 
 
 def make_trainer(world, out, quantile, scale_rewards="none", **extra):
