@@ -147,6 +147,16 @@ def test_pipeline_runs_every_stage_every_method_and_writes_the_tables(tmp_path, 
     assert "Table 1 in kind" in res.stdout and "The gold-vs-KL frontier" in res.stdout
     assert "| SignCert-PO q=" in res.stdout and "| SFT |" in res.stdout
     assert (root / "frontier.png").stat().st_size > 10_000
+    # tools/world_targets.py reads the same chain and run back: the same numbers as the pipeline's summary
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import world_targets
+
+    t = world_targets.targets(str(root), 1, "drgrpo_kl0.01")
+    dr = next(r for r in summary["runs"] if r["label"] == "Dr.GRPO")
+    assert (t["sft_gold"], t["peak_gold"], t["final_gold"]) == (dr["sft_gold"], dr["peak_gold"], dr["final_gold"])
+    assert t["gain"] == pytest.approx(dr["peak_gold"] - dr["sft_gold"])
+    assert t["proxy_accuracy"] == summary["calibration"]["1"]["rm"]["eval/accuracy"]
+    assert t["proxy_ok"] == (0.65 <= t["proxy_accuracy"] <= 0.80) and t["gain_ok"] == (t["gain"] >= 0.15)
     # a second run skips every stage and every run whose output exists
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
