@@ -754,3 +754,4 @@ if __name__ == "__main__":
             )
         print(f"wrote {args.output_dir}: " + json.dumps(stats))
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group: a gloo worker left with it can abort at exit

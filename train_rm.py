@@ -778,3 +778,4 @@ if __name__ == "__main__":
         commit_dir(out, args.output_dir)
         print(f"saved {args.output_dir}: " + json.dumps(summary))
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group: a gloo worker left with it can abort at exit
