@@ -983,6 +983,15 @@ def probe_update_memory(policy, length, args, device):
     return peaks[0] - per, per
 
 
+def measured_micro_batch(policy, local_batch, length, args, device):
+    """--micro-batch-size 0 on a GPU: (the largest divisor of `local_batch` whose update fits, (fixed, per-completion,
+    budget) bytes). The budget: 90% of the GPU less what is allocated and AdamW's two fp32 moments (not allocated yet)."""
+    fixed, per = probe_update_memory(policy, length, args, device)
+    budget = 0.9 * torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)
+    budget -= 8 * sum(p.numel() for p in policy.parameters())
+    return fit_micro_batch(local_batch, fixed, per, budget), (fixed, per, budget)
+
+
 def policy_update(accelerator, policy, optimizer, batch, args):
     """Step 4: `num_ppo_epochs` optimiser steps on this process's rollouts. Every micro-batch's loss is
     its token sum over (micro_batch_size x max_new_tokens); accelerate divides it by the accumulation
@@ -1168,10 +1177,9 @@ if __name__ == "__main__":
         gold_tok.pad_token = gold_tok.pad_token or gold_tok.eos_token
     if args.micro_batch_size == 0:  # auto on a GPU: measure one update's memory at the longest sequence, then fit
         policy.to(device)
-        fixed, per = probe_update_memory(policy, args.max_prompt_length + args.max_new_tokens, args, device)
-        budget = 0.9 * torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)
-        budget -= 8 * sum(p.numel() for p in policy.parameters())  # AdamW's two fp32 moments, not yet allocated
-        mine = torch.tensor([fit_micro_batch(args.local_batch_size, fixed, per, budget)], device=device)
+        length = args.max_prompt_length + args.max_new_tokens
+        fits, (fixed, per, budget) = measured_micro_batch(policy, args.local_batch_size, length, args, device)
+        mine = torch.tensor([fits], device=device)
         args.micro_batch_size = int(accelerator.gather(mine).min())  # one split on every process (DDP's steps)
         args.gradient_accumulation_steps = args.local_batch_size // args.micro_batch_size
         accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
@@ -1179,7 +1187,7 @@ if __name__ == "__main__":
             print(
                 f"--micro-batch-size 0 (auto): {args.micro_batch_size}, {args.gradient_accumulation_steps} micro-batches "
                 f"per process (measured: {fixed / 2**30:.2f} GiB + {per / 2**30:.3f} GiB per completion of "
-                f"{args.max_prompt_length + args.max_new_tokens} tokens; budget {budget / 2**30:.1f} GiB)"
+                f"{length} tokens; budget {budget / 2**30:.1f} GiB)"
             )
             with open(os.path.join(args.output_dir, "args.json"), "w") as f:
                 json.dump(asdict(args), f, indent=1)

@@ -245,10 +245,8 @@ def load_ours(args, micro_batch_size, checkpointing, device):
     if micro_batch_size == 0:  # the trainer's auto: measured on a GPU, capped on a CPU
         policy.to(device)
         if device.type == "cuda":
-            fixed, per = gs.probe_update_memory(policy, args.prompt_length + args.max_new_tokens, targs, device)
-            budget = 0.9 * torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated()
-            budget -= 8 * sum(p.numel() for p in policy.parameters())
-            targs.micro_batch_size = gs.fit_micro_batch(n, fixed, per, budget)
+            length = args.prompt_length + args.max_new_tokens
+            targs.micro_batch_size, _ = gs.measured_micro_batch(policy, n, length, targs, device)
         else:
             targs.micro_batch_size = gs.fit_micro_batch(n, 0, 1, gs.CPU_MICRO_BATCH)
     accelerator = Accelerator(
@@ -258,6 +256,13 @@ def load_ours(args, micro_batch_size, checkpointing, device):
     )
     policy = accelerator.prepare_model(policy.to(device))
     return accelerator, policy, ref, rm, targs
+
+
+def queries(tokenizer, chosen, args, device):
+    """The step's prompts, left-padded, each repeated for its K completions: (ids, mask)."""
+    enc = tokenizer(chosen, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    K = args.num_generations
+    return enc.input_ids.repeat_interleave(K, 0), enc.attention_mask.repeat_interleave(K, 0)
 
 
 def rollouts(policy, ref, rm, query, qmask, targs, phases):
@@ -352,10 +357,7 @@ def run_ours(args, micro_batch_size, checkpointing, device):
         torch.manual_seed(args.seed)
         steps, first = [], None
         for i in range(args.warmup_steps + args.steps):
-            chosen = prompts[i * args.num_prompts : (i + 1) * args.num_prompts]
-            enc = tokenizer(chosen, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            query = enc.input_ids.repeat_interleave(args.num_generations, 0)
-            qmask = enc.attention_mask.repeat_interleave(args.num_generations, 0)
+            query, qmask = queries(tokenizer, prompts[i * args.num_prompts : (i + 1) * args.num_prompts], args, device)
             phases = Phases(device)
             batch, reward, feats = rollouts(accelerator.unwrap_model(policy), ref, rm, query, qmask, targs, phases)
             phases.start()
@@ -388,10 +390,7 @@ def checks(accelerator, policy, start, ref, rm, prompts, tokenizer, targs, devic
     """Correctness under bf16: the first update against fp32 on the same batch, and the reward under left padding."""
     out = {}
     accelerator.unwrap_model(policy).load_state_dict(start)
-    n = targs.num_prompts
-    enc = tokenizer(prompts[:n], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    query = enc.input_ids.repeat_interleave(targs.num_generations, 0)
-    qmask = enc.attention_mask.repeat_interleave(targs.num_generations, 0)
+    query, qmask = queries(tokenizer, prompts[: targs.num_prompts], targs, device)
     torch.manual_seed(targs.seed)
     batch, reward, feats = rollouts(accelerator.unwrap_model(policy), ref, rm, query, qmask, targs, Phases(device))
     adv, _, _ = gs.signcert_advantages(reward, feats, targs.quantile)
@@ -582,18 +581,16 @@ def child(args, role, micro_batch_size, checkpointing, out, first_batch=None):
     return json.load(open(out))
 
 
-def compare(ours_runs, trl):
+def compare(ours_runs, trl, warmup):
     """ours / TRL per phase (the median over both of our runs' timed steps), and the first update on the same batch."""
     every = [s for r in ours_runs for m in r["methods"].values() for s in m["steps"]] + (trl["steps"] if trl else [])
     out = {"loss_and_kl_finite": all(math.isfinite(s["loss"]) and math.isfinite(s["kl"]) for s in every if "loss" in s)}
-    for method in ours_runs[0]["methods"]:
-        timed = [s for r in ours_runs for s in r["methods"][method]["steps"][r["warmup_steps"] :]]
-        out[f"ours_{method}_step_median"] = statistics.median(s["step"] for s in timed)
+    timed = {m: [s for r in ours_runs for s in r["methods"][m]["steps"][warmup:]] for m in ours_runs[0]["methods"]}
+    for method, steps in timed.items():
+        out[f"ours_{method}_step_median"] = statistics.median(s["step"] for s in steps)
     if trl:
         out["ours_over_trl"] = {
-            p: statistics.median(s[p] for r in ours_runs for s in r["methods"]["Dr.GRPO"]["steps"][r["warmup_steps"] :])
-            / trl["summary"][p]["median"]
-            for p in PHASES
+            p: statistics.median(s[p] for s in timed["Dr.GRPO"]) / trl["summary"][p]["median"] for p in PHASES
         }
         mine = ours_runs[-1].get("update_on_trl_batch")
         if mine:
@@ -642,9 +639,8 @@ def driver(args, device):
         again = replace(args, profile=0, checks=False)  # the profile and the checks ran in the first
         second = child(again, "ours", ours_mbs, ckpt, j("ours2"), trl_run["first_batch"] if trl_run else None)
         ours_runs = [r for r in (first, second) if r]
-        for r in ours_runs:
-            r["warmup_steps"] = args.warmup_steps
-        result[name] = dict(ours=ours_runs, trl=trl_run, **(compare(ours_runs, trl_run) if ours_runs else {}))
+        compared = compare(ours_runs, trl_run, args.warmup_steps) if ours_runs else {}
+        result[name] = dict(ours=ours_runs, trl=trl_run, **compared)
     print_result(result)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
