@@ -14,10 +14,15 @@ Targets (the world is fit for its purpose when every one holds on every chain se
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import List
 
 import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pipeline  # noqa: E402  (its chain folders and its reading of a run's held-out evaluations)
 
 
 @dataclass
@@ -32,13 +37,9 @@ class Args:
     """also write the table as JSON here"""
 
 
-def chain_dir(root, seed):
-    return root if seed == 1 else os.path.join(root, f"seed{seed}")
-
-
 def targets(root, seed, run):
     """Each measured value and whether its target holds, for one chain seed."""
-    c = chain_dir(root, seed)
+    c = pipeline.chain_dir(SimpleNamespace(root=root), seed)
     rm = json.load(open(os.path.join(c, "rm", "eval.json")))["eval/accuracy"]
     sft = json.load(open(os.path.join(c, "eval_sft_test", "eval.json")))["eval/win_rate"]
     out = {"seed": seed, "proxy_accuracy": rm, "sft_win_rate": sft}
@@ -46,17 +47,17 @@ def targets(root, seed, run):
     path = os.path.join(c, "rl", f"{run}_s{seed}", "metrics.jsonl")
     if not os.path.exists(path):
         return out
-    rows = [json.loads(line) for line in open(path)]
-    ev = sorted((r for r in rows if "eval/test/gold_reward" in r), key=lambda r: r["step"])
-    gold = [r["eval/test/gold_reward"] for r in ev]
-    proxy = [r["eval/test/proxy_reward"] for r in ev]
+    rows = pipeline.read_metrics(path)
+    steps, _, gold, _, proxy = zip(
+        *pipeline.eval_curve(rows, "test")
+    )  # (step, kl, gold, win rate, proxy) in step order
     peak = max(range(len(gold)), key=gold.__getitem__)
     gain = gold[peak] - gold[0]
     acc = [r["rm/proxy_accuracy"] for r in rows if "rm/proxy_accuracy" in r]
     out |= {
         "sft_gold": gold[0],
         "peak_gold": gold[peak],
-        "peak_step": ev[peak]["step"],
+        "peak_step": steps[peak],
         "final_gold": gold[-1],
         "gain": gain,
         "share_lost": (gold[peak] - gold[-1]) / gain if gain > 0 else None,
