@@ -163,14 +163,13 @@ def test_response_logprobs_run_the_lm_head_on_the_response_positions_only():
     policy, batch = model_and_batch()
     seen = []
     policy.get_output_embeddings().register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape))
-    args = (batch["query"], batch["query_mask"], batch["response"], batch["response_mask"], 1.0)
     with torch.no_grad():
-        lp = response_logprobs(policy, *args)
-        query, qmask, response, rmask = args[:4]
-        ids, mask = torch.cat([query, response], 1), torch.cat([qmask, rmask], 1)
-        full = policy(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
-    expected = torch.log_softmax(full[:, query.shape[1] - 1 : -1], -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
-    assert seen[0][1] == response.shape[1] + 1 and seen[1][1] == ids.shape[1]  # ours, then the full forward here
+        lp = response_logprobs(
+            policy, batch["query"], batch["query_mask"], batch["response"], batch["response_mask"], 1.0
+        )
+        _, expected = full_batch_objective(policy, batch, 0.1)  # its log-probs: a log-softmax of the full logits
+    T, full_length = batch["response"].shape[1], batch["query"].shape[1] + batch["response"].shape[1]
+    assert seen[0][1] == T + 1 and seen[1][1] == full_length  # ours, then the full forward of the reference
     torch.testing.assert_close(lp, expected, rtol=1e-5, atol=1e-5)
 
 
