@@ -131,6 +131,29 @@ class Args:
     reference_comment_prob: float = 0.4
     """probability that a reference summary ends with a comment word absent from the post ("ugh"): an
     invented word, as human references have; it leaves room for a policy to beat the references"""
+    # How the DATASET's references are written (the SFT data, the RM's reward offset, the win rate's opponent). Left
+    # at their defaults they are the references above; set, they are drawn from a stream of their own, so the
+    # posts, the tokenizer and the gold RM (trained around the references above) stay those of the default world.
+    data_key_probs: tuple[float, ...] = ()
+    """probabilities that a dataset reference names 1, 2, ..., num_keys keys: the FIRST n keys in the post's order
+    (the title's noun first). Empty: `reference_miss_prob`'s misses, each key alike"""
+    data_template_weights: tuple[float, ...] = ()
+    """weights of the four reference templates ("my P V my X", "X problems with my P", "my X are a mess", "X");
+    empty: all alike"""
+    data_comment_prob: float | None = None
+    """the comment probability of the dataset's references (None: `reference_comment_prob`)"""
+    data_fluff_prob: float | None = None
+    """the fluff probability of the dataset's references (None: `reference_fluff_prob`)"""
+    base_pretrain_steps: int = 0
+    """steps of causal-LM "pretraining" of the base policy on the train split's prompts (title + post, no
+    summaries; batch 64, AdamW, cosine): a base that has learnt to copy words within a text, as Pythia has. 0 (the
+    default): the base policy is random init"""
+    base_pretrain_lr: float = 3e-3
+    """peak learning rate of that pretraining"""
+    base_weights: str = "auto"
+    """with pretraining: `auto` loads the pretrained base that this repository ships (tiny_world_gold/) when every
+    setting of this build that decides it is its build's, else pretrains here; `train`: always pretrain; or a path
+    to a model.safetensors of this world's base policy"""
     key_zipf: float = 0.0
     """how unevenly a topic's nouns are drawn as key facts: the noun of rank r (its place in the topic's list)
     has weight 1 / r**key_zipf at each draw (0: every noun alike, the default; 1 was tried, README)"""
@@ -189,7 +212,12 @@ PRESETS = {
 
 SHIPPED_GOLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_world_gold")
 NOT_WORLD = ("exp_name", "torch_deterministic", "track", "wandb_project_name", "wandb_entity", "output_dir")
-NOT_WORLD += ("preset", "gold_weights")  # where a build goes and how it is logged, not what it builds
+NOT_WORLD += ("preset", "gold_weights", "base_weights")  # where a build goes and how it is logged, not what it builds
+# settings that change neither the tokenizer nor the gold RM: the dataset's reference style, the base policy
+DATA_STYLE = ("data_key_probs", "data_template_weights", "data_comment_prob", "data_fluff_prob")
+GOLD_FREE = DATA_STYLE + ("base_pretrain_steps", "base_pretrain_lr")
+GOLD_FILE, BASE_FILE = "model.safetensors", "base_policy.safetensors"  # in tiny_world_gold/
+SHIPPED = {GOLD_FILE: "gold_weights_sha256", BASE_FILE: "base_weights_sha256"}  # their hashes in its world.json
 WORLD_FORMAT = 2  # bumped whenever the world a seed builds changes meaning (2: coverage counts all 3 keys, 1-3 named)
 EOS = "<|endoftext|>"
 PAD = "<|padding|>"  # Pythia's pad token: distinct from EOS, so HF pooling reads the EOS
@@ -283,13 +311,17 @@ def make_post(rng, zipf=0.0, num_keys=3):
     return dict(subreddit=subreddit, title=title, post=" ".join(sents)), facts
 
 
-def make_reference(rng, facts, miss_prob, fluff_prob, comment_prob):
+def make_reference(rng, facts, miss_prob, fluff_prob, comment_prob, key_probs=(), template_weights=()):
     """A human-like reference: names the key nouns (with num_keys - 1 chances, each of probability miss_prob, to
-    miss one), sometimes with fluff, sometimes with a comment of the writer's that the post does not contain."""
+    miss one; or, with `key_probs`, the first n keys with n drawn from it), sometimes with fluff, sometimes with a
+    comment of the writer's that the post does not contain."""
     k = list(facts["keys"])
-    for _ in range(len(k) - 1):  # num_keys - 1 chances to miss a key (it names at least one)
-        if rng.random() < miss_prob:
-            k.pop(rng.randrange(len(k)))
+    if key_probs:
+        k = k[: rng.choices(range(1, len(k) + 1), weights=key_probs)[0]]
+    else:
+        for _ in range(len(k) - 1):  # num_keys - 1 chances to miss a key (it names at least one)
+            if rng.random() < miss_prob:
+                k.pop(rng.randrange(len(k)))
     p, v = facts["person"], facts["verbs"][0]
     listed = k[0] if len(k) == 1 else " , ".join(k[:-1]) + " and " + k[-1]
     templates = [
@@ -298,7 +330,7 @@ def make_reference(rng, facts, miss_prob, fluff_prob, comment_prob):
         f"my {listed} are a mess",
         f"{listed}",
     ]
-    s = rng.choice(templates)
+    s = rng.choices(templates, weights=template_weights)[0] if template_weights else rng.choice(templates)
     if rng.random() < fluff_prob:
         s = rng.choice(FLUFF) + " " + s
     if rng.random() < comment_prob:
@@ -639,37 +671,46 @@ def sha256_of_file(path):
         return sha256_of(f.read())
 
 
-def gold_weights_file(args, tokenizer_sha256):
-    """The safetensors file to load the gold RM's trained weights from, or None: train them. `auto` takes the
-    shipped ones only when this build's settings and tokenizer are exactly those they were trained for."""
-    if args.gold_weights == "train":
+def shipped_weights_file(args, tokenizer_sha256, choice, flag, name, free):
+    """The safetensors file to load a model's trained weights from, or None: train them. `choice` is `train`, a
+    path, or `auto`: the file `name` of tiny_world_gold/, taken only when this build's settings (but those in
+    `free`, which do not change that model) and tokenizer are exactly those of the build that wrote it."""
+    if choice == "train":
         return None
-    if args.gold_weights != "auto":
-        if not os.path.isfile(args.gold_weights):
-            raise SystemExit(
-                f"--gold-weights {args.gold_weights}: no such file (a model.safetensors, `auto` or `train`)"
-            )
-        return args.gold_weights
-    if not os.path.isfile(os.path.join(SHIPPED_GOLD, "world.json")):
-        print(f"training the gold RM: no shipped gold at {SHIPPED_GOLD}")
+    if choice != "auto":
+        if not os.path.isfile(choice):
+            raise SystemExit(f"--{flag} {choice}: no such file (a model.safetensors, `auto` or `train`)")
+        return choice
+    path = os.path.join(SHIPPED_GOLD, name)
+    if not os.path.isfile(os.path.join(SHIPPED_GOLD, "world.json")) or not os.path.isfile(path):
+        print(f"training {name}: not shipped in {SHIPPED_GOLD}")
         return None
-    with open(os.path.join(SHIPPED_GOLD, "world.json")) as f:  # the world.json of the build that trained them
+    with open(os.path.join(SHIPPED_GOLD, "world.json")) as f:  # the world.json of the build that wrote them
         manifest = json.load(f)
     settings = world_settings(args)
-    differ = sorted(k for k in settings if settings[k] != manifest["settings"].get(k))
+    differ = sorted(k for k in settings if k not in free and settings[k] != manifest["settings"].get(k))
     if manifest.get("format") != WORLD_FORMAT:  # the code's world changed meaning since they were trained
         differ.append(f"format (theirs {manifest.get('format')}, this code's {WORLD_FORMAT})")
     if differ or tokenizer_sha256 != manifest["tokenizer_sha256"]:
         why = f"settings {differ}" if differ else "the tokenizer (another `tokenizers` version?)"
-        print(f"training the gold RM: this build's {why} differ from those of the shipped gold ({SHIPPED_GOLD})")
+        print(f"training {name}: this build's {why} differ from those of the shipped one ({SHIPPED_GOLD})")
         return None
-    path = os.path.join(SHIPPED_GOLD, "model.safetensors")
-    if sha256_of_file(path) != manifest["gold_weights_sha256"]:
+    if sha256_of_file(path) != manifest[SHIPPED[name]]:
         raise SystemExit(
             f"{path} is not the file its world.json describes (a Git LFS pointer, or changed?): check out "
-            "the repository's copy, or pass --gold-weights train"
+            f"the repository's copy, or pass --{flag} train"
         )
     return path
+
+
+def gold_weights_file(args, tokenizer_sha256):
+    """The gold RM's weights to load (`--gold-weights`), or None: train it."""
+    return shipped_weights_file(args, tokenizer_sha256, args.gold_weights, "gold-weights", GOLD_FILE, GOLD_FREE)
+
+
+def base_weights_file(args, tokenizer_sha256):
+    """The pretrained base policy's weights to load (`--base-weights`), or None: pretrain it here."""
+    return shipped_weights_file(args, tokenizer_sha256, args.base_weights, "base-weights", BASE_FILE, DATA_STYLE)
 
 
 def train_gold(gold, tokenizer, args):
@@ -727,6 +768,33 @@ def train_gold(gold, tokenizer, args):
             bar.set_postfix(reg=f"{loss_reg.item():.3f}", bt=f"{loss_bt.item():.3f}")
 
 
+def pretrain_base(policy, tokenizer, texts, args):
+    """Causal-LM "pretraining" of the base policy on texts (the train prompts): the person, the title's noun and
+    verb come back in the post, so predicting them teaches the model to copy a word it has seen, the skill that
+    SFT then needs to copy the key nouns into a summary. Its own random streams: the rest of the world is as it
+    would be without it."""
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.base_pretrain_lr, weight_decay=0.0)
+    warm = max(1, args.base_pretrain_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1, (s + 1) / warm) * 0.5 * (1 + np.cos(np.pi * s / args.base_pretrain_steps))
+    )
+    rng = random.Random(f"{args.seed}-pretrain")
+    policy.train()
+    bar = tqdm(range(args.base_pretrain_steps), desc="base pretraining")
+    with torch.random.fork_rng():
+        for _ in bar:
+            b = tokenizer([texts[rng.randrange(len(texts))] for _ in range(64)], return_tensors="pt", padding=True)
+            loss = policy(**b, labels=b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    policy.eval()
+    return loss.item()
+
+
 def with_preset(args):
     """Fill the sizes not given explicitly from the preset, and the derived count."""
     for k, v in PRESETS[args.preset].items():
@@ -752,9 +820,12 @@ if __name__ == "__main__":
 
     # 1. posts and references; separate random streams so each split depends on the seed only
     splits = {"train": args.num_train, "validation": args.num_validation, "test": args.num_test}
-    rows, facts_of = {}, {}
+    rows, facts_of, gold_style_refs = {}, {}, {}
+    data_style = any(getattr(args, k) not in ((), None) for k in DATA_STYLE)
     for si, (split, n) in enumerate(splits.items()):
         rng = random.Random(f"{args.seed}-{split}")
+        data_rng = random.Random(f"{args.seed}-{split}-data-references")
+        gold_style_refs[split] = []
         rows[split], facts_of[split] = [], []
         for i in range(n):
             row, facts = make_post(rng, args.key_zipf, args.num_keys)
@@ -765,6 +836,17 @@ if __name__ == "__main__":
                     rng, facts, args.reference_miss_prob, args.reference_fluff_prob, args.reference_comment_prob
                 ),
             }
+            gold_style_refs[split].append(row["summary"])
+            if data_style:  # the dataset's own references, from their own stream (the posts stay the same)
+                row["summary"] = make_reference(
+                    data_rng,
+                    facts,
+                    args.reference_miss_prob,
+                    args.reference_fluff_prob if args.data_fluff_prob is None else args.data_fluff_prob,
+                    args.reference_comment_prob if args.data_comment_prob is None else args.data_comment_prob,
+                    args.data_key_probs,
+                    args.data_template_weights,
+                )
             rows[split].append(row)
             facts_of[split].append(facts)
         with open(f"{out}/data/{split}.jsonl", "w") as f:
@@ -777,7 +859,7 @@ if __name__ == "__main__":
 
     # 2. tokenizer: trained on prompts, references and a line with every word of the vocabulary
     # (so an invented or off-topic word is still one token)
-    corpus = [prompt_of(r) + " " + r["summary"] for r in rows["train"]]
+    corpus = [prompt_of(r) + " " + ref for r, ref in zip(rows["train"], gold_style_refs["train"])]
     corpus.append(" ".join(CONTENT + PERSONS + VERBS + FILLER_WORDS + COMMENTS + sorted(GLUE) + [t for t in TOPICS]))
     corpus.append(" " + " ".join(CONTENT + PERSONS + VERBS + FILLER_WORDS + COMMENTS + sorted(GLUE)) + " , .")
     tokenizer = build_tokenizer(corpus, f"{out}/tokenizer")
@@ -790,11 +872,23 @@ if __name__ == "__main__":
         f"summary tokens mean {np.mean(slens):.1f} max {max(slens)}"
     )
 
-    # 3. base policy: random init, Pythia's architecture
+    tokenizer_sha256 = sha256_of(json.dumps(sorted(tokenizer.get_vocab().items())).encode())  # its token ids
+
+    # 3. base policy: Pythia's architecture, random init (and, with --base-pretrain-steps, pretrained)
     policy = GPTNeoXForCausalLM(
         neox_config(tokenizer, args.policy_layers, args.policy_hidden, args.num_heads, args.max_position_embeddings)
     )
-    save_with_pad(copy.deepcopy(policy), saved_tokenizer, f"{out}/base_policy")
+    base = copy.deepcopy(policy)  # the gold's init below draws after the random init, with or without pretraining
+    base_weights = base_weights_file(args, tokenizer_sha256) if args.base_pretrain_steps else None
+    if base_weights:
+        with torch.random.fork_rng():
+            base.resize_token_embeddings(len(saved_tokenizer), mean_resizing=False)  # as saved: + the pad's row
+        base.load_state_dict(load_file(base_weights))
+        print(f"base_policy: pretrained weights from {base_weights}")
+    elif args.base_pretrain_steps:
+        loss = pretrain_base(base, tokenizer, [prompt_of(r) for r in rows["train"]], args)
+        print(f"base_policy: pretrained {args.base_pretrain_steps} steps on the train prompts, last loss {loss:.3f}")
+    save_with_pad(base, saved_tokenizer, f"{out}/base_policy")
     print(f"base_policy: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f}M params")
 
     # 4. gold RM: the repository's trained weights of this very world (`--gold-weights auto`), or trained here
@@ -802,7 +896,6 @@ if __name__ == "__main__":
         tokenizer, args.gold_layers, args.gold_hidden, args.num_heads, args.max_position_embeddings, num_labels=1
     )
     gold = GPTNeoXForSequenceClassification(gold_cfg)
-    tokenizer_sha256 = sha256_of(json.dumps(sorted(tokenizer.get_vocab().items())).encode())  # its token ids
     weights = gold_weights_file(args, tokenizer_sha256)
     if weights:  # the same model on every machine, in seconds
         with torch.random.fork_rng():
@@ -856,6 +949,8 @@ if __name__ == "__main__":
         tokenizer_sha256=tokenizer_sha256,
         gold_weights=weights or "trained in this build",
         gold_weights_sha256=sha256_of_file(f"{out}/gold_rm/model.safetensors"),
+        base_weights=base_weights or ("pretrained in this build" if args.base_pretrain_steps else "random init"),
+        base_weights_sha256=sha256_of_file(f"{out}/base_policy/model.safetensors"),
         sizes=dict(
             splits,
             vocab_size=len(tokenizer),

@@ -142,9 +142,13 @@ def test_auto_takes_the_shipped_gold_only_for_the_world_it_was_trained_for(world
 
 def test_the_shipped_gold_is_the_default_worlds():
     """The repository ships the README world's trained gold: `--gold-weights auto` must pick it for the default
-    settings (or the main job trains the gold again, 11 minutes), and the file must be the one it trained."""
+    settings (or the main job trains the gold again, 11 minutes), and the file must be the one it trained. The
+    settings that change neither the tokenizer nor the gold (GOLD_FREE: the dataset's reference style, the base
+    policy) are not compared."""
     shipped = json.load(open(os.path.join(tw.SHIPPED_GOLD, "world.json")))
-    assert shipped["settings"] == tw.world_settings(tw.with_preset(tw.Args()))
+    drop_free = lambda settings: {k: v for k, v in settings.items() if k not in tw.GOLD_FREE}
+    assert drop_free(shipped["settings"]) == drop_free(tw.world_settings(tw.with_preset(tw.Args())))
+    assert tw.gold_weights_file(tw.with_preset(tw.Args()), shipped["tokenizer_sha256"]) is not None
     assert shipped["gold_weights"] == "trained in this build" and shipped["format"] == tw.WORLD_FORMAT
     assert tw.sha256_of_file(os.path.join(tw.SHIPPED_GOLD, "model.safetensors")) == shipped["gold_weights_sha256"]
 
@@ -255,3 +259,112 @@ def test_match_circuit_writes_the_summary_share_of_each_word(world):
     assert torch.corrcoef(torch.stack([match[summary], share[summary]]))[0, 1] > 0.9
     invented, once = match[summary & (share == 1)].mean(), match[summary & ((share - 0.5).abs() < 1e-6)].mean()
     assert invented > once + 0.3  # an invented word (share 1) against a post word named once (1/2)
+
+
+def test_data_style_references_name_the_first_keys():
+    """`--data-key-probs` / `--data-template-weights` (the dataset's own reference style): a reference names the
+    first n keys of the post in their order (the title's noun first), n drawn from the probabilities, in the
+    templates drawn from the weights."""
+    rng = random.Random(0)
+    for _ in range(200):
+        row, facts = tw.make_post(rng)
+        keys = facts["keys"]
+        assert keys[0] in tw.words(row["title"])  # the title names the first key fact
+        two = tw.make_reference(rng, facts, 0.5, 0.0, 0.0, key_probs=(0, 1, 0), template_weights=(0, 0, 1, 0))
+        assert two == f"my {keys[0]} and {keys[1]} are a mess"
+        one = tw.make_reference(rng, facts, 0.5, 0.0, 0.0, key_probs=(1, 0, 0), template_weights=(0, 0, 0, 1))
+        assert one == keys[0]
+    named = []
+    for _ in range(4000):
+        row, facts = tw.make_post(rng)
+        ref = tw.words(tw.make_reference(rng, facts, 0.5, 0.3, 0.2, key_probs=(0.5, 0.25, 0.25)))
+        k = [w for w in facts["keys"] if w in ref]
+        assert k == facts["keys"][: len(k)]  # a prefix of the keys, in the post's order
+        named.append(len(k))
+    rates = [named.count(n) / len(named) for n in (1, 2, 3)]
+    assert max(abs(r - e) for r, e in zip(rates, (0.5, 0.25, 0.25))) < 0.03, rates
+
+
+@pytest.fixture(scope="module")
+def styled_world(tmp_path_factory):
+    """The CI world of `world`, built with the dataset's own reference style and a pretrained base policy."""
+    out = tmp_path_factory.mktemp("styled") / "world"
+    style = "--data-key-probs 1 0 0 --data-template-weights 0 0 1 0 --data-comment-prob 0 --data-fluff-prob 0".split()
+    return build(out, 1, *style, "--base-pretrain-steps", "4", "--base-weights", "train")
+
+
+def test_data_style_and_pretraining_change_only_the_references_and_the_base(world, styled_world):
+    """The posts, the tokenizer and the gold RM are those of the default world (so the shipped gold stays valid);
+    the dataset's references follow the style (here: the title's noun alone, "my X are a mess", no fluff or comment), and the
+    base policy is pretrained: lower causal-LM loss on the train prompts than the random init it starts from."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for split in ["train", "validation", "test"]:
+        a = [json.loads(line) for line in open(world / "data" / f"{split}.jsonl")]
+        b = [json.loads(line) for line in open(styled_world / "data" / f"{split}.jsonl")]
+        facts = [json.loads(line) for line in open(styled_world / "data" / f"{split}_facts.jsonl")]
+        assert [{**r, "summary": None} for r in a] == [{**r, "summary": None} for r in b]
+        assert [r["summary"] for r in b] == [f"my {f['keys'][0]} are a mess" for f in facts]
+        assert [r["summary"] for r in a] != [r["summary"] for r in b]
+    for f in ["tokenizer/tokenizer.json", "gold_rm/model.safetensors"]:
+        assert (world / f).read_bytes() == (styled_world / f).read_bytes(), f
+    manifest = json.load(open(styled_world / "world.json"))
+    assert manifest["base_weights"] == "pretrained in this build"
+    assert manifest["base_weights_sha256"] == tw.sha256_of_file(styled_world / "base_policy" / "model.safetensors")
+
+    tok = AutoTokenizer.from_pretrained(world / "tokenizer", local_files_only=True)
+    rows = [json.loads(line) for line in open(world / "data" / "train.jsonl")][:64]
+    batch = tok([tw.prompt_of(r) for r in rows], return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    def lm_loss(folder):
+        model = AutoModelForCausalLM.from_pretrained(folder / "base_policy", use_safetensors=True)
+        with torch.no_grad():
+            return model(**batch, labels=labels).loss.item()
+
+    assert lm_loss(styled_world) < lm_loss(world) - 0.1
+
+
+def test_auto_takes_the_shipped_base_only_for_the_world_that_pretrained_it(styled_world, tmp_path, monkeypatch):
+    """`--base-weights auto`: the shipped pretrained base (tiny_world_gold/base_policy.safetensors) is taken when
+    every setting but the dataset's reference style is its build's; another pretraining, seed or tokenizer trains
+    it here; a file that is not the one the manifest describes is refused."""
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "world.json").write_bytes((styled_world / "world.json").read_bytes())
+    (shipped / tw.BASE_FILE).write_bytes((styled_world / "base_policy" / "model.safetensors").read_bytes())
+    monkeypatch.setattr(tw, "SHIPPED_GOLD", str(shipped))
+    built = json.load(open(styled_world / "world.json"))
+    args_of = lambda **changed: tw.Args(**{**built["args"], "base_weights": "auto", **changed})
+    tok = built["tokenizer_sha256"]
+    assert tw.base_weights_file(args_of(), tok) == str(shipped / tw.BASE_FILE)
+    assert tw.base_weights_file(args_of(data_key_probs=(0.5, 0.5, 0.0), data_comment_prob=0.3), tok) is not None
+    for changed in ({"base_pretrain_steps": 5}, {"base_pretrain_lr": 1e-3}, {"seed": 2}, {"base_weights": "train"}):
+        assert tw.base_weights_file(args_of(**changed), tok) is None, changed
+    assert tw.base_weights_file(args_of(), "another tokenizer") is None
+    with open(shipped / tw.BASE_FILE, "ab") as f:
+        f.write(b"x")
+    with pytest.raises(SystemExit, match="not the file its world.json describes"):
+        tw.base_weights_file(args_of(), tok)
+
+
+def test_world_targets_copy_rate_counts_first_mentions_of_key_nouns(tmp_path):
+    """tools/world_targets.py's diagnostic, on hand-made pairs: of the topic nouns the SFT samples name, the share
+    that are key nouns of the post named for the first time (a repeat or an invented noun counts against it)."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import world_targets
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "prefs").mkdir()
+    post = {"id": "p1", "subreddit": "cooking", "title": "t", "post": "p", "summary": "s"}
+    (tmp_path / "data" / "train.jsonl").write_text(json.dumps(post) + "\n" + json.dumps({**post, "id": "p2"}) + "\n")
+    keys = {"keys": ["pasta", "knife", "garlic"], "person": "mom", "verbs": ["broke", "lost", "hid"]}
+    facts = [json.dumps({"id": i, **keys}) for i in ("p1", "p2")]
+    (tmp_path / "data" / "train_facts.jsonl").write_text("\n".join(facts) + "\n")
+    pairs = [
+        {"id": "p1", "chosen": "my pasta and knife are a mess", "rejected": "pasta , pasta and oven"},  # 2 of 2, 1 of 3
+        {"id": "p2", "chosen": "ugh", "rejected": "garlic problems with my mom"},  # none, 1 of 1
+    ]
+    (tmp_path / "prefs" / "train.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+    assert world_targets.copy_rate(str(tmp_path), str(tmp_path)) == pytest.approx(4 / 6)
