@@ -70,6 +70,8 @@ import json
 import os
 import random
 import re
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -880,10 +882,12 @@ if __name__ == "__main__":
     )
     base = copy.deepcopy(policy)  # the gold's init below draws after the random init, with or without pretraining
     base_weights = base_weights_file(args, tokenizer_sha256) if args.base_pretrain_steps else None
-    if base_weights:
-        with torch.random.fork_rng():
+    if base_weights:  # a causal LM's file as save_pretrained wrote it: read back the Hugging Face way
+        with torch.random.fork_rng(), tempfile.TemporaryDirectory() as d:
             base.resize_token_embeddings(len(saved_tokenizer), mean_resizing=False)  # as saved: + the pad's row
-        base.load_state_dict(load_file(base_weights))
+            base.config.save_pretrained(d)
+            shutil.copyfile(base_weights, os.path.join(d, "model.safetensors"))
+            base = GPTNeoXForCausalLM.from_pretrained(d, use_safetensors=True)
         print(f"base_policy: pretrained weights from {base_weights}")
     elif args.base_pretrain_steps:
         loss = pretrain_base(base, tokenizer, [prompt_of(r) for r in rows["train"]], args)

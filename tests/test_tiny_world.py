@@ -343,6 +343,10 @@ def test_auto_takes_the_shipped_base_only_for_the_world_that_pretrained_it(style
     for changed in ({"base_pretrain_steps": 5}, {"base_pretrain_lr": 1e-3}, {"seed": 2}, {"base_weights": "train"}):
         assert tw.base_weights_file(args_of(**changed), tok) is None, changed
     assert tw.base_weights_file(args_of(), "another tokenizer") is None
+    # a build that loads it (here by path, with the default reference style) writes that very base policy
+    loaded = build(tmp_path / "loaded", 1, "--base-pretrain-steps", "4", "--base-weights", str(shipped / tw.BASE_FILE))
+    assert (loaded / "base_policy" / "model.safetensors").read_bytes() == (shipped / tw.BASE_FILE).read_bytes()
+    assert json.load(open(loaded / "world.json"))["base_weights"] == str(shipped / tw.BASE_FILE)
     with open(shipped / tw.BASE_FILE, "ab") as f:
         f.write(b"x")
     with pytest.raises(SystemExit, match="not the file its world.json describes"):
