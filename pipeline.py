@@ -118,6 +118,8 @@ class Args:
     """extra arguments of tiny_world.py, one string (write `--extra-world-args="--gold-steps 900"`)"""
     extra_stage_args: str = ""
     """extra arguments of sft.py, gen_prefs.py and train_rm.py, one string (e.g. for tests)"""
+    extra_sft_args: str = ""
+    """extra arguments of sft.py alone (e.g. `--extra-sft-args="--num-train-epochs 3"`)"""
     extra_rl_args: str = ""
     """extra arguments of every RL run, one string (e.g. `--extra-rl-args="--learning-rate 1e-4"`)"""
     force: bool = False
@@ -394,7 +396,7 @@ def build_chain(args, seed, methods):
     data, gold, s = os.path.join(R, "data"), os.path.join(R, "gold_rm"), str(seed)
     j = lambda *p: os.path.join(c, *p)
     stage(args, script("sft.py"), j("sft", "config.json"), "--seed", s, "--model-name-or-path",
-          os.path.join(R, "base_policy"), "--dataset", data, "--output-dir", j("sft"), *extra)  # fmt: skip
+          os.path.join(R, "base_policy"), "--dataset", data, "--output-dir", j("sft"), *extra, *shlex.split(args.extra_sft_args))  # fmt: skip
     stage(args, script("gen_prefs.py"), j("prefs", "test.jsonl"), "--seed", s, "--policy-path", j("sft"),
           "--gold-rm-path", gold, "--dataset", data, "--output-dir", j("prefs"), *extra)  # fmt: skip
     rms = [("rm", seed, [])]

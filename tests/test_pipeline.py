@@ -191,3 +191,16 @@ def test_every_stage_and_rl_run_gets_the_pipelines_thread_count(tmp_path, monkey
     pipeline.run_all(args, runs)  # two at once (--jobs 2)
     got = [open(tmp_path / f).read() for f in ("stage.txt", "run0.txt", "run1.txt")]
     assert got == [str(threads)] * 3
+
+
+def test_extra_sft_args_reach_sft_alone(tmp_path, monkeypatch):
+    """`--extra-sft-args` goes to sft.py and to no other stage; `--extra-stage-args` to all three."""
+    calls = []
+    monkeypatch.setattr(pipeline, "stage", lambda args, script, marker, *a, **kw: calls.append((script, a)))
+    args = pipeline.Args(root=str(tmp_path), extra_sft_args="--num-train-epochs 3", extra_stage_args="--bf16")
+    pipeline.build_chain(args, 1, ["drgrpo"])
+    by_script = {os.path.basename(script): a for script, a in calls}
+    assert by_script["sft.py"][-3:] == ("--bf16", "--num-train-epochs", "3")
+    for name in ("gen_prefs.py", "train_rm.py"):
+        assert "--bf16" in by_script[name] and "--num-train-epochs" not in by_script[name], name
+    assert "--num-train-epochs" not in by_script["eval_gold.py"]
