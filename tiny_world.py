@@ -31,7 +31,9 @@ things come up more often in real forums: tried as the source of a stronger expl
 work"). The reference summary names all three key nouns in a quarter of the posts, two in half of them and
 one in a quarter, sometimes carries glue fluff ("long story short"), and in 40% of posts ends with a comment of the
 writer's that the post does not contain ("ugh"), as human references do: that leaves a policy room to beat
-the references.
+the references. Options not on by default (docs/TINY_WORLD.md, "What decides a chain's draw"): the dataset's own
+reference style (`--data-key-probs` and friends: the first n keys, the title's noun first; posts, tokenizer and
+gold unchanged) and a base policy pretrained as a causal LM on the posts (`--base-pretrain-steps`).
 
 Quality (`quality(row, summary, keys)`), in plain words: a good summary names the post's key facts,
 does not invent words that are not in the post, does not repeat itself, and stays short:
@@ -797,6 +799,18 @@ def pretrain_base(policy, tokenizer, texts, args):
     return loss.item()
 
 
+def check_data_style(args):
+    """Refuse a reference style that cannot be drawn, naming the flag."""
+    for flag, values, n in [("--data-key-probs", args.data_key_probs, args.num_keys), ("--data-template-weights", args.data_template_weights, 4)]:  # fmt: skip
+        if values and (len(values) != n or min(values) < 0 or sum(values) <= 0):
+            raise SystemExit(f"{flag} {' '.join(map(str, values))}: give {n} non-negative weights, not all 0")
+    for flag, p in [("--data-comment-prob", args.data_comment_prob), ("--data-fluff-prob", args.data_fluff_prob)]:
+        if p is not None and not 0 <= p <= 1:
+            raise SystemExit(f"{flag} {p}: a probability, in [0, 1]")
+    if args.base_pretrain_steps < 0:
+        raise SystemExit(f"--base-pretrain-steps {args.base_pretrain_steps}: 0 (a random-init base) or more")
+
+
 def with_preset(args):
     """Fill the sizes not given explicitly from the preset, and the derived count."""
     for k, v in PRESETS[args.preset].items():
@@ -808,6 +822,7 @@ def with_preset(args):
 
 if __name__ == "__main__":
     args = with_preset(tyro.cli(Args))
+    check_data_style(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

@@ -372,3 +372,20 @@ def test_world_targets_copy_rate_counts_first_mentions_of_key_nouns(tmp_path):
     ]
     (tmp_path / "prefs" / "train.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
     assert world_targets.copy_rate(str(tmp_path), str(tmp_path)) == pytest.approx(4 / 6)
+
+
+@pytest.mark.parametrize(
+    "changed, says",
+    [
+        ({"data_key_probs": (0.5, 0.5)}, "--data-key-probs 0.5 0.5: give 3"),
+        ({"data_key_probs": (0.0, 0.0, 0.0)}, "--data-key-probs"),
+        ({"data_template_weights": (1.0, -1.0, 1.0, 1.0)}, "--data-template-weights"),
+        ({"data_comment_prob": 1.5}, "--data-comment-prob 1.5: a probability"),
+        ({"data_fluff_prob": -0.1}, "--data-fluff-prob"),
+        ({"base_pretrain_steps": -1}, "--base-pretrain-steps -1"),
+    ],
+)
+def test_a_reference_style_that_cannot_be_drawn_is_refused_naming_the_flag(changed, says):
+    tw.check_data_style(tw.Args())  # the defaults pass
+    with pytest.raises(SystemExit, match=says):
+        tw.check_data_style(tw.Args(**changed))
