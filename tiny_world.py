@@ -221,7 +221,7 @@ NOT_WORLD += ("preset", "gold_weights", "base_weights")  # where a build goes an
 DATA_STYLE = ("data_key_probs", "data_template_weights", "data_comment_prob", "data_fluff_prob")
 GOLD_FREE = DATA_STYLE + ("base_pretrain_steps", "base_pretrain_lr")
 GOLD_FILE, BASE_FILE = "model.safetensors", "base_policy.safetensors"  # in tiny_world_gold/
-SHIPPED = {GOLD_FILE: "gold_weights_sha256", BASE_FILE: "base_weights_sha256"}  # their hashes in its world.json
+SHIPPED = {GOLD_FILE: ("the gold RM", "gold_weights_sha256"), BASE_FILE: ("the base policy", "base_weights_sha256")}
 WORLD_FORMAT = 2  # bumped whenever the world a seed builds changes meaning (2: coverage counts all 3 keys, 1-3 named)
 EOS = "<|endoftext|>"
 PAD = "<|padding|>"  # Pythia's pad token: distinct from EOS, so HF pooling reads the EOS
@@ -685,9 +685,9 @@ def shipped_weights_file(args, tokenizer_sha256, choice, flag, name, free):
         if not os.path.isfile(choice):
             raise SystemExit(f"--{flag} {choice}: no such file (a model.safetensors, `auto` or `train`)")
         return choice
-    path = os.path.join(SHIPPED_GOLD, name)
+    path, (what, sha_key) = os.path.join(SHIPPED_GOLD, name), SHIPPED[name]  # what it is, its hash in world.json
     if not os.path.isfile(os.path.join(SHIPPED_GOLD, "world.json")) or not os.path.isfile(path):
-        print(f"training {name}: not shipped in {SHIPPED_GOLD}")
+        print(f"training {what}: none shipped at {path}")
         return None
     with open(os.path.join(SHIPPED_GOLD, "world.json")) as f:  # the world.json of the build that wrote them
         manifest = json.load(f)
@@ -697,9 +697,9 @@ def shipped_weights_file(args, tokenizer_sha256, choice, flag, name, free):
         differ.append(f"format (theirs {manifest.get('format')}, this code's {WORLD_FORMAT})")
     if differ or tokenizer_sha256 != manifest["tokenizer_sha256"]:
         why = f"settings {differ}" if differ else "the tokenizer (another `tokenizers` version?)"
-        print(f"training {name}: this build's {why} differ from those of the shipped one ({SHIPPED_GOLD})")
+        print(f"training {what}: this build's {why} differ from those of the shipped one ({SHIPPED_GOLD})")
         return None
-    if sha256_of_file(path) != manifest[SHIPPED[name]]:
+    if sha256_of_file(path) != manifest[sha_key]:
         raise SystemExit(
             f"{path} is not the file its world.json describes (a Git LFS pointer, or changed?): check out "
             f"the repository's copy, or pass --{flag} train"
@@ -839,6 +839,8 @@ if __name__ == "__main__":
     splits = {"train": args.num_train, "validation": args.num_validation, "test": args.num_test}
     rows, facts_of, gold_style_refs = {}, {}, {}
     data_style = any(getattr(args, k) not in ((), None) for k in DATA_STYLE)
+    data_fluff = args.reference_fluff_prob if args.data_fluff_prob is None else args.data_fluff_prob
+    data_comment = args.reference_comment_prob if args.data_comment_prob is None else args.data_comment_prob
     for si, (split, n) in enumerate(splits.items()):
         rng = random.Random(f"{args.seed}-{split}")
         data_rng = random.Random(f"{args.seed}-{split}-data-references")
@@ -859,8 +861,8 @@ if __name__ == "__main__":
                     data_rng,
                     facts,
                     args.reference_miss_prob,
-                    args.reference_fluff_prob if args.data_fluff_prob is None else args.data_fluff_prob,
-                    args.reference_comment_prob if args.data_comment_prob is None else args.data_comment_prob,
+                    data_fluff,
+                    data_comment,
                     args.data_key_probs,
                     args.data_template_weights,
                 )

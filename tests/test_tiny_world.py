@@ -330,9 +330,7 @@ def test_auto_takes_the_shipped_base_only_for_the_world_that_pretrained_it(style
     """`--base-weights auto`: the shipped pretrained base (tiny_world_gold/base_policy.safetensors) is taken when
     every setting but the dataset's reference style is its build's; another pretraining, seed or tokenizer trains
     it here; a file that is not the one the manifest describes is refused."""
-    shipped = tmp_path / "shipped"
-    shipped.mkdir()
-    (shipped / "world.json").write_bytes((styled_world / "world.json").read_bytes())
+    shipped = ship(styled_world, tmp_path / "shipped")  # its world.json (and gold), plus its pretrained base:
     (shipped / tw.BASE_FILE).write_bytes((styled_world / "base_policy" / "model.safetensors").read_bytes())
     monkeypatch.setattr(tw, "SHIPPED_GOLD", str(shipped))
     built = json.load(open(styled_world / "world.json"))

@@ -46,14 +46,9 @@ class Args:
 def copy_rate(root, chain):
     """Of the topic nouns named by the SFT samples of the chain's training pairs, the share that are a key noun of
     the post named for the first time in that sample."""
-    facts = {}
-    for line in open(os.path.join(root, "data", "train_facts.jsonl")):
-        f = json.loads(line)
-        facts[f["id"]] = f["keys"]
-    topic = {
-        json.loads(line)["id"]: json.loads(line)["subreddit"]
-        for line in open(os.path.join(root, "data", "train.jsonl"))
-    }
+    read = lambda name: [json.loads(line) for line in open(os.path.join(root, "data", name))]
+    facts = {f["id"]: f["keys"] for f in read("train_facts.jsonl")}
+    topic = {row["id"]: row["subreddit"] for row in read("train.jsonl")}
     named = right = 0
     for line in open(os.path.join(chain, "prefs", "train.jsonl")):
         pair = json.loads(line)
