@@ -148,6 +148,14 @@ class Args:
     """the comment probability of the dataset's references (None: `reference_comment_prob`)"""
     data_fluff_prob: float | None = None
     """the fluff probability of the dataset's references (None: `reference_fluff_prob`)"""
+    data_comment_probs: tuple[float, ...] = ()
+    """the comment probability of a dataset reference by how many keys it names (1, 2, ..., num_keys), in place of
+    `data_comment_prob`: e.g. `0.7 0 0`, the writers who name one key grumble, the thorough ones do not"""
+    data_comment_groups: tuple[int, ...] = ()
+    """which comment words a dataset reference draws from, by how many keys it names: 0, the first half of COMMENTS
+    (grumbles: ugh, annoying, crazy, honestly), 1, the second half (seriously, whatever, lol, sigh). Empty: all of
+    them. Every comment is an invented word to the gold; a group that only thorough references use is a surface
+    pattern that goes with quality in the proxy's pairs"""
     base_pretrain_steps: int = 0
     """steps of causal-LM "pretraining" of the base policy on the train split's prompts (title + post, no
     summaries; batch 64, AdamW, cosine): a base that has learnt to copy words within a text, as Pythia has. 0 (the
@@ -218,7 +226,8 @@ SHIPPED_GOLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_wo
 NOT_WORLD = ("exp_name", "torch_deterministic", "track", "wandb_project_name", "wandb_entity", "output_dir")
 NOT_WORLD += ("preset", "gold_weights", "base_weights")  # where a build goes and how it is logged, not what it builds
 # settings that change neither the tokenizer nor the gold RM: the dataset's reference style, the base policy
-DATA_STYLE = ("data_key_probs", "data_template_weights", "data_comment_prob", "data_fluff_prob")
+DATA_STYLE = ("data_key_probs", "data_template_weights", "data_comment_prob", "data_fluff_prob", "data_comment_probs")
+DATA_STYLE += ("data_comment_groups",)
 GOLD_FREE = DATA_STYLE + ("base_pretrain_steps", "base_pretrain_lr")
 GOLD_FILE, BASE_FILE = "model.safetensors", "base_policy.safetensors"  # in tiny_world_gold/
 SHIPPED = {GOLD_FILE: ("the gold RM", "gold_weights_sha256"), BASE_FILE: ("the base policy", "base_weights_sha256")}
@@ -315,7 +324,9 @@ def make_post(rng, zipf=0.0, num_keys=3):
     return dict(subreddit=subreddit, title=title, post=" ".join(sents)), facts
 
 
-def make_reference(rng, facts, miss_prob, fluff_prob, comment_prob, key_probs=(), template_weights=()):
+def make_reference(
+    rng, facts, miss_prob, fluff_prob, comment_prob, key_probs=(), template_weights=(), comment_probs=(), groups=()
+):
     """A human-like reference: names the key nouns (with num_keys - 1 chances, each of probability miss_prob, to
     miss one; or, with `key_probs`, the first n keys with n drawn from it), sometimes with fluff, sometimes with a
     comment of the writer's that the post does not contain."""
@@ -337,8 +348,10 @@ def make_reference(rng, facts, miss_prob, fluff_prob, comment_prob, key_probs=()
     s = rng.choices(templates, weights=template_weights)[0] if template_weights else rng.choice(templates)
     if rng.random() < fluff_prob:
         s = rng.choice(FLUFF) + " " + s
-    if rng.random() < comment_prob:
-        s = s + " , " + rng.choice(COMMENTS)
+    if rng.random() < (comment_probs[len(k) - 1] if comment_probs else comment_prob):
+        half = len(COMMENTS) // 2
+        words_ = COMMENTS if not groups else COMMENTS[half:] if groups[len(k) - 1] else COMMENTS[:half]
+        s = s + " , " + rng.choice(words_)
     return s
 
 
@@ -807,6 +820,11 @@ def check_data_style(args):
     for flag, p in [("--data-comment-prob", args.data_comment_prob), ("--data-fluff-prob", args.data_fluff_prob)]:
         if p is not None and not 0 <= p <= 1:
             raise SystemExit(f"{flag} {p}: a probability, in [0, 1]")
+    probs, groups = args.data_comment_probs, args.data_comment_groups
+    if probs and (len(probs) != args.num_keys or not all(0 <= p <= 1 for p in probs)):
+        raise SystemExit(f"--data-comment-probs {' '.join(map(str, probs))}: give {args.num_keys} probabilities")
+    if groups and (len(groups) != args.num_keys or not set(groups) <= {0, 1}):
+        raise SystemExit(f"--data-comment-groups {' '.join(map(str, groups))}: give {args.num_keys} of 0 or 1")
     if args.base_pretrain_steps < 0:
         raise SystemExit(f"--base-pretrain-steps {args.base_pretrain_steps}: 0 (a random-init base) or more")
 
@@ -865,6 +883,8 @@ if __name__ == "__main__":
                     data_comment,
                     args.data_key_probs,
                     args.data_template_weights,
+                    args.data_comment_probs,
+                    args.data_comment_groups,
                 )
             rows[split].append(row)
             facts_of[split].append(facts)

@@ -285,6 +285,25 @@ def test_data_style_references_name_the_first_keys():
     assert max(abs(r - e) for r, e in zip(rates, (0.5, 0.25, 0.25))) < 0.03, rates
 
 
+def test_data_comments_by_the_number_of_keys_named():
+    """`--data-comment-probs` / `--data-comment-groups`: a reference's comment comes with the probability of its
+    number of keys, and from that number's half of COMMENTS (grumbles after one key, the other words after more)."""
+    rng, half = random.Random(1), len(tw.COMMENTS) // 2
+    got = {n: [] for n in (1, 2, 3)}
+    for _ in range(6000):
+        row, facts = tw.make_post(rng)
+        ref = tw.make_reference(
+            rng, facts, 0.5, 0.0, 0.0, key_probs=(1, 1, 1), comment_probs=(0.7, 0.2, 0.0), groups=(0, 1, 1)
+        )
+        ws = tw.words(ref)
+        n = sum(k in ws for k in facts["keys"])
+        said = [w for w in ws if w in tw.COMMENTS]
+        assert len(said) <= 1 and set(said) <= set(tw.COMMENTS[:half] if n == 1 else tw.COMMENTS[half:])
+        got[n].append(bool(said))
+    rates = [sum(v) / len(v) for v in got.values()]
+    assert max(abs(r - e) for r, e in zip(rates, (0.7, 0.2, 0.0))) < 0.04, rates
+
+
 @pytest.fixture(scope="module")
 def styled_world(tmp_path_factory):
     """The CI world of `world`, built with the dataset's own reference style and a pretrained base policy."""
@@ -381,6 +400,9 @@ def test_world_targets_copy_rate_counts_first_mentions_of_key_nouns(tmp_path):
         ({"data_comment_prob": 1.5}, "--data-comment-prob 1.5: a probability"),
         ({"data_fluff_prob": -0.1}, "--data-fluff-prob"),
         ({"base_pretrain_steps": -1}, "--base-pretrain-steps -1"),
+        ({"data_comment_probs": (0.7, 0.0)}, "--data-comment-probs 0.7 0.0: give 3"),
+        ({"data_comment_probs": (0.7, 0.0, 1.2)}, "--data-comment-probs"),
+        ({"data_comment_groups": (0, 1, 2)}, "--data-comment-groups 0 1 2: give 3 of 0 or 1"),
     ],
 )
 def test_a_reference_style_that_cannot_be_drawn_is_refused_naming_the_flag(changed, says):
