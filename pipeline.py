@@ -120,6 +120,8 @@ class Args:
     """extra arguments of sft.py, gen_prefs.py and train_rm.py, one string (e.g. for tests)"""
     extra_sft_args: str = ""
     """extra arguments of sft.py alone (e.g. `--extra-sft-args="--num-train-epochs 3"`)"""
+    extra_prefs_args: str = ""
+    """extra arguments of gen_prefs.py alone (e.g. `--extra-prefs-args="--num-train-prompts 6000"`)"""
     extra_rl_args: str = ""
     """extra arguments of every RL run, one string (e.g. `--extra-rl-args="--learning-rate 1e-4"`)"""
     force: bool = False
@@ -398,7 +400,7 @@ def build_chain(args, seed, methods):
     stage(args, script("sft.py"), j("sft", "config.json"), "--seed", s, "--model-name-or-path",
           os.path.join(R, "base_policy"), "--dataset", data, "--output-dir", j("sft"), *extra, *shlex.split(args.extra_sft_args))  # fmt: skip
     stage(args, script("gen_prefs.py"), j("prefs", "test.jsonl"), "--seed", s, "--policy-path", j("sft"),
-          "--gold-rm-path", gold, "--dataset", data, "--output-dir", j("prefs"), *extra)  # fmt: skip
+          "--gold-rm-path", gold, "--dataset", data, "--output-dir", j("prefs"), *extra, *shlex.split(args.extra_prefs_args))  # fmt: skip
     rms = [("rm", seed, [])]
     if "uwo" in methods:  # UWO's other members: the same data, other seeds (init of the head, data order)
         rms += [("rm_2", 1000 + seed, []), ("rm_3", 2000 + seed, [])]

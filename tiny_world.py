@@ -146,6 +146,10 @@ class Args:
     empty: all alike"""
     data_comment_prob: float | None = None
     """the comment probability of the dataset's references (None: `reference_comment_prob`)"""
+    data_signoff_probs: tuple[float, ...] = ()
+    """in posts whose title asks for advice ("need advice about my X"), the probability that a dataset reference
+    naming 1, 2, ..., num_keys keys ends with the sign-off " , need advice" (in place of a comment). Free there (both
+    words are in the title); in any other post both are invented words to the gold. Empty: never"""
     data_fluff_prob: float | None = None
     """the fluff probability of the dataset's references (None: `reference_fluff_prob`)"""
     data_comment_probs: tuple[float, ...] = ()
@@ -227,7 +231,7 @@ NOT_WORLD = ("exp_name", "torch_deterministic", "track", "wandb_project_name", "
 NOT_WORLD += ("preset", "gold_weights", "base_weights")  # where a build goes and how it is logged, not what it builds
 # settings that change neither the tokenizer nor the gold RM: the dataset's reference style, the base policy
 DATA_STYLE = ("data_key_probs", "data_template_weights", "data_comment_prob", "data_fluff_prob", "data_comment_probs")
-DATA_STYLE += ("data_comment_groups",)
+DATA_STYLE += ("data_comment_groups", "data_signoff_probs")
 GOLD_FREE = DATA_STYLE + ("base_pretrain_steps", "base_pretrain_lr")
 GOLD_FILE, BASE_FILE = "model.safetensors", "base_policy.safetensors"  # in tiny_world_gold/
 SHIPPED = {GOLD_FILE: ("the gold RM", "gold_weights_sha256"), BASE_FILE: ("the base policy", "base_weights_sha256")}
@@ -324,8 +328,21 @@ def make_post(rng, zipf=0.0, num_keys=3):
     return dict(subreddit=subreddit, title=title, post=" ".join(sents)), facts
 
 
+SIGNOFF = "need advice"  # the words of the title template "need advice about my {noun}"
+
+
 def make_reference(
-    rng, facts, miss_prob, fluff_prob, comment_prob, key_probs=(), template_weights=(), comment_probs=(), groups=()
+    rng,
+    facts,
+    miss_prob,
+    fluff_prob,
+    comment_prob,
+    key_probs=(),
+    template_weights=(),
+    comment_probs=(),
+    groups=(),
+    signoff_probs=(),
+    title="",
 ):
     """A human-like reference: names the key nouns (with num_keys - 1 chances, each of probability miss_prob, to
     miss one; or, with `key_probs`, the first n keys with n drawn from it), sometimes with fluff, sometimes with a
@@ -348,7 +365,9 @@ def make_reference(
     s = rng.choices(templates, weights=template_weights)[0] if template_weights else rng.choice(templates)
     if rng.random() < fluff_prob:
         s = rng.choice(FLUFF) + " " + s
-    if rng.random() < (comment_probs[len(k) - 1] if comment_probs else comment_prob):
+    if signoff_probs and title.startswith(SIGNOFF) and rng.random() < signoff_probs[len(k) - 1]:
+        s = s + " , " + SIGNOFF
+    elif rng.random() < (comment_probs[len(k) - 1] if comment_probs else comment_prob):
         half = len(COMMENTS) // 2
         words_ = COMMENTS if not groups else COMMENTS[half:] if groups[len(k) - 1] else COMMENTS[:half]
         s = s + " , " + rng.choice(words_)
@@ -820,9 +839,10 @@ def check_data_style(args):
     for flag, p in [("--data-comment-prob", args.data_comment_prob), ("--data-fluff-prob", args.data_fluff_prob)]:
         if p is not None and not 0 <= p <= 1:
             raise SystemExit(f"{flag} {p}: a probability, in [0, 1]")
-    probs, groups = args.data_comment_probs, args.data_comment_groups
-    if probs and (len(probs) != args.num_keys or not all(0 <= p <= 1 for p in probs)):
-        raise SystemExit(f"--data-comment-probs {' '.join(map(str, probs))}: give {args.num_keys} probabilities")
+    for flag, probs in [("--data-comment-probs", args.data_comment_probs), ("--data-signoff-probs", args.data_signoff_probs)]:  # fmt: skip
+        if probs and (len(probs) != args.num_keys or not all(0 <= p <= 1 for p in probs)):
+            raise SystemExit(f"{flag} {' '.join(map(str, probs))}: give {args.num_keys} probabilities")
+    groups = args.data_comment_groups
     if groups and (len(groups) != args.num_keys or not set(groups) <= {0, 1}):
         raise SystemExit(f"--data-comment-groups {' '.join(map(str, groups))}: give {args.num_keys} of 0 or 1")
     if args.base_pretrain_steps < 0:
@@ -885,6 +905,8 @@ if __name__ == "__main__":
                     args.data_template_weights,
                     args.data_comment_probs,
                     args.data_comment_groups,
+                    args.data_signoff_probs,
+                    row["title"],
                 )
             rows[split].append(row)
             facts_of[split].append(facts)

@@ -193,14 +193,23 @@ def test_every_stage_and_rl_run_gets_the_pipelines_thread_count(tmp_path, monkey
     assert got == [str(threads)] * 3
 
 
-def test_extra_sft_args_reach_sft_alone(tmp_path, monkeypatch):
-    """`--extra-sft-args` goes to sft.py and to no other stage; `--extra-stage-args` to all three."""
+def test_extra_sft_and_prefs_args_reach_their_stage_alone(tmp_path, monkeypatch):
+    """`--extra-sft-args` goes to sft.py and to no other stage, `--extra-prefs-args` to gen_prefs.py alone;
+    `--extra-stage-args` to all three."""
     calls = []
     monkeypatch.setattr(pipeline, "stage", lambda args, script, marker, *a, **kw: calls.append((script, a)))
-    args = pipeline.Args(root=str(tmp_path), extra_sft_args="--num-train-epochs 3", extra_stage_args="--bf16")
+    args = pipeline.Args(
+        root=str(tmp_path),
+        extra_sft_args="--num-train-epochs 3",
+        extra_prefs_args="--num-train-prompts 60",
+        extra_stage_args="--bf16",
+    )
     pipeline.build_chain(args, 1, ["drgrpo"])
     by_script = {os.path.basename(script): a for script, a in calls}
     assert by_script["sft.py"][-3:] == ("--bf16", "--num-train-epochs", "3")
+    assert by_script["gen_prefs.py"][-3:] == ("--bf16", "--num-train-prompts", "60")
     for name in ("gen_prefs.py", "train_rm.py"):
         assert "--bf16" in by_script[name] and "--num-train-epochs" not in by_script[name], name
+    for name in ("sft.py", "train_rm.py", "eval_gold.py"):
+        assert "--num-train-prompts" not in by_script[name], name
     assert "--num-train-epochs" not in by_script["eval_gold.py"]

@@ -304,6 +304,28 @@ def test_data_comments_by_the_number_of_keys_named():
     assert max(abs(r - e) for r, e in zip(rates, (0.7, 0.2, 0.0))) < 0.04, rates
 
 
+def test_data_signoff_only_in_posts_that_ask_for_advice():
+    """`--data-signoff-probs`: a reference ends with " , need advice" only in a post whose title asks for advice (so
+    both words are the post's own), with the probability of its number of keys, and then carries no comment."""
+    rng = random.Random(2)
+    got = {(advice, n): [] for advice in (False, True) for n in (1, 2, 3)}
+    for _ in range(8000):
+        row, facts = tw.make_post(rng)
+        ref = tw.make_reference(
+            rng, facts, 0.5, 0.0, 1.0, key_probs=(1, 1, 1), signoff_probs=(0, 0.5, 1), title=row["title"]
+        )
+        ws = tw.words(ref)
+        n, advice = sum(k in ws for k in facts["keys"]), row["title"].startswith("need advice")
+        signed = ref.endswith(" , need advice")
+        assert not signed or not any(w in tw.COMMENTS for w in ws)  # a sign-off replaces the comment
+        if signed:
+            assert tw.quality_terms(row, ref, facts["keys"])["invented"] == 0  # free: the title's own words
+        got[(advice, n)].append(signed)
+    rates = {k: sum(v) / len(v) for k, v in got.items()}
+    expected = {(False, 1): 0, (False, 2): 0, (False, 3): 0, (True, 1): 0, (True, 2): 0.5, (True, 3): 1}
+    assert max(abs(rates[k] - e) for k, e in expected.items()) < 0.06, rates
+
+
 @pytest.fixture(scope="module")
 def styled_world(tmp_path_factory):
     """The CI world of `world`, built with the dataset's own reference style and a pretrained base policy."""
@@ -403,6 +425,7 @@ def test_world_targets_copy_rate_counts_first_mentions_of_key_nouns(tmp_path):
         ({"data_comment_probs": (0.7, 0.0)}, "--data-comment-probs 0.7 0.0: give 3"),
         ({"data_comment_probs": (0.7, 0.0, 1.2)}, "--data-comment-probs"),
         ({"data_comment_groups": (0, 1, 2)}, "--data-comment-groups 0 1 2: give 3 of 0 or 1"),
+        ({"data_signoff_probs": (0.0, 1.0)}, "--data-signoff-probs 0.0 1.0: give 3"),
     ],
 )
 def test_a_reference_style_that_cannot_be_drawn_is_refused_naming_the_flag(changed, says):

@@ -69,6 +69,14 @@ def forms(rng, row, facts):
         "W and V (both invented)": f"{w} and {v}",
         "X and X (repeated)": f"{x} and {x}",
         "X and Y and W and V (more nouns)": f"{x} and {y} and {w} and {v}",
+        "X , Y , Z and W (a 4th noun, invented)": f"{x} , {y} , {keys[2]} and {w}" if len(keys) > 2 else None,
+        "X , Y , Z and X (a 4th noun, repeated)": f"{x} , {y} , {keys[2]} and {x}" if len(keys) > 2 else None,
+        "X , Y , Z , W and V (5 nouns, 2 invented)": f"{x} , {y} , {keys[2]} , {w} and {v}" if len(keys) > 2 else None,
+        "my X , Y and Z are a mess": f"my {x} , {y} and {keys[2]} are a mess" if len(keys) > 2 else None,
+        "my X , Y , Z and W are a mess (W invented)": f"my {x} , {y} , {keys[2]} and {w} are a mess"
+        if len(keys) > 2
+        else None,
+        "X , Y and Z , seriously (comment)": f"{x} , {y} and {keys[2]} , seriously" if len(keys) > 2 else None,
         "X and Y, three times": " and ".join([x, y] * 3),
         "X and Y + 12 glue words (too long)": f"{x} and {y} " + " ".join(["and the"] * 6),
         # the templates Dr.GRPO collapses onto on the present world (README, Results), with a key and an invented noun
