@@ -150,6 +150,8 @@ class Args:
     """in posts whose title asks for advice ("need advice about my X"), the probability that a dataset reference
     naming 1, 2, ..., num_keys keys ends with the sign-off " , need advice" (in place of a comment). Free there (both
     words are in the title); in any other post both are invented words to the gold. Empty: never"""
+    data_advice_key_probs: tuple[float, ...] = ()
+    """`data_key_probs` for the posts whose title asks for advice (empty: `data_key_probs`, as every post)"""
     data_fluff_prob: float | None = None
     """the fluff probability of the dataset's references (None: `reference_fluff_prob`)"""
     data_comment_probs: tuple[float, ...] = ()
@@ -231,7 +233,7 @@ NOT_WORLD = ("exp_name", "torch_deterministic", "track", "wandb_project_name", "
 NOT_WORLD += ("preset", "gold_weights", "base_weights")  # where a build goes and how it is logged, not what it builds
 # settings that change neither the tokenizer nor the gold RM: the dataset's reference style, the base policy
 DATA_STYLE = ("data_key_probs", "data_template_weights", "data_comment_prob", "data_fluff_prob", "data_comment_probs")
-DATA_STYLE += ("data_comment_groups", "data_signoff_probs")
+DATA_STYLE += ("data_comment_groups", "data_signoff_probs", "data_advice_key_probs")
 GOLD_FREE = DATA_STYLE + ("base_pretrain_steps", "base_pretrain_lr")
 GOLD_FILE, BASE_FILE = "model.safetensors", "base_policy.safetensors"  # in tiny_world_gold/
 SHIPPED = {GOLD_FILE: ("the gold RM", "gold_weights_sha256"), BASE_FILE: ("the base policy", "base_weights_sha256")}
@@ -343,11 +345,14 @@ def make_reference(
     groups=(),
     signoff_probs=(),
     title="",
+    advice_key_probs=(),
 ):
     """A human-like reference: names the key nouns (with num_keys - 1 chances, each of probability miss_prob, to
     miss one; or, with `key_probs`, the first n keys with n drawn from it), sometimes with fluff, sometimes with a
     comment of the writer's that the post does not contain."""
     k = list(facts["keys"])
+    if advice_key_probs and title.startswith(SIGNOFF):
+        key_probs = advice_key_probs
     if key_probs:
         k = k[: rng.choices(range(1, len(k) + 1), weights=key_probs)[0]]
     else:
@@ -833,7 +838,8 @@ def pretrain_base(policy, tokenizer, texts, args):
 
 def check_data_style(args):
     """Refuse a reference style that cannot be drawn, naming the flag."""
-    for flag, values, n in [("--data-key-probs", args.data_key_probs, args.num_keys), ("--data-template-weights", args.data_template_weights, 4)]:  # fmt: skip
+    for flag, values, n in [("--data-key-probs", args.data_key_probs, args.num_keys), ("--data-template-weights", args.data_template_weights, 4),
+                            ("--data-advice-key-probs", args.data_advice_key_probs, args.num_keys)]:  # fmt: skip
         if values and (len(values) != n or min(values) < 0 or sum(values) <= 0):
             raise SystemExit(f"{flag} {' '.join(map(str, values))}: give {n} non-negative weights, not all 0")
     for flag, p in [("--data-comment-prob", args.data_comment_prob), ("--data-fluff-prob", args.data_fluff_prob)]:
@@ -907,6 +913,7 @@ if __name__ == "__main__":
                     args.data_comment_groups,
                     args.data_signoff_probs,
                     row["title"],
+                    args.data_advice_key_probs,
                 )
             rows[split].append(row)
             facts_of[split].append(facts)

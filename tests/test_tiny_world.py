@@ -326,6 +326,19 @@ def test_data_signoff_only_in_posts_that_ask_for_advice():
     assert max(abs(rates[k] - e) for k, e in expected.items()) < 0.06, rates
 
 
+def test_data_advice_key_probs_only_in_posts_that_ask_for_advice():
+    """`--data-advice-key-probs`: the posts whose title asks for advice draw their references' number of keys from
+    their own probabilities, every other post from `--data-key-probs`."""
+    rng = random.Random(3)
+    for _ in range(400):
+        row, facts = tw.make_post(rng)
+        ref = tw.make_reference(
+            rng, facts, 0.5, 0.0, 0.0, key_probs=(1, 0, 0), title=row["title"], advice_key_probs=(0, 1, 0)
+        )
+        n = sum(k in tw.words(ref) for k in facts["keys"])
+        assert n == (2 if row["title"].startswith("need advice") else 1), (row["title"], ref)
+
+
 @pytest.fixture(scope="module")
 def styled_world(tmp_path_factory):
     """The CI world of `world`, built with the dataset's own reference style and a pretrained base policy."""
@@ -426,6 +439,7 @@ def test_world_targets_copy_rate_counts_first_mentions_of_key_nouns(tmp_path):
         ({"data_comment_probs": (0.7, 0.0, 1.2)}, "--data-comment-probs"),
         ({"data_comment_groups": (0, 1, 2)}, "--data-comment-groups 0 1 2: give 3 of 0 or 1"),
         ({"data_signoff_probs": (0.0, 1.0)}, "--data-signoff-probs 0.0 1.0: give 3"),
+        ({"data_advice_key_probs": (1.0,)}, "--data-advice-key-probs 1.0: give 3"),
     ],
 )
 def test_a_reference_style_that_cannot_be_drawn_is_refused_naming_the_flag(changed, says):

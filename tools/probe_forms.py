@@ -77,6 +77,8 @@ def forms(rng, row, facts):
         if len(keys) > 2
         else None,
         "X , Y and Z , seriously (comment)": f"{x} , {y} and {keys[2]} , seriously" if len(keys) > 2 else None,
+        "my X and Y are a mess": f"my {x} and {y} are a mess",
+        "my X and Y are a mess , need advice (sign-off)": f"my {x} and {y} are a mess , need advice",
         "X and Y, three times": " and ".join([x, y] * 3),
         "X and Y + 12 glue words (too long)": f"{x} and {y} " + " ".join(["and the"] * 6),
         # the templates Dr.GRPO collapses onto on the present world (README, Results), with a key and an invented noun
