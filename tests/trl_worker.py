@@ -98,3 +98,10 @@ if __name__ == "__main__":
     torch.save(Recording.batches, os.path.join(out, f"batches_{rank}.pt"))
     with open(os.path.join(out, f"log_{rank}.json"), "w") as f:
         json.dump(trainer.state.log_history, f)
+    accel = trainer.accelerator
+    accel.wait_for_everyone()  # every process has written its files
+    if accel.num_processes > 1 and not accel.is_main_process:
+        # as in the stage scripts: all is written, and a gloo worker of torch 2.13 can abort in its C++ teardown at
+        # interpreter exit ("terminate called without an active exception", exit -6; seen here in a suite run)
+        print(end="", flush=True)
+        os._exit(0)
