@@ -127,6 +127,9 @@ class Args:
     """posts in data/test.jsonl (full: 1000, ci: 50)"""
     num_keys: int = 3
     """key facts per post (each names one topic noun); the summary's coverage counts how many it names"""
+    title_keys: int = 1
+    """key nouns a post's title names, the first ones in the post's order ("need advice about my X and Y"): the
+    title is the easiest place to copy from, so this sets how many keys a small policy names reliably"""
     reference_miss_prob: float = 0.5
     """probability that a reference summary misses a key fact; it has num_keys - 1 such chances, so by default it
     names 3, 2 or 1 of the 3 keys with probability 1/4, 1/2, 1/4 (human references are imperfect)"""
@@ -312,8 +315,9 @@ def draw_keys(rng, nouns, zipf, num_keys=3):
     return keys
 
 
-def make_post(rng, zipf=0.0, num_keys=3):
-    """One post: its dataset row plus the hidden facts (the `num_keys` key nouns, the person, the verbs)."""
+def make_post(rng, zipf=0.0, num_keys=3, title_keys=1):
+    """One post: its dataset row plus the hidden facts (the `num_keys` key nouns, the person, the verbs). Its title
+    names the first `title_keys` keys ("X", "X and Y", ...)."""
     subreddit = rng.choice(sorted(TOPICS))
     keys = draw_keys(rng, TOPICS[subreddit], zipf, num_keys)
     person = rng.choice(PERSONS)
@@ -325,7 +329,9 @@ def make_post(rng, zipf=0.0, num_keys=3):
     fillers = rng.sample(FILLERS, rng.choice([0, 1, 2]))
     for f in fillers:  # fillers anywhere; the key facts keep their order, so a summary can follow the post
         sents.insert(rng.randint(0, len(sents)), f)
-    title = rng.choice(TITLES).format(person=person, verb=verbs[0], noun=keys[0])
+    named = keys[:title_keys]
+    listed = named[0] if len(named) == 1 else " , ".join(named[:-1]) + " and " + named[-1]
+    title = rng.choice(TITLES).format(person=person, verb=verbs[0], noun=listed)
     facts = dict(keys=keys, person=person, verbs=verbs)
     return dict(subreddit=subreddit, title=title, post=" ".join(sents)), facts
 
@@ -703,6 +709,12 @@ def world_settings(args):
     return json.loads(json.dumps({k: v for k, v in asdict(args).items() if k not in NOT_WORLD}))
 
 
+def shipped_settings(manifest):
+    """The settings of a shipped build's world.json, with every setting that its build predates at its default
+    (a setting added since left that world as it was, e.g. `title_keys` = 1)."""
+    return {**world_settings(Args()), **manifest["settings"]}
+
+
 def sha256_of(data: bytes):
     return hashlib.sha256(data).hexdigest()
 
@@ -728,8 +740,8 @@ def shipped_weights_file(args, tokenizer_sha256, choice, flag, name, free):
         return None
     with open(os.path.join(SHIPPED_GOLD, "world.json")) as f:  # the world.json of the build that wrote them
         manifest = json.load(f)
-    settings = world_settings(args)
-    differ = sorted(k for k in settings if k not in free and settings[k] != manifest["settings"].get(k))
+    settings, theirs = world_settings(args), shipped_settings(manifest)
+    differ = sorted(k for k in settings if k not in free and settings[k] != theirs.get(k))
     if manifest.get("format") != WORLD_FORMAT:  # the code's world changed meaning since they were trained
         differ.append(f"format (theirs {manifest.get('format')}, this code's {WORLD_FORMAT})")
     if differ or tokenizer_sha256 != manifest["tokenizer_sha256"]:
@@ -769,7 +781,7 @@ def train_gold(gold, tokenizer, args):
     for step in bar:
         prompts, sums, qs, prefix_qs = [], [], [], []
         for _ in range(args.gold_posts_per_batch):
-            row, facts = make_post(rng, args.gold_key_zipf, args.num_keys)
+            row, facts = make_post(rng, args.gold_key_zipf, args.num_keys, args.title_keys)
             ref = make_reference(
                 rng, facts, args.reference_miss_prob, args.reference_fluff_prob, args.reference_comment_prob
             )
@@ -891,7 +903,7 @@ if __name__ == "__main__":
         gold_style_refs[split] = []
         rows[split], facts_of[split] = [], []
         for i in range(n):
-            row, facts = make_post(rng, args.key_zipf, args.num_keys)
+            row, facts = make_post(rng, args.key_zipf, args.num_keys, args.title_keys)
             row = {
                 "id": f"tw-{split}-{i:06d}",
                 **row,

@@ -147,7 +147,8 @@ def test_the_shipped_gold_is_the_default_worlds():
     policy) are not compared."""
     shipped = json.load(open(os.path.join(tw.SHIPPED_GOLD, "world.json")))
     drop_free = lambda settings: {k: v for k, v in settings.items() if k not in tw.GOLD_FREE}
-    assert drop_free(shipped["settings"]) == drop_free(tw.world_settings(tw.with_preset(tw.Args())))
+    assert drop_free(tw.shipped_settings(shipped)) == drop_free(tw.world_settings(tw.with_preset(tw.Args())))
+    assert set(shipped["settings"]) <= set(tw.world_settings(tw.Args()))  # the rule fills in, it renames nothing
     assert tw.gold_weights_file(tw.with_preset(tw.Args()), shipped["tokenizer_sha256"]) is not None
     assert shipped["gold_weights"] == "trained in this build" and shipped["format"] == tw.WORLD_FORMAT
     assert tw.sha256_of_file(os.path.join(tw.SHIPPED_GOLD, "model.safetensors")) == shipped["gold_weights_sha256"]
@@ -324,6 +325,17 @@ def test_data_signoff_only_in_posts_that_ask_for_advice():
     rates = {k: sum(v) / len(v) for k, v in got.items()}
     expected = {(False, 1): 0, (False, 2): 0, (False, 3): 0, (True, 1): 0, (True, 2): 0.5, (True, 3): 1}
     assert max(abs(rates[k] - e) for k, e in expected.items()) < 0.06, rates
+
+
+def test_title_keys_the_title_names_the_first_keys():
+    """`--title-keys n`: a post's title names its first n key nouns ("X and Y" for 2), and no other."""
+    for n in (1, 2, 3):
+        rng = random.Random(n)
+        for _ in range(200):
+            row, facts = tw.make_post(rng, title_keys=n)
+            title = tw.words(row["title"])
+            assert [k for k in facts["keys"] if k in title] == facts["keys"][:n], (n, row["title"])
+            assert all(k in tw.words(row["post"]) for k in facts["keys"])  # the post still states every key
 
 
 def test_data_advice_key_probs_only_in_posts_that_ask_for_advice():
