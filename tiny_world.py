@@ -32,8 +32,10 @@ work"). The reference summary names all three key nouns in a quarter of the post
 one in a quarter, sometimes carries glue fluff ("long story short"), and in 40% of posts ends with a comment of the
 writer's that the post does not contain ("ugh"), as human references do: that leaves a policy room to beat
 the references. Options not on by default (docs/TINY_WORLD.md, "What decides a chain's draw"): the dataset's own
-reference style (`--data-key-probs` and friends: the first n keys, the title's noun first; posts, tokenizer and
-gold unchanged) and a base policy pretrained as a causal LM on the posts (`--base-pretrain-steps`).
+reference style (`--data-key-probs` and friends: the first n keys, the title's noun first; comments and a sign-off by
+the number of keys named, `--data-comment-probs`, `--data-comment-groups`, `--data-signoff-probs`,
+`--data-advice-key-probs`; posts, tokenizer and gold unchanged), a base policy pretrained as a causal LM on the posts
+(`--base-pretrain-steps`), and titles that name the first n keys (`--title-keys`: other posts, so its own gold).
 
 Quality (`quality(row, summary, keys)`), in plain words: a good summary names the post's key facts,
 does not invent words that are not in the post, does not repeat itself, and stays short:
