@@ -151,6 +151,14 @@ class Args:
     empty: all alike"""
     data_comment_prob: float | None = None
     """the comment probability of the dataset's references (None: `reference_comment_prob`)"""
+    data_comment_probs: tuple[float, ...] = ()
+    """the comment probability of a dataset reference by how many keys it names (1, 2, ..., num_keys), in place of
+    `data_comment_prob`: e.g. `0.7 0 0`, the writers who name one key grumble, the thorough ones do not"""
+    data_comment_groups: tuple[int, ...] = ()
+    """which comment words a dataset reference draws from, by how many keys it names: 0, the first half of COMMENTS
+    (grumbles: ugh, annoying, crazy, honestly), 1, the second half (seriously, whatever, lol, sigh). Empty: all of
+    them. Every comment is an invented word to the gold; a group that only thorough references use goes with
+    quality across posts (within a pair the proxy still sees its cost: docs/TINY_WORLD.md, "A rise on every chain")"""
     data_signoff_probs: tuple[float, ...] = ()
     """in posts whose title asks for advice ("need advice about my X"), the probability that a dataset reference
     naming 1, 2, ..., num_keys keys ends with the sign-off " , need advice" (in place of a comment). Free there (both
@@ -159,14 +167,6 @@ class Args:
     """`data_key_probs` for the posts whose title asks for advice (empty: `data_key_probs`, as every post)"""
     data_fluff_prob: float | None = None
     """the fluff probability of the dataset's references (None: `reference_fluff_prob`)"""
-    data_comment_probs: tuple[float, ...] = ()
-    """the comment probability of a dataset reference by how many keys it names (1, 2, ..., num_keys), in place of
-    `data_comment_prob`: e.g. `0.7 0 0`, the writers who name one key grumble, the thorough ones do not"""
-    data_comment_groups: tuple[int, ...] = ()
-    """which comment words a dataset reference draws from, by how many keys it names: 0, the first half of COMMENTS
-    (grumbles: ugh, annoying, crazy, honestly), 1, the second half (seriously, whatever, lol, sigh). Empty: all of
-    them. Every comment is an invented word to the gold; a group that only thorough references use is a surface
-    pattern that goes with quality in the proxy's pairs"""
     base_pretrain_steps: int = 0
     """steps of causal-LM "pretraining" of the base policy on the train split's prompts (title + post, no
     summaries; batch 64, AdamW, cosine): a base that has learnt to copy words within a text, as Pythia has. 0 (the
@@ -356,8 +356,10 @@ def make_reference(
     advice_key_probs=(),
 ):
     """A human-like reference: names the key nouns (with num_keys - 1 chances, each of probability miss_prob, to
-    miss one; or, with `key_probs`, the first n keys with n drawn from it), sometimes with fluff, sometimes with a
-    comment of the writer's that the post does not contain."""
+    miss one; or, with `key_probs`, the first n keys with n drawn from it; `advice_key_probs` in the posts whose
+    `title` asks for advice), sometimes with fluff, sometimes with a comment of the writer's that the post does not
+    contain (with `comment_probs`, at the probability of the number of keys named, from that number's half of the
+    words in `groups`), or, in a post asking for advice, the sign-off " , need advice" (`signoff_probs`)."""
     k = list(facts["keys"])
     if advice_key_probs and title.startswith(SIGNOFF):
         key_probs = advice_key_probs
@@ -382,8 +384,8 @@ def make_reference(
         s = s + " , " + SIGNOFF
     elif rng.random() < (comment_probs[len(k) - 1] if comment_probs else comment_prob):
         half = len(COMMENTS) // 2
-        words_ = COMMENTS if not groups else COMMENTS[half:] if groups[len(k) - 1] else COMMENTS[:half]
-        s = s + " , " + rng.choice(words_)
+        pool = COMMENTS if not groups else COMMENTS[half:] if groups[len(k) - 1] else COMMENTS[:half]
+        s = s + " , " + rng.choice(pool)
     return s
 
 
