@@ -317,6 +317,11 @@ def draw_keys(rng, nouns, zipf, num_keys=3):
     return keys
 
 
+def listed(nouns):
+    """ "X", "X and Y", "X , Y and Z": nouns as a title or a reference lists them."""
+    return nouns[0] if len(nouns) == 1 else " , ".join(nouns[:-1]) + " and " + nouns[-1]
+
+
 def make_post(rng, zipf=0.0, num_keys=3, title_keys=1):
     """One post: its dataset row plus the hidden facts (the `num_keys` key nouns, the person, the verbs). Its title
     names the first `title_keys` keys ("X", "X and Y", ...)."""
@@ -331,9 +336,7 @@ def make_post(rng, zipf=0.0, num_keys=3, title_keys=1):
     fillers = rng.sample(FILLERS, rng.choice([0, 1, 2]))
     for f in fillers:  # fillers anywhere; the key facts keep their order, so a summary can follow the post
         sents.insert(rng.randint(0, len(sents)), f)
-    named = keys[:title_keys]
-    listed = named[0] if len(named) == 1 else " , ".join(named[:-1]) + " and " + named[-1]
-    title = rng.choice(TITLES).format(person=person, verb=verbs[0], noun=listed)
+    title = rng.choice(TITLES).format(person=person, verb=verbs[0], noun=listed(keys[:title_keys]))
     facts = dict(keys=keys, person=person, verbs=verbs)
     return dict(subreddit=subreddit, title=title, post=" ".join(sents)), facts
 
@@ -360,8 +363,8 @@ def make_reference(
     `title` asks for advice), sometimes with fluff, sometimes with a comment of the writer's that the post does not
     contain (with `comment_probs`, at the probability of the number of keys named, from that number's half of the
     words in `groups`), or, in a post asking for advice, the sign-off " , need advice" (`signoff_probs`)."""
-    k = list(facts["keys"])
-    if advice_key_probs and title.startswith(SIGNOFF):
+    k, advice = list(facts["keys"]), title.startswith(SIGNOFF)
+    if advice_key_probs and advice:
         key_probs = advice_key_probs
     if key_probs:
         k = k[: rng.choices(range(1, len(k) + 1), weights=key_probs)[0]]
@@ -370,23 +373,29 @@ def make_reference(
             if rng.random() < miss_prob:
                 k.pop(rng.randrange(len(k)))
     p, v = facts["person"], facts["verbs"][0]
-    listed = k[0] if len(k) == 1 else " , ".join(k[:-1]) + " and " + k[-1]
+    nouns = listed(k)
     templates = [
-        f"my {p} {v} my {listed}" if k[0] == facts["keys"][0] else f"my {p} and my {listed}",
-        f"{listed} problems with my {p}",
-        f"my {listed} are a mess",
-        f"{listed}",
+        f"my {p} {v} my {nouns}" if k[0] == facts["keys"][0] else f"my {p} and my {nouns}",
+        f"{nouns} problems with my {p}",
+        f"my {nouns} are a mess",
+        nouns,
     ]
     s = rng.choices(templates, weights=template_weights)[0] if template_weights else rng.choice(templates)
     if rng.random() < fluff_prob:
         s = rng.choice(FLUFF) + " " + s
-    if signoff_probs and title.startswith(SIGNOFF) and rng.random() < signoff_probs[len(k) - 1]:
+    if signoff_probs and advice and rng.random() < signoff_probs[len(k) - 1]:
         s = s + " , " + SIGNOFF
     elif rng.random() < (comment_probs[len(k) - 1] if comment_probs else comment_prob):
         half = len(COMMENTS) // 2
         pool = COMMENTS if not groups else COMMENTS[half:] if groups[len(k) - 1] else COMMENTS[:half]
         s = s + " , " + rng.choice(pool)
     return s
+
+
+def read_posts(root, split, n=None):
+    """The first n rows of a built world's split and their hidden facts (the key nouns, the person, the verbs)."""
+    read = lambda name: [json.loads(line) for line in open(os.path.join(root, "data", name))][:n]
+    return read(f"{split}.jsonl"), read(f"{split}_facts.jsonl")
 
 
 def prompt_of(row):

@@ -6,7 +6,6 @@ chain"); with `tiny_world.py --title-keys 2` it is an induction step (copy the w
     python tools/copy_probe.py --root runs/tiny_world --policy-paths runs/tiny_world/sft runs/tiny_world/seed2/sft
 """
 
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -55,8 +54,7 @@ if __name__ == "__main__":
     for path in [args.root + "/data", args.root + "/tokenizer", *args.policy_paths]:
         if not os.path.exists(path):
             raise SystemExit(f"{path} does not exist: build the world (`python tiny_world.py`) and the policies first")
-    rows = [json.loads(line) for line in open(f"{args.root}/data/{args.split}.jsonl")][: args.num_prompts]
-    facts = [json.loads(line) for line in open(f"{args.root}/data/{args.split}_facts.jsonl")][: args.num_prompts]
+    rows, facts = tw.read_posts(args.root, args.split, args.num_prompts)
     tokenizer = AutoTokenizer.from_pretrained(f"{args.root}/tokenizer")
     for path in args.policy_paths:
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()

@@ -61,7 +61,6 @@ def forms(rng, row, facts):
         "the reference": row["summary"],
         "X": x,
         "X and Y": f"{x} and {y}",
-        "X , Y and Z": f"{x} , {y} and {keys[2]}" if len(keys) > 2 else None,
         "my person verb my X and Y": f"my {p} {verb} my {x} and {y}",
         "long story short , X and Y": f"long story short , {x} and {y}",
         "X and Y , ugh (comment)": f"{x} and {y} , ugh",
@@ -69,14 +68,6 @@ def forms(rng, row, facts):
         "W and V (both invented)": f"{w} and {v}",
         "X and X (repeated)": f"{x} and {x}",
         "X and Y and W and V (more nouns)": f"{x} and {y} and {w} and {v}",
-        "X , Y , Z and W (a 4th noun, invented)": f"{x} , {y} , {keys[2]} and {w}" if len(keys) > 2 else None,
-        "X , Y , Z and X (a 4th noun, repeated)": f"{x} , {y} , {keys[2]} and {x}" if len(keys) > 2 else None,
-        "X , Y , Z , W and V (5 nouns, 2 invented)": f"{x} , {y} , {keys[2]} , {w} and {v}" if len(keys) > 2 else None,
-        "my X , Y and Z are a mess": f"my {x} , {y} and {keys[2]} are a mess" if len(keys) > 2 else None,
-        "my X , Y , Z and W are a mess (W invented)": f"my {x} , {y} , {keys[2]} and {w} are a mess"
-        if len(keys) > 2
-        else None,
-        "X , Y and Z , seriously (comment)": f"{x} , {y} and {keys[2]} , seriously" if len(keys) > 2 else None,
         "my X and Y are a mess": f"my {x} and {y} are a mess",
         "my X and Y are a mess , need advice (sign-off)": f"my {x} and {y} are a mess , need advice",
         "X and Y, three times": " and ".join([x, y] * 3),
@@ -87,7 +78,18 @@ def forms(rng, row, facts):
         "my X are a mess (template)": f"my {x} are a mess",
         "my W are a mess (template, W invented)": f"my {w} are a mess",
     }
-    return {k: s for k, s in out.items() if s is not None}
+    if len(keys) > 2:  # the forms with the third key
+        z = keys[2]
+        out |= {
+            "X , Y and Z": f"{x} , {y} and {z}",
+            "X , Y , Z and W (a 4th noun, invented)": f"{x} , {y} , {z} and {w}",
+            "X , Y , Z and X (a 4th noun, repeated)": f"{x} , {y} , {z} and {x}",
+            "X , Y , Z , W and V (5 nouns, 2 invented)": f"{x} , {y} , {z} , {w} and {v}",
+            "my X , Y and Z are a mess": f"my {x} , {y} and {z} are a mess",
+            "my X , Y , Z and W are a mess (W invented)": f"my {x} , {y} , {z} and {w} are a mess",
+            "X , Y and Z , seriously (comment)": f"{x} , {y} and {z} , seriously",
+        }
+    return out
 
 
 if __name__ == "__main__":
@@ -96,8 +98,7 @@ if __name__ == "__main__":
     for path in [args.root + "/data", args.root + "/gold_rm", *args.rm_paths]:
         if not os.path.exists(path):
             raise SystemExit(f"{path} does not exist: build the world (`python tiny_world.py`) and the RMs first")
-    rows = [json.loads(line) for line in open(f"{args.root}/data/{args.split}.jsonl")][: args.num_prompts]
-    facts = [json.loads(line) for line in open(f"{args.root}/data/{args.split}_facts.jsonl")][: args.num_prompts]
+    rows, facts = tw.read_posts(args.root, args.split, args.num_prompts)
     rng = random.Random(args.seed)
     by_form = {}  # form -> [(row, summary, keys)]
     for row, f in zip(rows, facts):
