@@ -129,6 +129,13 @@ class Args:
     """posts in data/test.jsonl (full: 1000, ci: 50)"""
     num_keys: int = 3
     """key facts per post (each names one topic noun); the summary's coverage counts how many it names"""
+    num_keys_probs: tuple[float, ...] = ()
+    """probabilities that a post has 1, 2, ..., num_keys key facts (empty: every post has num_keys). Changes the
+    posts, so the world trains its own gold"""
+    key_list: bool = False
+    """state a post's key facts in ONE sentence that lists the key nouns in order ("then my mom broke the X , Y and
+    Z."), in place of a sentence per key: naming them is then a copy of adjacent words (an induction step), not a
+    search of the post. Changes the posts, so the world trains its own gold"""
     title_keys: int = 1
     """key nouns a post's title names, the first ones in the post's order ("need advice about my X and Y"): the
     title is the easiest place to copy from, so this sets how many keys a small policy names reliably"""
@@ -164,6 +171,9 @@ class Args:
     naming 1, 2, ..., num_keys keys ends with the sign-off " , need advice" (in place of a comment). Free there (both
     words are in the title); in any other post both are invented words to the gold. Empty: never"""
     data_advice_key_probs: tuple[float, ...] = ()
+    data_extra_noun_probs: tuple[float, ...] = ()
+    """the probability that a dataset reference naming 1, 2, ..., num_keys keys lists one more noun of the topic
+    that the post does not contain ("X , Y and W": a detail the writer invented, an invented word in the gold)"""
     """`data_key_probs` for the posts whose title asks for advice (empty: `data_key_probs`, as every post)"""
     data_fluff_prob: float | None = None
     """the fluff probability of the dataset's references (None: `reference_fluff_prob`)"""
@@ -238,7 +248,7 @@ NOT_WORLD = ("exp_name", "torch_deterministic", "track", "wandb_project_name", "
 NOT_WORLD += ("preset", "gold_weights", "base_weights")  # where a build goes and how it is logged, not what it builds
 # settings that change neither the tokenizer nor the gold RM: the dataset's reference style, the base policy
 DATA_STYLE = ("data_key_probs", "data_template_weights", "data_comment_prob", "data_fluff_prob", "data_comment_probs")
-DATA_STYLE += ("data_comment_groups", "data_signoff_probs", "data_advice_key_probs")
+DATA_STYLE += ("data_comment_groups", "data_signoff_probs", "data_advice_key_probs", "data_extra_noun_probs")
 GOLD_FREE = DATA_STYLE + ("base_pretrain_steps", "base_pretrain_lr")
 GOLD_FILE, BASE_FILE = "model.safetensors", "base_policy.safetensors"  # in tiny_world_gold/
 SHIPPED = {GOLD_FILE: ("the gold RM", "gold_weights_sha256"), BASE_FILE: ("the base policy", "base_weights_sha256")}
@@ -322,17 +332,18 @@ def listed(nouns):
     return nouns[0] if len(nouns) == 1 else " , ".join(nouns[:-1]) + " and " + nouns[-1]
 
 
-def make_post(rng, zipf=0.0, num_keys=3, title_keys=1):
-    """One post: its dataset row plus the hidden facts (the `num_keys` key nouns, the person, the verbs). Its title
-    names the first `title_keys` keys ("X", "X and Y", ...)."""
+def make_post(rng, zipf=0.0, num_keys=3, title_keys=1, num_keys_probs=(), key_list=False):
+    """One post: its dataset row plus the hidden facts (the key nouns: `num_keys`, or 1..num_keys drawn from
+    `num_keys_probs`; the person, the verbs). A sentence per key fact, or with `key_list` one sentence listing
+    them all. Its title names the first `title_keys` keys ("X", "X and Y", ...)."""
     subreddit = rng.choice(sorted(TOPICS))
+    if num_keys_probs:
+        num_keys = rng.choices(range(1, num_keys + 1), weights=num_keys_probs)[0]
     keys = draw_keys(rng, TOPICS[subreddit], zipf, num_keys)
     person = rng.choice(PERSONS)
     verbs = rng.sample(VERBS, num_keys)
-    sents = [
-        rng.choice(KEY_SENTENCES).format(time=rng.choice(TIMES), person=person, verb=v, noun=k)
-        for k, v in zip(keys, verbs)
-    ]
+    said = [(listed(keys), verbs[0])] if key_list else list(zip(keys, verbs))
+    sents = [rng.choice(KEY_SENTENCES).format(time=rng.choice(TIMES), person=person, verb=v, noun=k) for k, v in said]
     fillers = rng.sample(FILLERS, rng.choice([0, 1, 2]))
     for f in fillers:  # fillers anywhere; the key facts keep their order, so a summary can follow the post
         sents.insert(rng.randint(0, len(sents)), f)
@@ -357,21 +368,27 @@ def make_reference(
     signoff_probs=(),
     title="",
     advice_key_probs=(),
+    extra_noun_probs=(),
+    absent=(),
 ):
     """A human-like reference: names the key nouns (with num_keys - 1 chances, each of probability miss_prob, to
     miss one; or, with `key_probs`, the first n keys with n drawn from it; `advice_key_probs` in the posts whose
     `title` asks for advice), sometimes with fluff, sometimes with a comment of the writer's that the post does not
     contain (with `comment_probs`, at the probability of the number of keys named, from that number's half of the
-    words in `groups`), or, in a post asking for advice, the sign-off " , need advice" (`signoff_probs`)."""
+    words in `groups`), or, in a post asking for advice, the sign-off " , need advice" (`signoff_probs`); with
+    `extra_noun_probs`, at the probability of the number of keys named, one more noun from `absent` (the topic's
+    nouns the post does not contain) listed after the keys."""
     k, advice = list(facts["keys"]), title.startswith(SIGNOFF)
     if advice_key_probs and advice:
         key_probs = advice_key_probs
-    if key_probs:
-        k = k[: rng.choices(range(1, len(k) + 1), weights=key_probs)[0]]
+    if key_probs and sum(key_probs[: len(k)]) > 0:  # a post with fewer keys: the weights of the counts it has
+        k = k[: rng.choices(range(1, len(k) + 1), weights=key_probs[: len(k)])[0]]
     else:
         for _ in range(len(k) - 1):  # num_keys - 1 chances to miss a key (it names at least one)
             if rng.random() < miss_prob:
                 k.pop(rng.randrange(len(k)))
+    if extra_noun_probs and rng.random() < extra_noun_probs[len(k) - 1]:  # `absent`: the topic's nouns not in the post
+        k = k + [rng.choice(absent)]
     p, v = facts["person"], facts["verbs"][0]
     nouns = listed(k)
     templates = [
@@ -794,7 +811,9 @@ def train_gold(gold, tokenizer, args):
     for step in bar:
         prompts, sums, qs, prefix_qs = [], [], [], []
         for _ in range(args.gold_posts_per_batch):
-            row, facts = make_post(rng, args.gold_key_zipf, args.num_keys, args.title_keys)
+            row, facts = make_post(
+                rng, args.gold_key_zipf, args.num_keys, args.title_keys, args.num_keys_probs, args.key_list
+            )
             ref = make_reference(
                 rng, facts, args.reference_miss_prob, args.reference_fluff_prob, args.reference_comment_prob
             )
@@ -870,12 +889,18 @@ def check_data_style(args):
     for flag, p in [("--data-comment-prob", args.data_comment_prob), ("--data-fluff-prob", args.data_fluff_prob)]:
         if p is not None and not 0 <= p <= 1:
             raise SystemExit(f"{flag} {p}: a probability, in [0, 1]")
-    for flag, probs in [("--data-comment-probs", args.data_comment_probs), ("--data-signoff-probs", args.data_signoff_probs)]:  # fmt: skip
+    for flag, probs in [("--data-comment-probs", args.data_comment_probs), ("--data-signoff-probs", args.data_signoff_probs),
+                        ("--data-extra-noun-probs", args.data_extra_noun_probs)]:  # fmt: skip
         if probs and (len(probs) != args.num_keys or not all(0 <= p <= 1 for p in probs)):
             raise SystemExit(f"{flag} {' '.join(map(str, probs))}: give {args.num_keys} probabilities")
     groups = args.data_comment_groups
     if groups and (len(groups) != args.num_keys or not set(groups) <= {0, 1}):
         raise SystemExit(f"--data-comment-groups {' '.join(map(str, groups))}: give {args.num_keys} of 0 or 1")
+    p = args.num_keys_probs
+    if p and (len(p) != args.num_keys or min(p) < 0 or sum(p) <= 0):
+        raise SystemExit(
+            f"--num-keys-probs {' '.join(map(str, p))}: give {args.num_keys} non-negative weights, not all 0"
+        )
     if args.base_pretrain_steps < 0:
         raise SystemExit(f"--base-pretrain-steps {args.base_pretrain_steps}: 0 (a random-init base) or more")
 
@@ -916,7 +941,9 @@ if __name__ == "__main__":
         gold_style_refs[split] = []
         rows[split], facts_of[split] = [], []
         for i in range(n):
-            row, facts = make_post(rng, args.key_zipf, args.num_keys, args.title_keys)
+            row, facts = make_post(
+                rng, args.key_zipf, args.num_keys, args.title_keys, args.num_keys_probs, args.key_list
+            )
             row = {
                 "id": f"tw-{split}-{i:06d}",
                 **row,
@@ -939,6 +966,8 @@ if __name__ == "__main__":
                     args.data_signoff_probs,
                     row["title"],
                     args.data_advice_key_probs,
+                    args.data_extra_noun_probs,
+                    [n for n in TOPICS[row["subreddit"]] if n not in words(row["title"] + " " + row["post"])],
                 )
             rows[split].append(row)
             facts_of[split].append(facts)

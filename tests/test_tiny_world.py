@@ -338,6 +338,62 @@ def test_title_keys_the_title_names_the_first_keys():
             assert all(k in tw.words(row["post"]) for k in facts["keys"])  # the post still states every key
 
 
+def test_key_list_states_every_key_in_one_sentence_in_order():
+    """`--key-list`: the post states its key facts in one sentence that lists the key nouns in their order, as a
+    reference lists them ("X , Y and Z"), and names no key anywhere else but in the title (the first key)."""
+    rng = random.Random(4)
+    for _ in range(300):
+        row, facts = tw.make_post(rng, key_list=True)
+        keys = facts["keys"]
+        listing = [s for s in row["post"].split(".") if tw.listed(keys) in s]
+        assert len(listing) == 1, row["post"]
+        post = tw.words(row["post"])
+        assert [w for w in post if w in keys] == keys  # once each, in order, all in that sentence
+        assert [w for w in tw.words(row["title"]) if w in keys] == keys[:1]
+
+
+def test_num_keys_probs_draws_how_many_keys_a_post_has():
+    """`--num-keys-probs`: a post has 1, 2, ..., num_keys key facts at the given rates, every key stated in the
+    post, and a data-style reference names a prefix of them with the weights of the counts that post has."""
+    rng, counts, named = random.Random(5), [], {1: [], 2: [], 3: []}
+    for _ in range(4000):
+        row, facts = tw.make_post(rng, num_keys_probs=(0.2, 0.3, 0.5), key_list=True)
+        k = facts["keys"]
+        counts.append(len(k))
+        assert len(set(k)) == len(k) == len(facts["verbs"]) and set(k) <= set(tw.words(row["post"]))
+        ref = tw.make_reference(rng, facts, 0.5, 0.0, 0.0, key_probs=(0.0, 1.0, 3.0))
+        said = [w for w in tw.words(ref) if w in k]
+        assert said == k[: len(said)]  # a prefix, in the post's order
+        named[len(k)].append(len(said))
+    rates = [counts.count(n) / len(counts) for n in (1, 2, 3)]
+    assert max(abs(r - e) for r, e in zip(rates, (0.2, 0.3, 0.5))) < 0.03, rates
+    assert set(named[1]) == {1} and set(named[2]) == {2}  # weight 0 for one key: a 2-key post names both
+    assert abs(named[3].count(3) / len(named[3]) - 0.75) < 0.04  # 3 : 1 between three keys and two
+
+
+def test_data_extra_noun_probs_lists_an_invented_noun_of_the_topic():
+    """`--data-extra-noun-probs`: a reference naming n keys lists one more noun of the post's topic that the post
+    does not contain, with the probability for n; the gold's quality counts it as an invented word."""
+    rng, got = random.Random(6), {1: [], 2: [], 3: []}
+    for _ in range(6000):
+        row, facts = tw.make_post(rng)
+        absent = [n for n in tw.TOPICS[row["subreddit"]] if n not in tw.words(row["title"] + " " + row["post"])]
+        ref = tw.make_reference(
+            rng, facts, 0.5, 0.0, 0.0, key_probs=(1, 1, 1), extra_noun_probs=(0.5, 0.2, 0.0), absent=absent
+        )
+        nouns = [w for w in tw.words(ref) if w in tw.TOPICS[row["subreddit"]]]
+        extra = [w for w in nouns if w not in facts["keys"]]
+        assert (
+            len(extra) <= 1
+            and set(extra) <= set(absent)
+            and nouns[: len(nouns) - len(extra)] == facts["keys"][: len(nouns) - len(extra)]
+        )
+        assert tw.quality_terms(row, ref, facts["keys"])["invented"] == len(extra)
+        got[len(nouns) - len(extra)].append(bool(extra))
+    rates = [sum(v) / len(v) for v in got.values()]
+    assert max(abs(r - e) for r, e in zip(rates, (0.5, 0.2, 0.0))) < 0.04, rates
+
+
 def test_data_advice_key_probs_only_in_posts_that_ask_for_advice():
     """`--data-advice-key-probs`: the posts whose title asks for advice draw their references' number of keys from
     their own probabilities, every other post from `--data-key-probs`."""
@@ -452,6 +508,9 @@ def test_world_targets_copy_rate_counts_first_mentions_of_key_nouns(tmp_path):
         ({"data_comment_groups": (0, 1, 2)}, "--data-comment-groups 0 1 2: give 3 of 0 or 1"),
         ({"data_signoff_probs": (0.0, 1.0)}, "--data-signoff-probs 0.0 1.0: give 3"),
         ({"data_advice_key_probs": (1.0,)}, "--data-advice-key-probs 1.0: give 3"),
+        ({"data_extra_noun_probs": (0.1, 0.1)}, "--data-extra-noun-probs 0.1 0.1: give 3"),
+        ({"num_keys_probs": (1.0, 1.0)}, "--num-keys-probs 1.0 1.0: give 3"),
+        ({"num_keys_probs": (0.0, 0.0, 0.0)}, "--num-keys-probs"),
     ],
 )
 def test_a_reference_style_that_cannot_be_drawn_is_refused_naming_the_flag(changed, says):
