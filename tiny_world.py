@@ -132,6 +132,9 @@ class Args:
     num_keys_probs: tuple[float, ...] = ()
     """probabilities that a post has 1, 2, ..., num_keys key facts (empty: every post has num_keys). Changes the
     posts, so the world trains its own gold"""
+    blur_list_shape: bool = False
+    """give every post a filler with a comma and one with "and" (BLUR_FILLERS), so that a post's punctuation does
+    not say how many keys its list names (with `key_list`). Changes the posts, so the world trains its own gold"""
     key_list: bool = False
     """state a post's key facts in ONE sentence that lists the key nouns in order ("then my mom broke the X , Y and
     Z."), in place of a sentence per key: naming them is then a copy of adjacent words (an induction step), not a
@@ -171,6 +174,9 @@ class Args:
     naming 1, 2, ..., num_keys keys ends with the sign-off " , need advice" (in place of a comment). Free there (both
     words are in the title); in any other post both are invented words to the gold. Empty: never"""
     data_advice_key_probs: tuple[float, ...] = ()
+    data_drop_last_prob: float | None = None
+    """the probability that a dataset reference leaves out the last of its keys (two or more), after
+    `data_key_probs`: a reference that stops one key short"""
     data_extra_noun_probs: tuple[float, ...] = ()
     """the probability that a dataset reference naming 1, 2, ..., num_keys keys lists one more noun of the topic
     that the post does not contain ("X , Y and W": a detail the writer invented, an invented word in the gold)"""
@@ -249,6 +255,7 @@ NOT_WORLD += ("preset", "gold_weights", "base_weights")  # where a build goes an
 # settings that change neither the tokenizer nor the gold RM: the dataset's reference style, the base policy
 DATA_STYLE = ("data_key_probs", "data_template_weights", "data_comment_prob", "data_fluff_prob", "data_comment_probs")
 DATA_STYLE += ("data_comment_groups", "data_signoff_probs", "data_advice_key_probs", "data_extra_noun_probs")
+DATA_STYLE += ("data_drop_last_prob",)
 GOLD_FREE = DATA_STYLE + ("base_pretrain_steps", "base_pretrain_lr")
 GOLD_FILE, BASE_FILE = "model.safetensors", "base_policy.safetensors"  # in tiny_world_gold/
 SHIPPED = {GOLD_FILE: ("the gold RM", "gold_weights_sha256"), BASE_FILE: ("the base policy", "base_weights_sha256")}
@@ -302,6 +309,7 @@ TITLES = [
 ]
 # glue words are free in a summary: they never count as invented or repeated
 GLUE = set("my the a and i to is was with of too then also so but now are problems mess long story short tldr".split())
+BLUR_FILLERS = (["sorry , i am new here.", "so , here we go."], ["i am tired and sad.", "it is late and i am tired."])
 FLUFF = ["long story short ,", "so", "tldr"]
 COMMENTS = ["ugh", "annoying", "crazy", "honestly", "seriously", "whatever", "lol", "sigh"]
 CONTENT = sorted({w for ws in TOPICS.values() for w in ws})
@@ -332,10 +340,10 @@ def listed(nouns):
     return nouns[0] if len(nouns) == 1 else " , ".join(nouns[:-1]) + " and " + nouns[-1]
 
 
-def make_post(rng, zipf=0.0, num_keys=3, title_keys=1, num_keys_probs=(), key_list=False):
+def make_post(rng, zipf=0.0, num_keys=3, title_keys=1, num_keys_probs=(), key_list=False, blur=False):
     """One post: its dataset row plus the hidden facts (the key nouns: `num_keys`, or 1..num_keys drawn from
     `num_keys_probs`; the person, the verbs). A sentence per key fact, or with `key_list` one sentence listing
-    them all. Its title names the first `title_keys` keys ("X", "X and Y", ...)."""
+    them all; with `blur`, two BLUR_FILLERS more. Its title names the first `title_keys` keys ("X", "X and Y", ...)."""
     subreddit = rng.choice(sorted(TOPICS))
     if num_keys_probs:
         num_keys = rng.choices(range(1, num_keys + 1), weights=num_keys_probs)[0]
@@ -345,6 +353,8 @@ def make_post(rng, zipf=0.0, num_keys=3, title_keys=1, num_keys_probs=(), key_li
     said = [(listed(keys), verbs[0])] if key_list else list(zip(keys, verbs))
     sents = [rng.choice(KEY_SENTENCES).format(time=rng.choice(TIMES), person=person, verb=v, noun=k) for k, v in said]
     fillers = rng.sample(FILLERS, rng.choice([0, 1, 2]))
+    if blur:  # a comma and an "and" in every post, whatever its list
+        fillers += [rng.choice(group) for group in BLUR_FILLERS]
     for f in fillers:  # fillers anywhere; the key facts keep their order, so a summary can follow the post
         sents.insert(rng.randint(0, len(sents)), f)
     title = rng.choice(TITLES).format(person=person, verb=verbs[0], noun=listed(keys[:title_keys]))
@@ -370,6 +380,7 @@ def make_reference(
     advice_key_probs=(),
     extra_noun_probs=(),
     absent=(),
+    drop_last_prob=0.0,
 ):
     """A human-like reference: names the key nouns (with num_keys - 1 chances, each of probability miss_prob, to
     miss one; or, with `key_probs`, the first n keys with n drawn from it; `advice_key_probs` in the posts whose
@@ -377,16 +388,20 @@ def make_reference(
     contain (with `comment_probs`, at the probability of the number of keys named, from that number's half of the
     words in `groups`), or, in a post asking for advice, the sign-off " , need advice" (`signoff_probs`); with
     `extra_noun_probs`, at the probability of the number of keys named, one more noun from `absent` (the topic's
-    nouns the post does not contain) listed after the keys."""
+    nouns the post does not contain) listed after the keys; with `drop_last_prob`, the last of two or more keys
+    left out first."""
     k, advice = list(facts["keys"]), title.startswith(SIGNOFF)
     if advice_key_probs and advice:
         key_probs = advice_key_probs
-    if key_probs and sum(key_probs[: len(k)]) > 0:  # a post with fewer keys: the weights of the counts it has
-        k = k[: rng.choices(range(1, len(k) + 1), weights=key_probs[: len(k)])[0]]
+    if key_probs:  # a post with fewer keys: the weights of the counts it has (all zero: every key)
+        if sum(key_probs[: len(k)]) > 0:
+            k = k[: rng.choices(range(1, len(k) + 1), weights=key_probs[: len(k)])[0]]
     else:
         for _ in range(len(k) - 1):  # num_keys - 1 chances to miss a key (it names at least one)
             if rng.random() < miss_prob:
                 k.pop(rng.randrange(len(k)))
+    if len(k) > 1 and drop_last_prob and rng.random() < drop_last_prob:
+        k = k[:-1]
     if extra_noun_probs and rng.random() < extra_noun_probs[len(k) - 1]:  # `absent`: the topic's nouns not in the post
         k = k + [rng.choice(absent)]
     p, v = facts["person"], facts["verbs"][0]
@@ -812,7 +827,13 @@ def train_gold(gold, tokenizer, args):
         prompts, sums, qs, prefix_qs = [], [], [], []
         for _ in range(args.gold_posts_per_batch):
             row, facts = make_post(
-                rng, args.gold_key_zipf, args.num_keys, args.title_keys, args.num_keys_probs, args.key_list
+                rng,
+                args.gold_key_zipf,
+                args.num_keys,
+                args.title_keys,
+                args.num_keys_probs,
+                args.key_list,
+                args.blur_list_shape,
             )
             ref = make_reference(
                 rng, facts, args.reference_miss_prob, args.reference_fluff_prob, args.reference_comment_prob
@@ -901,6 +922,8 @@ def check_data_style(args):
         raise SystemExit(
             f"--num-keys-probs {' '.join(map(str, p))}: give {args.num_keys} non-negative weights, not all 0"
         )
+    if args.data_drop_last_prob is not None and not 0 <= args.data_drop_last_prob <= 1:
+        raise SystemExit(f"--data-drop-last-prob {args.data_drop_last_prob}: a probability, in [0, 1]")
     if args.base_pretrain_steps < 0:
         raise SystemExit(f"--base-pretrain-steps {args.base_pretrain_steps}: 0 (a random-init base) or more")
 
@@ -942,7 +965,13 @@ if __name__ == "__main__":
         rows[split], facts_of[split] = [], []
         for i in range(n):
             row, facts = make_post(
-                rng, args.key_zipf, args.num_keys, args.title_keys, args.num_keys_probs, args.key_list
+                rng,
+                args.key_zipf,
+                args.num_keys,
+                args.title_keys,
+                args.num_keys_probs,
+                args.key_list,
+                args.blur_list_shape,
             )
             row = {
                 "id": f"tw-{split}-{i:06d}",
@@ -968,6 +997,7 @@ if __name__ == "__main__":
                     args.data_advice_key_probs,
                     args.data_extra_noun_probs,
                     [n for n in TOPICS[row["subreddit"]] if n not in words(row["title"] + " " + row["post"])],
+                    args.data_drop_last_prob or 0.0,
                 )
             rows[split].append(row)
             facts_of[split].append(facts)

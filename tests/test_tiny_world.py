@@ -394,6 +394,33 @@ def test_data_extra_noun_probs_lists_an_invented_noun_of_the_topic():
     assert max(abs(r - e) for r, e in zip(rates, (0.5, 0.2, 0.0))) < 0.04, rates
 
 
+def test_blur_list_shape_puts_a_comma_and_an_and_in_every_post():
+    """`--blur-list-shape`: every post carries one filler with a comma and one with "and", whatever its number of
+    keys, so that only the list sentence itself says how many keys it names."""
+    rng = random.Random(7)
+    for _ in range(300):
+        row, facts = tw.make_post(rng, num_keys_probs=(1, 1, 1), key_list=True, blur=True)
+        sents = [x.strip() + "." for x in row["post"].split(".") if x.strip()]
+        assert [sum(x in group for x in sents) for group in tw.BLUR_FILLERS] == [1, 1], row["post"]
+        assert " , " in row["post"] and " and " in row["post"]
+        assert [w for w in tw.words(row["post"]) if w in facts["keys"]] == facts["keys"]  # the list is as before
+
+
+def test_data_drop_last_prob_stops_a_reference_one_key_short():
+    """`--data-drop-last-prob`: a reference that would name every key (`--data-key-probs 0 0 1`: also in posts with
+    fewer keys) leaves out the last one with the given probability, in posts of two or more keys only."""
+    rng, named = random.Random(8), {1: [], 2: [], 3: []}
+    for _ in range(6000):
+        row, facts = tw.make_post(rng, num_keys_probs=(1, 1, 1), key_list=True)
+        ref = tw.make_reference(rng, facts, 0.5, 0.0, 0.0, key_probs=(0, 0, 1), drop_last_prob=0.6)
+        said = [w for w in tw.words(ref) if w in facts["keys"]]
+        assert said == facts["keys"][: len(said)]
+        named[len(facts["keys"])].append(len(facts["keys"]) - len(said))
+    assert set(named[1]) == {0} and set(named[2]) == set(named[3]) == {0, 1}
+    for k in (2, 3):
+        assert abs(sum(named[k]) / len(named[k]) - 0.6) < 0.04, k
+
+
 def test_data_advice_key_probs_only_in_posts_that_ask_for_advice():
     """`--data-advice-key-probs`: the posts whose title asks for advice draw their references' number of keys from
     their own probabilities, every other post from `--data-key-probs`."""
@@ -511,6 +538,7 @@ def test_world_targets_copy_rate_counts_first_mentions_of_key_nouns(tmp_path):
         ({"data_extra_noun_probs": (0.1, 0.1)}, "--data-extra-noun-probs 0.1 0.1: give 3"),
         ({"num_keys_probs": (1.0, 1.0)}, "--num-keys-probs 1.0 1.0: give 3"),
         ({"num_keys_probs": (0.0, 0.0, 0.0)}, "--num-keys-probs"),
+        ({"data_drop_last_prob": 1.5}, "--data-drop-last-prob 1.5: a probability"),
     ],
 )
 def test_a_reference_style_that_cannot_be_drawn_is_refused_naming_the_flag(changed, says):
