@@ -40,6 +40,7 @@ def test_the_probe_reads_the_second_key_after_x_and(ci_world):
     tokenizer = AutoTokenizer.from_pretrained(ci_world / "tokenizer")
     rng = random.Random(0)
     posts = [tw.make_post(rng, title_keys=2) for _ in range(30)]
+    posts += [tw.make_post(rng, num_keys_probs=(1, 0, 0)) for _ in range(3)]  # one key: no second to copy, skipped
     rows, facts = [p[0] for p in posts], [p[1] for p in posts]
     vocab = len(tokenizer)
     assert copy_probe.second_key_probability(Oracle(vocab), tokenizer, rows, facts) == (1.0, 1.0)

@@ -36,9 +36,12 @@ class Args:
 
 @torch.no_grad()
 def second_key_probability(model, tokenizer, rows, facts):
-    """(mean probability of the second key after prompt + " my X and", share of posts where it is the argmax)."""
+    """(mean probability of the second key after prompt + " my X and", share of posts where it is the argmax), over
+    the posts with two keys or more (`tiny_world.py --num-keys-probs` also makes posts of one)."""
     probs, top = [], []
     for row, f in zip(rows, facts):
+        if len(f["keys"]) < 2:
+            continue
         x, y = f["keys"][:2]
         ids = tokenizer(tw.prompt_of(row) + f" my {x} and", return_tensors="pt").input_ids
         p = model(input_ids=ids).logits[0, -1].float().softmax(-1)
