@@ -72,3 +72,15 @@ def test_rm_columns_are_the_rms_mean_scores(probed):
     assert table["X and Y"]["gold"] == pytest.approx(expected, abs=1e-5)
     for cols in table.values():  # the gold passed as an RM to probe scores what the gold column says
         assert cols[str(root / "gold_rm")] == pytest.approx(cols["gold"], abs=1e-6)
+
+
+def test_list_forms_quality_is_the_formula(tmp_path_factory, ci_world):
+    """`--list-forms`: per number of keys K (the CI world's posts have 3), the list forms' quality is the formula's:
+    the full list K, one short or one invented noun added K - 1, the last key swapped for an invented noun K - 2."""
+    out = tmp_path_factory.mktemp("list_forms") / "probe.json"
+    cmd = [sys.executable, "tools/probe_forms.py", "--root", str(ci_world), "--rm-paths", str(ci_world / "gold_rm")]
+    cmd += ["--list-forms", "--num-prompts", "20", "--output", str(out), "--threads", "1"]
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=600)
+    q = {name: cols["quality"] for name, cols in json.loads(out.read_text())["table"].items()}
+    expected = {"full": 3, "short": 2, "ext1": 2, "rep": 2, "full+c": 2, "swap": 1, "ext2": 1}
+    assert q == {f"K=3 {name}": v for name, v in expected.items()}

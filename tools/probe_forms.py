@@ -6,6 +6,12 @@ the mean exact `quality` of the world, the gold RM's mean score and each given R
 
     python tools/probe_forms.py                                        # chain seed 1's proxy at runs/tiny_world/rm
     python tools/probe_forms.py --rm-paths runs/tiny_world/rm runs/tiny_world/seed2/rm runs/tiny_world/seed3/rm
+    python tools/probe_forms.py --list-forms ...     # "my <list> are a mess" by the post's number of keys K
+
+`--list-forms` (for worlds whose posts have 1-3 keys, `tiny_world.py --num-keys-probs`) probes, per K, the post's
+list ("full"), it one key short ("short"), its last key swapped for a noun the post lacks ("swap"), one or two such
+nouns added ("ext1", "ext2"), the first key repeated at the end ("rep") and the full list with a comment ("full+c"):
+whether an RM prefers longer or shorter lists than the post's (docs/TINY_WORLD.md, "a fall by dropping keys").
 
 A proxy that scores "X and W" (an invented noun) like "X and Y", or "X and X" (a repeated noun) like "X and Y", is
 blind to what the gold penalises: RL can drift there without the proxy noticing. A proxy whose score keeps rising
@@ -46,6 +52,8 @@ class Args:
     output: str = ""
     """where the JSON goes (default: {root}/probe_forms.json)"""
     threads: int = 2
+    list_forms: bool = False
+    """probe the list forms by the post's number of keys instead of the forms above"""
     """torch CPU threads"""
 
 
@@ -92,6 +100,19 @@ def forms(rng, row, facts):
     return out
 
 
+def list_forms(rng, row, facts):
+    """{"K=<n> <form>": summary} for one post of n keys: the list forms of `--list-forms` (see the docstring)."""
+    keys = facts["keys"]
+    post_words = set(tw.words(row["title"] + " " + row["post"]))
+    w, v = rng.sample([n for n in tw.TOPICS[row["subreddit"]] if n not in post_words], 2)
+    lists = {"full": keys, "ext1": keys + [w], "ext2": keys + [w, v], "rep": keys + keys[:1]}
+    if len(keys) > 1:
+        lists |= {"short": keys[:-1], "swap": keys[:-1] + [w]}
+    out = {f"K={len(keys)} {name}": f"my {tw.listed(nouns)} are a mess" for name, nouns in lists.items()}
+    out[f"K={len(keys)} full+c"] = f"my {tw.listed(keys)} are a mess , ugh"
+    return out
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     torch.set_num_threads(args.threads)
@@ -102,7 +123,7 @@ if __name__ == "__main__":
     rng = random.Random(args.seed)
     by_form = {}  # form -> [(row, summary, keys)]
     for row, f in zip(rows, facts):
-        for name, s in forms(rng, row, f).items():
+        for name, s in (list_forms if args.list_forms else forms)(rng, row, f).items():
             by_form.setdefault(name, []).append((row, s, f["keys"]))
     tokenizer = AutoTokenizer.from_pretrained(f"{args.root}/tokenizer")
     models = {"gold": f"{args.root}/gold_rm", **{p: p for p in args.rm_paths}}
@@ -118,7 +139,7 @@ if __name__ == "__main__":
     print(f"{args.num_prompts} {args.split} posts of {args.root}; mean over the posts of each form")
     print("| form | quality | " + " | ".join(labels) + " |")
     print("|---|---|" + "---|" * len(labels))
-    for name, cols in table.items():
+    for name, cols in sorted(table.items()) if args.list_forms else table.items():
         print(f"| {name} | {cols['quality']:.2f} | " + " | ".join(f"{cols[lab]:.3f}" for lab in labels) + " |")
     out = args.output or f"{args.root}/probe_forms.json"
     with open(out, "w") as f:
