@@ -34,8 +34,11 @@ writer's that the post does not contain ("ugh"), as human references do: that le
 the references. Options not on by default (docs/TINY_WORLD.md, "What decides a chain's draw"): the dataset's own
 reference style (`--data-key-probs` and friends: the first n keys, the title's noun first; comments and a sign-off by
 the number of keys named, `--data-comment-probs`, `--data-comment-groups`, `--data-signoff-probs`,
-`--data-advice-key-probs`; posts, tokenizer and gold unchanged), a base policy pretrained as a causal LM on the posts
-(`--base-pretrain-steps`), and titles that name the first n keys (`--title-keys`: other posts, so its own gold).
+`--data-advice-key-probs`, an invented extra noun `--data-extra-noun-probs`, a list one key short
+`--data-drop-last-prob`; posts, tokenizer and gold unchanged), a base policy pretrained as a causal LM on the posts
+(`--base-pretrain-steps`), and, changing the posts (so a world of its own gold): titles that name the first n keys
+(`--title-keys`), posts of 1..3 keys (`--num-keys-probs`) stating them in one listing sentence (`--key-list`), and a
+comma and an "and" in every post (`--blur-list-shape`; docs/TINY_WORLD.md, "a fall by dropping keys").
 
 Quality (`quality(row, summary, keys)`), in plain words: a good summary names the post's key facts,
 does not invent words that are not in the post, does not repeat itself, and stays short:
