@@ -177,13 +177,13 @@ class Args:
     naming 1, 2, ..., num_keys keys ends with the sign-off " , need advice" (in place of a comment). Free there (both
     words are in the title); in any other post both are invented words to the gold. Empty: never"""
     data_advice_key_probs: tuple[float, ...] = ()
+    """`data_key_probs` for the posts whose title asks for advice (empty: `data_key_probs`, as every post)"""
     data_drop_last_prob: float | None = None
     """the probability that a dataset reference leaves out the last of its keys (two or more), after
     `data_key_probs`: a reference that stops one key short"""
     data_extra_noun_probs: tuple[float, ...] = ()
     """the probability that a dataset reference naming 1, 2, ..., num_keys keys lists one more noun of the topic
     that the post does not contain ("X , Y and W": a detail the writer invented, an invented word in the gold)"""
-    """`data_key_probs` for the posts whose title asks for advice (empty: `data_key_probs`, as every post)"""
     data_fluff_prob: float | None = None
     """the fluff probability of the dataset's references (None: `reference_fluff_prob`)"""
     base_pretrain_steps: int = 0
@@ -363,6 +363,19 @@ def make_post(rng, zipf=0.0, num_keys=3, title_keys=1, num_keys_probs=(), key_li
     title = rng.choice(TITLES).format(person=person, verb=verbs[0], noun=listed(keys[:title_keys]))
     facts = dict(keys=keys, person=person, verbs=verbs)
     return dict(subreddit=subreddit, title=title, post=" ".join(sents)), facts
+
+
+def post_of(rng, args, zipf):
+    """`make_post` with a build's post settings (the dataset and the gold's training posts differ only in `zipf`)."""
+    return make_post(
+        rng, zipf, args.num_keys, args.title_keys, args.num_keys_probs, args.key_list, args.blur_list_shape
+    )
+
+
+def absent_nouns(row):
+    """The nouns of a post's topic that its title and post do not contain (to a summary: invented words)."""
+    said = set(words(row["title"] + " " + row["post"]))
+    return [n for n in TOPICS[row["subreddit"]] if n not in said]
 
 
 SIGNOFF = "need advice"  # the words of the title template "need advice about my {noun}"
@@ -829,15 +842,7 @@ def train_gold(gold, tokenizer, args):
     for step in bar:
         prompts, sums, qs, prefix_qs = [], [], [], []
         for _ in range(args.gold_posts_per_batch):
-            row, facts = make_post(
-                rng,
-                args.gold_key_zipf,
-                args.num_keys,
-                args.title_keys,
-                args.num_keys_probs,
-                args.key_list,
-                args.blur_list_shape,
-            )
+            row, facts = post_of(rng, args, args.gold_key_zipf)
             ref = make_reference(
                 rng, facts, args.reference_miss_prob, args.reference_fluff_prob, args.reference_comment_prob
             )
@@ -907,10 +912,12 @@ def pretrain_base(policy, tokenizer, texts, args):
 def check_data_style(args):
     """Refuse a reference style that cannot be drawn, naming the flag."""
     for flag, values, n in [("--data-key-probs", args.data_key_probs, args.num_keys), ("--data-template-weights", args.data_template_weights, 4),
-                            ("--data-advice-key-probs", args.data_advice_key_probs, args.num_keys)]:  # fmt: skip
+                            ("--data-advice-key-probs", args.data_advice_key_probs, args.num_keys),
+                            ("--num-keys-probs", args.num_keys_probs, args.num_keys)]:  # fmt: skip
         if values and (len(values) != n or min(values) < 0 or sum(values) <= 0):
             raise SystemExit(f"{flag} {' '.join(map(str, values))}: give {n} non-negative weights, not all 0")
-    for flag, p in [("--data-comment-prob", args.data_comment_prob), ("--data-fluff-prob", args.data_fluff_prob)]:
+    for flag, p in [("--data-comment-prob", args.data_comment_prob), ("--data-fluff-prob", args.data_fluff_prob),
+                    ("--data-drop-last-prob", args.data_drop_last_prob)]:  # fmt: skip
         if p is not None and not 0 <= p <= 1:
             raise SystemExit(f"{flag} {p}: a probability, in [0, 1]")
     for flag, probs in [("--data-comment-probs", args.data_comment_probs), ("--data-signoff-probs", args.data_signoff_probs),
@@ -920,13 +927,6 @@ def check_data_style(args):
     groups = args.data_comment_groups
     if groups and (len(groups) != args.num_keys or not set(groups) <= {0, 1}):
         raise SystemExit(f"--data-comment-groups {' '.join(map(str, groups))}: give {args.num_keys} of 0 or 1")
-    p = args.num_keys_probs
-    if p and (len(p) != args.num_keys or min(p) < 0 or sum(p) <= 0):
-        raise SystemExit(
-            f"--num-keys-probs {' '.join(map(str, p))}: give {args.num_keys} non-negative weights, not all 0"
-        )
-    if args.data_drop_last_prob is not None and not 0 <= args.data_drop_last_prob <= 1:
-        raise SystemExit(f"--data-drop-last-prob {args.data_drop_last_prob}: a probability, in [0, 1]")
     if args.base_pretrain_steps < 0:
         raise SystemExit(f"--base-pretrain-steps {args.base_pretrain_steps}: 0 (a random-init base) or more")
 
@@ -967,15 +967,7 @@ if __name__ == "__main__":
         gold_style_refs[split] = []
         rows[split], facts_of[split] = [], []
         for i in range(n):
-            row, facts = make_post(
-                rng,
-                args.key_zipf,
-                args.num_keys,
-                args.title_keys,
-                args.num_keys_probs,
-                args.key_list,
-                args.blur_list_shape,
-            )
+            row, facts = post_of(rng, args, args.key_zipf)
             row = {
                 "id": f"tw-{split}-{i:06d}",
                 **row,
@@ -999,7 +991,7 @@ if __name__ == "__main__":
                     row["title"],
                     args.data_advice_key_probs,
                     args.data_extra_noun_probs,
-                    [n for n in TOPICS[row["subreddit"]] if n not in words(row["title"] + " " + row["post"])],
+                    absent_nouns(row) if args.data_extra_noun_probs else (),
                     args.data_drop_last_prob or 0.0,
                 )
             rows[split].append(row)

@@ -377,7 +377,7 @@ def test_data_extra_noun_probs_lists_an_invented_noun_of_the_topic():
     rng, got = random.Random(6), {1: [], 2: [], 3: []}
     for _ in range(6000):
         row, facts = tw.make_post(rng)
-        absent = [n for n in tw.TOPICS[row["subreddit"]] if n not in tw.words(row["title"] + " " + row["post"])]
+        absent = tw.absent_nouns(row)
         ref = tw.make_reference(
             rng, facts, 0.5, 0.0, 0.0, key_probs=(1, 1, 1), extra_noun_probs=(0.5, 0.2, 0.0), absent=absent
         )

@@ -52,9 +52,9 @@ class Args:
     output: str = ""
     """where the JSON goes (default: {root}/probe_forms.json)"""
     threads: int = 2
+    """torch CPU threads"""
     list_forms: bool = False
     """probe the list forms by the post's number of keys instead of the forms above"""
-    """torch CPU threads"""
 
 
 def forms(rng, row, facts):
@@ -62,8 +62,7 @@ def forms(rng, row, facts):
     from the post, so invented words."""
     keys = facts["keys"]
     x, y = keys[0], keys[1]
-    post_words = set(tw.words(row["title"] + " " + row["post"]))
-    w, v = rng.sample([n for n in tw.TOPICS[row["subreddit"]] if n not in post_words], 2)
+    w, v = rng.sample(tw.absent_nouns(row), 2)
     p, verb = facts["person"], facts["verbs"][0]
     out = {
         "the reference": row["summary"],
@@ -103,8 +102,7 @@ def forms(rng, row, facts):
 def list_forms(rng, row, facts):
     """{"K=<n> <form>": summary} for one post of n keys: the list forms of `--list-forms` (see the docstring)."""
     keys = facts["keys"]
-    post_words = set(tw.words(row["title"] + " " + row["post"]))
-    w, v = rng.sample([n for n in tw.TOPICS[row["subreddit"]] if n not in post_words], 2)
+    w, v = rng.sample(tw.absent_nouns(row), 2)
     lists = {"full": keys, "ext1": keys + [w], "ext2": keys + [w, v], "rep": keys + keys[:1]}
     if len(keys) > 1:
         lists |= {"short": keys[:-1], "swap": keys[:-1] + [w]}
