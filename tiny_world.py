@@ -132,13 +132,13 @@ class Args:
     """posts in data/test.jsonl (full: 1000, ci: 50)"""
     num_keys: int = 3
     """key facts per post (each names one topic noun); the summary's coverage counts how many it names"""
-    num_keys_probs: tuple[float, ...] = ()
+    num_keys_probs: tuple[float, ...] = (0.1, 0.4, 0.5)
     """probabilities that a post has 1, 2, ..., num_keys key facts (empty: every post has num_keys). Changes the
     posts, so the world trains its own gold"""
-    blur_list_shape: bool = False
+    blur_list_shape: bool = True
     """give every post a filler with a comma and one with "and" (BLUR_FILLERS), so that a post's punctuation does
     not say how many keys its list names (with `key_list`). Changes the posts, so the world trains its own gold"""
-    key_list: bool = False
+    key_list: bool = True
     """state a post's key facts in ONE sentence that lists the key nouns in order ("then my mom broke the X , Y and
     Z."), in place of a sentence per key: naming them is then a copy of adjacent words (an induction step), not a
     search of the post. Changes the posts, so the world trains its own gold"""
@@ -153,16 +153,16 @@ class Args:
     reference_comment_prob: float = 0.4
     """probability that a reference summary ends with a comment word absent from the post ("ugh"): an
     invented word, as human references have; it leaves room for a policy to beat the references"""
-    # How the DATASET's references are written (the SFT data, the RM's reward offset, the win rate's opponent). Left
-    # at their defaults they are the references above; set, they are drawn from a stream of their own, so the
-    # posts, the tokenizer and the gold RM (trained around the references above) stay those of the default world.
-    data_key_probs: tuple[float, ...] = ()
+    # How the DATASET's references are written (the SFT data, the RM's reward offset, the win rate's opponent). Set
+    # (as by default), they are drawn from a stream of their own, so that the posts, the tokenizer and the gold RM
+    # (trained around the references above) do not depend on them; all empty or None, they are the references above.
+    data_key_probs: tuple[float, ...] = (0.0, 0.0, 1.0)
     """probabilities that a dataset reference names 1, 2, ..., num_keys keys: the FIRST n keys in the post's order
     (the title's noun first). Empty: `reference_miss_prob`'s misses, each key alike"""
-    data_template_weights: tuple[float, ...] = ()
+    data_template_weights: tuple[float, ...] = (1.0, 1.0, 3.0, 1.0)
     """weights of the four reference templates ("my P V my X", "X problems with my P", "my X are a mess", "X");
     empty: all alike"""
-    data_comment_prob: float | None = None
+    data_comment_prob: float | None = 0.55
     """the comment probability of the dataset's references (None: `reference_comment_prob`)"""
     data_comment_probs: tuple[float, ...] = ()
     """the comment probability of a dataset reference by how many keys it names (1, 2, ..., num_keys), in place of
@@ -178,18 +178,18 @@ class Args:
     words are in the title); in any other post both are invented words to the gold. Empty: never"""
     data_advice_key_probs: tuple[float, ...] = ()
     """`data_key_probs` for the posts whose title asks for advice (empty: `data_key_probs`, as every post)"""
-    data_drop_last_prob: float | None = None
+    data_drop_last_prob: float | None = 0.05
     """the probability that a dataset reference leaves out the last of its keys (two or more), after
     `data_key_probs`: a reference that stops one key short"""
-    data_extra_noun_probs: tuple[float, ...] = ()
+    data_extra_noun_probs: tuple[float, ...] = (0.1, 0.1, 0.1)
     """the probability that a dataset reference naming 1, 2, ..., num_keys keys lists one more noun of the topic
     that the post does not contain ("X , Y and W": a detail the writer invented, an invented word in the gold)"""
-    data_fluff_prob: float | None = None
+    data_fluff_prob: float | None = 0.0
     """the fluff probability of the dataset's references (None: `reference_fluff_prob`)"""
-    base_pretrain_steps: int = 0
+    base_pretrain_steps: int | None = None
     """steps of causal-LM "pretraining" of the base policy on the train split's prompts (title + post, no
-    summaries; batch 64, AdamW, cosine): a base that has learnt to copy words within a text, as Pythia has. 0 (the
-    default): the base policy is random init"""
+    summaries; batch 64, AdamW, cosine): a base that has learnt to copy words within a text, as Pythia has (full:
+    600, ci: 4). 0: the base policy is random init"""
     base_pretrain_lr: float = 3e-3
     """peak learning rate of that pretraining"""
     base_weights: str = "auto"
@@ -251,6 +251,7 @@ PRESETS = {
     "full": dict(num_train=12000, num_validation=1000, num_test=1000, gold_steps=1000, num_eval_posts=400),
     "ci": dict(num_train=200, num_validation=50, num_test=50, gold_steps=20, num_eval_posts=20),
 }
+PRESETS["full"]["base_pretrain_steps"], PRESETS["ci"]["base_pretrain_steps"] = 600, 4
 
 SHIPPED_GOLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_world_gold")
 NOT_WORLD = ("exp_name", "torch_deterministic", "track", "wandb_project_name", "wandb_entity", "output_dir")
@@ -262,7 +263,8 @@ DATA_STYLE += ("data_drop_last_prob",)
 GOLD_FREE = DATA_STYLE + ("base_pretrain_steps", "base_pretrain_lr")
 GOLD_FILE, BASE_FILE = "model.safetensors", "base_policy.safetensors"  # in tiny_world_gold/
 SHIPPED = {GOLD_FILE: ("the gold RM", "gold_weights_sha256"), BASE_FILE: ("the base policy", "base_weights_sha256")}
-WORLD_FORMAT = 2  # bumped whenever the world a seed builds changes meaning (2: coverage counts all 3 keys, 1-3 named)
+WORLD_FORMAT = 3  # bumped whenever the world a seed builds changes meaning (2: coverage counts all 3 keys, 1-3 named;
+# 3: the key list, 1-3 keys per post, the dataset's references and the pretrained base of docs/TINY_WORLD.md)
 EOS = "<|endoftext|>"
 PAD = "<|padding|>"  # Pythia's pad token: distinct from EOS, so HF pooling reads the EOS
 

@@ -97,8 +97,8 @@ def ci_world_with_eos_policy(root: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "tiny_world.py", "--preset", "ci", "--output-dir", str(root)]
-    subprocess.run(cmd, check=True, cwd=repo, capture_output=True, timeout=600)
+    cmd = [sys.executable, "tiny_world.py", "--preset", "ci", "--output-dir", str(root), "--base-pretrain-steps", "0"]
+    subprocess.run(cmd, check=True, cwd=repo, capture_output=True, timeout=600)  # a random-init base, not pretrained
     policy = AutoModelForCausalLM.from_pretrained(root / "base_policy")
     with torch.no_grad():
         policy.gpt_neox.final_layer_norm.bias[0] = 5.0

@@ -207,7 +207,8 @@ def test_extra_sft_and_prefs_args_reach_their_stage_alone(tmp_path, monkeypatch)
     pipeline.build_chain(args, 1, ["drgrpo"])
     by_script = {os.path.basename(script): a for script, a in calls}
     assert by_script["sft.py"][-3:] == ("--bf16", "--num-train-epochs", "3")
-    assert by_script["gen_prefs.py"][-3:] == ("--bf16", "--num-train-prompts", "60")
+    # the driver's own --pref-prompts comes first, so the extra flag (tyro: the last occurrence wins) overrides it
+    assert by_script["gen_prefs.py"][-5:] == ("--num-train-prompts", "6000", "--bf16", "--num-train-prompts", "60")
     for name in ("gen_prefs.py", "train_rm.py"):
         assert "--bf16" in by_script[name] and "--num-train-epochs" not in by_script[name], name
     for name in ("sft.py", "train_rm.py", "eval_gold.py"):

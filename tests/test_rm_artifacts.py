@@ -144,7 +144,8 @@ def swap_two_ids(proxy, dest, policy_tok):
     copy_rm(proxy, dest)
     spec = json.loads((dest / "tokenizer.json").read_text())
     vocab = spec["model"]["vocab"]
-    ids = policy_tok("we overpaid on 2024", add_special_tokens=False).input_ids
+    # two distinct ids of the probe text's head (its first words: their tokens do not depend on the world's merges)
+    ids = list(dict.fromkeys(policy_tok("SUBREDDIT: r/relationships", add_special_tokens=False).input_ids))
     inv = {v: k for k, v in vocab.items()}
     a, b = inv[ids[0]], inv[ids[1]]
     vocab[a], vocab[b] = vocab[b], vocab[a]

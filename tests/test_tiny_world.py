@@ -439,13 +439,15 @@ def styled_world(tmp_path_factory):
     """The CI world of `world`, built with the dataset's own reference style and a pretrained base policy."""
     out = tmp_path_factory.mktemp("styled") / "world"
     style = "--data-key-probs 1 0 0 --data-template-weights 0 0 1 0 --data-comment-prob 0 --data-fluff-prob 0".split()
-    return build(out, 1, *style, "--base-pretrain-steps", "4", "--base-weights", "train")
+    style += "--data-drop-last-prob 0 --data-extra-noun-probs 0 0 0".split()
+    return build(out, 1, *style, "--base-pretrain-steps", "8", "--base-weights", "train")
 
 
 def test_data_style_and_pretraining_change_only_the_references_and_the_base(world, styled_world):
     """The posts, the tokenizer and the gold RM are those of the default world (so the shipped gold stays valid);
     the dataset's references follow the style (here: the title's noun alone, "my X are a mess", no fluff or comment), and the
-    base policy is pretrained: lower causal-LM loss on the train prompts than the random init it starts from."""
+    base policy is pretrained (8 steps here, the CI preset's 4 in `world`): lower causal-LM loss on the train prompts
+    than a random init of its architecture."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -467,12 +469,15 @@ def test_data_style_and_pretraining_change_only_the_references_and_the_base(worl
     batch = tok([tw.prompt_of(r) for r in rows], return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
-    def lm_loss(folder):
-        model = AutoModelForCausalLM.from_pretrained(folder / "base_policy", use_safetensors=True)
+    def lm_loss(model):
         with torch.no_grad():
             return model(**batch, labels=labels).loss.item()
 
-    assert lm_loss(styled_world) < lm_loss(world) - 0.1
+    base = AutoModelForCausalLM.from_pretrained(styled_world / "base_policy", use_safetensors=True)
+    torch.manual_seed(0)
+    assert lm_loss(base) < lm_loss(AutoModelForCausalLM.from_config(base.config)) - 0.1
+    pretrained = lambda folder: (folder / "base_policy" / "model.safetensors").read_bytes()
+    assert pretrained(world) != pretrained(styled_world)  # 4 steps (the CI preset) against 8
 
 
 def test_auto_takes_the_shipped_base_only_for_the_world_that_pretrained_it(styled_world, tmp_path, monkeypatch):
@@ -491,7 +496,7 @@ def test_auto_takes_the_shipped_base_only_for_the_world_that_pretrained_it(style
         assert tw.base_weights_file(args_of(**changed), tok) is None, changed
     assert tw.base_weights_file(args_of(), "another tokenizer") is None
     # a build that loads it (here by path, with the default reference style) writes that very base policy
-    loaded = build(tmp_path / "loaded", 1, "--base-pretrain-steps", "4", "--base-weights", str(shipped / tw.BASE_FILE))
+    loaded = build(tmp_path / "loaded", 1, "--base-pretrain-steps", "8", "--base-weights", str(shipped / tw.BASE_FILE))
     assert (loaded / "base_policy" / "model.safetensors").read_bytes() == (shipped / tw.BASE_FILE).read_bytes()
     assert json.load(open(loaded / "world.json"))["base_weights"] == str(shipped / tw.BASE_FILE)
     with open(shipped / tw.BASE_FILE, "ab") as f:
@@ -542,6 +547,6 @@ def test_world_targets_copy_rate_counts_first_mentions_of_key_nouns(tmp_path):
     ],
 )
 def test_a_reference_style_that_cannot_be_drawn_is_refused_naming_the_flag(changed, says):
-    tw.check_data_style(tw.Args())  # the defaults pass
+    tw.check_data_style(tw.with_preset(tw.Args()))  # the defaults pass
     with pytest.raises(SystemExit, match=says):
-        tw.check_data_style(tw.Args(**changed))
+        tw.check_data_style(tw.with_preset(tw.Args(**changed)))

@@ -825,11 +825,14 @@ def test_heldout_eval_win_is_strict_and_a_completion_without_eos_gets_the_penalt
 @pytest.fixture(scope="session")
 def heldout_runs(world, tmp_path_factory):
     """Two 3-step runs, the held-out evaluation off and every 2 steps (24 prompts of each split, at temperature 1:
-    with and without EOS both occur, where the CI policy's near-greedy completion is EOS alone); once per session."""
+    with and without EOS both occur, where the CI policy's near-greedy completion is EOS alone; a missing-EOS
+    penalty of +3, above the references' gold, so that the completions without EOS win and the win rate is neither
+    0 nor 1: no completion of the random-init policy beats a reference of the CI world); once per session."""
 
     def build(root):
         for name, every in (("off", "0"), ("on", "2")):
             extra = ("--total-steps", "3", "--eval-every", every, "--eval-num-prompts", "24", "--eval-temperature", "1")
+            extra += ("--missing-eos-penalty", "3")  # above every reference's gold: a completion without EOS wins
             cmd = trainer_cmd(world, root / name, *extra)
             subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
 
@@ -858,10 +861,11 @@ def test_heldout_eval_at_step_0_equals_eval_gold(world, heldout_runs, tmp_path):
     the same completions, so the same gold mean (missing-EOS penalty included), strict win rate, length and
     EOS rate. The proxy is read from the policy's token ids, as in training, where eval_gold.py re-tokenises the
     decoded text: the CI policy (random weights) emits byte tokens that do not survive the round trip, so the
-    proxy mean is compared to 2e-3 (a missing penalty moves it by about 0.5)."""
+    proxy mean is compared to 2e-3 (a missing penalty moves it by about 3)."""
     cmd = [sys.executable, "eval_gold.py", "--policy-path", str(world / "policy"), "--gold-rm-path"]
     cmd += [str(world / "gold_rm"), "--reward-model-path", str(world / "rm"), "--dataset", str(world / "data")]
     cmd += ["--split", "test", "--num-prompts", "24", "--max-new-tokens", "8", "--temperature", "1"]
+    cmd += ["--missing-eos-penalty", "3"]  # the runs' (heldout_runs)
     subprocess.run(cmd + ["--output-dir", str(tmp_path / "ev")], check=True, cwd=ROOT, capture_output=True, timeout=600)
     theirs = json.load(open(tmp_path / "ev" / "eval.json"))
     ours = read_metrics(heldout_runs[1])[0]

@@ -1,6 +1,6 @@
 """Probe the tiny world's reward models with hand-made summary forms: what each RM rewards, and what it is blind to.
 
-For the first `--num-prompts` posts of a split, this writes summaries of fixed forms from the post's hidden facts
+For the first `--num-prompts` posts of a split (those of two or more keys), this writes summaries of fixed forms from the post's hidden facts
 (its key nouns X, Y, Z; W and V: nouns of the post's topic that the post does not contain) and reports, per form,
 the mean exact `quality` of the world, the gold RM's mean score and each given RM's mean score:
 
@@ -58,8 +58,8 @@ class Args:
 
 
 def forms(rng, row, facts):
-    """{form name: summary} for one post. X, Y, Z: its key nouns (Z only when it has three); W, V: topic nouns absent
-    from the post, so invented words."""
+    """{form name: summary} for one post of two or more keys. X, Y, Z: its key nouns (Z only when it has three); W,
+    V: topic nouns absent from the post, so invented words."""
     keys = facts["keys"]
     x, y = keys[0], keys[1]
     w, v = rng.sample(tw.absent_nouns(row), 2)
@@ -121,6 +121,8 @@ if __name__ == "__main__":
     rng = random.Random(args.seed)
     by_form = {}  # form -> [(row, summary, keys)]
     for row, f in zip(rows, facts):
+        if not args.list_forms and len(f["keys"]) < 2:  # the forms name X and Y: posts of one key have no Y
+            continue
         for name, s in (list_forms if args.list_forms else forms)(rng, row, f).items():
             by_form.setdefault(name, []).append((row, s, f["keys"]))
     tokenizer = AutoTokenizer.from_pretrained(f"{args.root}/tokenizer")
