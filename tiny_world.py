@@ -9,43 +9,45 @@ to disk, and every later stage reads it through the same Hugging Face code paths
     {output_dir}/data/{train,validation,test}.jsonl  {"id", "subreddit", "title", "post", "summary"}
     {output_dir}/tokenizer/      PreTrainedTokenizerFast (ByteLevel BPE, every word is one token),
                                  eos = "<|endoftext|>" (id 0), pad = "<|padding|>" (the last id, 4096)
-    {output_dir}/base_policy/    GPTNeoXForCausalLM, random init (the "pretrained" policy to SFT)
+    {output_dir}/base_policy/    GPTNeoXForCausalLM, pretrained briefly as a causal LM on the posts (the policy to SFT)
     {output_dir}/gold_rm/        GPTNeoXForSequenceClassification (num_labels=1, head `score`),
                                  larger than the policy, trained on far more data than the proxy sees
     {output_dir}/world.json      settings, sizes, vocabulary, the quality formula, measured numbers
 
-Everything but the gold RM's training takes seconds. That training takes 9-11 minutes on one core, and its float
-sums depend on the thread count and the CPU, so the repository ships the trained weights of the default world
-(`tiny_world_gold/`: model.safetensors and the world.json of the build that trained them, `--threads 1` on a
-2-core Intel Xeon). `--gold-weights auto` (the default) loads them when every setting of the build and the
-tokenizer are theirs, so the default world is the same on every machine; any other settings train the gold here
-(`--gold-weights train` always does), and so does a shipped world.json of another WORLD_FORMAT. Whoever changes
-what the gold learns (quality, the variants, its training) bumps WORLD_FORMAT and refreshes the shipped gold:
-`python tiny_world.py --gold-weights train && cp runs/tiny_world/world.json runs/tiny_world/gold_rm/model.safetensors
-tiny_world_gold/`.
+Everything but the gold RM's training (and the base's pretraining) takes seconds. That training takes 10-11 minutes
+on one core, and its float sums depend on the thread count and the CPU, so the repository ships the trained weights
+of the default world (`tiny_world_gold/`: model.safetensors, base_policy.safetensors and the world.json of the build
+that trained them, `--threads 1` on a 2-core AMD EPYC). `--gold-weights auto` and `--base-weights auto` (the
+defaults) load them when every setting of the build that decides them and the tokenizer are theirs, so the default
+world is the same on every machine; any other settings train them here (`train` always does), and so does a shipped
+world.json of another WORLD_FORMAT. Whoever changes what the gold learns (quality, the variants, its training, the
+posts) bumps WORLD_FORMAT and refreshes the shipped files: `python tiny_world.py --gold-weights train --base-weights
+train`, then copy runs/tiny_world/world.json, runs/tiny_world/gold_rm/model.safetensors and
+runs/tiny_world/base_policy/model.safetensors (as base_policy.safetensors) into tiny_world_gold/.
 
-The world. A post belongs to a subreddit (a topic with its own 12 nouns). It states three KEY facts
-(a person did something to a topic noun) and is padded with 0-2 filler sentences. Every noun of a topic is
-as likely to be a key fact (`--key-zipf 1` instead draws the noun of rank r with weight 1 / r, as popular
-things come up more often in real forums: tried as the source of a stronger exploit, README "What did not
-work"). The reference summary names all three key nouns in a quarter of the posts, two in half of them and
-one in a quarter, sometimes carries glue fluff ("long story short"), and in 40% of posts ends with a comment of the
-writer's that the post does not contain ("ugh"), as human references do: that leaves a policy room to beat
-the references. Options not on by default (docs/TINY_WORLD.md, "What decides a chain's draw"): the dataset's own
-reference style (`--data-key-probs` and friends: the first n keys, the title's noun first; comments and a sign-off by
-the number of keys named, `--data-comment-probs`, `--data-comment-groups`, `--data-signoff-probs`,
-`--data-advice-key-probs`, an invented extra noun `--data-extra-noun-probs`, a list one key short
-`--data-drop-last-prob`; posts, tokenizer and gold unchanged), a base policy pretrained as a causal LM on the posts
-(`--base-pretrain-steps`), and, changing the posts (so a world of its own gold): titles that name the first n keys
-(`--title-keys`), posts of 1..3 keys (`--num-keys-probs`) stating them in one listing sentence (`--key-list`), and a
-comma and an "and" in every post (`--blur-list-shape`; docs/TINY_WORLD.md, "a fall by dropping keys").
+The world (the defaults; docs/TINY_WORLD.md, "What the world is"). A post belongs to a subreddit (a topic with its own
+12 nouns). It states 1, 2 or 3 KEY facts (10% / 40% / 50%, `--num-keys-probs`) in ONE sentence that lists the key
+nouns in order ("then my mom broke the X , Y and Z.", `--key-list`), among 0-2 filler sentences and a filler with a
+comma and one with "and" (`--blur-list-shape`: the punctuation does not tell the list's length). The dataset's
+reference summary names all the post's keys (`--data-key-probs 0 0 1`; one key short in 5%, `--data-drop-last-prob`),
+lists one invented noun more in 10% (`--data-extra-noun-probs`), mostly in the template "my X , Y and Z are a mess"
+(`--data-template-weights`), without fluff, and in 55% ends with a comment word that the post does not contain
+("ugh", `--data-comment-prob`), as human references do: that leaves a policy room to beat the references. The gold
+is trained around the references of `--reference-miss-prob` and friends (1-3 keys named, fluff, comments), so the
+dataset's reference style (every `--data-*` flag) changes neither the posts, the tokenizer nor the gold. Other
+options (docs/TINY_WORLD.md, "What decides a chain's draw"): comments and a sign-off by the number of keys named
+(`--data-comment-probs`, `--data-comment-groups`, `--data-signoff-probs`, `--data-advice-key-probs`), key nouns drawn
+unevenly (`--key-zipf`), titles that name the first n keys (`--title-keys`), and the previous default world of three
+key sentences per post (`WORLD_FORMAT` 2: `--num-keys-probs` and the `--data-*` tuples empty, `--no-key-list
+--no-blur-list-shape --base-pretrain-steps 0`, `--data-comment-prob`, `--data-drop-last-prob` and `--data-fluff-prob`
+None), whose gold is no longer shipped.
 
 Quality (`quality(row, summary, keys)`), in plain words: a good summary names the post's key facts,
 does not invent words that are not in the post, does not repeat itself, and stays short:
 
     q = coverage - invented - repeated - too_long            (at most 3)
 
-coverage = how many of the three key nouns the summary names; invented = distinct
+coverage = how many of the post's key nouns the summary names; invented = distinct
 summary words, other than GLUE words (my, and, the, ...), absent from title and post; repeated =
 extra occurrences of non-glue words; too_long = more than 12 words. Why this shape: part of quality
 is easy to read from surface features (are there topic nouns, is a word foreign to the topic), and
