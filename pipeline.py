@@ -91,7 +91,7 @@ class Args:
     bspo_threshold_grid: List[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3])
     rl_steps: int = 300
     """optimiser steps of each RL run (on the tiny world Dr.GRPO's held-out test gold peaks at step 10 and has lost
-    more than half of its gain by step 300 on every chain seed measured, falling after step 40-70; README)"""
+    more than half of its gain by step 300 on 5 of the 7 chain seeds measured, falling after step 40-70; README)"""
     gold_every: int = 5
     """the rollouts' gold reward and the proxy's on-policy accuracy every this many steps (Figure 2's panels)"""
     eval_every: int = 10
