@@ -250,10 +250,23 @@ class Args:
 
 
 PRESETS = {
-    "full": dict(num_train=12000, num_validation=1000, num_test=1000, gold_steps=1000, num_eval_posts=400),
-    "ci": dict(num_train=200, num_validation=50, num_test=50, gold_steps=20, num_eval_posts=20),
+    "full": dict(
+        num_train=12000,
+        num_validation=1000,
+        num_test=1000,
+        gold_steps=1000,
+        num_eval_posts=400,
+        base_pretrain_steps=600,
+    ),
+    "ci": dict(
+        num_train=200,
+        num_validation=50,
+        num_test=50,
+        gold_steps=20,
+        num_eval_posts=20,
+        base_pretrain_steps=4,
+    ),
 }
-PRESETS["full"]["base_pretrain_steps"], PRESETS["ci"]["base_pretrain_steps"] = 600, 4
 
 SHIPPED_GOLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_world_gold")
 NOT_WORLD = ("exp_name", "torch_deterministic", "track", "wandb_project_name", "wandb_entity", "output_dir")

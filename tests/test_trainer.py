@@ -822,6 +822,9 @@ def test_heldout_eval_win_is_strict_and_a_completion_without_eos_gets_the_penalt
     assert grpo_signcert.heldout_eval(policy, tok, rm, gold, gold_tok, heldout, cache, args, accelerator) == m
 
 
+HELDOUT_PENALTY = "3"  # the held-out tests' missing-EOS penalty: above every reference's gold, so no EOS wins
+
+
 @pytest.fixture(scope="session")
 def heldout_runs(world, tmp_path_factory):
     """Two 3-step runs, the held-out evaluation off and every 2 steps (24 prompts of each split, at temperature 1:
@@ -832,7 +835,7 @@ def heldout_runs(world, tmp_path_factory):
     def build(root):
         for name, every in (("off", "0"), ("on", "2")):
             extra = ("--total-steps", "3", "--eval-every", every, "--eval-num-prompts", "24", "--eval-temperature", "1")
-            extra += ("--missing-eos-penalty", "3")  # above every reference's gold: a completion without EOS wins
+            extra += ("--missing-eos-penalty", HELDOUT_PENALTY)
             cmd = trainer_cmd(world, root / name, *extra)
             subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, timeout=600)
 
@@ -865,7 +868,7 @@ def test_heldout_eval_at_step_0_equals_eval_gold(world, heldout_runs, tmp_path):
     cmd = [sys.executable, "eval_gold.py", "--policy-path", str(world / "policy"), "--gold-rm-path"]
     cmd += [str(world / "gold_rm"), "--reward-model-path", str(world / "rm"), "--dataset", str(world / "data")]
     cmd += ["--split", "test", "--num-prompts", "24", "--max-new-tokens", "8", "--temperature", "1"]
-    cmd += ["--missing-eos-penalty", "3"]  # the runs' (heldout_runs)
+    cmd += ["--missing-eos-penalty", HELDOUT_PENALTY]  # the runs' (heldout_runs)
     subprocess.run(cmd + ["--output-dir", str(tmp_path / "ev")], check=True, cwd=ROOT, capture_output=True, timeout=600)
     theirs = json.load(open(tmp_path / "ev" / "eval.json"))
     ours = read_metrics(heldout_runs[1])[0]

@@ -1,8 +1,8 @@
 """Probe the tiny world's reward models with hand-made summary forms: what each RM rewards, and what it is blind to.
 
-For the first `--num-prompts` posts of a split (those of two or more keys), this writes summaries of fixed forms from the post's hidden facts
-(its key nouns X, Y, Z; W and V: nouns of the post's topic that the post does not contain) and reports, per form,
-the mean exact `quality` of the world, the gold RM's mean score and each given RM's mean score:
+For the first `--num-prompts` posts of a split (those of two or more keys), this writes summaries of fixed forms from
+the post's hidden facts (its key nouns X, Y, Z; W and V: nouns of the post's topic that the post does not contain)
+and reports, per form, the mean exact `quality` of the world, the gold RM's mean score and each given RM's mean score:
 
     python tools/probe_forms.py                                        # chain seed 1's proxy at runs/tiny_world/rm
     python tools/probe_forms.py --rm-paths runs/tiny_world/rm runs/tiny_world/seed2/rm runs/tiny_world/seed3/rm
