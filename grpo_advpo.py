@@ -99,6 +99,10 @@ class Args:
     15; 0 is Dr.GRPO)"""
     ridge: float = 1.0
     """lambda_ridge >= 0 in M = lambda_ridge I + sum e e^T (our choice: 1)"""
+    references: Literal["paired", "pooled"] = "paired"
+    """the reference responses of g = mean_pi e - mean_ref e: `paired`, the chosen response of the SAME prompt, for
+    the batch's prompts that the preference data has (as AdvPO's TL;DR run pairs them; the completions of the other
+    prompts stay out of g); `pooled`, the mean of every chosen response, whatever the batch's prompts"""
 
     # -- the Dr.GRPO loss and the optimiser
     kl_coef: float = 0.01
@@ -328,11 +332,21 @@ def load_preference_rows(prefs_path):
 
 
 @torch.no_grad()
+def text_features(rm, tokenizer, prompts, responses, max_length, device):
+    """(N, d) float64: the RM's last-layer features of (prompt, response) texts fed as train_rm.py feeds them
+    (`rm_input_ids`: prompt ids, response ids, EOS, keeping the last `max_length` tokens), right-padded."""
+    seqs = [rm_input_ids(tokenizer, p, r, max_length, chat=False) for p, r in zip(prompts, responses)]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    return reward_and_features(rm, ids, mask)[1].double()
+
+
+@torch.no_grad()
 def advpo_statistics(rm, tokenizer, rows, ridge, batch_size, max_length, accelerator):
     """M = ridge I + sum e e^T over the chosen AND rejected responses of `rows`, and the mean feature of
-    the chosen ones (the reference), both float64. The rows are split over the processes and the sums
-    reduced, so every process gets the same M. A response is fed as train_rm.py feeds it (`rm_input_ids`:
-    prompt ids, response ids, EOS, keeping the last `max_length` tokens)."""
+    the chosen ones (the pooled reference), both float64. The rows are split over the processes and the sums
+    reduced, so every process gets the same M. A response is fed as train_rm.py feeds it (`text_features`)."""
     d = rm.score.in_features
     device = accelerator.device
     M = torch.zeros(d, d, dtype=torch.float64, device=device)
@@ -340,15 +354,10 @@ def advpo_statistics(rm, tokenizer, rows, ridge, batch_size, max_length, acceler
     with accelerator.split_between_processes(rows) as mine:
         for i in tqdm(range(0, len(mine), batch_size), desc="AdvPO: M", disable=not accelerator.is_main_process):
             chunk = mine[i : i + batch_size]
-            seqs = [
-                rm_input_ids(tokenizer, r["prompt"], r[column], max_length, chat=False)
-                for column in ("chosen", "rejected")
-                for r in chunk
-            ]
-            width = max(map(len, seqs))
-            ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs], device=device)
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-            e = reward_and_features(rm, ids, mask)[1].double()
+            prompts = [r["prompt"] for r in chunk] * 2
+            e = text_features(
+                rm, tokenizer, prompts, [r[c] for c in ("chosen", "rejected") for r in chunk], max_length, device
+            )
             M += e.T @ e
             ref[:d] += e[: len(chunk)].sum(0)
             ref[d] += len(chunk)
@@ -368,17 +377,22 @@ def advpo_cholesky(M):
 
 
 @torch.no_grad()
-def advpo_rewards(rewards, features, chol, ref_mean, budget, gather=lambda t: t):
+def advpo_rewards(rewards, features, chol, references, budget, in_g=None, gather=lambda t: t):
     """AdvPO's pessimistic reward (Zhang et al. 2024) of a batch of completions.
 
-    rewards:  (N,) proxy rewards r_j = phi_hat^T e_j + b of this process's completions.
-    features: (N, d) their last-layer features e_j (the input of the linear head).
-    chol:     (d, d) the Cholesky factor of M (advpo_cholesky); ref_mean: (d,) mean feature of the references.
-    budget:   B = b^2 >= 0 (0: no penalty).
-    gather:   maps this process's features to those of the GLOBAL batch (e.g. accelerator.gather), so
-              that g, and the adversarial head, are the same on every process; the identity on one process.
-    Returns (pessimistic rewards (N,), penalties b e_j^T M^-1 g / sqrt(g^T M^-1 g) (N,), sqrt(g^T M^-1 g)),
-    the rewards in float32 (float64 for float64 inputs), the rest float64, without gradient.
+    rewards:    (N,) proxy rewards r_j = phi_hat^T e_j + b of this process's completions.
+    features:   (N, d) their last-layer features e_j (the input of the linear head).
+    chol:       (d, d) the Cholesky factor of M (advpo_cholesky).
+    references: (N, d) the feature of the reference response of each completion's prompt (paired: the K
+                completions of a prompt share it), or (d,) one mean reference feature for all (pooled).
+    budget:     B = b^2 >= 0 (0: no penalty).
+    in_g:       (N,) bool, the completions that enter g (those whose prompt has a reference); None: all.
+    gather:     maps this process's tensors to those of the GLOBAL batch (e.g. accelerator.gather), so that
+                g, and the adversarial head, are the same on every process; the identity on one process.
+    g = mean over the in_g completions of the global batch of (e_j - reference_j); every completion gets the
+    penalty of the one adversarial head. Returns (pessimistic rewards (N,), penalties
+    b e_j^T M^-1 g / sqrt(g^T M^-1 g) (N,), sqrt(g^T M^-1 g)), the rewards in float32 (float64 for float64
+    inputs), the rest float64, without gradient.
     """
     if rewards.ndim != 1 or features.ndim != 2 or features.shape[0] != rewards.shape[0]:
         raise ValueError(
@@ -389,13 +403,25 @@ def advpo_rewards(rewards, features, chol, ref_mean, budget, gather=lambda t: t)
     if not (torch.isfinite(rewards).all() and torch.isfinite(features).all()):
         raise ValueError("rewards and features must be finite: found NaN or inf (check the reward model's outputs)")
     e = features.double()
-    g = gather(e).mean(0) - ref_mean.double()
+    weight = torch.ones_like(e[:, 0]) if in_g is None else in_g.to(e.dtype)
+    diff = gather((e - references.double()) * weight.unsqueeze(1)).sum(0)
+    count = gather(weight).sum()
+    g = diff / count if count > 0 else torch.zeros_like(diff)  # no prompt with a reference: no penalty
     m_inv_g = torch.cholesky_solve(g.unsqueeze(1), chol).squeeze(1)
     g_norm = (g @ m_inv_g).clamp(min=0).sqrt()
     scale = math.sqrt(budget) / g_norm if g_norm > 0 else 0.0  # g = 0: every head gives the same objective
     penalty = scale * (e @ m_inv_g)
     out = rewards.double() - penalty
     return out.to(torch.promote_types(rewards.dtype, torch.float32)), penalty, g_norm
+
+
+def advantage_activity(advantages, rewards):
+    """How much a method changes the update's signal (logged so that a knob can be shown to act): the spread of its
+    advantages (population std) and sum |A - A0| / sum |A0|, with A0 = the group-centred `rewards` (eq. 4, the
+    Dr.GRPO advantage the method starts from). advantages, rewards: (B, K), the global batch."""
+    plain = rewards - rewards.mean(dim=1, keepdim=True)
+    change = (advantages - plain).abs().sum() / plain.abs().sum().clamp(min=torch.finfo(plain.dtype).tiny)
+    return {"adv/std": advantages.std(correction=0), "adv/relative_change": change}
 
 
 def dr_grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range, kl_coef, normalizer):
@@ -1105,6 +1131,16 @@ if __name__ == "__main__":
     eos_id = tokenizer.eos_token_id
     check_same_tokenizer(tokenizer, args.reward_model_path, args.trust_remote_code)
     prompts = build_prompts(rows, tokenizer, args.max_prompt_length, where)
+    chosen_of = {}  # AdvPO's paired references: prompt -> its chosen response in the preference data
+    for r in pref_rows:
+        chosen_of.setdefault(r["prompt"], r["chosen"])
+    num_paired = sum(p in chosen_of for p in set(prompts))
+    if args.references == "paired" and num_paired == 0:
+        raise ValueError(
+            f"--references paired: none of the {len(set(prompts))} training prompts of {args.dataset} is a prompt of "
+            f"--prefs-path {args.prefs_path} (are both built with the same --max-prompt-length?); pass the preference "
+            "data of these prompts, or --references pooled"
+        )
     heldout = {}  # {split: (prompts, references)}: the first --eval-num-prompts of each split, fixed
     if args.eval_every > 0 and args.gold_rm_path:
         for split in dict.fromkeys(args.eval_splits):
@@ -1146,6 +1182,11 @@ if __name__ == "__main__":
             f"{args.eval_temperature}, at step 0, every {args.eval_every} steps and at the last"
             if heldout
             else f"held-out gold evaluation: off ({'--eval-every 0' if args.gold_rm_path else 'no --gold-rm-path'})"
+        )
+        print(
+            f"AdvPO references ({args.references}): {num_paired} of the {len(set(prompts))} training prompts have their "
+            f"chosen response in the {len(pref_rows)} preference pairs"
+            + (": g compares each batch's completions of those prompts with it" if args.references == "paired" else "")
         )
         print(json.dumps(asdict(args), indent=1))
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -1297,8 +1338,24 @@ if __name__ == "__main__":
         # 3. advantages: AdvPO's pessimistic reward, g over all processes, then Dr.GRPO (eq. 4)
         if args.missing_eos_penalty is not None:  # a fixed reward does not depend on the head phi: feature 0
             features = features * has_eos.unsqueeze(1)
+        references, in_g = ref_mean, None
+        if args.references == "paired":  # each prompt's own chosen response, where the preference data has it
+            paired = [i for i, p in enumerate(step_prompts) if p in chosen_of]
+            own = torch.zeros(len(step_prompts), features.shape[1], dtype=torch.float64, device=device)
+            if paired:
+                own[paired] = text_features(
+                    rm,
+                    tokenizer,
+                    [step_prompts[i] for i in paired],
+                    [chosen_of[step_prompts[i]] for i in paired],
+                    args.max_prompt_length + args.max_new_tokens + 1,
+                    device,
+                )
+            in_g = torch.zeros(len(step_prompts), dtype=torch.bool, device=device)
+            in_g[paired] = True
+            references, in_g = own.repeat_interleave(K, 0), in_g.repeat_interleave(K)
         advpo_reward, penalty, g_norm = advpo_rewards(
-            reward, features, m_chol, ref_mean, args.budget, gather=accelerator.gather
+            reward, features, m_chol, references, args.budget, in_g=in_g, gather=accelerator.gather
         )
         advantages = dr_grpo_advantages(advpo_reward.view(-1, K))
 
@@ -1338,9 +1395,10 @@ if __name__ == "__main__":
             "advpo/penalty_mean": all_penalty.mean(),
             "advpo/penalty_std": all_penalty.std(correction=0),
             "advpo/g_norm": g_norm,
+            "advpo/paired_fraction": 1.0 if in_g is None else g(in_g.float()).mean(),
             "completion/length": g(response_mask.sum(1).float()).mean(),
             "completion/no_eos_rate": 1 - g(has_eos.float()).mean(),
-        }
+        } | advantage_activity(g(advantages), all_reward)
         if monitor:
             all_gold = g(gold_reward.view(-1, K))
             metrics["reward/gold"] = all_gold.mean()

@@ -326,6 +326,15 @@ def bspo_rewards(rewards, behavior_logprobs, mask, threshold, gather=lambda t: t
     return torch.where(out, floor, rewards), out, floor
 
 
+def advantage_activity(advantages, rewards):
+    """How much a method changes the update's signal (logged so that a knob can be shown to act): the spread of its
+    advantages (population std) and sum |A - A0| / sum |A0|, with A0 = the group-centred `rewards` (eq. 4, the
+    Dr.GRPO advantage the method starts from). advantages, rewards: (B, K), the global batch."""
+    plain = rewards - rewards.mean(dim=1, keepdim=True)
+    change = (advantages - plain).abs().sum() / plain.abs().sum().clamp(min=torch.finfo(plain.dtype).tiny)
+    return {"adv/std": advantages.std(correction=0), "adv/relative_change": change}
+
+
 def dr_grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range, kl_coef, normalizer):
     """The Dr.GRPO loss (Liu et al. 2025; TRL `loss_type="dr_grpo"`) of a batch of completions.
 
@@ -1274,7 +1283,7 @@ if __name__ == "__main__":
             "bspo/min_return": min_return,
             "completion/length": g(response_mask.sum(1).float()).mean(),
             "completion/no_eos_rate": 1 - g(has_eos.float()).mean(),
-        }
+        } | advantage_activity(g(advantages), all_reward)
         if monitor:
             all_gold = g(gold_reward.view(-1, K))
             metrics["reward/gold"] = all_gold.mean()

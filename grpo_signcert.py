@@ -344,6 +344,15 @@ def signcert_advantages(rewards, features, quantile, eps_mode="delta", clip=Fals
     return adv.sign() * shrunk, radius, eps  # eq. (10)-(11)
 
 
+def advantage_activity(advantages, rewards):
+    """How much a method changes the update's signal (logged so that a knob can be shown to act): the spread of its
+    advantages (population std) and sum |A - A0| / sum |A0|, with A0 = the group-centred `rewards` (eq. 4, the
+    Dr.GRPO advantage the method starts from). advantages, rewards: (B, K), the global batch."""
+    plain = rewards - rewards.mean(dim=1, keepdim=True)
+    change = (advantages - plain).abs().sum() / plain.abs().sum().clamp(min=torch.finfo(plain.dtype).tiny)
+    return {"adv/std": advantages.std(correction=0), "adv/relative_change": change}
+
+
 def dr_grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range, kl_coef, normalizer):
     """The Dr.GRPO loss (Liu et al. 2025; TRL `loss_type="dr_grpo"`) of a batch of completions.
 
@@ -1347,7 +1356,7 @@ if __name__ == "__main__":
             ),
             "completion/length": g(response_mask.sum(1).float()).mean(),
             "completion/no_eos_rate": 1 - g(has_eos.float()).mean(),
-        }
+        } | advantage_activity(all_adv, all_reward)
         if monitor:
             all_gold = g(gold_reward.view(-1, K))
             metrics["reward/gold"] = all_gold.mean()

@@ -45,7 +45,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import List
+from typing import List, Literal
 
 import tyro
 
@@ -54,6 +54,7 @@ WORLD_FORMAT = 3  # tiny_world.py's WORLD_FORMAT, the world this driver and the 
 PAPER_METHODS = ("drgrpo", "drgrpo_kl", "signcert", "uwo", "advpo", "bspo")  # what `--methods all` runs
 METHODS = PAPER_METHODS + ("drgrpo_trl", "signcert_trl")
 KNOBS = {  # method: (its knob's Args field, the field with the knob's sweep grid); signcert_trl takes signcert's q
+    "drgrpo_kl": ("control_kl_coefs", "kl_coef_grid"),  # the control's beta, chosen by the same rule as the others
     "signcert": ("quantile", "quantile_grid"),
     "uwo": ("uwo_lambda", "uwo_lambda_grid"),
     "advpo": ("advpo_budget", "advpo_budget_grid"),
@@ -73,22 +74,31 @@ class Args:
     kl_coef: float = 0.01
     """beta of every method (the paper's 0.01)"""
     control_kl_coefs: List[float] = field(default_factory=lambda: [0.05, 0.1])
-    """the larger betas of the `drgrpo_kl` control"""
+    """the larger betas of the `drgrpo_kl` control (without --sweep; with it, the one beta chosen on --kl-coef-grid)"""
     quantile: float = 0.5
     """SignCert-PO's q (without --sweep; 0.5 is the value the sweep chose on validation prompts of this world, README)"""
     uwo_lambda: float = 0.1
     """UWO's lambda (without --sweep)"""
+    uwo_penalty: Literal["std", "var"] = "std"
+    """UWO's penalty: `std` (lambda x the members' standard deviation, as the SignCert-PO paper runs it) or `var`
+    (Coste et al.'s variance)"""
     advpo_budget: float = 5.0
     """AdvPO's B (without --sweep)"""
     bspo_threshold: float = 1e-4
     """BSPO's support threshold (without --sweep)"""
     sweep: bool = False
-    """choose each method's knob on validation prompts of chain seed 1 among the grids below (criterion fixed in
-    advance: the highest validation gold reward at the last held-out evaluation), then run it on every seed"""
-    quantile_grid: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5])
-    uwo_lambda_grid: List[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])
-    advpo_budget_grid: List[float] = field(default_factory=lambda: [1.0, 5.0, 15.0])
-    bspo_threshold_grid: List[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3])
+    """choose each method's knob (and the drgrpo_kl control's beta) on VALIDATION prompts of the --sweep-seeds among
+    the grids below, by a rule fixed before any run: the highest validation gold reward at the last held-out
+    evaluation (averaged over the sweep seeds); then run the chosen value on every chain seed"""
+    sweep_seeds: List[int] = field(default_factory=lambda: [1])
+    """the chain seeds whose validation prompts choose the knobs (each must be among --seeds)"""
+    kl_coef_grid: List[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3])
+    """the drgrpo_kl control's betas (the grids: 4 values each; the baselines' span the method's change of the
+    advantages at the SFT policy, `adv/relative_change`, from about 0.1 to about 1 on the default world, README)"""
+    quantile_grid: List[float] = field(default_factory=lambda: [0.05, 0.1, 0.3, 0.5])
+    uwo_lambda_grid: List[float] = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0])
+    advpo_budget_grid: List[float] = field(default_factory=lambda: [1e2, 1e3, 5e3, 2e4])
+    bspo_threshold_grid: List[float] = field(default_factory=lambda: [1e-3, 1e-2, 3e-2, 1e-1])
     rl_steps: int = 300
     """optimiser steps of each RL run (on the tiny world Dr.GRPO's held-out test gold peaks at step 10 and has lost
     more than half of its gain by step 300 on 5 of the 7 chain seeds measured, falling after step 40-70; README)"""
@@ -290,6 +300,137 @@ def spread(values):
     return f"{sum(vs) / len(vs):.3f} ({min(vs):.3f} - {max(vs):.3f}){missing}"
 
 
+# ---------------------------------------------------------------- the knob sweep and the paired comparison
+OWN_METRIC = {  # what each method's knob moves, logged every step (mean over the run in the sweep's table)
+    "drgrpo_kl": None,
+    "signcert": "signcert/eps",
+    "uwo": "uwo/penalty",
+    "advpo": "advpo/penalty_std",
+    "bspo": "bspo/out_of_support_rate",
+}
+
+
+def run_mean(rows, key):
+    """The mean over a run's steps of a per-step metric (None if it never logged it)."""
+    vs = [r[key] for r in rows if key in r]
+    return sum(vs) / len(vs) if vs else None
+
+
+def sweep_choice(method, grid, rows):
+    """The sweep's choice for one method. rows[i][j]: the metrics of grid value i on sweep seed j. The rule, fixed
+    before any run: the highest VALIDATION gold at the last held-out evaluation, averaged over the sweep seeds. Next
+    to it, what shows that the knob acts: the final KL, how much the method changes the advantages
+    (`adv/relative_change`, mean over steps: sum |A - A_DrGRPO| / sum |A_DrGRPO|), their spread (`adv/std`), and
+    the method's own metric."""
+    mean = lambda xs: sum(xs) / len(xs) if all(x is not None for x in xs) else None
+    scores = [mean([eval_curve(r, "validation")[-1][2] for r in runs]) for runs in rows]
+    out = dict(grid=grid, validation_gold_at_last_step=scores, chosen=grid[scores.index(max(scores))])
+    out["final_kl"] = [mean([eval_curve(r, "validation")[-1][1] for r in runs]) for runs in rows]
+    for key in ("adv/relative_change", "adv/std") + ((OWN_METRIC[method],) if OWN_METRIC.get(method) else ()):
+        out[key] = [mean([run_mean(r, key) for r in runs]) for runs in rows]
+    return out
+
+
+def print_sweep(choice, seeds):
+    print(f"\nThe knob sweep on VALIDATION prompts of chain seed(s) {seeds} (each value: the mean over those seeds)")
+    for m, c in choice.items():
+        keys = [k for k in c if k not in ("grid", "chosen", "validation_gold_at_last_step")]
+        head = [m, "validation gold, last step"] + keys
+        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+        for i, v in enumerate(c["grid"]):
+            cells = [fmt(c["validation_gold_at_last_step"][i])] + [fmt(c[k][i]) for k in keys]
+            print(f"| {v:g}{' (chosen)' if v == c['chosen'] else ''} | " + " | ".join(cells) + " |")
+
+
+def fmt(v):
+    return "-" if v is None else f"{v:.3g}" if abs(v) < 0.01 else f"{v:.3f}"
+
+
+# t_{0.975} of Student's t with df degrees of freedom, df = 1 .. 30 (tests check them against scipy)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]  # fmt: skip
+
+
+def t975(df):
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964  # beyond: the normal quantile with the Cornish-Fisher terms in 1/df and 1/df^2 (error < 1e-4)
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def paired(diffs):
+    """The paired comparison over chain seeds: the mean difference, its 95% Student-t interval (None with one
+    seed), the number of seeds on which the method is ahead (difference > 0) and the number compared."""
+    n = len(diffs)
+    if n == 0:
+        return dict(mean=None, lo=None, hi=None, ahead=0, n=0)
+    mean = sum(diffs) / n
+    half = t975(n - 1) * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else None
+    return dict(mean=mean, lo=None if half is None else mean - half, hi=None if half is None else mean + half,
+                ahead=sum(d > 0 for d in diffs), n=n)  # fmt: skip
+
+
+PAIRED_KEYS = ("final_gold", "stopped_gold")  # and gold_at_kl{k} for each --matched-kl
+
+
+def paired_differences(runs, label, reference, keys):
+    """{key: paired(...)} of `label` minus `reference`, over the chain seeds on which both have the value (a run that
+    never reached a matched KL has none there)."""
+    by = {(r["label"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs if r["label"] == label})
+    out = {}
+    for key in keys:
+        diffs = [
+            by[(label, s)][key] - by[(reference, s)][key]
+            for s in seeds
+            if (reference, s) in by and by[(label, s)][key] is not None and by[(reference, s)][key] is not None
+        ]
+        out[key] = paired(diffs) | dict(diffs=diffs)
+    return out
+
+
+def cell(p):
+    if p["n"] == 0:
+        return "-"
+    if p["lo"] is None:
+        return f"{p['mean']:+.3f} ({p['ahead']}/{p['n']})"
+    return f"{p['mean']:+.3f} [{p['lo']:+.3f}, {p['hi']:+.3f}] ({p['ahead']}/{p['n']})"
+
+
+def plot_paired(table, keys, path):
+    """One panel per reference: each method's mean paired difference with its 95% interval, one row per metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    refs = list(table)
+    fig, axes = plt.subplots(1, len(refs), figsize=(7 * len(refs), 1 + 0.9 * max(len(t) for t in table.values())))
+    axes = [axes] if len(refs) == 1 else axes
+    colors = plt.get_cmap("tab10")
+    for ax, ref in zip(axes, refs):
+        labels = list(table[ref])
+        for i, lbl in enumerate(labels):
+            for j, key in enumerate(keys):
+                p = table[ref][lbl][key]
+                if p["n"] == 0:
+                    continue
+                y = i + (j - (len(keys) - 1) / 2) * 0.8 / len(keys)
+                err = None if p["lo"] is None else [[p["mean"] - p["lo"]], [p["hi"] - p["mean"]]]
+                ax.errorbar([p["mean"]], [y], xerr=err, fmt="o", color=colors(j), capsize=3,
+                            label=key if i == 0 else None)  # fmt: skip
+                ax.plot(p["diffs"], [y] * len(p["diffs"]), "|", color=colors(j), alpha=0.6)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.invert_yaxis()
+        ax.set(xlabel=f"held-out test gold: method minus {ref}, paired by chain seed", title=f"vs {ref}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------- plots
 def smooth(xs, window=10):
     """Trailing mean over `window` steps (per-step on-policy metrics are noisy)."""
@@ -361,11 +502,11 @@ def rl_run(args, chain, seed, method, knob):
     elif method == "uwo":
         members = [os.path.join(chain, r) for r in ("rm", "rm_2", "rm_3")]
         name, script, flags = (
-            f"uwo_l{knob:g}",
+            f"uwo_l{knob:g}" + ("_var" if args.uwo_penalty == "var" else ""),
             "grpo_uwo.py",
-            ["--uwo-lambda", str(knob), "--reward-model-paths", *members],
+            ["--uwo-lambda", str(knob), "--uwo-penalty", args.uwo_penalty, "--reward-model-paths", *members],
         )
-        label = f"UWO lambda={knob:g}"
+        label = f"UWO lambda={knob:g}" + (" (Var)" if args.uwo_penalty == "var" else "")
     elif method == "advpo":
         name, script = f"advpo_b{knob:g}", "grpo_advpo.py"
         flags = ["--budget", str(knob), "--prefs-path", os.path.join(chain, "prefs")]
@@ -435,6 +576,10 @@ if __name__ == "__main__":
         args.jobs = 1
     if args.rl and args.eval_every < 1:
         raise SystemExit("--eval-every must be >= 1: the tables are read from the held-out evaluations")
+    if args.sweep and not set(args.sweep_seeds) <= set(args.seeds):
+        raise SystemExit(
+            f"--sweep-seeds {args.sweep_seeds} must be among --seeds {args.seeds} (their chains are built there)"
+        )
     R = args.root
     t_start = time.time()
     print("[pipeline] settings:", json.dumps(asdict(args)), flush=True)
@@ -444,22 +589,21 @@ if __name__ == "__main__":
     world = read_json(os.path.join(R, "world.json"))
     check_world_format(world, R)
     for seed in args.seeds:
-        build_chain(args, seed, methods if args.rl else [])
+        build_chain(args, seed, methods)  # with --no-rl too: the proxies the methods will need (UWO, BSPO)
 
     # RL: first the knob sweeps on validation (chain seed 1), then every method on every chain seed
     chosen = {m: getattr(args, KNOBS[m][0]) if m in KNOBS else None for m in methods}
     if args.rl and args.sweep:
         grid = {m: getattr(args, KNOBS[m][1]) for m in methods if m in KNOBS}
-        sweep = {m: [rl_run(args, chain_dir(args, args.seeds[0]), args.seeds[0], m, v) for v in values]
+        sweep = {m: [[rl_run(args, chain_dir(args, s), s, m, v) for s in args.sweep_seeds] for v in values]
                  for m, values in grid.items()}  # fmt: skip
-        run_all(args, [run for runs_of_m in sweep.values() for run in runs_of_m])
+        run_all(args, [run for per_value in sweep.values() for runs in per_value for run in runs])
         choice = {}
-        for m, rs in sweep.items():
-            vals = [read_metrics(os.path.join(out, "metrics.jsonl")) for _, out, _ in rs]
-            scores = [eval_curve(v, "validation")[-1][2] for v in vals]
-            chosen[m] = grid[m][scores.index(max(scores))]
-            choice[m] = dict(grid=grid[m], validation_gold_at_last_step=scores, chosen=chosen[m])
-            print(f"[pipeline] sweep {m}: validation gold {dict(zip(grid[m], scores))} -> {chosen[m]:g}")
+        for m, per_value in sweep.items():
+            rows = [[read_metrics(os.path.join(out, "metrics.jsonl")) for _, out, _ in runs] for runs in per_value]
+            choice[m] = sweep_choice(m, grid[m], rows)
+            chosen[m] = choice[m]["chosen"]
+        print_sweep(choice, args.sweep_seeds)
         with open(os.path.join(R, "sweep.json"), "w") as f:
             json.dump(choice, f, indent=1)
     if "signcert_trl" in methods:  # the same method in another trainer: the same q
@@ -469,7 +613,7 @@ if __name__ == "__main__":
         jobs = []
         for seed in args.seeds:
             for m in methods:
-                knobs = args.control_kl_coefs if m == "drgrpo_kl" else [chosen[m]]
+                knobs = chosen[m] if isinstance(chosen[m], list) else [chosen[m]]  # drgrpo_kl: a list unless swept
                 for k in knobs:
                     label, out, cmd = rl_run(args, chain_dir(args, seed), seed, m, k)
                     runs.append((label, seed, out))
@@ -532,6 +676,24 @@ if __name__ == "__main__":
         for lbl in labels:
             cells = [spread(by(lbl, k)) for k in keys + [f"gold_at_kl{k:g}" for k in args.matched_kl]]
             print(f"| {lbl} | " + " | ".join(cells) + " |")
+        references = [lbl for lbl in labels if lbl.startswith("Dr.GRPO") and not lbl.endswith("(TRL)")]
+        keys = list(PAIRED_KEYS) + [f"gold_at_kl{k:g}" for k in args.matched_kl]
+        if n > 1 and references:  # the chain seed moves every method together: compare on the same chain
+            summary["paired"] = {
+                ref: {lbl: paired_differences(summary["runs"], lbl, ref, keys) for lbl in labels if lbl != ref}
+                for ref in references
+            }
+            for ref, rows in summary["paired"].items():
+                print(f"\nPaired by chain seed: method minus {ref}, held-out TEST gold; mean [95% t interval] "
+                      "(chain seeds ahead / compared)")  # fmt: skip
+                head = ["method", "final gold", "stopped at validation-best"] + [
+                    f"at KL {k:g}" for k in args.matched_kl
+                ]
+                print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+                for lbl, diffs in rows.items():
+                    print(f"| {lbl} | " + " | ".join(cell(diffs[k]) for k in keys) + " |")
+            plot_paired(summary["paired"], keys, os.path.join(R, "paired_differences.png"))
+            print(f"\nplot: {os.path.join(R, 'paired_differences.png')}")
         reference = calib[args.seeds[0]]["sft"]["eval/reference_gold_reward_mean"]
         plot_runs(metrics, os.path.join(R, "frontier.png"), reference)
         print(f"\nplot: {os.path.join(R, 'frontier.png')}")

@@ -133,13 +133,59 @@ def test_advpo_g_over_two_processes_equals_g_of_the_whole_batch():
     rewards, chol, ref = e @ phi_hat, torch.linalg.cholesky(M), e_ref.mean(0)
     whole, whole_pen, whole_norm = grpo_advpo.advpo_rewards(rewards, e, chol, ref, 5.0)
     a, b = slice(0, 4), slice(4, 8)
-    first = grpo_advpo.advpo_rewards(rewards[a], e[a], chol, ref, 5.0, gather=lambda t: torch.cat([t, e[b]]))
-    second = grpo_advpo.advpo_rewards(rewards[b], e[b], chol, ref, 5.0, gather=lambda t: torch.cat([e[a], t]))
+    rows = lambda half, t: (e[half] - ref) if t.ndim == 2 else torch.ones(4, dtype=t.dtype)  # the other's e - ref, in_g
+    first = grpo_advpo.advpo_rewards(rewards[a], e[a], chol, ref, 5.0, gather=lambda t: torch.cat([t, rows(b, t)]))
+    second = grpo_advpo.advpo_rewards(rewards[b], e[b], chol, ref, 5.0, gather=lambda t: torch.cat([rows(a, t), t]))
     torch.testing.assert_close(torch.cat([first[0], second[0]]), whole, rtol=1e-12, atol=1e-12)
     assert first[2].item() == pytest.approx(whole_norm.item(), rel=1e-12)
     # and without the gather, each half alone would use a different g
     alone = grpo_advpo.advpo_rewards(rewards[a], e[a], chol, ref, 5.0)
     assert not torch.allclose(alone[1], whole_pen[a])
+
+
+def test_advpo_paired_references_g_by_brute_force_and_over_two_processes():
+    """--references paired: g is the mean of e_j - reference_j over the completions whose prompt has a reference
+    (each completion minus its OWN prompt's reference), summed here one completion at a time; the others stay out
+    of g but get the one head's penalty; over two processes (gather) the same as over the whole batch."""
+    e, e_ref, M, phi_hat = advpo_problem(11, n=8)
+    budget, K = 3.0, 2
+    references = e_ref[:4].repeat_interleave(K, 0)  # 4 prompts x K completions, one reference per prompt
+    in_g = torch.tensor([True, False, True, False]).repeat_interleave(K)  # prompts 1 and 3 have no reference
+    rewards, chol = e @ phi_hat, torch.linalg.cholesky(M)
+    pessimistic, penalty, g_norm = grpo_advpo.advpo_rewards(rewards, e, chol, references, budget, in_g=in_g)
+    g = sum(e[j] - e_ref[j // K] for j in range(8) if in_g[j]) / int(in_g.sum())
+    m_inv_g = torch.linalg.solve(M, g)
+    expected = budget**0.5 * (e @ m_inv_g) / (g @ m_inv_g).sqrt()
+    torch.testing.assert_close(penalty, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pessimistic, rewards - expected, rtol=1e-10, atol=1e-12)
+    assert g_norm.item() == pytest.approx((g @ m_inv_g).sqrt().item(), rel=1e-10)
+    assert penalty[1] != 0  # a completion outside g still gets the adversarial head's penalty
+    # the pooled form is the paired one with every completion in g and one shared reference
+    pooled = grpo_advpo.advpo_rewards(rewards, e, chol, e_ref.mean(0), budget)
+    shared = grpo_advpo.advpo_rewards(rewards, e, chol, e_ref.mean(0).expand(8, -1), budget, in_g=torch.ones(8) > 0)
+    torch.testing.assert_close(pooled[1], shared[1], rtol=1e-12, atol=1e-12)
+    # two processes: each gathers the other's (e_j - ref_j) x in_g rows and in_g counts
+    a, b = slice(0, 4), slice(4, 8)
+    other = {0: b, 1: a}
+
+    def gather_for(rank):
+        mine = (a, b)[rank]
+
+        def gather(t):
+            if t.ndim == 2:  # (e - reference) * in_g, this process's rows
+                theirs = (e[other[rank]] - references[other[rank]]) * in_g[other[rank]].double().unsqueeze(1)
+            else:
+                theirs = in_g[other[rank]].double()
+            return torch.cat([t, theirs] if mine == a else [theirs, t])
+
+        return gather
+
+    first = grpo_advpo.advpo_rewards(rewards[a], e[a], chol, references[a], budget, in_g=in_g[a], gather=gather_for(0))
+    second = grpo_advpo.advpo_rewards(rewards[b], e[b], chol, references[b], budget, in_g=in_g[b], gather=gather_for(1))
+    torch.testing.assert_close(torch.cat([first[1], second[1]]), penalty, rtol=1e-10, atol=1e-12)
+    # no completion with a reference anywhere in the batch: g = 0, no penalty
+    none = grpo_advpo.advpo_rewards(rewards, e, chol, references, budget, in_g=torch.zeros(8) > 0)
+    assert none[1].abs().max() == 0 and none[2] == 0
 
 
 def tiny_neox(cls, seed=0, **extra):
@@ -193,6 +239,17 @@ def test_advpo_statistics_match_a_sum_over_responses_scored_one_at_a_time():
     expected = 0.7 * torch.eye(16, dtype=torch.float64) + sum(torch.outer(x, x) for x in every)
     torch.testing.assert_close(M, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ref, torch.stack(feats["chosen"]).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_advpo_paired_references_without_a_shared_prompt_are_refused(world, tmp_path):
+    prefs = tmp_path / "prefs"
+    prefs.mkdir()
+    (prefs / "train.jsonl").write_text(json.dumps({"prompt": "not a prompt", "chosen": " a", "rejected": " b"}) + "\n")
+    cmd = baseline_cmd("grpo_advpo.py", world, tmp_path / "run")
+    cmd[cmd.index("--prefs-path") + 1] = str(prefs)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "none of the" in res.stderr and "--references pooled" in res.stderr
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
 
 
 def test_advpo_singular_m_and_prefs_without_pairs_are_clear_errors(tmp_path):
@@ -299,6 +356,19 @@ def assert_group_advantages(samples, K, reward_of):
             assert row["advantage"] == pytest.approx(reward_of(row) - mean, abs=1e-5)
 
 
+def assert_activity(metrics, samples, K, plain_of):
+    """`adv/std` and `adv/relative_change` of every step, recomputed with numpy from all its completions
+    (samples.jsonl): the spread of the logged advantages, and sum |A - A0| / sum |A0| with A0 the group-centred
+    plain reward that the method starts from (`plain_of`)."""
+    for m in metrics:
+        step = [s for s in samples if s["step"] == m["step"]]
+        adv = np.array([s["advantage"] for s in step])
+        plain = np.array([plain_of(s) for s in step]).reshape(-1, K)
+        a0 = (plain - plain.mean(1, keepdims=True)).ravel()
+        assert m["adv/std"] == pytest.approx(np.std(adv), rel=1e-5, abs=1e-6)
+        assert m["adv/relative_change"] == pytest.approx(np.abs(adv - a0).sum() / np.abs(a0).sum(), rel=1e-4, abs=1e-6)
+
+
 def test_uwo_end_to_end(world, tmp_path):
     # lambda = 0 with identical members: the ensemble reward is the proxy's, the advantages Dr.GRPO's
     same = tmp_path / "same"
@@ -329,6 +399,8 @@ def test_uwo_end_to_end(world, tmp_path):
     assert no_eos and len(no_eos) < len(samples)  # both kinds occur
     assert all(s["proxy"] == s["uwo_reward"] == -1.0 and s["penalty"] == s["spread"] == 0.0 for s in no_eos)
     assert_group_advantages(samples[:8], 4, lambda r: r["uwo_reward"])
+    assert_activity(rows, samples, 4, lambda r: r["uwo_reward"] + r["penalty"])  # A0: the members' mean (lambda 0)
+    assert all(r["adv/relative_change"] > 0 for r in rows)
     assert os.path.exists(diff / "model" / "model.safetensors")
 
 
@@ -348,9 +420,23 @@ def test_advpo_end_to_end(world, tmp_path):
     assert set(samples[0]) == {*SAMPLE_FIELDS, "penalty"}
     step1 = [s for s in samples if s["step"] == 1][:8]
     assert_group_advantages(step1, 4, lambda r: r["proxy"] - r["penalty"])
+    assert_activity(rows, samples, 4, lambda r: r["proxy"])
     # a completion without EOS has the fixed reward, which does not depend on the head: no AdvPO penalty
     no_eos = [s for s in samples if not s["has_eos"]]
     assert no_eos and all(s["proxy"] == -1.0 and s["penalty"] == 0.0 for s in no_eos)
+    # --references paired (the default): the completions of the prompts the preference data has enter g
+    paired = {r["prompt"] for r in read_jsonl(world / "prefs" / "train.jsonl")}
+    for row in rows:
+        step = [s for s in samples if s["step"] == row["step"]]
+        assert row["advpo/paired_fraction"] == pytest.approx(np.mean([s["prompt"] in paired for s in step]))
+    assert 0 < np.mean([r["advpo/paired_fraction"] for r in rows]) < 1  # both kinds of prompt occur
+    # pooled references: another g, so other penalties on the same first step's completions
+    pooled = tmp_path / "pooled"
+    run_ok(
+        baseline_cmd("grpo_advpo.py", world, pooled, "--budget", "5", "--references", "pooled", "--total-steps", "1")
+    )
+    assert read_metrics(pooled)[0]["advpo/paired_fraction"] == 1.0
+    assert read_metrics(pooled)[0]["advpo/g_norm"] != rows[0]["advpo/g_norm"]
     # budget 0: the proxy reward, Dr.GRPO
     zero = tmp_path / "zero"
     run_ok(baseline_cmd("grpo_advpo.py", world, zero, "--budget", "0", "--total-steps", "1"))
@@ -375,6 +461,8 @@ def test_bspo_end_to_end(world, tmp_path):
     assert any(s["out_of_support"] for s in samples)
     floor = row["bspo/min_return"]
     assert_group_advantages(samples, 4, lambda r: floor if r["out_of_support"] else r["proxy"])
+    assert_activity([row], read_jsonl(high / "samples.jsonl"), 4, lambda r: r["proxy"])
+    assert row["adv/relative_change"] > 0
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,6 +63,50 @@ def test_spread_prints_mean_min_max_and_counts_runs_that_never_reached():
     assert pipeline.spread([None, math.nan]) == "-"
 
 
+def test_t_quantiles_and_the_paired_interval_against_scipy():
+    from scipy import stats
+
+    for df in list(range(1, 31)) + [31, 40, 60, 120, 1000]:
+        assert pipeline.t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3), df
+    diffs = [0.3, -0.1, 0.25, 0.4, 0.05, 0.2, -0.02]
+    p = pipeline.paired(diffs)
+    lo, hi = stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=stats.sem(diffs))
+    assert (p["mean"], p["lo"], p["hi"]) == (
+        pytest.approx(np.mean(diffs)),
+        pytest.approx(lo, abs=1e-3),
+        pytest.approx(hi, abs=1e-3),
+    )
+    assert (p["ahead"], p["n"]) == (5, 7)
+    one = pipeline.paired([0.2])
+    assert (one["mean"], one["lo"], one["hi"], one["ahead"], one["n"]) == (0.2, None, None, 1, 1)
+    assert pipeline.paired([])["n"] == 0
+
+
+def test_paired_differences_pair_runs_by_chain_seed_and_skip_missing_values():
+    run = lambda label, seed, final, kl1: dict(label=label, seed=seed, final_gold=final, gold_at_kl1=kl1)
+    runs = [run("Dr.GRPO", 1, 0.5, 0.9), run("Dr.GRPO", 2, 1.0, 1.2), run("Dr.GRPO", 3, 0.2, None),
+            run("M", 3, 0.6, 1.0), run("M", 1, 0.4, 1.0), run("M", 2, 1.3, None)]  # fmt: skip
+    out = pipeline.paired_differences(runs, "M", "Dr.GRPO", ["final_gold", "gold_at_kl1"])
+    assert out["final_gold"]["diffs"] == pytest.approx([-0.1, 0.3, 0.4])  # seeds 1, 2, 3, each against its own
+    assert (out["final_gold"]["ahead"], out["final_gold"]["n"]) == (2, 3)
+    assert out["gold_at_kl1"]["diffs"] == pytest.approx([0.1])  # seed 2: M never reached KL 1; seed 3: Dr.GRPO never
+    assert pipeline.cell(out["gold_at_kl1"]) == "+0.100 (1/1)"
+
+
+def test_sweep_choice_follows_the_rule_fixed_in_advance():
+    """The highest VALIDATION gold at the last evaluation, averaged over the sweep seeds, whatever the test gold says;
+    the activity columns are run means."""
+    a = fake_run(test_gold=[0.0, 2.0, 2.0], val_gold=[0.0, 0.9, 0.5], kls=[0, 1, 2])
+    b = fake_run(test_gold=[0.0, 0.1, 0.1], val_gold=[0.0, 0.2, 0.6], kls=[0, 1, 2])
+    for rows, change in ((a, 0.5), (b, 0.1)):
+        for r in rows:
+            if "policy/kl" in r:
+                r["adv/relative_change"], r["adv/std"] = change, 1.0
+    c = pipeline.sweep_choice("drgrpo_kl", [0.01, 0.1], [[a, a], [b, b]])
+    assert c["chosen"] == 0.1 and c["validation_gold_at_last_step"] == [0.5, 0.6]
+    assert c["adv/relative_change"] == pytest.approx([0.5, 0.1]) and c["final_kl"] == [2.0, 2.0]
+
+
 def test_pipeline_runs_every_stage_every_method_and_writes_the_tables(tmp_path, ci_world_3_gold_steps):
     root = tmp_path / "tw"
     # the world stage's output, built by the session (the same command as the pipeline's world stage below, so
@@ -87,7 +132,8 @@ def test_pipeline_runs_every_stage_every_method_and_writes_the_tables(tmp_path, 
         "5",
         "--bspo-threshold-grid",
         "1e-4",
-        "--control-kl-coefs",
+        "--kl-coef-grid",
+        "0.01",
         "0.1",
         "--rl-steps",
         "2",
@@ -115,11 +161,23 @@ def test_pipeline_runs_every_stage_every_method_and_writes_the_tables(tmp_path, 
         )
     scores = sweep["signcert"]["validation_gold_at_last_step"]
     assert summary["chosen"]["signcert"] == [0.1, 0.5][scores.index(max(scores))]
+    # the control's beta is chosen by the same rule; next to each value, what shows the knob acting, read back
+    scores = sweep["drgrpo_kl"]["validation_gold_at_last_step"]
+    beta = summary["chosen"]["drgrpo_kl"]
+    assert beta == [0.01, 0.1][scores.index(max(scores))]
+    for m, folder, value, key in (("signcert", "signcert_q{:g}_kl0.01_s1", 0.5, "signcert/eps"),
+                                  ("uwo", "uwo_l{:g}_kl0.01_s1", 0.1, "uwo/penalty"),
+                                  ("drgrpo_kl", "drgrpo_kl{:g}_s1", 0.1, "adv/relative_change")):  # fmt: skip
+        rows = [json.loads(line) for line in open(root / "rl" / folder.format(value) / "metrics.jsonl")]
+        i = sweep[m]["grid"].index(value)
+        assert sweep[m][key][i] == pytest.approx(sum(r[key] for r in rows if key in r) / 2)  # 2 steps
+        assert sweep[m]["final_kl"][i] == pipeline.eval_curve(rows, "validation")[-1][1]
+    assert sweep["drgrpo_kl"]["adv/relative_change"] == [0.0, 0.0] and sweep["uwo"]["adv/relative_change"][0] > 0
     labels = [r["label"] for r in summary["runs"]]
     q = summary["chosen"]["signcert"]
     assert labels == [
         "Dr.GRPO",
-        "Dr.GRPO beta=0.1",
+        f"Dr.GRPO beta={beta:g}",
         f"SignCert-PO q={q:g}",
         "UWO lambda=0.1",
         "AdvPO B=5",
@@ -129,7 +187,9 @@ def test_pipeline_runs_every_stage_every_method_and_writes_the_tables(tmp_path, 
     # each method ran with its own script and knob, against the proxy it needs
     args_of = lambda run: json.load(open(os.path.join(run["folder"], "args.json")))
     a = {r["label"]: args_of(r) for r in summary["runs"]}
-    assert a["Dr.GRPO"]["quantile"] == 0 and a["Dr.GRPO"]["kl_coef"] == 0.01 and a["Dr.GRPO beta=0.1"]["kl_coef"] == 0.1
+    assert a["Dr.GRPO"]["quantile"] == 0 and a["Dr.GRPO"]["kl_coef"] == 0.01
+    assert a[f"Dr.GRPO beta={beta:g}"]["quantile"] == 0 and a[f"Dr.GRPO beta={beta:g}"]["kl_coef"] == beta
+    assert a["UWO lambda=0.1"]["uwo_penalty"] == "std"  # the SignCert-PO paper's UWO
     assert a[f"SignCert-PO q={q:g}"]["quantile"] == q
     assert [os.path.basename(p) for p in a["UWO lambda=0.1"]["reward_model_paths"]] == ["rm", "rm_2", "rm_3"]
     assert os.path.basename(a["BSPO threshold=0.0001"]["reward_model_path"]) == "rm_bspo"
@@ -161,8 +221,8 @@ def test_pipeline_runs_every_stage_every_method_and_writes_the_tables(tmp_path, 
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (
-        "$ " not in again.stdout and again.stdout.count("[pipeline] skip") == 1 + 7 + 5 + 7
-    )  # world; sft, prefs, 4 RMs, eval; 5 sweep runs; 7 runs
+        "$ " not in again.stdout and again.stdout.count("[pipeline] skip") == 1 + 7 + 7 + 7
+    )  # world; sft, prefs, 4 RMs, eval; 7 sweep runs; 7 runs
 
 
 def test_a_world_of_another_format_is_refused_with_what_to_do(tmp_path):

@@ -443,6 +443,8 @@ def expected_metrics(rows, K, quantile):
         "signcert/mean_radius": float(np.mean(pool)) if pool.size else math.inf,
         "completion/length": float(np.mean([r["length"] for r in rows])),
         "completion/no_eos_rate": float(np.mean(~has_eos)),
+        "adv/std": float(np.std(advantage)),
+        "adv/relative_change": float(np.abs(advantage - A).sum() / np.abs(A).sum()),
     }
 
 
