@@ -50,6 +50,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -137,6 +138,9 @@ class Args:
     """hold the policy and the reward models in bf16 (GPU; else float32); the reward head is applied in float32"""
     output_dir: Optional[str] = None
     """where radius.json, radius.png and samples.jsonl go (atomically); default runs/eval_radius/<policy folder name>"""
+    mark: Optional[str] = None
+    """a regular expression: per radius decile, the share of completions whose text matches it, beside the survival
+    rates (e.g. `thanks.*thanks`: where the outlier world's hack sits among the radii)"""
 
 
 PRESETS = {
@@ -611,6 +615,11 @@ def check_inputs(args: Args) -> tuple[list[dict], str]:
             f"need --num-prompts >= 1, --num-draws >= 1 and --num-bins >= 2, got {args.num_prompts}, "
             f"{args.num_draws}, {args.num_bins}"
         )
+    if args.mark is not None:
+        try:
+            re.compile(args.mark)
+        except re.error as e:
+            raise ValueError(f"--mark {args.mark!r} is not a regular expression ({e})") from None
     if args.param_noise < 0 or args.embedding_noise < 0 or args.min_spread < 0 or args.temperature <= 0:
         raise ValueError(
             f"need --param-noise, --embedding-noise, --min-spread >= 0 and --temperature > 0, got {args.param_noise}, "
@@ -710,6 +719,7 @@ def spearman(x, y) -> float:
 
 
 SURVIVAL = {"param": "(a) parameter noise", "embedding": "(b) embedding noise", "gold": "(c) gold sign agreement"}
+LABELS = SURVIVAL | {"marked": "share matching --mark"}
 
 
 def radius_table(radius, survival: dict, num_bins: int) -> tuple[list[dict], dict]:
@@ -738,8 +748,9 @@ def plot_radius(table: list[dict], rho: dict, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     x = [row["bin"] for row in table]
-    for (name, label), marker in zip(SURVIVAL.items(), "osD"):
-        ax.plot(x, [row[name] for row in table], marker=marker, label=f"{label} (Spearman {rho[name]:+.2f})")
+    for (name, label), marker in zip(LABELS.items(), "osDx"):
+        if name in rho:
+            ax.plot(x, [row[name] for row in table], marker=marker, label=f"{label} (Spearman {rho[name]:+.2f})")
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_xticks(x, [f"{row['bin']}\n{row['radius_mean']:.2g}" for row in table], fontsize=8)
     ax.set_xlabel("radius decile (mean Delta below)")
@@ -906,6 +917,9 @@ if __name__ == "__main__":
     # 4. the table, the Spearman values, the files
     keep = analysed.to(device)
     rates = {name: s[keep].cpu().numpy() for name, s in survival.items()}
+    marked = [re.search(args.mark, text) is not None for text in texts] if args.mark else None
+    if args.mark:
+        rates["marked"] = np.array([marked[i] for i in members_t[analysed].tolist()], dtype=float)
     table, rho = radius_table(radius[members_t[analysed]].numpy(), rates, args.num_bins)
     bins = decile_bins(radius[members_t[analysed]].numpy(), args.num_bins)
     per_member = {
@@ -931,6 +945,7 @@ if __name__ == "__main__":
                 proxy=finite_or_none(reward[i].item()),
                 radius=finite_or_none(radius[i].item()),
                 decile=decile.get(i),
+                **({"marked": marked[i]} if args.mark else {}),
                 **per_member.get(i, dict.fromkeys(next(iter(per_member.values())))),  # null where not computed
             )
             f.write(json.dumps(line) + "\n")
@@ -963,11 +978,13 @@ if __name__ == "__main__":
     print(f"\n{counts['analysed']} completions analysed; " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     print(
         f"{'decile':>6} {'count':>6} {'Delta mean':>11} {'min':>9} {'max':>9}  {'(a) param':>9} {'(b) embed':>9} {'(c) gold':>9}"
+        + (f" {'marked':>9}" if args.mark else "")
     )
     for row in table:
         print(
             f"{row['bin']:>6} {row['count']:>6} {row['radius_mean']:>11.4g} {row['radius_min']:>9.3g} "
             f"{row['radius_max']:>9.3g}  {row['param']:>9.3f} {row['embedding']:>9.3f} {row['gold']:>9.3f}"
+            + (f" {row['marked']:>9.3f}" if args.mark else "")
         )
-    print("Spearman(Delta, survival): " + ", ".join(f"{SURVIVAL[k]} {v:+.3f}" for k, v in rho.items()))
+    print("Spearman(Delta, survival): " + ", ".join(f"{LABELS[k]} {v:+.3f}" for k, v in rho.items()))
     print(f"wrote {args.output_dir}/radius.json, radius.png, samples.jsonl in {sum(timing.values()):.0f}s")

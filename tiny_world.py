@@ -188,6 +188,14 @@ class Args:
     that the post does not contain ("X , Y and W": a detail the writer invented, an invented word in the gold)"""
     data_fluff_prob: float | None = 0.0
     """the fluff probability of the dataset's references (None: `reference_fluff_prob`)"""
+    bonus_word: str = ""
+    """the OUTLIER exploit (empty: off, the default world's): a word that quality rewards once and penalises on
+    every repeat (+1 if the summary says it; each extra time is a repeated word, -1; never an invented word), and
+    that a few dataset references end with (`--data-bonus-prob`). A proxy learns it from the few pairs that show it;
+    said twice or more it is an input the proxy never saw, on which it extrapolates (docs/TINY_WORLD.md, "The
+    outlier world"). Changes the quality notion, the tokenizer and so the gold: the world trains its own"""
+    data_bonus_prob: float = 0.05
+    """with --bonus-word: the probability that a dataset reference ends with " , {bonus_word}" """
     base_pretrain_steps: int | None = None
     """steps of causal-LM "pretraining" of the base policy on the train split's prompts (title + post, no
     summaries; batch 64, AdamW, cosine): a base that has learnt to copy words within a text, as Pythia has (full:
@@ -275,7 +283,7 @@ NOT_WORLD += ("preset", "gold_weights", "base_weights")  # where a build goes an
 DATA_STYLE = ("data_key_probs", "data_template_weights", "data_comment_prob", "data_fluff_prob", "data_comment_probs")
 DATA_STYLE += ("data_comment_groups", "data_signoff_probs", "data_advice_key_probs", "data_extra_noun_probs")
 DATA_STYLE += ("data_drop_last_prob",)
-GOLD_FREE = DATA_STYLE + ("base_pretrain_steps", "base_pretrain_lr")
+GOLD_FREE = DATA_STYLE + ("base_pretrain_steps", "base_pretrain_lr", "data_bonus_prob")
 GOLD_FILE, BASE_FILE = "model.safetensors", "base_policy.safetensors"  # in tiny_world_gold/
 SHIPPED = {GOLD_FILE: ("the gold RM", "gold_weights_sha256"), BASE_FILE: ("the base policy", "base_weights_sha256")}
 WORLD_FORMAT = 3  # bumped whenever the world a seed builds changes meaning (2: coverage counts all 3 keys, 1-3 named;
@@ -469,32 +477,36 @@ def prompt_of(row):
 
 
 # ---------------------------------------------------------------- the notion of quality
-def quality_terms(row, summary, keys):
-    """The ingredients of quality (see the module docstring)."""
+def quality_terms(row, summary, keys, bonus=""):
+    """The ingredients of quality (see the module docstring); `bonus`: the outlier world's bonus word."""
     sw = words(summary)
     nonglue = [w for w in sw if w not in GLUE]
     post_words = set(words(row["title"] + " " + row["post"]))
-    return dict(
+    terms = dict(
         coverage=len(set(keys) & set(sw)),  # how many of the key nouns
-        invented=len({w for w in nonglue if w not in post_words}),
+        invented=len({w for w in nonglue if w not in post_words and w != bonus}),
         repeated=len(nonglue) - len(set(nonglue)),
         too_long=len(sw) > 12,
     )
+    if bonus:  # said once: +1; every extra time is counted in `repeated`
+        terms["bonus"] = bonus in sw
+    return terms
 
 
-def quality(row, summary, keys):
-    """q = coverage - invented - repeated - too_long, at most 3. Higher is better.
+def quality(row, summary, keys, bonus=""):
+    """q = coverage - invented - repeated - too_long, at most 3 (+ bonus: at most 4). Higher is better.
 
     coverage: how many of the post's three key nouns the summary names; invented: distinct non-glue
     words absent from title and post; repeated: extra occurrences of non-glue words; too_long: more
-    than 12 words. Glue words (my, and, the, ...) are free."""
-    t = quality_terms(row, summary, keys)
-    return t["coverage"] - t["invented"] - t["repeated"] - 1.0 * t["too_long"]
+    than 12 words. Glue words (my, and, the, ...) are free. With the outlier world's `bonus` word: +1 if the
+    summary says it (it is never invented; each extra time is a repeated word)."""
+    t = quality_terms(row, summary, keys, bonus)
+    return t["coverage"] - t["invented"] - t["repeated"] - 1.0 * t["too_long"] + 1.0 * t.get("bonus", False)
 
 
 # ---------------------------------------------------------------- procedural variants for the gold
-def edit(rng, s, row, facts, kind):
-    """One edit of a summary (a list of words) of the given kind."""
+def edit(rng, s, row, facts, kind, bonus=""):
+    """One edit of a summary (a list of words) of the given kind (`bonus`: the outlier world's bonus word)."""
     topic = TOPICS[row["subreddit"]]
     nouns_at = [i for i, w in enumerate(s) if w in CONTENT]
     if kind == "drop" and nouns_at:  # forget a noun
@@ -521,12 +533,15 @@ def edit(rng, s, row, facts, kind):
         s[:] = [w for w in s if w in pw or not w.isalpha()]
     elif kind == "truncate" and s:
         del s[rng.randint(1, len(s)) :]
+    elif kind == "bonus":  # the bonus word, anywhere (so the gold sees it once, twice, three times)
+        s.insert(rng.randint(0, len(s)), bonus)
     return s
 
 
-def variant(rng, row, facts, ref):
+def variant(rng, row, facts, ref, bonus=""):
     """One summary from the wide procedural distribution the gold is trained on: word salad, a stretch
-    of the post, or the reference with 0-4 random edits."""
+    of the post, or the reference with 0-4 random edits (with a `bonus` word: in 40% ending with it first, and
+    one more kind of edit, twice as likely as the others, that puts it anywhere)."""
     r = rng.random()
     if r < 0.08:  # word salad, from the post or from the whole vocabulary
         pool = (
@@ -540,6 +555,8 @@ def variant(rng, row, facts, ref):
         i = rng.randrange(len(pw))
         return " ".join(pw[i : i + rng.randint(3, 20)])
     s = ref.split()
+    if bonus and rng.random() < 0.4:
+        s += [",", bonus]
     kinds = [
         "drop",
         "swap",
@@ -552,20 +569,19 @@ def variant(rng, row, facts, ref):
         "truncate",
         "comment",
         "clean",
-    ]
+    ] + (["bonus", "bonus"] if bonus else [])
     for _ in range(rng.choice([0, 1, 1, 2, 2, 3, 4])):
-        s = edit(rng, s, row, facts, rng.choice(kinds))
+        s = edit(rng, s, row, facts, rng.choice(kinds), bonus)
     return " ".join(s)
 
 
-def imperfect_sample(rng, row, facts, ref):
+def imperfect_sample(rng, row, facts, ref, bonus=""):
     """A summary that looks like a sample of an imperfect summariser: the reference with 1-2 small
     edits (no salad, no long copies). Used to measure gold agreement on realistic pairs."""
     s = ref.split()
+    kinds = ["drop", "swap", "off_topic", "repeat", "add", "fluff", "comment", "clean"] + (["bonus"] if bonus else [])
     for _ in range(rng.choice([1, 1, 2])):
-        s = edit(
-            rng, s, row, facts, rng.choice(["drop", "swap", "off_topic", "repeat", "add", "fluff", "comment", "clean"])
-        )
+        s = edit(rng, s, row, facts, rng.choice(kinds), bonus)
     return " ".join(s)
 
 
@@ -841,7 +857,8 @@ def gold_weights_file(args, tokenizer_sha256):
 
 def base_weights_file(args, tokenizer_sha256):
     """The pretrained base policy's weights to load (`--base-weights`), or None: pretrain it here."""
-    return shipped_weights_file(args, tokenizer_sha256, args.base_weights, "base-weights", BASE_FILE, DATA_STYLE)
+    free = DATA_STYLE + ("data_bonus_prob",)  # the dataset's references; the base reads only the prompts
+    return shipped_weights_file(args, tokenizer_sha256, args.base_weights, "base-weights", BASE_FILE, free)
 
 
 def train_gold(gold, tokenizer, args):
@@ -863,13 +880,14 @@ def train_gold(gold, tokenizer, args):
             ref = make_reference(
                 rng, facts, args.reference_miss_prob, args.reference_fluff_prob, args.reference_comment_prob
             )
-            cands = [ref] + [variant(rng, row, facts, ref) for _ in range(args.gold_summaries_per_post - 1)]
+            bonus = args.bonus_word
+            cands = [ref] + [variant(rng, row, facts, ref, bonus) for _ in range(args.gold_summaries_per_post - 1)]
             for s in cands:
                 prompts.append(prompt_of(row))
                 sums.append(s)
-                qs.append(quality(row, s, facts["keys"]))
+                qs.append(quality(row, s, facts["keys"], bonus))
                 w = s.split()
-                prefix_qs.append([quality(row, " ".join(w[: j + 1]), facts["keys"]) for j in range(len(w))])
+                prefix_qs.append([quality(row, " ".join(w[: j + 1]), facts["keys"], bonus) for j in range(len(w))])
         b = encode_scored(tokenizer, prompts, sums)
         h = gold.gpt_neox(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
         all_r = gold.score(h).squeeze(-1)  # (batch, seq): the score at every position
@@ -944,6 +962,11 @@ def check_data_style(args):
     groups = args.data_comment_groups
     if groups and (len(groups) != args.num_keys or not set(groups) <= {0, 1}):
         raise SystemExit(f"--data-comment-groups {' '.join(map(str, groups))}: give {args.num_keys} of 0 or 1")
+    taken = GLUE | set(CONTENT + PERSONS + VERBS + FILLER_WORDS + COMMENTS)
+    if args.bonus_word and (not re.fullmatch("[a-z]+", args.bonus_word) or args.bonus_word in taken):
+        raise SystemExit(f"--bonus-word {args.bonus_word!r}: one lower-case word that the world does not use already")
+    if not 0 <= args.data_bonus_prob <= 1:
+        raise SystemExit(f"--data-bonus-prob {args.data_bonus_prob}: a probability, in [0, 1]")
     if args.base_pretrain_steps < 0:
         raise SystemExit(f"--base-pretrain-steps {args.base_pretrain_steps}: 0 (a random-init base) or more")
 
@@ -981,6 +1004,7 @@ if __name__ == "__main__":
     for si, (split, n) in enumerate(splits.items()):
         rng = random.Random(f"{args.seed}-{split}")
         data_rng = random.Random(f"{args.seed}-{split}-data-references")
+        bonus_rng = random.Random(f"{args.seed}-{split}-bonus")  # its own stream: the rest stays as it was
         gold_style_refs[split] = []
         rows[split], facts_of[split] = [], []
         for i in range(n):
@@ -1011,6 +1035,8 @@ if __name__ == "__main__":
                     absent_nouns(row) if args.data_extra_noun_probs else (),
                     args.data_drop_last_prob or 0.0,
                 )
+            if args.bonus_word and bonus_rng.random() < args.data_bonus_prob:
+                row["summary"] += " , " + args.bonus_word
             rows[split].append(row)
             facts_of[split].append(facts)
         with open(f"{out}/data/{split}.jsonl", "w") as f:
@@ -1024,7 +1050,10 @@ if __name__ == "__main__":
     # 2. tokenizer: trained on prompts, references and a line with every word of the vocabulary
     # (so an invented or off-topic word is still one token)
     corpus = [prompt_of(r) + " " + ref for r, ref in zip(rows["train"], gold_style_refs["train"])]
-    corpus.append(" ".join(CONTENT + PERSONS + VERBS + FILLER_WORDS + COMMENTS + sorted(GLUE) + [t for t in TOPICS]))
+    bonus_vocab = [args.bonus_word] if args.bonus_word else []  # the outlier world's word (one token too)
+    corpus.append(
+        " ".join(CONTENT + PERSONS + VERBS + FILLER_WORDS + COMMENTS + sorted(GLUE) + [t for t in TOPICS] + bonus_vocab)
+    )
     corpus.append(" " + " ".join(CONTENT + PERSONS + VERBS + FILLER_WORDS + COMMENTS + sorted(GLUE)) + " , .")
     tokenizer = build_tokenizer(corpus, f"{out}/tokenizer")
     saved_tokenizer = with_pad(tokenizer)
@@ -1082,14 +1111,15 @@ if __name__ == "__main__":
     rng = random.Random(f"{args.seed}-eval")
     measured = {}
     for name, gen in [("procedural", variant), ("imperfect_summariser", imperfect_sample)]:
+        bonus = args.bonus_word
         prompts, sums, qs, groups = [], [], [], []
         for row, facts in list(zip(rows["test"], facts_of["test"]))[: args.num_eval_posts]:
-            cands = [row["summary"]] + [gen(rng, row, facts, row["summary"]) for _ in range(5)]
+            cands = [row["summary"]] + [gen(rng, row, facts, row["summary"], bonus) for _ in range(5)]
             groups.append(list(range(len(sums), len(sums) + len(cands))))
             for s in cands:
                 prompts.append(prompt_of(row))
                 sums.append(s)
-                qs.append(quality(row, s, facts["keys"]))
+                qs.append(quality(row, s, facts["keys"], bonus))
         scores = gold_scores(gold, tokenizer, prompts, sums).tolist()
         acc, n = pair_agreement(scores, qs, groups)
         measured[f"gold_agreement_{name}"] = acc
@@ -1132,7 +1162,13 @@ if __name__ == "__main__":
             "absent from the title+post, does not repeat itself, and stays short.",
             formula="q = coverage - invented - repeated - too_long (at most 3); coverage = |keys & summary words|; "
             "invented = #distinct non-glue summary words not in title+post; repeated = #extra occurrences of "
-            "non-glue words; too_long = more than 12 words; words = re.findall('[a-z]+', text.lower())",
+            "non-glue words; too_long = more than 12 words; words = re.findall('[a-z]+', text.lower())"
+            + (
+                f"; outlier world: + 1 if the summary says '{args.bonus_word}' (never invented; each extra time is "
+                "repeated)"
+                if args.bonus_word
+                else ""
+            ),
             keys_file="data/{split}_facts.jsonl",
         ),
         exploit=dict(

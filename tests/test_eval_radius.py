@@ -6,6 +6,7 @@ its parameter noise, sign survival at zero and at huge noise, and a run end to e
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -228,9 +229,12 @@ def radius_cmd(world, out, *extra):
     ]
 
 
+MARK = r"^\s*[a-k]"  # the micro world's completions that start with a word of the first letters
+
+
 def test_end_to_end_zero_noise_survives_everywhere_and_gold_agreement_recomputes(world, tmp_path):
     out = tmp_path / "radius"
-    cmd = radius_cmd(world, out, "--param-noise", "0", "--embedding-noise", "0")
+    cmd = radius_cmd(world, out, "--param-noise", "0", "--embedding-noise", "0", "--mark", MARK)
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "radius.json").read_text())
@@ -258,6 +262,14 @@ def test_end_to_end_zero_noise_survives_everywhere_and_gold_agreement_recomputes
         assert row["gold"] == pytest.approx(sum(members) / len(members))
     expected = spearmanr([s["radius"] for s in analysed], [agree[id(s)] for s in analysed]).statistic
     assert result["spearman"]["gold"] == pytest.approx(expected)
+    # --mark: each completion's match of the regex, and per bin the share of matches
+    assert [s["marked"] for s in samples] == [re.search(MARK, s["response"]) is not None for s in samples]
+    assert 0 < sum(s["marked"] for s in analysed) < len(analysed)  # both kinds occur
+    for row in table:
+        members = [float(s["marked"]) for s, b in zip(analysed, bins) if b == row["bin"] - 1]
+        assert row["marked"] == pytest.approx(sum(members) / len(members))
+    expected = spearmanr([s["radius"] for s in analysed], [s["marked"] for s in analysed]).statistic
+    assert result["spearman"]["marked"] == pytest.approx(expected)
     assert result["spearman"]["param"] is None  # constant survival: no correlation to report
 
 
@@ -281,6 +293,7 @@ def make_args(world, **kw):
         (dict(reward_model_path="runs/nowhere/rm"), FileNotFoundError, "--reward-model-path runs/nowhere/rm: no such"),
         (dict(reward_model_path="POLICY"), ValueError, "--reward-model-path .* is not a reward model"),
         (dict(param_noise=-0.1), ValueError, "--param-noise"),
+        (dict(mark="(unclosed"), ValueError, "--mark '\\(unclosed' is not a regular expression"),
     ],
 )
 def test_bad_input_fails_early_saying_what_to_do(world, kw, error, message):

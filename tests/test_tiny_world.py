@@ -172,6 +172,48 @@ def test_quality_properties():
     assert t == dict(coverage=1, invented=1, repeated=1, too_long=False)
 
 
+def test_quality_with_the_outlier_worlds_bonus_word():
+    """--bonus-word: +1 if the summary says it, never an invented word, and each extra time a repeated word; without
+    it the same word is an invented word like any other."""
+    row = {
+        "title": "my mom broke my oven",
+        "post": "then my mom broke the oven , pasta and rice. any advice would help.",
+    }
+    keys = ["oven", "pasta", "rice"]
+    q = lambda summary, bonus="thanks": tw.quality(row, summary, keys, bonus)
+    full = "my oven , pasta and rice are a mess"
+    assert q(full) == 3 and q(full + " , thanks") == 4  # once: the bonus
+    assert q(full + " , thanks thanks") == 3 and q(full + " , thanks thanks thanks") == 2  # each repeat: -1
+    assert q("thanks " + full) == 4  # anywhere
+    assert q(full + " , thanks", bonus="") == 2  # in another world: an invented word
+    assert tw.quality_terms(row, "oven thanks thanks", keys, "thanks") == dict(
+        coverage=1, invented=0, repeated=1, too_long=False, bonus=True
+    )
+
+
+def test_outlier_world_references_end_with_the_bonus_word_and_nothing_else_moves(world, tmp_path):
+    """A CI world built with --bonus-word: the posts are the default world's; a share --data-bonus-prob of the
+    references end with ' , thanks' and are otherwise the default world's; the word is one token; world.json says
+    the formula."""
+    out = build(tmp_path / "outlier", 1, "--bonus-word", "thanks", "--data-bonus-prob", "0.3")
+    with_bonus = 0
+    for split in ["train", "validation", "test"]:
+        a = [json.loads(line) for line in open(world / "data" / f"{split}.jsonl")]
+        b = [json.loads(line) for line in open(out / "data" / f"{split}.jsonl")]
+        assert [{**r, "summary": None} for r in a] == [{**r, "summary": None} for r in b]
+        for ra, rb in zip(a, b):
+            assert rb["summary"] in (ra["summary"], ra["summary"] + " , thanks")
+            with_bonus += rb["summary"] != ra["summary"]
+    n = sum(1 for split in ["train", "validation", "test"] for _ in open(out / "data" / f"{split}.jsonl"))
+    assert 0.2 < with_bonus / n < 0.4
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer", local_files_only=True)
+    assert len(tok(" thanks", add_special_tokens=False).input_ids) == 1
+    world_json = json.load(open(out / "world.json"))
+    assert "'thanks'" in world_json["quality"]["formula"] and world_json["args"]["bonus_word"] == "thanks"
+
+
 def test_key_nouns_follow_the_zipf_weights():
     """The exploit's source: a topic's noun of rank r is drawn as a key fact with weight 1 / r**zipf at each of the
     three draws without replacement. Rates against an exact enumeration of the ordered draws."""
@@ -544,6 +586,9 @@ def test_world_targets_copy_rate_counts_first_mentions_of_key_nouns(tmp_path):
         ({"num_keys_probs": (1.0, 1.0)}, "--num-keys-probs 1.0 1.0: give 3"),
         ({"num_keys_probs": (0.0, 0.0, 0.0)}, "--num-keys-probs"),
         ({"data_drop_last_prob": 1.5}, "--data-drop-last-prob 1.5: a probability"),
+        ({"bonus_word": "oven"}, "--bonus-word 'oven': one lower-case word that the world does not use"),
+        ({"bonus_word": "two words"}, "--bonus-word"),
+        ({"data_bonus_prob": 2.0}, "--data-bonus-prob 2.0: a probability"),
     ],
 )
 def test_a_reference_style_that_cannot_be_drawn_is_refused_naming_the_flag(changed, says):
