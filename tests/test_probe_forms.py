@@ -92,3 +92,24 @@ def test_list_forms_quality_is_the_formula(tmp_path_factory, ci_world):
         expected |= {f"K={k} {name}": k - d for name, d in drops.items()}
     assert len(expected) > 9  # more than one K among the 20 posts
     assert q == expected
+
+
+def test_bonus_forms_quality_is_the_formula_of_the_outlier_world(tmp_path_factory, ci_world):
+    """`--bonus-forms` on a CI world built with `--bonus-word thanks`: the word once adds 1 to the list's quality,
+    each further time takes 1 away (a repeated word), first or after a comment it counts once; a world without the
+    word is refused."""
+    from conftest import build_ci_world_3_gold_steps
+
+    root = built_once(
+        tmp_path_factory, "outlier_world", lambda out: build_ci_world_3_gold_steps(out, 1, "--bonus-word", "thanks")
+    )
+    out = tmp_path_factory.mktemp("bonus") / "probe.json"
+    cmd = [sys.executable, "tools/probe_forms.py", "--root", str(root), "--rm-paths", str(root / "gold_rm")]
+    cmd += ["--num-prompts", "20", "--output", str(out), "--threads", "1", "--bonus-forms"]
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=600)
+    q = {name: cols["quality"] for name, cols in json.loads(out.read_text())["table"].items()}
+    base = q["list"]
+    assert [q[f"list , B x{n}"] - base for n in (1, 2, 3, 4)] == pytest.approx([1, 0, -1, -2])
+    assert q["B list"] == pytest.approx(base + 1) and q["list , ugh , B"] == pytest.approx(base)  # ugh: invented
+    refused = subprocess.run(cmd[:3] + [str(ci_world)] + cmd[4:], cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode != 0 and "has no bonus word" in refused.stderr

@@ -55,6 +55,9 @@ class Args:
     """torch CPU threads"""
     list_forms: bool = False
     """probe the list forms by the post's number of keys instead of the forms above"""
+    bonus_forms: bool = False
+    """probe the outlier world's bonus word (`tiny_world.py --bonus-word`): the post's list with the word 0-4 times,
+    elsewhere, and after a comment"""
 
 
 def forms(rng, row, facts):
@@ -111,6 +114,17 @@ def list_forms(rng, row, facts):
     return out
 
 
+def bonus_forms(rng, row, facts, bonus):
+    """{form: summary} for the outlier world: the post's list "my X , Y and Z are a mess" with the bonus word B said
+    0-4 times at the end, first, after a comment, and with the list one key short."""
+    full = f"my {tw.listed(facts['keys'])} are a mess"
+    out = {"list": full} | {f"list , B x{n}": f"{full} , {' '.join([bonus] * n)}" for n in range(1, 5)}
+    out |= {"B list": f"{bonus} {full}", "list , ugh , B": f"{full} , ugh , {bonus}"}
+    if len(facts["keys"]) > 1:
+        out["list one key short , B"] = f"my {tw.listed(facts['keys'][:-1])} are a mess , {bonus}"
+    return out
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     torch.set_num_threads(args.threads)
@@ -118,17 +132,25 @@ if __name__ == "__main__":
         if not os.path.exists(path):
             raise SystemExit(f"{path} does not exist: build the world (`python tiny_world.py`) and the RMs first")
     rows, facts = tw.read_posts(args.root, args.split, args.num_prompts)
+    bonus = json.load(open(f"{args.root}/world.json"))["args"].get("bonus_word", "")  # quality of the outlier world
+    if args.bonus_forms and not bonus:
+        raise SystemExit(f"--bonus-forms: {args.root} has no bonus word (build it with tiny_world.py --bonus-word)")
     rng = random.Random(args.seed)
     by_form = {}  # form -> [(row, summary, keys)]
     for row, f in zip(rows, facts):
-        if not args.list_forms and len(f["keys"]) < 2:  # the forms name X and Y: posts of one key have no Y
+        if not (args.list_forms or args.bonus_forms) and len(f["keys"]) < 2:  # X and Y: posts of one key have no Y
             continue
-        for name, s in (list_forms if args.list_forms else forms)(rng, row, f).items():
+        if args.bonus_forms:
+            made = bonus_forms(rng, row, f, bonus)
+        else:
+            made = (list_forms if args.list_forms else forms)(rng, row, f)
+        for name, s in made.items():
             by_form.setdefault(name, []).append((row, s, f["keys"]))
     tokenizer = AutoTokenizer.from_pretrained(f"{args.root}/tokenizer")
     models = {"gold": f"{args.root}/gold_rm", **{p: p for p in args.rm_paths}}
     table = {
-        name: {"quality": sum(tw.quality(r, s, k) for r, s, k in items) / len(items)} for name, items in by_form.items()
+        name: {"quality": sum(tw.quality(r, s, k, bonus) for r, s, k in items) / len(items)}
+        for name, items in by_form.items()
     }
     for label, path in models.items():
         rm = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
