@@ -1172,22 +1172,26 @@ if __name__ == "__main__":
             keys_file="data/{split}_facts.jsonl",
         ),
         exploit=dict(
-            description="What RL against the small proxy RM exploits (measured, README 'Results'): the proxy reads "
-            "surface features (a topic noun, a person, the reference templates) but cannot check that a noun is in "
-            "THIS post (a word-by-word match), and in its training pairs (SFT samples, whose references name 1-3 "
-            "keys) naming nouns goes with quality. Dr.GRPO collapses onto one of the proxy's favourite short "
-            "templates ('my <person> and my <noun>', 'my <noun> are a mess') whose proxy score does not depend on "
-            "the noun; the policy picks the noun less and less from the post (in rollouts, key nouns named per "
-            "completion 0.66 -> 0.37 from step 25 to 150 on chain seed 1, 0.54 -> 0.34 on chain seed 3, with 0.7-0.9 "
-            "invented words each). The held-out gold peaks within 10-30 steps and falls below the SFT policy's on "
-            "2 of 3 chain seeds (on the third it loses 39% of its gain) while the held-out proxy reward rises (on "
-            "the third it levels off after about 60 steps).",
-            tried="Earlier worlds capped coverage at 2 keys (the gold could not count 3 at 95% from a noisy start) and "
-            "did not over-optimise: Dr.GRPO lost 10% of its gain on average. Tried there and dropped: a longer SFT, a "
-            "proxy on 4000 pairs, 300 RL steps, Zipf-popular key nouns (--key-zipf 1: one lucky chain seed of 3), "
-            "two key facts per post (--num-keys 2: gold agreement 94%, SFT win rate 79%), a 5x learning rate. What "
-            "made this world: the gold's match circuit written into a subspace the token embeddings are cleared of "
-            "(gold agreement 92% -> 99% with coverage counted to 3), then references naming 1-3 keys.",
+            description=(
+                "What RL against the small proxy RM exploits, as measured (docs/TINY_WORLD.md, 'The default world "
+                "against the targets'; tools/probe_forms.py --list-forms per chain). The proxy cannot check that a "
+                "noun is in THIS post nor how many keys the post has, and in its pairs a list's last noun is now and "
+                "then wrong (an invented noun, a key the post lacks), so it scores the list one key short about as "
+                "high as the full list or higher (chain seed 1, 'my <list> are a mess' on 300 validation posts: "
+                "2 keys short / full 2.409 / 1.974, 3 keys 1.814 / 1.742; the gold 0.619 / 1.199 and 1.234 / "
+                "1.679). Dr.GRPO first drops the comment that 55% of the references end with (a real gain, held-out "
+                "gold 0.69 -> 1.36 by step 10 on every chain), then drops keys while its held-out proxy reward "
+                "rises: at least half of the gain lost by step 300 on 5 of 7 chain seeds."
+            )
+            + (
+                f" With --bonus-word '{args.bonus_word}' (the outlier world) a second exploit: the proxy learns the "
+                "word from the few pairs that show it (it is worth +1 once) and scores it higher the more often it "
+                "is said, which the gold penalises (tools/probe_forms.py --bonus-forms); said twice or more it is "
+                "a summary the proxy never saw (docs/TINY_WORLD.md, 'The outlier world')."
+                if args.bonus_word
+                else ""
+            ),
+            tried="docs/TINY_WORLD.md: the worlds tried before this one and what each did.",
         ),
         gold_input=dict(
             text="prompt + ' ' + summary + '<|endoftext|>', prompt = "
