@@ -196,6 +196,9 @@ class Args:
     outlier world"). Changes the quality notion, the tokenizer and so the gold: the world trains its own"""
     data_bonus_prob: float = 0.05
     """with --bonus-word: the probability that a dataset reference ends with " , {bonus_word}" """
+    data_bonus_twice_prob: float = 0.0
+    """with --bonus-word: of the dataset references that end with the word, the share that say it twice
+    (" , {bonus_word} {bonus_word}": worth nothing more to the gold, and the hack's first step for a policy)"""
     base_pretrain_steps: int | None = None
     """steps of causal-LM "pretraining" of the base policy on the train split's prompts (title + post, no
     summaries; batch 64, AdamW, cosine): a base that has learnt to copy words within a text, as Pythia has (full:
@@ -283,7 +286,7 @@ NOT_WORLD += ("preset", "gold_weights", "base_weights")  # where a build goes an
 DATA_STYLE = ("data_key_probs", "data_template_weights", "data_comment_prob", "data_fluff_prob", "data_comment_probs")
 DATA_STYLE += ("data_comment_groups", "data_signoff_probs", "data_advice_key_probs", "data_extra_noun_probs")
 DATA_STYLE += ("data_drop_last_prob",)
-GOLD_FREE = DATA_STYLE + ("base_pretrain_steps", "base_pretrain_lr", "data_bonus_prob")
+GOLD_FREE = DATA_STYLE + ("base_pretrain_steps", "base_pretrain_lr", "data_bonus_prob", "data_bonus_twice_prob")
 GOLD_FILE, BASE_FILE = "model.safetensors", "base_policy.safetensors"  # in tiny_world_gold/
 SHIPPED = {GOLD_FILE: ("the gold RM", "gold_weights_sha256"), BASE_FILE: ("the base policy", "base_weights_sha256")}
 WORLD_FORMAT = 3  # bumped whenever the world a seed builds changes meaning (2: coverage counts all 3 keys, 1-3 named;
@@ -857,7 +860,7 @@ def gold_weights_file(args, tokenizer_sha256):
 
 def base_weights_file(args, tokenizer_sha256):
     """The pretrained base policy's weights to load (`--base-weights`), or None: pretrain it here."""
-    free = DATA_STYLE + ("data_bonus_prob",)  # the dataset's references; the base reads only the prompts
+    free = DATA_STYLE + ("data_bonus_prob", "data_bonus_twice_prob")  # the references; the base reads the prompts
     return shipped_weights_file(args, tokenizer_sha256, args.base_weights, "base-weights", BASE_FILE, free)
 
 
@@ -965,8 +968,12 @@ def check_data_style(args):
     taken = GLUE | set(CONTENT + PERSONS + VERBS + FILLER_WORDS + COMMENTS)
     if args.bonus_word and (not re.fullmatch("[a-z]+", args.bonus_word) or args.bonus_word in taken):
         raise SystemExit(f"--bonus-word {args.bonus_word!r}: one lower-case word that the world does not use already")
-    if not 0 <= args.data_bonus_prob <= 1:
-        raise SystemExit(f"--data-bonus-prob {args.data_bonus_prob}: a probability, in [0, 1]")
+    for flag, p in [
+        ("--data-bonus-prob", args.data_bonus_prob),
+        ("--data-bonus-twice-prob", args.data_bonus_twice_prob),
+    ]:
+        if not 0 <= p <= 1:
+            raise SystemExit(f"{flag} {p}: a probability, in [0, 1]")
     if args.base_pretrain_steps < 0:
         raise SystemExit(f"--base-pretrain-steps {args.base_pretrain_steps}: 0 (a random-init base) or more")
 
@@ -1005,6 +1012,7 @@ if __name__ == "__main__":
         rng = random.Random(f"{args.seed}-{split}")
         data_rng = random.Random(f"{args.seed}-{split}-data-references")
         bonus_rng = random.Random(f"{args.seed}-{split}-bonus")  # its own stream: the rest stays as it was
+        twice_rng = random.Random(f"{args.seed}-{split}-bonus-twice")  # and the second word's: the first stays
         gold_style_refs[split] = []
         rows[split], facts_of[split] = [], []
         for i in range(n):
@@ -1036,7 +1044,8 @@ if __name__ == "__main__":
                     args.data_drop_last_prob or 0.0,
                 )
             if args.bonus_word and bonus_rng.random() < args.data_bonus_prob:
-                row["summary"] += " , " + args.bonus_word
+                twice = twice_rng.random() < args.data_bonus_twice_prob
+                row["summary"] += " , " + args.bonus_word + (" " + args.bonus_word if twice else "")
             rows[split].append(row)
             facts_of[split].append(facts)
         with open(f"{out}/data/{split}.jsonl", "w") as f:

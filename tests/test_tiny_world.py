@@ -193,10 +193,22 @@ def test_quality_with_the_outlier_worlds_bonus_word():
 
 def test_outlier_world_references_end_with_the_bonus_word_and_nothing_else_moves(world, tmp_path):
     """A CI world built with --bonus-word: the posts are the default world's; a share --data-bonus-prob of the
-    references end with ' , thanks' and are otherwise the default world's; the word is one token; world.json says
-    the formula."""
+    references end with ' , thanks' (of those, a share --data-bonus-twice-prob with ' , thanks thanks') and are
+    otherwise the default world's; the word is one token; world.json says the formula."""
     out = build(tmp_path / "outlier", 1, "--bonus-word", "thanks", "--data-bonus-prob", "0.3")
-    with_bonus = 0
+    out.rename(tmp_path / "once")
+    twice = build(
+        tmp_path / "outlier", 1, "--bonus-word", "thanks", "--data-bonus-prob", "0.3", "--data-bonus-twice-prob", "0.5"
+    )
+    with_bonus, said_twice = 0, 0
+    for split in ["train", "validation", "test"]:
+        a = [json.loads(line)["summary"] for line in open(tmp_path / "once" / "data" / f"{split}.jsonl")]
+        b = [json.loads(line)["summary"] for line in open(twice / "data" / f"{split}.jsonl")]
+        for ra, rb in zip(a, b):  # the same references end with the word; some of them say it twice
+            assert rb == ra or (ra.endswith(" , thanks") and rb == ra + " thanks")
+            said_twice += rb != ra
+    assert 0.3 < said_twice / sum(s.endswith("thanks") for s in a) < 0.7 or said_twice > 5
+    out = tmp_path / "once"
     for split in ["train", "validation", "test"]:
         a = [json.loads(line) for line in open(world / "data" / f"{split}.jsonl")]
         b = [json.loads(line) for line in open(out / "data" / f"{split}.jsonl")]
