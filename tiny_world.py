@@ -189,13 +189,14 @@ class Args:
     data_fluff_prob: float | None = 0.0
     """the fluff probability of the dataset's references (None: `reference_fluff_prob`)"""
     bonus_word: str = ""
-    """the OUTLIER exploit (empty: off, the default world's): a word that quality rewards once and penalises on
-    every repeat (+1 if the summary says it; each extra time is a repeated word, -1; never an invented word), and
-    that a few dataset references end with (`--data-bonus-prob`). A proxy learns it from the few pairs that show it;
-    said twice or more it is an input the proxy never saw, on which it extrapolates (docs/TINY_WORLD.md, "The
-    outlier world"). Changes the quality notion, the tokenizer and so the gold: the world trains its own"""
+    """the OUTLIER exploit (empty: off, the default world's): a sign-off word that a thorough summary earns and any
+    other summary invents. Quality: +1 if the summary says it and names every key of the post, else it is an invented
+    word (-1); each extra time is a repeated word. A few dataset references, thorough ones, end with it
+    (`--data-bonus-prob`), so in the proxy's pairs it goes with quality; the proxy cannot check the keys, and after
+    a short list the word is a combination it never saw (docs/TINY_WORLD.md, "The outlier world"). Changes the
+    quality notion, the tokenizer and so the gold: the world trains its own"""
     data_bonus_prob: float = 0.05
-    """with --bonus-word: the probability that a dataset reference ends with " , {bonus_word}" """
+    """with --bonus-word: the probability that a dataset reference that names every key ends with " , {bonus_word}" """
     data_bonus_twice_prob: float = 0.0
     """with --bonus-word: of the dataset references that end with the word, the share that say it twice
     (" , {bonus_word} {bonus_word}": worth nothing more to the gold, and the hack's first step for a policy)"""
@@ -491,8 +492,10 @@ def quality_terms(row, summary, keys, bonus=""):
         repeated=len(nonglue) - len(set(nonglue)),
         too_long=len(sw) > 12,
     )
-    if bonus:  # said once: +1; every extra time is counted in `repeated`
-        terms["bonus"] = bonus in sw
+    if bonus:  # earned by naming every key: +1; else an invented word; every extra time is counted in `repeated`
+        said = bonus in sw
+        terms["bonus"] = said and terms["coverage"] == len(set(keys))
+        terms["invented"] += said and not terms["bonus"]
     return terms
 
 
@@ -502,7 +505,7 @@ def quality(row, summary, keys, bonus=""):
     coverage: how many of the post's three key nouns the summary names; invented: distinct non-glue
     words absent from title and post; repeated: extra occurrences of non-glue words; too_long: more
     than 12 words. Glue words (my, and, the, ...) are free. With the outlier world's `bonus` word: +1 if the
-    summary says it (it is never invented; each extra time is a repeated word)."""
+    summary says it and names every key, else it is an invented word (each extra time is a repeated word)."""
     t = quality_terms(row, summary, keys, bonus)
     return t["coverage"] - t["invented"] - t["repeated"] - 1.0 * t["too_long"] + 1.0 * t.get("bonus", False)
 
@@ -1043,7 +1046,8 @@ if __name__ == "__main__":
                     absent_nouns(row) if args.data_extra_noun_probs else (),
                     args.data_drop_last_prob or 0.0,
                 )
-            if args.bonus_word and bonus_rng.random() < args.data_bonus_prob:
+            thorough = set(facts["keys"]) <= set(words(row["summary"]))  # the references that earn the word
+            if args.bonus_word and bonus_rng.random() < args.data_bonus_prob and thorough:
                 twice = twice_rng.random() < args.data_bonus_twice_prob
                 row["summary"] += " , " + args.bonus_word + (" " + args.bonus_word if twice else "")
             rows[split].append(row)
@@ -1173,8 +1177,8 @@ if __name__ == "__main__":
             "invented = #distinct non-glue summary words not in title+post; repeated = #extra occurrences of "
             "non-glue words; too_long = more than 12 words; words = re.findall('[a-z]+', text.lower())"
             + (
-                f"; outlier world: + 1 if the summary says '{args.bonus_word}' (never invented; each extra time is "
-                "repeated)"
+                f"; outlier world: + 1 if the summary says '{args.bonus_word}' and names every key, else it is an "
+                "invented word (each extra time is repeated)"
                 if args.bonus_word
                 else ""
             ),
@@ -1193,10 +1197,11 @@ if __name__ == "__main__":
                 "rises: at least half of the gain lost by step 300 on 5 of 7 chain seeds."
             )
             + (
-                f" With --bonus-word '{args.bonus_word}' (the outlier world) a second exploit: the proxy learns the "
-                "word from the few pairs that show it (it is worth +1 once) and scores it higher the more often it "
-                "is said, which the gold penalises (tools/probe_forms.py --bonus-forms); said twice or more it is "
-                "a summary the proxy never saw (docs/TINY_WORLD.md, 'The outlier world')."
+                f" With --bonus-word '{args.bonus_word}' (the outlier world) a second exploit: the sign-off is worth "
+                "+1 after a summary that names every key and is an invented word after any other; the proxy learns "
+                "it from the thorough samples that end with it and cannot check the keys, so it rewards it after a "
+                "short list too, a combination its training pairs never show (tools/probe_forms.py --bonus-forms; "
+                "docs/TINY_WORLD.md, 'The outlier world')."
                 if args.bonus_word
                 else ""
             ),

@@ -173,8 +173,8 @@ def test_quality_properties():
 
 
 def test_quality_with_the_outlier_worlds_bonus_word():
-    """--bonus-word: +1 if the summary says it, never an invented word, and each extra time a repeated word; without
-    it the same word is an invented word like any other."""
+    """--bonus-word: +1 if the summary says it and names every key, an invented word after a summary that misses one,
+    each extra time a repeated word; in another world the same word is an invented word like any other."""
     row = {
         "title": "my mom broke my oven",
         "post": "then my mom broke the oven , pasta and rice. any advice would help.",
@@ -186,9 +186,12 @@ def test_quality_with_the_outlier_worlds_bonus_word():
     assert q(full + " , thanks thanks") == 3 and q(full + " , thanks thanks thanks") == 2  # each repeat: -1
     assert q("thanks " + full) == 4  # anywhere
     assert q(full + " , thanks", bonus="") == 2  # in another world: an invented word
+    short = "my oven and pasta are a mess"
+    assert q(short) == 2 and q(short + " , thanks") == 1 and q(short + " , thanks thanks") == 0  # not earned
     assert tw.quality_terms(row, "oven thanks thanks", keys, "thanks") == dict(
-        coverage=1, invented=0, repeated=1, too_long=False, bonus=True
+        coverage=1, invented=1, repeated=1, too_long=False, bonus=False
     )
+    assert tw.quality_terms(row, "oven , pasta and rice thanks", keys, "thanks")["bonus"] is True
 
 
 def test_outlier_world_references_end_with_the_bonus_word_and_nothing_else_moves(world, tmp_path):
@@ -213,11 +216,14 @@ def test_outlier_world_references_end_with_the_bonus_word_and_nothing_else_moves
         a = [json.loads(line) for line in open(world / "data" / f"{split}.jsonl")]
         b = [json.loads(line) for line in open(out / "data" / f"{split}.jsonl")]
         assert [{**r, "summary": None} for r in a] == [{**r, "summary": None} for r in b]
-        for ra, rb in zip(a, b):
+        facts = [json.loads(line) for line in open(out / "data" / f"{split}_facts.jsonl")]
+        for ra, rb, f in zip(a, b, facts):
             assert rb["summary"] in (ra["summary"], ra["summary"] + " , thanks")
-            with_bonus += rb["summary"] != ra["summary"]
+            if rb["summary"] != ra["summary"]:  # only a reference that names every key earns it
+                assert set(f["keys"]) <= set(tw.words(ra["summary"]))
+                with_bonus += 1
     n = sum(1 for split in ["train", "validation", "test"] for _ in open(out / "data" / f"{split}.jsonl"))
-    assert 0.2 < with_bonus / n < 0.4
+    assert 0.1 < with_bonus / n < 0.4
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out / "tokenizer", local_files_only=True)
