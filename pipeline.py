@@ -18,15 +18,16 @@ passes paths (and reads the metrics files back). A stage whose output already ex
 it), so a killed pipeline continues where it stopped. Every stage runs on `--threads 1` core (the chain's floats
 depend on the thread count) and `--jobs 2` RL runs go side by side.
 
-Methods and their own knob (`--sweep` chooses it on validation prompts of chain seed 1, among 3 values, by a
-criterion fixed before looking: the highest held-out VALIDATION gold reward at the last step; the test prompts
-are never looked at to choose anything):
+Methods and their own knob (`--sweep` chooses it on validation prompts of `--sweep-seeds` (chain seed 1), among 4
+values, by a criterion fixed before looking: the highest held-out VALIDATION gold reward at the last step; the test
+prompts are never looked at to choose anything):
 
     drgrpo      Dr.GRPO (grpo_signcert.py --quantile 0)               no knob (beta = --kl-coef, as every method)
-    drgrpo_kl   Dr.GRPO with the larger KL coefficients --control-kl-coefs: the control for "moves more slowly"
+    drgrpo_kl   Dr.GRPO with a larger KL coefficient: the control     beta (--kl-coef-grid; without --sweep, each
+                for "moves more slowly"                               of --control-kl-coefs)
     signcert    SignCert-PO (grpo_signcert.py)                        q, --quantile
-    uwo         UWO, an ensemble of 3 proxies (grpo_uwo.py)           lambda, --uwo-lambda
-    advpo       AdvPO (grpo_advpo.py)                                 B, --advpo-budget
+    uwo         UWO, an ensemble of 3 proxies (grpo_uwo.py)           lambda, --uwo-lambda (--uwo-penalty std)
+    advpo       AdvPO (grpo_advpo.py, references paired by prompt)    B, --advpo-budget
     bspo        BSPO, critic-free (grpo_bspo.py, a ScoreLM proxy)     the support threshold, --bspo-threshold
     drgrpo_trl  Dr.GRPO in TRL's GRPOTrainer (grpo_signcert_trl.py --quantile 0): the same run in TRL's trainer
     signcert_trl  SignCert-PO in TRL's GRPOTrainer (grpo_signcert_trl.py)   signcert's q (swept there, not again)
@@ -35,6 +36,8 @@ Every run's held-out evaluations (temperature 0.01, the first `--eval-num-prompt
 the test split) give its frontier: test gold reward against KL(pi || pi_SFT). Reported per method, mean (min - max)
 over the chain seeds: the final gold reward; the peak (and the step and KL where it occurs); the test gold at the
 step where the VALIDATION gold peaked (early stopping, the control a reviewer asks for); the gold at matched KL.
+With 2 or more chain seeds, each method's PAIRED difference to Dr.GRPO and to the control on the same chain seed:
+the mean, its 95% t interval and the number of chain seeds on which the method is ahead (`paired_differences.png`).
 """
 
 import json
@@ -76,7 +79,8 @@ class Args:
     control_kl_coefs: List[float] = field(default_factory=lambda: [0.05, 0.1])
     """the larger betas of the `drgrpo_kl` control (without --sweep; with it, the one beta chosen on --kl-coef-grid)"""
     quantile: float = 0.5
-    """SignCert-PO's q (without --sweep; 0.5 is the value the sweep chose on validation prompts of this world, README)"""
+    """SignCert-PO's q without --sweep (the main job's 0.5, the middle of the paper's sweep; --sweep chooses it on
+    validation prompts, docs/METHOD.md section 7)"""
     uwo_lambda: float = 0.1
     """UWO's lambda (without --sweep)"""
     uwo_penalty: Literal["std", "var"] = "std"
@@ -93,8 +97,9 @@ class Args:
     sweep_seeds: List[int] = field(default_factory=lambda: [1])
     """the chain seeds whose validation prompts choose the knobs (each must be among --seeds)"""
     kl_coef_grid: List[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3])
-    """the drgrpo_kl control's betas (the grids: 4 values each; the baselines' span the method's change of the
-    advantages at the SFT policy, `adv/relative_change`, from about 0.1 to about 1 on the default world, README)"""
+    """the drgrpo_kl control's betas. The grids: 4 values each, where the method acts (the methods' span a change of
+    the Dr.GRPO advantages, `adv/relative_change`, from about 0.1 to about 1 at the default world's SFT policy:
+    docs/METHOD.md section 7)"""
     quantile_grid: List[float] = field(default_factory=lambda: [0.05, 0.1, 0.3, 0.5])
     uwo_lambda_grid: List[float] = field(default_factory=lambda: [1.0, 2.0, 5.0, 10.0])
     advpo_budget_grid: List[float] = field(default_factory=lambda: [1e2, 1e3, 5e3, 2e4])
@@ -591,7 +596,7 @@ if __name__ == "__main__":
     for seed in args.seeds:
         build_chain(args, seed, methods)  # with --no-rl too: the proxies the methods will need (UWO, BSPO)
 
-    # RL: first the knob sweeps on validation (chain seed 1), then every method on every chain seed
+    # RL: first the knob sweeps on validation (the sweep seeds), then every method on every chain seed
     chosen = {m: getattr(args, KNOBS[m][0]) if m in KNOBS else None for m in methods}
     if args.rl and args.sweep:
         grid = {m: getattr(args, KNOBS[m][1]) for m in methods if m in KNOBS}
