@@ -196,7 +196,8 @@ class Args:
     a short list the word is a combination it never saw (docs/TINY_WORLD.md, "The outlier world"). Changes the
     quality notion, the tokenizer and so the gold: the world trains its own"""
     data_bonus_prob: float = 0.05
-    """with --bonus-word: the probability that a dataset reference that names every key ends with " , {bonus_word}" """
+    """with --bonus-word: the probability that a dataset reference that names every key ends with " , {bonus_word}"
+    (in place of its comment, if it has one)"""
     data_bonus_twice_prob: float = 0.0
     """with --bonus-word: of the dataset references that end with the word, the share that say it twice
     (" , {bonus_word} {bonus_word}": worth nothing more to the gold, and the hack's first step for a policy)"""
@@ -1049,7 +1050,9 @@ if __name__ == "__main__":
             thorough = set(facts["keys"]) <= set(words(row["summary"]))  # the references that earn the word
             if args.bonus_word and bonus_rng.random() < args.data_bonus_prob and thorough:
                 twice = twice_rng.random() < args.data_bonus_twice_prob
-                row["summary"] += " , " + args.bonus_word + (" " + args.bonus_word if twice else "")
+                head, _, last = row["summary"].rpartition(" , ")
+                signed = head if last in COMMENTS else row["summary"]  # the sign-off takes the comment's place
+                row["summary"] = signed + " , " + args.bonus_word + (" " + args.bonus_word if twice else "")
             rows[split].append(row)
             facts_of[split].append(facts)
         with open(f"{out}/data/{split}.jsonl", "w") as f:

@@ -203,12 +203,12 @@ def test_outlier_world_references_end_with_the_bonus_word_and_nothing_else_moves
     twice = build(
         tmp_path / "outlier", 1, "--bonus-word", "thanks", "--data-bonus-prob", "0.3", "--data-bonus-twice-prob", "0.5"
     )
-    with_bonus, said_twice = 0, 0
+    with_bonus, said_twice, replaced = 0, 0, 0
     for split in ["train", "validation", "test"]:
         a = [json.loads(line)["summary"] for line in open(tmp_path / "once" / "data" / f"{split}.jsonl")]
         b = [json.loads(line)["summary"] for line in open(twice / "data" / f"{split}.jsonl")]
         for ra, rb in zip(a, b):  # the same references end with the word; some of them say it twice
-            assert rb == ra or (ra.endswith(" , thanks") and rb == ra + " thanks")
+            assert rb == ra or (ra.endswith(" , thanks") and rb == ra + " thanks")  # the same references, twice
             said_twice += rb != ra
     assert 0.3 < said_twice / sum(s.endswith("thanks") for s in a) < 0.7 or said_twice > 5
     out = tmp_path / "once"
@@ -218,12 +218,15 @@ def test_outlier_world_references_end_with_the_bonus_word_and_nothing_else_moves
         assert [{**r, "summary": None} for r in a] == [{**r, "summary": None} for r in b]
         facts = [json.loads(line) for line in open(out / "data" / f"{split}_facts.jsonl")]
         for ra, rb, f in zip(a, b, facts):
-            assert rb["summary"] in (ra["summary"], ra["summary"] + " , thanks")
+            head, _, last = ra["summary"].rpartition(" , ")
+            uncommented = head if last in tw.COMMENTS else ra["summary"]  # the word takes a comment's place
+            assert rb["summary"] in (ra["summary"], uncommented + " , thanks")
             if rb["summary"] != ra["summary"]:  # only a reference that names every key earns it
                 assert set(f["keys"]) <= set(tw.words(ra["summary"]))
                 with_bonus += 1
+                replaced += last in tw.COMMENTS
     n = sum(1 for split in ["train", "validation", "test"] for _ in open(out / "data" / f"{split}.jsonl"))
-    assert 0.1 < with_bonus / n < 0.4
+    assert 0.1 < with_bonus / n < 0.4 and 0 < replaced < with_bonus  # with and without a comment before
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out / "tokenizer", local_files_only=True)
