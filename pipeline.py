@@ -76,20 +76,22 @@ class Args:
     drgrpo_trl and signcert_trl (the same two in TRL's GRPOTrainer), or `all` (the paper's six, not the TRL ones)"""
     kl_coef: float = 0.01
     """beta of every method (the paper's 0.01)"""
-    control_kl_coefs: List[float] = field(default_factory=lambda: [0.05, 0.1])
-    """the larger betas of the `drgrpo_kl` control (without --sweep; with it, the one beta chosen on --kl-coef-grid)"""
+    control_kl_coefs: List[float] = field(default_factory=lambda: [0.3])
+    """the larger betas of the `drgrpo_kl` control (without --sweep: 0.3, what --sweep chose on the default world;
+    with it, the one beta chosen on --kl-coef-grid)"""
     quantile: float = 0.5
     """SignCert-PO's q without --sweep (the main job's 0.5, the middle of the paper's sweep; --sweep chooses it on
-    validation prompts, docs/METHOD.md section 7)"""
-    uwo_lambda: float = 0.1
-    """UWO's lambda (without --sweep)"""
+    validation prompts, docs/METHOD.md section 7: on the default world every q of its grid ties, and the rule takes
+    the first, 0.05)"""
+    uwo_lambda: float = 2.0
+    """UWO's lambda without --sweep (2: what --sweep chose on the default world, docs/RESULTS.md)"""
     uwo_penalty: Literal["std", "var"] = "std"
     """UWO's penalty: `std` (lambda x the members' standard deviation, as the SignCert-PO paper runs it) or `var`
     (Coste et al.'s variance)"""
-    advpo_budget: float = 5.0
-    """AdvPO's B (without --sweep)"""
-    bspo_threshold: float = 1e-4
-    """BSPO's support threshold (without --sweep)"""
+    advpo_budget: float = 5000.0
+    """AdvPO's B without --sweep (5000: what --sweep chose on the default world)"""
+    bspo_threshold: float = 0.1
+    """BSPO's support threshold without --sweep (0.1: what --sweep chose on the default world)"""
     sweep: bool = False
     """choose each method's knob (and the drgrpo_kl control's beta) on VALIDATION prompts of the --sweep-seeds among
     the grids below, by a rule fixed before any run: the highest validation gold reward at the last held-out
@@ -414,7 +416,7 @@ def plot_paired(table, keys, path):
     axes = [axes] if len(refs) == 1 else axes
     colors = plt.get_cmap("tab10")
     for ax, ref in zip(axes, refs):
-        labels = list(table[ref])
+        labels, labelled = list(table[ref]), set()
         for i, lbl in enumerate(labels):
             for j, key in enumerate(keys):
                 p = table[ref][lbl][key]
@@ -423,7 +425,8 @@ def plot_paired(table, keys, path):
                 y = i + (j - (len(keys) - 1) / 2) * 0.8 / len(keys)
                 err = None if p["lo"] is None else [[p["mean"] - p["lo"]], [p["hi"] - p["mean"]]]
                 ax.errorbar([p["mean"]], [y], xerr=err, fmt="o", color=colors(j), capsize=3,
-                            label=key if i == 0 else None)  # fmt: skip
+                            label=None if key in labelled else key)  # fmt: skip
+                labelled.add(key)
                 ax.plot(p["diffs"], [y] * len(p["diffs"]), "|", color=colors(j), alpha=0.6)
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_yticks(range(len(labels)), labels)
