@@ -67,6 +67,30 @@ def test_radius_is_smallest_sign_flipping_perturbation(seed, B, K, d):
             assert (torch.sign(perturbed) == torch.sign(A[i, j])).all()
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_radius_is_the_head_norm_times_the_cosine_of_the_deviation(seed):
+    """With a linear head, A_j = w^T (h_j - hbar), so Delta_j = ||w|| |cos(w, h_j - hbar)|: the radius sees the
+    DIRECTION of a completion's deviation from its group, not its distance (docs/METHOD.md section 2). A completion
+    far from its group along the head (what the proxy rewards most) has nearly the largest radius, ||w||; one as far
+    but across the head has nearly none."""
+    h, w, b = linear_rm_batch(seed, B=3, K=6, d=5)
+    _, radius, _ = signcert_advantages(h @ w + b, h, quantile=0.0)
+    dev = h - h.mean(dim=1, keepdim=True)
+    cos = (dev @ w).abs() / (dev.norm(dim=-1) * w.norm())  # computed here, from the definition of the cosine
+    assert torch.allclose(radius.double(), w.norm() * cos, rtol=1e-5, atol=1e-12)
+    assert (radius.double() <= w.norm() * (1 + 1e-9)).all()
+    u = torch.randn(5, generator=torch.Generator().manual_seed(seed + 7), dtype=torch.float64)
+    u = u - (u @ w) / (w @ w) * w  # across the head: w^T u = 0
+    for push, expect_large in ((w / w.norm(), True), (u / u.norm(), False)):
+        far = h.clone()
+        far[0, 0] += 100.0 * push  # completion (0, 0) moved 100 feature units away from its group
+        _, r, _ = signcert_advantages(far @ w + b, far, quantile=0.0)
+        if expect_large:
+            assert r[0, 0] > 0.99 * w.norm()
+        else:
+            assert r[0, 0] < 0.05 * w.norm()
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_reweighted_advantage_is_worst_case_in_eps_ball(seed):
     """Thm 3.2 / eq. (9)-(10): sign(A_j) Atilde_j = min over ||delta|| <= eps of sign(A_j) A_j(w + delta). The
