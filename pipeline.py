@@ -31,6 +31,8 @@ prompts are never looked at to choose anything):
     bspo        BSPO, critic-free (grpo_bspo.py, a ScoreLM proxy)     the support threshold, --bspo-threshold
     drgrpo_trl  Dr.GRPO in TRL's GRPOTrainer (grpo_signcert_trl.py --quantile 0): the same run in TRL's trainer
     signcert_trl  SignCert-PO in TRL's GRPOTrainer (grpo_signcert_trl.py)   signcert's q (swept there, not again)
+    signcert_clip SignCert-PO with rho clipped at 0 (`--clip`, the paper's   --quantile (not swept)
+                ablation): fragile advantages set to 0, never reversed
 
 Every run's held-out evaluations (temperature 0.01, the first `--eval-num-prompts` prompts of the validation and
 the test split) give its frontier: test gold reward against KL(pi || pi_SFT). Reported per method, mean (min - max)
@@ -55,7 +57,7 @@ import tyro
 HERE = os.path.dirname(os.path.abspath(__file__))  # the stage scripts live next to this driver
 WORLD_FORMAT = 3  # tiny_world.py's WORLD_FORMAT, the world this driver and the README's numbers belong to
 PAPER_METHODS = ("drgrpo", "drgrpo_kl", "signcert", "uwo", "advpo", "bspo")  # what `--methods all` runs
-METHODS = PAPER_METHODS + ("drgrpo_trl", "signcert_trl")
+METHODS = PAPER_METHODS + ("drgrpo_trl", "signcert_trl", "signcert_clip")
 KNOBS = {  # method: (its knob's Args field, the field with the knob's sweep grid); signcert_trl takes signcert's q
     "drgrpo_kl": ("control_kl_coefs", "kl_coef_grid"),  # the control's beta, chosen by the same rule as the others
     "signcert": ("quantile", "quantile_grid"),
@@ -507,6 +509,9 @@ def rl_run(args, chain, seed, method, knob):
     elif method == "signcert":
         name, script, flags = f"signcert_q{knob:g}", "grpo_signcert.py", ["--quantile", str(knob)]
         label = f"SignCert-PO q={knob:g}"
+    elif method == "signcert_clip":
+        name, script, flags = f"signcert_clip_q{knob:g}", "grpo_signcert.py", ["--quantile", str(knob), "--clip"]
+        label = f"SignCert-PO clip q={knob:g}"
     elif method == "uwo":
         members = [os.path.join(chain, r) for r in ("rm", "rm_2", "rm_3")]
         name, script, flags = (
@@ -616,6 +621,8 @@ if __name__ == "__main__":
             json.dump(choice, f, indent=1)
     if "signcert_trl" in methods:  # the same method in another trainer: the same q
         chosen["signcert_trl"] = chosen["signcert"] if "signcert" in chosen else args.quantile
+    if "signcert_clip" in methods:  # an ablation, not swept: --quantile
+        chosen["signcert_clip"] = args.quantile
     runs = []  # (label, seed, folder)
     if args.rl:
         jobs = []

@@ -238,6 +238,18 @@ def test_a_world_of_another_format_is_refused_with_what_to_do(tmp_path):
             pipeline.check_world_format(old, str(tmp_path))
 
 
+def test_signcert_clip_is_signcert_with_rho_clipped_in_its_own_folder(tmp_path):
+    """The ablation `signcert_clip` runs the same command as `signcert` at the same q plus `--clip`, into its own
+    folder and row, so the two never share a run."""
+    args = pipeline.Args(root=str(tmp_path))
+    label, out, cmd = pipeline.rl_run(args, str(tmp_path), 3, "signcert", 0.5)
+    clip_label, clip_out, clip_cmd = pipeline.rl_run(args, str(tmp_path), 3, "signcert_clip", 0.5)
+    assert clip_label == "SignCert-PO clip q=0.5" != label
+    assert clip_out == os.path.join(str(tmp_path), "rl", "signcert_clip_q0.5_kl0.01_s3") != out
+    assert clip_cmd.count("--clip") == 1 and "--clip" not in cmd
+    assert [x for x in clip_cmd if x != "--clip"] == [clip_out if x == out else x for x in cmd]
+
+
 @pytest.mark.parametrize("threads, caller", [(1, "2"), (2, "1")])
 def test_every_stage_and_rl_run_gets_the_pipelines_thread_count(tmp_path, monkeypatch, threads, caller):
     """A chain's floats depend on torch's thread count, so every stage and every RL run gets `--threads`, whatever
