@@ -959,7 +959,8 @@ def check_data_style(args):
         if values and (len(values) != n or min(values) < 0 or sum(values) <= 0):
             raise SystemExit(f"{flag} {' '.join(map(str, values))}: give {n} non-negative weights, not all 0")
     for flag, p in [("--data-comment-prob", args.data_comment_prob), ("--data-fluff-prob", args.data_fluff_prob),
-                    ("--data-drop-last-prob", args.data_drop_last_prob)]:  # fmt: skip
+                    ("--data-drop-last-prob", args.data_drop_last_prob), ("--data-bonus-prob", args.data_bonus_prob),
+                    ("--data-bonus-twice-prob", args.data_bonus_twice_prob)]:  # fmt: skip
         if p is not None and not 0 <= p <= 1:
             raise SystemExit(f"{flag} {p}: a probability, in [0, 1]")
     for flag, probs in [("--data-comment-probs", args.data_comment_probs), ("--data-signoff-probs", args.data_signoff_probs),
@@ -972,12 +973,6 @@ def check_data_style(args):
     taken = GLUE | set(CONTENT + PERSONS + VERBS + FILLER_WORDS + COMMENTS)
     if args.bonus_word and (not re.fullmatch("[a-z]+", args.bonus_word) or args.bonus_word in taken):
         raise SystemExit(f"--bonus-word {args.bonus_word!r}: one lower-case word that the world does not use already")
-    for flag, p in [
-        ("--data-bonus-prob", args.data_bonus_prob),
-        ("--data-bonus-twice-prob", args.data_bonus_twice_prob),
-    ]:
-        if not 0 <= p <= 1:
-            raise SystemExit(f"{flag} {p}: a probability, in [0, 1]")
     if args.base_pretrain_steps < 0:
         raise SystemExit(f"--base-pretrain-steps {args.base_pretrain_steps}: 0 (a random-init base) or more")
 
