@@ -18,23 +18,25 @@ from sign_audit import audit, pooled  # noqa: E402
 
 
 def expected(samples, gold):
-    """The shares of the module docstring, in numpy: group-centre proxy and gold, drop zeros, split at the median."""
+    """The shares of the module docstring, in numpy: group-centre proxy and gold, drop zeros and completions without
+    EOS, split at the median; per step also the kept completions' radii, sorted."""
     step = np.array([s["step"] for s in samples])
     group = np.array([s["group"] for s in samples])
     proxy, g = np.array([s["proxy"] for s in samples]), np.array(gold)
     adv, radius = np.array([s["advantage"] for s in samples]), np.array([s["radius"] for s in samples])
+    eos = np.array([s.get("has_eos", True) for s in samples])
     raw, gadv = np.zeros_like(proxy), np.zeros_like(g)
     for key in set(zip(step, group)):
         m = (step == key[0]) & (group == key[1])
         raw[m], gadv[m] = proxy[m] - proxy[m].mean(), g[m] - g[m].mean()
     out = {}
     for st in np.unique(step):
-        m = (step == st) & (np.abs(raw) > 1e-6) & (np.abs(gadv) > 1e-6)
+        m = (step == st) & eos & (np.abs(raw) > 1e-6) & (np.abs(gadv) > 1e-6)
         order = np.argsort(radius[m], kind="stable")
         wrong = (np.sign(raw[m]) != np.sign(gadv[m]))[order]
         rev = (np.sign(adv[m]) == -np.sign(raw[m]))[order]
         h = len(order) // 2
-        out[int(st)] = (len(order), wrong[:h], wrong[h:], rev, wrong[rev])
+        out[int(st)] = (len(order), wrong[:h], wrong[h:], rev, wrong[rev], radius[m][order])
     return out
 
 
@@ -52,7 +54,7 @@ def test_shares_match_numpy_on_random_batches():
     steps = audit(samples, gold)
     got = {r["step"]: r for r in steps}
     want = expected(samples, gold)
-    for st, (n, ws, wl, rev, rw) in want.items():
+    for st, (n, ws, wl, rev, rw, _) in want.items():
         r = got[st]
         assert (r["n"], r["reversed"]) == (n, rev.sum())
         assert r["wrong_small"] == pytest.approx(ws.mean()) and r["wrong_large"] == pytest.approx(wl.mean())
@@ -120,19 +122,7 @@ def test_reversed_completions_are_those_below_eps(audited):
     eps = {m["step"]: m["signcert/eps"] for m in metrics if "signcert/eps" in m}
     steps = {r["step"]: r for r in report["steps"]}
     assert steps  # the analysis saw both steps
+    want = expected(samples, report["gold"])
     for st, r in steps.items():
-        rows = [s for s in samples if s["step"] == st]
-        kept = expected_rows(rows, report["gold"], samples)
-        assert r["reversed"] == sum(s["radius"] < eps[st] for s in kept) > 0
-
-
-def expected_rows(rows, gold_all, samples):
-    """The completions the audit analyses at one step (raw and gold advantages non-zero), recomputed here."""
-    gold_of = {id(s): g for s, g in zip(samples, gold_all)}
-    out = []
-    for grp in {s["group"] for s in rows}:
-        members = [s for s in rows if s["group"] == grp]
-        pm = np.mean([s["proxy"] for s in members])
-        gm = np.mean([gold_of[id(s)] for s in members])
-        out += [s for s in members if s["has_eos"] and abs(s["proxy"] - pm) > 1e-6 and abs(gold_of[id(s)] - gm) > 1e-6]
-    return out
+        kept_radii = want[st][5]  # the completions the audit analyses at that step, recomputed here
+        assert r["reversed"] == (kept_radii < eps[st]).sum() > 0
