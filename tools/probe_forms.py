@@ -114,7 +114,7 @@ def list_forms(rng, row, facts):
     return out
 
 
-def bonus_forms(rng, row, facts, bonus):
+def bonus_forms(facts, bonus):
     """{form: summary} for the outlier world: the post's list "my X , Y and Z are a mess" with the bonus word B said
     0-4 times at the end, first, after a comment, and with the list one key short."""
     full = f"my {tw.listed(facts['keys'])} are a mess"
@@ -141,7 +141,7 @@ if __name__ == "__main__":
         if not (args.list_forms or args.bonus_forms) and len(f["keys"]) < 2:  # X and Y: posts of one key have no Y
             continue
         if args.bonus_forms:
-            made = bonus_forms(rng, row, f, bonus)
+            made = bonus_forms(f, bonus)
         else:
             made = (list_forms if args.list_forms else forms)(rng, row, f)
         for name, s in made.items():
