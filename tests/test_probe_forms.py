@@ -113,3 +113,71 @@ def test_bonus_forms_quality_is_the_formula_of_the_outlier_world(tmp_path_factor
     assert q["B list"] == pytest.approx(base + 1) and q["list , ugh , B"] == pytest.approx(base)  # ugh: invented
     refused = subprocess.run(cmd[:3] + [str(ci_world)] + cmd[4:], cwd=REPO, capture_output=True, text=True)
     assert refused.returncode != 0 and "has no bonus word" in refused.stderr
+
+
+def test_premise_columns_are_the_radius_of_each_form_in_a_group_of_policy_samples(tmp_path_factory, ci_world_with_rm):
+    """`--radius-policy`: for each form, recomputed here with plain Hugging Face pooling and numpy from the samples
+    the probe wrote: the form's certified radius |A| / ||h - hbar|| within its group (the policy's samples + the
+    form) as a percentile among every radius of the batch, its advantage and the gold's, the share of posts where
+    their signs differ, and its distance to the group's mean over the samples' mean distance."""
+    import random
+
+    import numpy as np
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import probe_forms
+
+    root = ci_world_with_rm
+    out = tmp_path_factory.mktemp("premise") / "probe.json"
+    cmd = [sys.executable, "tools/probe_forms.py", "--root", str(root), "--rm-paths", str(root / "rm")]
+    cmd += ["--radius-policy", str(root / "policy"), "--group-size", "4", "--max-new-tokens", "6"]
+    cmd += ["--num-prompts", "12", "--output", str(out), "--threads", "1"]
+    subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=600)
+    report = json.loads(out.read_text())
+    samples, table = report["samples"], report["table"]
+    rows = [json.loads(line) for line in open(root / "data" / "validation.jsonl")][:12]
+    facts = [json.loads(line) for line in open(root / "data" / "validation_facts.jsonl")][:12]
+    rows, facts = zip(*[(r, f) for r, f in zip(rows, facts) if len(f["keys"]) >= 2])  # the probe skips one-key posts
+    k = 3
+    assert len(samples["summaries"]) == k * len(rows) and len(set(samples["summaries"])) > k  # not one sample repeated
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer")
+
+    def reward_features(path, summaries):  # HF pooling at the last non-pad token (the EOS; pad != eos)
+        rm = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        texts = [
+            f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR: {s}<|endoftext|>"
+            for r, s in zip([r for r in rows for _ in range(len(summaries) // len(rows))], summaries)
+        ]
+        enc = tok(texts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = rm(**enc, output_hidden_states=True)
+            last = enc["attention_mask"].sum(1) - 1  # right padding
+            h = rm.gpt_neox.final_layer_norm(out.hidden_states[-1])[torch.arange(len(texts)), last]
+        return out.logits.squeeze(-1).numpy().astype(np.float64), h.numpy().astype(np.float64)
+
+    gold_s, _ = reward_features(root / "gold_rm", samples["summaries"])
+    rm_s, h_s = reward_features(root / "rm", samples["summaries"])
+    checked = 0
+    for name in ["X and Y", "W and V (both invented)", "the title (copied)", "my W are a mess (template, W invented)"]:
+        rng = random.Random(0)  # the probe's draw of W and V: forms() once per post of two or more keys, in order
+        texts = [probe_forms.forms(rng, r, f)[name] for r, f in zip(rows, facts)]
+        gold_f, _ = reward_features(root / "gold_rm", texts)
+        rm_f, h_f = reward_features(root / "rm", texts)
+        n = len(rows)
+        reward = np.concatenate([rm_s.reshape(n, k), rm_f[:, None]], 1)
+        gold = np.concatenate([gold_s.reshape(n, k), gold_f[:, None]], 1)
+        feats = np.concatenate([h_s.reshape(n, k, -1), h_f[:, None]], 1)
+        adv, gadv = reward - reward.mean(1, keepdims=True), gold - gold.mean(1, keepdims=True)
+        dist = np.linalg.norm(feats - feats.mean(1, keepdims=True), axis=-1)
+        radius = np.abs(adv) / dist
+        pct = np.array([(radius < radius[i, -1]).sum() for i in range(n)]) / (radius.size - 1)  # rank, no ties
+        got = table[name][f"{root / 'rm'} premise"]
+        assert got["radius_pct"] == pytest.approx(pct.mean(), abs=1e-9)
+        assert got["radius_low10"] == pytest.approx((pct < 0.1).mean(), abs=1e-9)
+        assert got["adv"] == pytest.approx(adv[:, -1].mean(), abs=1e-5)
+        assert got["gold_adv"] == pytest.approx(gadv[:, -1].mean(), abs=1e-5)
+        assert got["wrong_sign"] == pytest.approx(((adv[:, -1] > 0) != (gadv[:, -1] > 0)).mean(), abs=1e-9)
+        assert got["dev_ratio"] == pytest.approx((dist[:, -1] / dist[:, :-1].mean(1)).mean(), rel=1e-4)
+        checked += 1
+    assert checked == 4

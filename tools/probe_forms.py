@@ -13,6 +13,14 @@ list ("full"), it one key short ("short"), its last key swapped for a noun the p
 nouns added ("ext1", "ext2"), the first key repeated at the end ("rep") and the full list with a comment ("full+c"):
 whether an RM prefers longer or shorter lists than the post's (docs/TINY_WORLD.md, "a fall by dropping keys").
 
+`--radius-policy R/sft` puts each form to the paper's premise (that the completions SignCert-PO reverses, those of
+small certified radius, are the hacking ones): per post, `--group-size - 1` samples of that policy (temperature 1, as
+the RL rollouts; a sample that does not end is scored as if it ended) and the form make a group, as in one RL step;
+per RM it reports the form's certified radius |A| / ||h - hbar|| as a percentile among all the radii of that batch
+(every post's group, the form in each), the share of posts where it is in the batch's lowest 10%, the form's
+advantage A (and the share where A > 0), the gold's advantage, the share where the two signs differ, and how far the
+form's features lie from its group's mean, ||h - hbar||, over the samples' mean distance (above 1: an outlier).
+
 A proxy that scores "X and W" (an invented noun) like "X and Y", or "X and X" (a repeated noun) like "X and Y", is
 blind to what the gold penalises: RL can drift there without the proxy noticing. A proxy whose score keeps rising
 along a direction the gold penalises (more nouns, more words) is what makes RL over-optimise (README, "What did not
@@ -32,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch
 import tyro
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import tiny_world as tw
 
@@ -58,6 +66,13 @@ class Args:
     bonus_forms: bool = False
     """probe the outlier world's bonus word (`tiny_world.py --bonus-word`): the post's list with the word 0-4 times,
     elsewhere, and after a comment"""
+    radius_policy: str = ""
+    """a policy (e.g. runs/tiny_world/sft) whose samples make each form's group: report the premise's columns (the
+    docstring) per RM; empty: only the mean scores"""
+    group_size: int = 8
+    """completions per group with --radius-policy: the form and `group_size - 1` samples (the RL default: 8)"""
+    max_new_tokens: int = 24
+    """the samples' length limit with --radius-policy (the RL default)"""
 
 
 def forms(rng, row, facts):
@@ -87,6 +102,10 @@ def forms(rng, row, facts):
         "my person and my W (template, W invented)": f"my {p} and my {w}",
         "my X are a mess (template)": f"my {x} are a mess",
         "my W are a mess (template, W invented)": f"my {w} are a mess",
+        # degenerate forms, far from any reference: the feature-space outliers of the paper's premise
+        "the keys x3, no glue (repeated)": " ".join(keys * 3),
+        "W W W (invented, repeated)": f"{w} {w} {w}",
+        "the title (copied)": row["title"],
     }
     if len(keys) > 2:  # the forms with the third key
         z = keys[2]
@@ -125,10 +144,98 @@ def bonus_forms(facts, bonus):
     return out
 
 
+def policy_samples(path, prompts, k, max_new_tokens, seed):
+    """k samples per prompt of the policy at `path` (temperature 1, cut at the first EOS), as text."""
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).eval()
+    eos, texts = tokenizer.eos_token_id, []
+    torch.manual_seed(seed)
+    for i in range(0, len(prompts), 32):
+        enc = tokenizer(prompts[i : i + 32], return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            ids = policy.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=k,
+                                  max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)  # fmt: skip
+        for row in ids[:, enc["input_ids"].shape[1] :].tolist():
+            texts.append(tokenizer.decode(row[: row.index(eos)] if eos in row else row).strip())
+    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def scores_and_features(rm, tokenizer, prompts, summaries, batch_size=256):
+    """(reward (N,), features h (N, d)) of every summary, read as the stages read them (tiny_world's convention)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tw.encode_scored(tokenizer, prompts[i : i + batch_size], summaries[i : i + batch_size])
+        with torch.no_grad():
+            out.append(tw.reward_and_features(rm, enc["input_ids"], enc["attention_mask"]))
+    return torch.cat([r for r, _ in out]), torch.cat([h for _, h in out])
+
+
+def premise_columns(reward, features, gold):
+    """The form's premise columns, from (posts, group) tensors whose LAST column is the form: its radius
+    |A| / ||h - hbar|| as a percentile among all the batch's radii, the share of posts where that is below 0.1, its
+    advantage and the gold's, the share of posts where their signs differ, and its feature distance to the group's
+    mean over the samples' mean distance."""
+    adv = reward - reward.mean(1, keepdim=True)
+    gold_adv = gold - gold.mean(1, keepdim=True)
+    dist = (features - features.mean(1, keepdim=True)).norm(dim=-1)
+    radius = adv.abs() / dist.clamp_min(1e-12)  # the certified radius (docs/METHOD.md section 2)
+    pct = radius.flatten().argsort().argsort().view(radius.shape)[:, -1].double() / (radius.numel() - 1)
+    mean = lambda t: t.double().mean().item()
+    return dict(
+        radius_pct=mean(pct),
+        radius_low10=mean(pct < 0.1),
+        adv=mean(adv[:, -1]),
+        adv_pos=mean(adv[:, -1] > 0),
+        gold_adv=mean(gold_adv[:, -1]),
+        wrong_sign=mean((adv[:, -1] > 0) != (gold_adv[:, -1] > 0)),
+        dev_ratio=mean(dist[:, -1] / dist[:, :-1].mean(1)),
+    )
+
+
+def premise_table(args, models, tokenizer, rows, by_form, table):
+    """Add each RM's premise columns to `table` (each form in a group of the policy's samples, on the posts that have
+    the form), print them, and return the samples (one group per post of `rows` that has any form)."""
+    index = {id(row): i for i, row in enumerate(rows)}
+    posts = sorted({index[id(r)] for items in by_form.values() for r, _, _ in items})  # posts with any form
+    prompts = [tw.prompt_of(rows[i]) for i in posts]
+    k = args.group_size - 1
+    groups = policy_samples(args.radius_policy, prompts, k, args.max_new_tokens, args.seed)
+    sampled = dict(prompts=[p for p in prompts for _ in range(k)], summaries=[s for g in groups for s in g])
+    at = {post: j for j, post in enumerate(posts)}  # post -> its group
+    rms, samples = {}, {}
+    for label, path in models.items():
+        rms[label] = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+        r, h = scores_and_features(rms[label], tokenizer, sampled["prompts"], sampled["summaries"])
+        samples[label] = (r.view(len(posts), k), h.view(len(posts), k, -1))
+    for name, items in by_form.items():
+        sel = torch.tensor([at[index[id(r)]] for r, _, _ in items])
+        with_form = {}  # label -> (reward, features) of the groups with the form as their last member
+        for label, rm in rms.items():
+            r, h = scores_and_features(rm, tokenizer, [tw.prompt_of(r) for r, _, _ in items], [s for _, s, _ in items])
+            with_form[label] = (torch.cat([samples[label][0][sel], r[:, None]], 1),
+                                torch.cat([samples[label][1][sel], h[:, None]], 1))  # fmt: skip
+        for label in args.rm_paths:
+            table[name][f"{label} premise"] = premise_columns(*with_form[label], with_form["gold"][0])
+    print(f"premise ({args.radius_policy}, groups of {k} samples + the form)")
+    print("| form | RM | gold adv | RM adv (share > 0) | radius pct (lowest 10%) | distance ratio | signs differ |")
+    print("|---|---|---|---|---|---|---|")
+    for name, cols in table.items():
+        for label in args.rm_paths:
+            c = cols[f"{label} premise"]
+            print(f"| {name} | {label} | {c['gold_adv']:+.3f} | {c['adv']:+.3f} ({c['adv_pos']:.2f}) | "
+                  f"{c['radius_pct']:.2f} ({c['radius_low10']:.2f}) | {c['dev_ratio']:.2f} | {c['wrong_sign']:.2f} |")  # fmt: skip
+    return sampled
+
+
 if __name__ == "__main__":
     args = tyro.cli(Args)
     torch.set_num_threads(args.threads)
-    for path in [args.root + "/data", args.root + "/gold_rm", *args.rm_paths]:
+    for path in [
+        args.root + "/data",
+        args.root + "/gold_rm",
+        *args.rm_paths,
+        *[args.radius_policy] * bool(args.radius_policy),
+    ]:
         if not os.path.exists(path):
             raise SystemExit(f"{path} does not exist: build the world (`python tiny_world.py`) and the RMs first")
     rows, facts = tw.read_posts(args.root, args.split, args.num_prompts)
@@ -157,6 +264,7 @@ if __name__ == "__main__":
         for name, items in by_form.items():
             scores = tw.gold_scores(rm, tokenizer, [tw.prompt_of(r) for r, _, _ in items], [s for _, s, _ in items])
             table[name][label] = scores.mean().item()
+    sampled = premise_table(args, models, tokenizer, rows, by_form, table) if args.radius_policy else None
     labels = list(models)
     print(f"{args.num_prompts} {args.split} posts of {args.root}; mean over the posts of each form")
     print("| form | quality | " + " | ".join(labels) + " |")
@@ -165,5 +273,5 @@ if __name__ == "__main__":
         print(f"| {name} | {cols['quality']:.2f} | " + " | ".join(f"{cols[lab]:.3f}" for lab in labels) + " |")
     out = args.output or f"{args.root}/probe_forms.json"
     with open(out, "w") as f:
-        json.dump(dict(args=vars(args), table=table), f, indent=1)
+        json.dump(dict(args=vars(args), table=table, samples=sampled), f, indent=1)
     print(f"wrote {out}")
