@@ -776,19 +776,22 @@ def encode_scored(tokenizer, prompts, summaries):
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 
-def gold_scores(model, tokenizer, prompts, summaries, batch_size=256):
+def gold_scores(model, tokenizer, prompts, summaries, batch_size=256, features=False):
     """The gold's score of every summary, by batches; batches go several at once in threads where cores are spare
-    (torch on fewer threads than cores), each on torch's threads: the same scores to the bit, sooner."""
+    (torch on fewer threads than cores), each on torch's threads: the same scores to the bit, sooner. Any reward
+    model reads the same way; `features=True` returns (scores, the features h of `reward_and_features`)."""
     model.eval()
     batches = [encode_scored(tokenizer, prompts[i : i + batch_size], summaries[i : i + batch_size])
                for i in range(0, len(prompts), batch_size)]  # fmt: skip
 
     def score(b):
         with torch.no_grad():  # grad mode is per thread
-            return reward_and_features(model, b["input_ids"], b["attention_mask"])[0]
+            return reward_and_features(model, b["input_ids"], b["attention_mask"])
 
     with ThreadPoolExecutor(max(1, (os.cpu_count() or 1) // torch.get_num_threads())) as pool:
-        return torch.cat(list(pool.map(score, batches)))
+        out = list(pool.map(score, batches))
+    scores = torch.cat([r for r, _ in out])
+    return (scores, torch.cat([h for _, h in out])) if features else scores
 
 
 def pair_agreement(scores, qualities, groups):

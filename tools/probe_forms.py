@@ -160,16 +160,6 @@ def policy_samples(path, prompts, k, max_new_tokens, seed):
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
-def scores_and_features(rm, tokenizer, prompts, summaries, batch_size=256):
-    """(reward (N,), features h (N, d)) of every summary, read as the stages read them (tiny_world's convention)."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        enc = tw.encode_scored(tokenizer, prompts[i : i + batch_size], summaries[i : i + batch_size])
-        with torch.no_grad():
-            out.append(tw.reward_and_features(rm, enc["input_ids"], enc["attention_mask"]))
-    return torch.cat([r for r, _ in out]), torch.cat([h for _, h in out])
-
-
 def premise_columns(reward, features, gold):
     """The form's premise columns, from (posts, group) tensors whose LAST column is the form: its radius
     |A| / ||h - hbar|| as a percentile among all the batch's radii, the share of posts where that is below 0.1, its
@@ -192,9 +182,10 @@ def premise_columns(reward, features, gold):
     )
 
 
-def premise_table(args, models, tokenizer, rows, by_form, table):
+def premise_table(args, rms, tokenizer, rows, by_form, scored, table):
     """Add each RM's premise columns to `table` (each form in a group of the policy's samples, on the posts that have
-    the form), print them, and return the samples (one group per post of `rows` that has any form)."""
+    the form; `scored[label][form]`: the form's (rewards, features) by that RM), print them, and return the samples
+    (one group per post of `rows` that has any form)."""
     index = {id(row): i for i, row in enumerate(rows)}
     posts = sorted({index[id(r)] for items in by_form.values() for r, _, _ in items})  # posts with any form
     prompts = [tw.prompt_of(rows[i]) for i in posts]
@@ -202,18 +193,18 @@ def premise_table(args, models, tokenizer, rows, by_form, table):
     groups = policy_samples(args.radius_policy, prompts, k, args.max_new_tokens, args.seed)
     sampled = dict(prompts=[p for p in prompts for _ in range(k)], summaries=[s for g in groups for s in g])
     at = {post: j for j, post in enumerate(posts)}  # post -> its group
-    rms, samples = {}, {}
-    for label, path in models.items():
-        rms[label] = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
-        r, h = scores_and_features(rms[label], tokenizer, sampled["prompts"], sampled["summaries"])
+    samples = {}
+    for label, rm in rms.items():
+        r, h = tw.gold_scores(rm, tokenizer, sampled["prompts"], sampled["summaries"], features=True)
         samples[label] = (r.view(len(posts), k), h.view(len(posts), k, -1))
     for name, items in by_form.items():
         sel = torch.tensor([at[index[id(r)]] for r, _, _ in items])
-        with_form = {}  # label -> (reward, features) of the groups with the form as their last member
-        for label, rm in rms.items():
-            r, h = scores_and_features(rm, tokenizer, [tw.prompt_of(r) for r, _, _ in items], [s for _, s, _ in items])
-            with_form[label] = (torch.cat([samples[label][0][sel], r[:, None]], 1),
-                                torch.cat([samples[label][1][sel], h[:, None]], 1))  # fmt: skip
+        with_form = {  # label -> (reward, features) of the groups with the form as their last member
+            label: tuple(
+                torch.cat([group[sel], form[:, None]], 1) for group, form in zip(samples[label], scored[label][name])
+            )
+            for label in rms
+        }
         for label in args.rm_paths:
             table[name][f"{label} premise"] = premise_columns(*with_form[label], with_form["gold"][0])
     print(f"premise ({args.radius_policy}, groups of {k} samples + the form)")
@@ -234,7 +225,7 @@ if __name__ == "__main__":
         args.root + "/data",
         args.root + "/gold_rm",
         *args.rm_paths,
-        *[args.radius_policy] * bool(args.radius_policy),
+        *([args.radius_policy] if args.radius_policy else []),
     ]:
         if not os.path.exists(path):
             raise SystemExit(f"{path} does not exist: build the world (`python tiny_world.py`) and the RMs first")
@@ -259,12 +250,18 @@ if __name__ == "__main__":
         name: {"quality": sum(tw.quality(r, s, k, bonus) for r, s, k in items) / len(items)}
         for name, items in by_form.items()
     }
-    for label, path in models.items():
-        rm = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
-        for name, items in by_form.items():
-            scores = tw.gold_scores(rm, tokenizer, [tw.prompt_of(r) for r, _, _ in items], [s for _, s, _ in items])
-            table[name][label] = scores.mean().item()
-    sampled = premise_table(args, models, tokenizer, rows, by_form, table) if args.radius_policy else None
+    rms = {label: AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
+           for label, path in models.items()}  # fmt: skip
+    scored = {  # label -> form -> (rewards, features) of the form on its posts
+        label: {name: tw.gold_scores(rm, tokenizer, [tw.prompt_of(r) for r, _, _ in items], [s for _, s, _ in items],
+                                     features=True)
+                for name, items in by_form.items()}
+        for label, rm in rms.items()
+    }  # fmt: skip
+    for label in rms:
+        for name in by_form:
+            table[name][label] = scored[label][name][0].mean().item()
+    sampled = premise_table(args, rms, tokenizer, rows, by_form, scored, table) if args.radius_policy else None
     labels = list(models)
     print(f"{args.num_prompts} {args.split} posts of {args.root}; mean over the posts of each form")
     print("| form | quality | " + " | ".join(labels) + " |")
