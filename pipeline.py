@@ -8,6 +8,7 @@
     python pipeline.py --seeds 1 2 3 --methods drgrpo signcert drgrpo_kl   # the frontier comparison with its controls
     python pipeline.py --seeds 1 2 3 --methods all --sweep    # Table 1: every method, knobs chosen on validation
     python pipeline.py --no-rl                                # stop after the SFT policy's gold evaluation
+    python pipeline.py --train-threads 1 ...   # the chains published before 2026-12-05
 
 A chain seed redraws everything after the world (the world is a function of `--world-seed` alone): the SFT
 policy, the preference pairs, the proxy RM(s) and the RL runs, as the paper's seeds do. Chain seed 1 lives at the
@@ -15,8 +16,13 @@ root (the paths every script defaults to), chain seed s under `seed{s}/`.
 
 Each stage is a separate script run in a subprocess: they share nothing but files on disk, and this driver only
 passes paths (and reads the metrics files back). A stage whose output already exists is skipped (`--force` redoes
-it), so a killed pipeline continues where it stopped. Every stage runs on `--threads 1` core (the chain's floats
-depend on the thread count) and `--jobs 2` RL runs go side by side.
+it), so a killed pipeline continues where it stopped. SFT and the proxy RM train alone on `--train-threads 2` (both
+cores), the other stages on `--threads 1` (they score batches in threads on the spare core), and `--jobs 2` RL runs go
+side by side on one thread each: a chain's floats depend on these counts, so they are fixed, not taken from the machine.
+
+The main job ends by placing each chain's numbers (proxy accuracy, SFT gold, Dr.GRPO's peak, fall and rising proxy,
+SignCert-PO's end) within or outside their range over the reference chains that ship in `main_job_reference.json`
+(measured by `--write-reference` over many chain seeds and two CPUs), and says whether the over-optimisation showed.
 
 Methods and their own knob (`--sweep` chooses it on validation prompts of `--sweep-seeds` (chain seed 1), among 4
 values, by a criterion fixed before looking: the highest held-out VALIDATION gold reward at the last step; the test
@@ -46,6 +52,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -109,8 +116,9 @@ class Args:
     advpo_budget_grid: List[float] = field(default_factory=lambda: [1e2, 1e3, 5e3, 2e4])
     bspo_threshold_grid: List[float] = field(default_factory=lambda: [1e-3, 1e-2, 3e-2, 1e-1])
     rl_steps: int = 300
-    """optimiser steps of each RL run (on the tiny world Dr.GRPO's held-out test gold peaks at step 10 and has lost
-    more than half of its gain by step 300 on 5 of the 7 chain seeds measured, falling after step 40-70; README)"""
+    """optimiser steps of each RL run (on the tiny world Dr.GRPO's held-out test gold peaks at step 10 and falls
+    from step 40-120, at its own pace on each chain: 150 steps leave the fall half done on most chains; how far
+    it gets by step 300 over the reference chains: main_job_reference.json, README)"""
     gold_every: int = 5
     """the rollouts' gold reward and the proxy's on-policy accuracy every this many steps (Figure 2's panels)"""
     eval_every: int = 10
@@ -120,8 +128,12 @@ class Args:
     matched_kl: List[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     """KL values at which the methods' test gold rewards are compared"""
     threads: int = 1
-    """torch threads of every stage and RL run (OMP_NUM_THREADS). A chain's float sums, and so in time its samples,
-    depend on it: the README's chains ran at 1, so that `python pipeline.py` redraws its chain seed 1"""
+    """torch threads of each RL run (OMP_NUM_THREADS; `--jobs` of them run side by side). A chain's float sums, and
+    so in time its samples, depend on the thread counts: keep them to redraw a published chain"""
+    train_threads: int = 2
+    """torch threads of the SFT and proxy-RM trainings, which run alone: both cores of the 2-core machine (the other
+    stages run on --threads and score batches in threads on the spare core). 1 redraws the chains published before
+    2026-12-05"""
     jobs: int = 2
     """RL runs at once (2: both cores of the 2-core machine, one thread each; 1 with --num-processes > 1)"""
     rl: bool = True
@@ -138,6 +150,9 @@ class Args:
     training set; 6000 of the 12000 put the proxy in its 65-80% band and halve the two stages, docs/TINY_WORLD.md)"""
     extra_world_args: str = ""
     """extra arguments of tiny_world.py, one string (write `--extra-world-args="--gold-steps 900"`)"""
+    sft_epochs: int = 6
+    """epochs of the SFT stage (sft.py's --num-train-epochs; 6 x 188 updates on the 12000 posts: with 3, the SFT
+    policy's gold ranged 0.24-0.79 over 8 chain seeds, with 6 it is 0.60-0.71, docs/TINY_WORLD.md)"""
     extra_stage_args: str = ""
     """extra arguments of sft.py, gen_prefs.py and train_rm.py, one string (e.g. for tests)"""
     extra_sft_args: str = ""
@@ -148,6 +163,17 @@ class Args:
     """extra arguments of every RL run, one string (e.g. `--extra-rl-args="--learning-rate 1e-4"`)"""
     force: bool = False
     """redo stages whose outputs exist"""
+    chain_weights: Literal["shipped", "train"] = "shipped"
+    """chain seed 1's SFT policy and proxy RM: `shipped` copies the ones that ship in tiny_world_gold/chain1 (trained
+    by this pipeline at its default settings, which they require: everything before the RL is then the same on every
+    CPU, the RL only where torch's kernels are the same, docs/TINY_WORLD.md) and makes no preference pairs unless a
+    method needs them; `train` trains them here, as every other chain seed (another draw on other kernels)"""
+    ship_chain: bool = False
+    """with `--chain-weights train` at the default settings: write chain seed 1's SFT policy and proxy RM to
+    tiny_world_gold/chain1, with their manifest (how the shipped ones were made)"""
+    write_reference: str = ""
+    """add this run's main-job chains (Dr.GRPO and SignCert-PO at --quantile), with this CPU's name, to this reference
+    file (created with this run's settings; an existing one must have the same): how main_job_reference.json is made"""
 
 
 # ---------------------------------------------------------------- running stages
@@ -176,20 +202,22 @@ def check_world_format(world, root):
         )
 
 
-def stage_env(args):
-    return dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+def stage_env(threads):
+    return dict(os.environ, OMP_NUM_THREADS=str(threads))
 
 
-def stage(args, script, out_marker, *script_args, launch=True):
-    """Run one stage unless `out_marker` exists; print where its artefacts went."""
+def stage(args, script, out_marker, *script_args, launch=True, threads=None):
+    """Run one stage unless `out_marker` exists (on `threads` torch threads, default --threads); print where its
+    artefacts went."""
     name = os.path.basename(script)
     if os.path.exists(out_marker) and not args.force:
         print(f"[pipeline] skip {name}: {out_marker} exists", flush=True)
         return
     cmd = (launcher(args) if launch else [sys.executable]) + [script, *script_args]
-    print(f"[pipeline] $ OMP_NUM_THREADS={args.threads} {shlex.join(cmd)}", flush=True)
+    threads = threads or args.threads
+    print(f"[pipeline] $ OMP_NUM_THREADS={threads} {shlex.join(cmd)}", flush=True)
     t0 = time.time()
-    subprocess.run(cmd, check=True, env=stage_env(args))
+    subprocess.run(cmd, check=True, env=stage_env(threads))
     print(f"[pipeline] {name} done in {time.time() - t0:.0f} s -> {out_marker}", flush=True)
 
 
@@ -210,7 +238,9 @@ def run_all(args, jobs):
             print(f"[pipeline] $ OMP_NUM_THREADS={args.threads} {shlex.join(cmd)}", flush=True)
             os.makedirs(os.path.dirname(out), exist_ok=True)
             log = open(out + ".log", "w") if args.jobs > 1 else None
-            running.append((name, subprocess.Popen(cmd, env=stage_env(args), stdout=log, stderr=log), time.time(), log))
+            running.append(
+                (name, subprocess.Popen(cmd, env=stage_env(args.threads), stdout=log, stderr=log), time.time(), log)
+            )
         time.sleep(0.5)
         for item in list(running):
             name, proc, t0, log = item
@@ -287,6 +317,7 @@ def frontier(rows, matched_kl):
         "peak_gold": peak[2],
         "peak_step": peak[0],
         "peak_kl": peak[1],
+        "peak_proxy": peak[4],
         "gain_lost": (peak[2] - last[2]) / (peak[2] - first[2]) if peak[2] > first[2] else math.nan,
         "stopped_gold": stopped[2],
         "stopped_win_rate": stopped[3],
@@ -307,6 +338,113 @@ def spread(values):
         return f"{vs[0]:.3f}"
     missing = f" [{len(values) - len(vs)} never]" if len(vs) < len(values) else ""
     return f"{sum(vs) / len(vs):.3f} ({min(vs):.3f} - {max(vs):.3f}){missing}"
+
+
+# ---------------------------------------------------------------- your draw against the reference chains
+REFERENCE = os.path.join(HERE, "main_job_reference.json")  # the main job over many chain seeds and two CPUs
+# the settings that decide a chain's draw: a run is placed against the reference only when they are the reference's
+DRAW_SETTINGS = ("world_seed", "world_preset", "extra_world_args", "pref_prompts", "sft_epochs", "train_threads",
+                 "threads", "kl_coef", "quantile", "rl_steps", "eval_num_prompts", "num_processes", "extra_stage_args",
+                 "extra_sft_args", "extra_prefs_args", "extra_rl_args")  # fmt: skip
+# (key, what it is, format): the numbers of one chain that the reference's ranges cover
+DRAW_NUMBERS = (
+    ("proxy_accuracy", "proxy RM accuracy on held-out SFT pairs", "{:.1%}"),
+    ("sft_win_rate", "SFT gold win rate vs references", "{:.1%}"),
+    ("sft_gold", "SFT gold", "{:.3f}"),
+    ("drgrpo_peak_gold", "Dr.GRPO peak gold", "{:.3f}"),
+    ("drgrpo_peak_step", "Dr.GRPO step at the peak", "{:.0f}"),
+    ("drgrpo_final_gold", "Dr.GRPO final gold", "{:.3f}"),
+    ("drgrpo_gain_lost", "Dr.GRPO share of its gain lost", "{:.0%}"),
+    ("drgrpo_proxy_rise", "Dr.GRPO held-out proxy, last minus at the peak", "{:+.2f}"),
+    ("drgrpo_final_kl", "Dr.GRPO final KL", "{:.1f}"),
+    ("signcert_final_gold", "SignCert-PO final gold", "{:.3f}"),
+    ("signcert_gain_lost", "SignCert-PO share of its gain lost", "{:.0%}"),
+    ("signcert_final_kl", "SignCert-PO final KL", "{:.1f}"),
+)
+
+
+def draw_numbers(calib, frontiers):
+    """One chain's numbers as the reference keeps them: calib {"rm", "sft"} eval.json's, frontiers {method: the
+    frontier() of its run} (drgrpo, signcert: whichever ran)."""
+    out = {
+        "proxy_accuracy": calib["rm"]["eval/accuracy"],
+        "sft_win_rate": calib["sft"]["eval/win_rate"],
+        "sft_gold": calib["sft"]["eval/gold_reward_mean"],
+    }
+    for m, f in frontiers.items():
+        out |= {f"{m}_final_gold": f["final_gold"], f"{m}_gain_lost": f["gain_lost"], f"{m}_final_kl": f["final_kl"]}
+        if m == "drgrpo":
+            rise = f["final_proxy"] - f["peak_proxy"]
+            out |= {"drgrpo_peak_gold": f["peak_gold"], "drgrpo_peak_step": f["peak_step"], "drgrpo_proxy_rise": rise}
+    return out
+
+
+def over_optimised(numbers):
+    """The phenomenon the main job shows: Dr.GRPO lost at least half of its gain while its held-out proxy rose."""
+    return numbers["drgrpo_gain_lost"] >= 0.5 and numbers["drgrpo_proxy_rise"] > 0
+
+
+def cpu_name():
+    """The CPU model and the vector instruction set torch's kernels dispatch to (what decides a chain's rounding)."""
+    import platform
+
+    import torch  # only here: the driver runs the stages in subprocesses
+
+    model = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        model = next(
+            (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), model
+        )
+    forced = [v for v in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA") if v in os.environ]
+    return f"{model}, torch kernels {torch.backends.cpu.get_cpu_capability()}" + (
+        f" (forced by {', '.join(forced)})" if forced else ""
+    )
+
+
+def add_to_reference(args, draws, path):
+    """Add the draws {seed: draw_numbers} to the reference file at `path` (one entry per chain seed and CPU)."""
+    settings = {k: getattr(args, k) for k in DRAW_SETTINGS}
+    reference = read_json(path) if os.path.exists(path) else {"settings": settings, "chains": []}
+    if reference["settings"] != settings:
+        raise SystemExit(f"--write-reference {path}: it holds chains of other settings ({reference['settings']})")
+    cpu = cpu_name()
+    keep = [c for c in reference["chains"] if (c["seed"], c["cpu"]) not in {(s, cpu) for s in draws}]
+    reference["chains"] = keep + [{"seed": s, "cpu": cpu, **numbers} for s, numbers in draws.items()]
+    with open(path + ".tmp", "w") as f:
+        json.dump(reference, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"[pipeline] {len(draws)} chain(s) of {cpu} added to {path} ({len(reference['chains'])} in all)")
+
+
+def place_in_reference(draws, reference, args):
+    """Lines saying where each chain's numbers (draws {seed: draw_numbers}) fall against the reference's ranges."""
+    differ = [k for k, v in reference["settings"].items() if getattr(args, k) != v]
+    if differ:
+        return [f"no reference for these settings: the reference's main job differs in {', '.join(differ)}"]
+    chains = reference["chains"]
+    cpus = sorted({c["cpu"] for c in chains})
+    shown = sum(over_optimised(c) for c in chains)
+    lines = [f"your draw against {len(chains)} reference chains (chain seeds {sorted({c['seed'] for c in chains})} on "
+             f"{len(cpus)} CPU(s): {'; '.join(cpus)}; {os.path.basename(REFERENCE)}):"]  # fmt: skip
+    for seed, numbers in draws.items():
+        outside = []
+        lines.append(f"  chain seed {seed}:")
+        for key, what, f in DRAW_NUMBERS:
+            if key not in numbers:
+                continue
+            lo, hi = min(c[key] for c in chains), max(c[key] for c in chains)
+            place = "within" if lo <= numbers[key] <= hi else "OUTSIDE"
+            outside += [what] if place == "OUTSIDE" else []
+            lines.append(f"    {what}: {f.format(numbers[key])}   ({place} the range {f.format(lo)} - {f.format(hi)})")
+        if "drgrpo_gain_lost" in numbers:
+            yes = over_optimised(numbers)
+            lines.append(f"    over-optimisation (Dr.GRPO lost at least half its gain, its held-out proxy rising): "
+                         f"{'yes' if yes else 'NO'}; it showed on {shown} of the {len(chains)} reference chains")  # fmt: skip
+        if outside:
+            lines.append(f"    outside the range: {', '.join(outside)}. A new draw lands outside the range of "
+                         f"{len(chains)} for one number with probability about 2/{len(chains) + 1}; several, or no "
+                         "over-optimisation, is worth reporting with the chain seed and the CPU (lscpu)")  # fmt: skip
+    return lines
 
 
 # ---------------------------------------------------------------- the knob sweep and the paired comparison
@@ -547,25 +685,111 @@ def rl_run(args, chain, seed, method, knob):
     return label, out, cmd
 
 
+SHIPPED_CHAIN = os.path.join(HERE, "tiny_world_gold", "chain1")  # chain seed 1's SFT policy and proxy RM, shipped
+# what decides chain seed 1's SFT policy and proxy: the shipped ones stand in for them only when these are theirs
+CHAIN_SETTINGS = ("world_seed", "world_preset", "extra_world_args", "sft_epochs", "train_threads", "threads",
+                  "pref_prompts", "num_processes", "extra_stage_args", "extra_sft_args", "extra_prefs_args")  # fmt: skip
+
+
+def uses_shipped_chain(args, seed):
+    """Whether chain seed `seed`'s SFT policy and proxy RM are copied from SHIPPED_CHAIN rather than trained: chain
+    seed 1, `--chain-weights shipped`, the world and stage settings the shipped ones were trained with."""
+    if seed != 1 or args.chain_weights != "shipped":
+        return False
+    manifest = read_json(os.path.join(SHIPPED_CHAIN, "manifest.json"))
+    return manifest["world_format"] == WORLD_FORMAT and manifest["settings"] == {
+        k: getattr(args, k) for k in CHAIN_SETTINGS
+    }
+
+
+def copy_shipped(name, target, force):
+    """Copy the shipped `name` folder (sft, rm) to `target`, atomically, unless it is there already."""
+    if os.path.exists(os.path.join(target, "config.json")) and not force:
+        print(f"[pipeline] skip the shipped {name}: {target} exists", flush=True)
+        return
+    tmp = target + ".tmp-shipped"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(os.path.join(SHIPPED_CHAIN, name), tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    print(f"[pipeline] chain seed 1's {name}: the shipped one -> {target}", flush=True)
+
+
+def shipped_expectation(draw, manifest):
+    """Lines comparing chain seed 1's numbers, on the shipped SFT policy and proxy, with those the manifest recorded
+    where they were trained. The RL repeats the recorded run until a sampled token differs: on the same kernels, to
+    the bit; on other kernels (AVX2 against AVX-512) after step 60-140 in the runs measured, and from there it follows
+    a path of its own, as far from the recorded one as two chains can be (docs/TINY_WORLD.md)."""
+    keys = [(k, what, f) for k, what, f in DRAW_NUMBERS if k in draw and k in manifest["main_job"]]
+    same = [f.format(draw[k]) == f.format(manifest["main_job"][k]) for k, _, f in keys]
+    verdict = "the same to the digits printed" if all(same) else (
+        "not all the same: expected where torch's kernels differ from those (the RL leaves the recorded path at its "
+        "first differently sampled token); where they are the same, worth reporting with the CPU (lscpu)")  # fmt: skip
+    lines = [
+        f"chain seed 1 ran on the shipped SFT policy and proxy RM; as recorded on {manifest['trained_on']}: {verdict}"
+    ]
+    for (k, what, f), ok in zip(keys, same):
+        recorded = manifest["main_job"][k]
+        lines.append(f"    {what}: {f.format(draw[k])}   (recorded {f.format(recorded)}"
+                     + ("" if ok else f", a difference of {draw[k] - recorded:+.3g}") + ")")  # fmt: skip
+    return lines
+
+
+def on_shipped_chain(args):
+    """Whether chain seed 1's SFT policy and proxy in --root are the shipped ones (not one trained there before)."""
+    same = lambda name: (
+        open(os.path.join(args.root, name, "model.safetensors"), "rb").read()
+        == open(os.path.join(SHIPPED_CHAIN, name, "model.safetensors"), "rb").read()
+    )
+    return uses_shipped_chain(args, 1) and same("sft") and same("rm")
+
+
+def ship_chain(args, draw):
+    """Write chain seed 1's SFT policy and proxy RM (of a `--chain-weights train` run) to SHIPPED_CHAIN, with a
+    manifest: the settings they were trained with, the CPU, and the main job's numbers they gave there."""
+    tmp = SHIPPED_CHAIN + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in ("sft", "rm"):
+        shutil.copytree(
+            os.path.join(args.root, name), os.path.join(tmp, name), ignore=shutil.ignore_patterns("metrics.jsonl")
+        )
+    manifest = {"world_format": WORLD_FORMAT, "settings": {k: getattr(args, k) for k in CHAIN_SETTINGS},
+                "trained_on": cpu_name(), "main_job": draw}  # fmt: skip
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    shutil.rmtree(SHIPPED_CHAIN, ignore_errors=True)
+    os.replace(tmp, SHIPPED_CHAIN)
+    print(f"[pipeline] chain seed 1's SFT policy and proxy RM shipped to {SHIPPED_CHAIN}")
+
+
 def build_chain(args, seed, methods):
-    """SFT -> preference pairs -> proxy RM (+ UWO's members, BSPO's ScoreLM) -> the SFT policy's gold evaluation."""
+    """SFT -> preference pairs -> proxy RM (+ UWO's members, BSPO's ScoreLM) -> the SFT policy's gold evaluation.
+    Chain seed 1 at the default settings copies the shipped SFT policy and proxy RM instead (`uses_shipped_chain`)
+    and makes preference pairs only for the methods that need them (UWO's and BSPO's proxies, AdvPO)."""
     script = lambda name: os.path.join(HERE, name)
     R, c = args.root, chain_dir(args, seed)
     extra = shlex.split(args.extra_stage_args)
     data, gold, s = os.path.join(R, "data"), os.path.join(R, "gold_rm"), str(seed)
     j = lambda *p: os.path.join(c, *p)
-    stage(args, script("sft.py"), j("sft", "config.json"), "--seed", s, "--model-name-or-path",
-          os.path.join(R, "base_policy"), "--dataset", data, "--output-dir", j("sft"), *extra, *shlex.split(args.extra_sft_args))  # fmt: skip
-    stage(args, script("gen_prefs.py"), j("prefs", "test.jsonl"), "--seed", s, "--policy-path", j("sft"),
-          "--gold-rm-path", gold, "--dataset", data, "--output-dir", j("prefs"), "--num-train-prompts", str(args.pref_prompts), *extra, *shlex.split(args.extra_prefs_args))  # fmt: skip
-    rms = [("rm", seed, [])]
+    shipped = uses_shipped_chain(args, seed)
+    if shipped:
+        copy_shipped("sft", j("sft"), args.force)
+        copy_shipped("rm", j("rm"), args.force)
+    else:
+        stage(args, script("sft.py"), j("sft", "config.json"), "--seed", s, "--model-name-or-path",
+              os.path.join(R, "base_policy"), "--dataset", data, "--output-dir", j("sft"), "--num-train-epochs", str(args.sft_epochs), *extra, *shlex.split(args.extra_sft_args),
+              threads=args.train_threads)  # fmt: skip
+    if not shipped or {"uwo", "bspo", "advpo"} & set(methods):
+        stage(args, script("gen_prefs.py"), j("prefs", "test.jsonl"), "--seed", s, "--policy-path", j("sft"),
+              "--gold-rm-path", gold, "--dataset", data, "--output-dir", j("prefs"), "--num-train-prompts", str(args.pref_prompts), *extra, *shlex.split(args.extra_prefs_args))  # fmt: skip
+    rms = [] if shipped else [("rm", seed, [])]
     if "uwo" in methods:  # UWO's other members: the same data, other seeds (init of the head, data order)
         rms += [("rm_2", 1000 + seed, []), ("rm_3", 2000 + seed, [])]
     if "bspo" in methods:  # BSPO's ScoreLM: Bradley-Terry + alpha x next-token loss, saves behavior_lm/
         rms += [("rm_bspo", seed, ["--lm-coef", "1.0"])]
     for name, rm_seed, flags in rms:
         stage(args, script("train_rm.py"), j(name, "config.json"), "--seed", str(rm_seed), "--policy-path", j("sft"),
-              "--prefs-path", j("prefs"), "--dataset", data, "--output-dir", j(name), *flags, *extra)  # fmt: skip
+              "--prefs-path", j("prefs"), "--dataset", data, "--output-dir", j(name), *flags, *extra, threads=args.train_threads)  # fmt: skip
     stage(args, script("eval_gold.py"), j("eval_sft_test", "eval.json"), "--policy-path", j("sft"), "--gold-rm-path",
           gold, "--reward-model-path", j("rm"), "--dataset", data, "--split", "test", "--output-dir",
           j("eval_sft_test"), "--num-prompts", str(args.eval_num_prompts))  # fmt: skip
@@ -593,6 +817,8 @@ if __name__ == "__main__":
         raise SystemExit(
             f"--sweep-seeds {args.sweep_seeds} must be among --seeds {args.seeds} (their chains are built there)"
         )
+    if args.ship_chain and (args.chain_weights != "train" or 1 not in args.seeds or "drgrpo" not in methods):
+        raise SystemExit("--ship-chain ships a chain trained here: add --chain-weights train, chain seed 1, drgrpo")
     R = args.root
     t_start = time.time()
     print("[pipeline] settings:", json.dumps(asdict(args)), flush=True)
@@ -624,6 +850,7 @@ if __name__ == "__main__":
     if "signcert_clip" in methods:  # an ablation, not swept: --quantile
         chosen["signcert_clip"] = args.quantile
     runs = []  # (label, seed, folder)
+    main_job_runs = {}  # (seed, "drgrpo" | "signcert"): folder, to place the draw against the reference chains
     if args.rl:
         jobs = []
         for seed in args.seeds:
@@ -633,6 +860,8 @@ if __name__ == "__main__":
                     label, out, cmd = rl_run(args, chain_dir(args, seed), seed, m, k)
                     runs.append((label, seed, out))
                     jobs.append((label, out, cmd))
+                    if (m, k) in (("drgrpo", None), ("signcert", args.quantile)):  # the main job's two runs
+                        main_job_runs[seed, m] = out
         run_all(args, jobs)
 
     # the world's calibration, Table 1 (final policies) and the frontier table
@@ -716,6 +945,22 @@ if __name__ == "__main__":
         if len(main) < len(metrics):  # the question of the controls, without the other baselines
             plot_runs(main, os.path.join(R, "frontier_signcert_vs_controls.png"), reference)
             print(f"plot: {os.path.join(R, 'frontier_signcert_vs_controls.png')}")
+    draws = {}  # seed: the main job's numbers of that chain
+    for seed in args.seeds:
+        done = {m: out for (s, m), out in main_job_runs.items() if s == seed}
+        if "drgrpo" in done:
+            fronts = {m: frontier(read_metrics(os.path.join(out, "metrics.jsonl")), []) for m, out in done.items()}
+            draws[seed] = draw_numbers(calib[seed], fronts)
+    if draws:
+        summary["draws"] = draws
+        if os.path.exists(REFERENCE):
+            print("\n" + "\n".join(place_in_reference(draws, read_json(REFERENCE), args)))
+        if 1 in draws and on_shipped_chain(args):
+            print("\n".join(shipped_expectation(draws[1], read_json(os.path.join(SHIPPED_CHAIN, "manifest.json")))))
+    if args.write_reference:
+        add_to_reference(args, draws, args.write_reference)
+    if args.ship_chain:
+        ship_chain(args, draws.get(1))
     with open(os.path.join(R, "pipeline_summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"summary: {os.path.join(R, 'pipeline_summary.json')}   (pipeline {time.time() - t_start:.0f} s)")

@@ -207,6 +207,13 @@ def test_pipeline_runs_every_stage_every_method_and_writes_the_tables(tmp_path, 
     assert "Table 1 in kind" in res.stdout and "The gold-vs-KL frontier" in res.stdout
     assert "| SignCert-PO q=" in res.stdout and "| SFT |" in res.stdout
     assert (root / "frontier.png").stat().st_size > 10_000
+    # the main job's numbers of the chain (Dr.GRPO, and SignCert-PO if the sweep chose --quantile's 0.5), and no
+    # reference to place them against at these settings
+    draw, dr = summary["draws"]["1"], next(r for r in summary["runs"] if r["label"] == "Dr.GRPO")
+    assert (draw["drgrpo_final_gold"], draw["drgrpo_gain_lost"]) == (dr["final_gold"], dr["gain_lost"])
+    sc = next(r for r in summary["runs"] if r["label"] == f"SignCert-PO q={q:g}")
+    assert draw.get("signcert_final_gold") == (sc["final_gold"] if q == 0.5 else None)
+    assert "no reference for these settings: the reference's main job differs in world_preset" in res.stdout
     # tools/world_targets.py reads the same chain and run back: the same numbers as the pipeline's summary
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import world_targets
@@ -252,17 +259,33 @@ def test_signcert_clip_is_signcert_with_rho_clipped_in_its_own_folder(tmp_path):
 
 @pytest.mark.parametrize("threads, caller", [(1, "2"), (2, "1")])
 def test_every_stage_and_rl_run_gets_the_pipelines_thread_count(tmp_path, monkeypatch, threads, caller):
-    """A chain's floats depend on torch's thread count, so every stage and every RL run gets `--threads`, whatever
-    the caller's OMP_NUM_THREADS: read back from torch inside the subprocesses."""
+    """A chain's floats depend on torch's thread count, so every stage and every RL run gets the pipeline's count
+    (`--threads`, or the count a stage is given: the trainings' `--train-threads`), whatever the caller's
+    OMP_NUM_THREADS: read back from torch inside the subprocesses."""
     monkeypatch.setenv("OMP_NUM_THREADS", caller)
     args = pipeline.Args(root=str(tmp_path), threads=threads, jobs=2)
     probe = "import sys, torch; open(sys.argv[1], 'w').write(str(torch.get_num_threads()))"
     pipeline.stage(args, "-c", str(tmp_path / "stage.txt"), probe, str(tmp_path / "stage.txt"))
+    other = 3 - threads  # torch takes at most the cores there are (2 on the CI machine)
+    pipeline.stage(args, "-c", str(tmp_path / "train.txt"), probe, str(tmp_path / "train.txt"), threads=other)
     runs = [(f"run{i}", str(tmp_path / f"run{i}"), [sys.executable, "-c", probe, str(tmp_path / f"run{i}.txt")])
             for i in range(2)]  # fmt: skip
     pipeline.run_all(args, runs)  # two at once (--jobs 2)
-    got = [open(tmp_path / f).read() for f in ("stage.txt", "run0.txt", "run1.txt")]
-    assert got == [str(threads)] * 3
+    got = [open(tmp_path / f).read() for f in ("stage.txt", "train.txt", "run0.txt", "run1.txt")]
+    assert got == [str(threads), str(other), str(threads), str(threads)]
+
+
+def test_the_trainings_run_on_train_threads_and_sft_for_sft_epochs(tmp_path, monkeypatch):
+    """SFT and the proxy RM(s) train alone, on `--train-threads`; the stages that score batches in threads on the
+    spare core (the pairs, the SFT evaluation) on `--threads`; sft.py gets `--sft-epochs`."""
+    calls = []
+    monkeypatch.setattr(pipeline, "stage", lambda args, script, marker, *a, **kw: calls.append((script, a, kw)))
+    args = pipeline.Args(root=str(tmp_path), threads=1, train_threads=5, sft_epochs=4)
+    pipeline.build_chain(args, 1, ["drgrpo", "uwo"])
+    threads = [(os.path.basename(script), kw.get("threads")) for script, _, kw in calls]
+    assert threads == [("sft.py", 5), ("gen_prefs.py", None), *[("train_rm.py", 5)] * 3, ("eval_gold.py", None)]
+    sft_args = calls[0][1]
+    assert sft_args[sft_args.index("--num-train-epochs") + 1] == "4"
 
 
 def test_extra_sft_and_prefs_args_reach_their_stage_alone(tmp_path, monkeypatch):
@@ -278,7 +301,8 @@ def test_extra_sft_and_prefs_args_reach_their_stage_alone(tmp_path, monkeypatch)
     )
     pipeline.build_chain(args, 1, ["drgrpo"])
     by_script = {os.path.basename(script): a for script, a in calls}
-    assert by_script["sft.py"][-3:] == ("--bf16", "--num-train-epochs", "3")
+    # after the driver's own --sft-epochs, so the extra flag (tyro: the last occurrence wins) overrides it
+    assert by_script["sft.py"][-5:] == ("--num-train-epochs", "6", "--bf16", "--num-train-epochs", "3")
     # the driver's own --pref-prompts comes first, so the extra flag (tyro: the last occurrence wins) overrides it
     assert by_script["gen_prefs.py"][-5:] == ("--num-train-prompts", "6000", "--bf16", "--num-train-prompts", "60")
     for name in ("gen_prefs.py", "train_rm.py"):
@@ -286,3 +310,138 @@ def test_extra_sft_and_prefs_args_reach_their_stage_alone(tmp_path, monkeypatch)
     for name in ("sft.py", "train_rm.py", "eval_gold.py"):
         assert "--num-train-prompts" not in by_script[name], name
     assert "--num-train-epochs" not in by_script["eval_gold.py"]
+
+
+def reference_of(args, chains):
+    return {"settings": {k: getattr(args, k) for k in pipeline.DRAW_SETTINGS}, "chains": chains}
+
+
+def numbers(**changes):
+    base = dict(proxy_accuracy=0.75, sft_win_rate=0.3, sft_gold=0.7, drgrpo_peak_gold=1.36, drgrpo_peak_step=10)
+    base |= dict(drgrpo_final_gold=0.7, drgrpo_gain_lost=0.9, drgrpo_proxy_rise=0.1, drgrpo_final_kl=5.0)
+    return base | dict(signcert_final_gold=0.8, signcert_gain_lost=0.8, signcert_final_kl=4.0) | changes
+
+
+def test_draw_numbers_are_the_runs_own_frontier_and_calibration():
+    """The numbers placed against the reference, worked out by hand from hand-made curves: the gain lost from the
+    test gold's peak, the proxy's rise from the test proxy at the peak to the last evaluation."""
+    dr = pipeline.frontier(fake_run(test_gold=[0.5, 1.3, 0.9], val_gold=[0, 0, 0], kls=[0, 1, 3]), [])
+    sc = pipeline.frontier(fake_run(test_gold=[0.5, 1.1, 1.0], val_gold=[0, 0, 0], kls=[0, 1, 2]), [])
+    calib = {"rm": {"eval/accuracy": 0.7}, "sft": {"eval/win_rate": 0.2, "eval/gold_reward_mean": 0.5}}
+    got = pipeline.draw_numbers(calib, {"drgrpo": dr, "signcert": sc})
+    assert got["drgrpo_gain_lost"] == pytest.approx((1.3 - 0.9) / (1.3 - 0.5))
+    assert got["signcert_gain_lost"] == pytest.approx((1.1 - 1.0) / (1.1 - 0.5))
+    assert got["drgrpo_proxy_rise"] == 2 - 1  # fake_run's test proxy is the evaluation's index
+    assert (got["drgrpo_peak_gold"], got["drgrpo_peak_step"], got["drgrpo_final_kl"]) == (1.3, 10, 3.0)
+    assert (got["proxy_accuracy"], got["sft_win_rate"], got["sft_gold"]) == (0.7, 0.2, 0.5)
+    assert set(got) == {key for key, _, _ in pipeline.DRAW_NUMBERS}
+    assert pipeline.over_optimised(got) and not pipeline.over_optimised(got | {"drgrpo_proxy_rise": -0.01})
+
+
+def test_a_draw_is_placed_within_or_outside_the_reference_range():
+    args = pipeline.Args()
+    ref = reference_of(args, [{"seed": s, "cpu": "A", **numbers(drgrpo_final_gold=g)} for s, g in ((1, 0.6), (2, 0.9))])
+    ref["chains"][1]["drgrpo_gain_lost"] = 0.3  # one reference chain without the over-optimisation
+    inside = "\n".join(pipeline.place_in_reference({1: numbers(drgrpo_final_gold=0.75)}, ref, args))
+    assert "Dr.GRPO final gold: 0.750   (within the range 0.600 - 0.900)" in inside
+    assert "OUTSIDE" not in inside and "outside the range:" not in inside
+    assert "over-optimisation (Dr.GRPO lost at least half its gain, its held-out proxy rising): yes" in inside
+    assert "it showed on 1 of the 2 reference chains" in inside and "2 reference chains" in inside
+    out = "\n".join(pipeline.place_in_reference({3: numbers(drgrpo_final_gold=1.2, drgrpo_gain_lost=0.1)}, ref, args))
+    assert "chain seed 3:" in out and "Dr.GRPO final gold: 1.200   (OUTSIDE the range 0.600 - 0.900)" in out
+    assert "Dr.GRPO share of its gain lost: 10%   (OUTSIDE the range 30% - 90%)" in out
+    assert "its held-out proxy rising): NO" in out
+    assert "outside the range: Dr.GRPO final gold, Dr.GRPO share of its gain lost." in out
+    # a run of other settings has no reference to be placed against, and says why
+    other = pipeline.place_in_reference({1: numbers()}, ref, pipeline.Args(rl_steps=150))
+    assert other == ["no reference for these settings: the reference's main job differs in rl_steps"]
+
+
+def test_add_to_reference_keeps_one_entry_per_chain_seed_and_cpu(tmp_path, monkeypatch):
+    path = str(tmp_path / "ref.json")
+    args = pipeline.Args()
+    monkeypatch.setattr(pipeline, "cpu_name", lambda: "cpu A")
+    pipeline.add_to_reference(args, {1: numbers(), 2: numbers()}, path)
+    pipeline.add_to_reference(args, {2: numbers(sft_gold=0.1)}, path)  # the same chain again: replaced
+    monkeypatch.setattr(pipeline, "cpu_name", lambda: "cpu B")
+    pipeline.add_to_reference(args, {2: numbers()}, path)  # another CPU: kept beside it
+    ref = json.load(open(path))
+    assert [(c["seed"], c["cpu"], c["sft_gold"]) for c in ref["chains"]] == [(1, "cpu A", 0.7), (2, "cpu A", 0.1),
+                                                                            (2, "cpu B", 0.7)]  # fmt: skip
+    assert ref["settings"] == {k: getattr(args, k) for k in pipeline.DRAW_SETTINGS}
+    with pytest.raises(SystemExit, match="other settings"):
+        pipeline.add_to_reference(pipeline.Args(sft_epochs=3), {1: numbers()}, path)
+
+
+def test_the_shipped_reference_is_of_the_default_main_job_and_the_readme_states_its_ranges():
+    """The default `python pipeline.py` is always placed against the shipped reference (change a default that
+    decides the draw and the reference must be measured again), over at least 7 chain seeds, each with every
+    number; the README's headline states the ranges the reference holds."""
+    ref = json.load(open(pipeline.REFERENCE))
+    assert pipeline.place_in_reference({1: numbers()}, ref, pipeline.Args())[0].startswith("your draw against")
+    assert len({c["seed"] for c in ref["chains"]}) >= 7
+    assert all(set(c) == {"seed", "cpu"} | {k for k, _, _ in pipeline.DRAW_NUMBERS} for c in ref["chains"])
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for key in ("drgrpo_final_gold", "signcert_final_gold", "drgrpo_peak_gold"):
+        lo, hi = min(c[key] for c in ref["chains"]), max(c[key] for c in ref["chains"])
+        assert f"{lo:.2f}-{hi:.2f}" in readme, key
+
+
+def test_chain_seed_1_copies_the_shipped_sft_and_proxy_at_the_default_settings_only(tmp_path, monkeypatch):
+    """At the default settings chain seed 1's SFT policy and proxy RM are the shipped ones (copied, no SFT, no pairs,
+    no proxy training); pairs only for a method that needs them; every other case trains them."""
+    calls = []
+    monkeypatch.setattr(
+        pipeline, "stage", lambda args, script, marker, *a, **kw: calls.append(os.path.basename(script))
+    )
+
+    def build(seed, methods, **kw):
+        calls.clear()
+        args = pipeline.Args(root=str(tmp_path / f"r{len(os.listdir(tmp_path))}"), **kw)
+        pipeline.build_chain(args, seed, methods)
+        return args, list(calls)
+
+    args, got = build(1, ["drgrpo", "signcert"])
+    assert got == ["eval_gold.py"]
+    for name in ("sft", "rm"):
+        for f in ("model.safetensors", "config.json", "eval.json"):
+            shipped = open(os.path.join(pipeline.SHIPPED_CHAIN, name, f), "rb").read()
+            assert open(os.path.join(args.root, name, f), "rb").read() == shipped, (name, f)
+    assert pipeline.on_shipped_chain(args)  # and a proxy trained there before is not the shipped one
+    open(os.path.join(args.root, "rm", "model.safetensors"), "ab").write(b"\0")
+    assert not pipeline.on_shipped_chain(args)
+    assert build(1, ["drgrpo", "uwo"])[1] == ["gen_prefs.py", "train_rm.py", "train_rm.py", "eval_gold.py"]  # rm_2, 3
+    trained = ["sft.py", "gen_prefs.py", "train_rm.py", "eval_gold.py"]
+    assert build(1, ["drgrpo"], chain_weights="train")[1] == trained
+    assert build(2, ["drgrpo"])[1] == trained
+    assert build(1, ["drgrpo"], sft_epochs=3)[1] == trained  # not the settings the shipped ones were trained with
+    assert build(1, ["drgrpo"], extra_prefs_args="--num-train-prompts 60")[1] == trained
+
+
+def test_the_shipped_chain_is_of_the_default_settings_and_loads_as_safetensors():
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    manifest = json.load(open(os.path.join(pipeline.SHIPPED_CHAIN, "manifest.json")))
+    args = pipeline.Args()
+    assert manifest["world_format"] == pipeline.WORLD_FORMAT
+    assert manifest["settings"] == {k: getattr(args, k) for k in pipeline.CHAIN_SETTINGS}
+    assert set(manifest["main_job"]) == {k for k, _, _ in pipeline.DRAW_NUMBERS}
+    rm_eval = json.load(open(os.path.join(pipeline.SHIPPED_CHAIN, "rm", "eval.json")))
+    assert rm_eval["eval/accuracy"] == manifest["main_job"]["proxy_accuracy"]
+    for name in ("sft", "rm"):
+        assert sorted(f for f in os.listdir(os.path.join(pipeline.SHIPPED_CHAIN, name)) if "model" in f) == [
+            "model.safetensors"
+        ]
+    policy = AutoModelForCausalLM.from_pretrained(os.path.join(pipeline.SHIPPED_CHAIN, "sft"))
+    rm = AutoModelForSequenceClassification.from_pretrained(os.path.join(pipeline.SHIPPED_CHAIN, "rm"))
+    assert policy.config.pad_token_id == rm.config.pad_token_id != policy.config.eos_token_id
+    assert rm.config.num_labels == 1
+
+
+def test_shipped_expectation_says_whether_the_run_repeats_the_recorded_numbers():
+    manifest = {"trained_on": "cpu A", "main_job": numbers()}
+    same = pipeline.shipped_expectation(numbers(drgrpo_final_gold=0.70004), manifest)
+    assert "as recorded on cpu A: the same to the digits printed" in same[0] and "difference" not in "\n".join(same)
+    other = "\n".join(pipeline.shipped_expectation(numbers(drgrpo_final_gold=0.9), manifest))
+    assert "not all the same" in other and "Dr.GRPO final gold: 0.900   (recorded 0.700, a difference of +0.2)" in other
+    assert other.count("a difference of") == 1

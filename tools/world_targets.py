@@ -45,7 +45,9 @@ class Args:
 
 def copy_rate(root, chain):
     """Of the topic nouns named by the SFT samples of the chain's training pairs, the share that are a key noun of
-    the post named for the first time in that sample."""
+    the post named for the first time in that sample (None without pairs)."""
+    if not os.path.exists(os.path.join(chain, "prefs", "train.jsonl")):  # chain seed 1 on the shipped SFT: no pairs
+        return None
     read = lambda name: [json.loads(line) for line in open(os.path.join(root, "data", name))]
     facts = {f["id"]: f["keys"] for f in read("train_facts.jsonl")}
     topic = {row["id"]: row["subreddit"] for row in read("train.jsonl")}
