@@ -342,10 +342,13 @@ def spread(values):
 
 # ---------------------------------------------------------------- your draw against the reference chains
 REFERENCE = os.path.join(HERE, "main_job_reference.json")  # the main job over many chain seeds and two CPUs
-# the settings that decide a chain's draw: a run is placed against the reference only when they are the reference's
-DRAW_SETTINGS = ("world_seed", "world_preset", "extra_world_args", "pref_prompts", "sft_epochs", "train_threads",
-                 "threads", "kl_coef", "quantile", "rl_steps", "eval_num_prompts", "num_processes", "extra_stage_args",
-                 "extra_sft_args", "extra_prefs_args", "extra_rl_args")  # fmt: skip
+SHIPPED_CHAIN = os.path.join(HERE, "tiny_world_gold", "chain1")  # chain seed 1's SFT policy and proxy RM, shipped
+# what decides chain seed 1's SFT policy and proxy: the shipped ones stand in for them only when these are theirs
+CHAIN_SETTINGS = ("world_seed", "world_preset", "extra_world_args", "sft_epochs", "train_threads", "threads",
+                  "pref_prompts", "num_processes", "extra_stage_args", "extra_sft_args", "extra_prefs_args")  # fmt: skip
+# the settings that decide a chain's draw, the RL's with the chain's: a run is placed against the reference only when
+# they are the reference's
+DRAW_SETTINGS = CHAIN_SETTINGS + ("kl_coef", "quantile", "rl_steps", "eval_num_prompts", "extra_rl_args")
 # (key, what it is, format): the numbers of one chain that the reference's ranges cover
 DRAW_NUMBERS = (
     ("proxy_accuracy", "proxy RM accuracy on held-out SFT pairs", "{:.1%}"),
@@ -685,12 +688,6 @@ def rl_run(args, chain, seed, method, knob):
     return label, out, cmd
 
 
-SHIPPED_CHAIN = os.path.join(HERE, "tiny_world_gold", "chain1")  # chain seed 1's SFT policy and proxy RM, shipped
-# what decides chain seed 1's SFT policy and proxy: the shipped ones stand in for them only when these are theirs
-CHAIN_SETTINGS = ("world_seed", "world_preset", "extra_world_args", "sft_epochs", "train_threads", "threads",
-                  "pref_prompts", "num_processes", "extra_stage_args", "extra_sft_args", "extra_prefs_args")  # fmt: skip
-
-
 def uses_shipped_chain(args, seed):
     """Whether chain seed `seed`'s SFT policy and proxy RM are copied from SHIPPED_CHAIN rather than trained: chain
     seed 1, `--chain-weights shipped`, the world and stage settings the shipped ones were trained with."""
@@ -850,7 +847,7 @@ if __name__ == "__main__":
     if "signcert_clip" in methods:  # an ablation, not swept: --quantile
         chosen["signcert_clip"] = args.quantile
     runs = []  # (label, seed, folder)
-    main_job_runs = {}  # (seed, "drgrpo" | "signcert"): folder, to place the draw against the reference chains
+    main_job_runs = {}  # (seed, "drgrpo" | "signcert"): row label, to place the draw against the reference chains
     if args.rl:
         jobs = []
         for seed in args.seeds:
@@ -861,7 +858,7 @@ if __name__ == "__main__":
                     runs.append((label, seed, out))
                     jobs.append((label, out, cmd))
                     if (m, k) in (("drgrpo", None), ("signcert", args.quantile)):  # the main job's two runs
-                        main_job_runs[seed, m] = out
+                        main_job_runs[seed, m] = label
         run_all(args, jobs)
 
     # the world's calibration, Table 1 (final policies) and the frontier table
@@ -947,9 +944,9 @@ if __name__ == "__main__":
             print(f"plot: {os.path.join(R, 'frontier_signcert_vs_controls.png')}")
     draws = {}  # seed: the main job's numbers of that chain
     for seed in args.seeds:
-        done = {m: out for (s, m), out in main_job_runs.items() if s == seed}
-        if "drgrpo" in done:
-            fronts = {m: frontier(read_metrics(os.path.join(out, "metrics.jsonl")), []) for m, out in done.items()}
+        fronts = {m: next(r for r in summary["runs"] if (r["label"], r["seed"]) == (label, seed))
+                  for (s, m), label in main_job_runs.items() if s == seed}  # fmt: skip
+        if "drgrpo" in fronts:
             draws[seed] = draw_numbers(calib[seed], fronts)
     if draws:
         summary["draws"] = draws
