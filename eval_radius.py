@@ -215,7 +215,9 @@ def require_path(path: Optional[str], flag: str) -> None:
 
 # ---------------------------------------------------------------- the certified radius (grpo_signcert.py)
 @torch.no_grad()  # eq. (11): A, Delta and rho are constants of the policy update (stop-gradient)
-def signcert_advantages(rewards, features, quantile, eps_mode="delta", clip=False, certified=None, gather=lambda t: t):
+def signcert_advantages(
+    rewards, features, quantile, eps_mode="delta", clip=False, certified=None, gather=lambda t: t, other=None
+):
     """SignCert-PO advantages for B prompts with K completions each. Self-contained: copy it into any trainer.
 
     What the caller supplies:
@@ -231,6 +233,9 @@ def signcert_advantages(rewards, features, quantile, eps_mode="delta", clip=Fals
                mean of the features as h = 0, which keeps the other completions' radii exact. None: all True.
     gather:    maps this process's (B, K) radii to the global batch's (e.g. accelerator.gather), so every
                process uses the same eps; the identity on one process.
+    other:     None (the paper's method), or (A, s), each (B, K): another advantage and its sensitivity
+               s_j = ||dA_j / dtheta|| under another uncertainty model (App. C.2 and E, `other_advantages`), used
+               instead of eq. (4) and ||h_j - hbar||; the radius is then |A_j| / s_j and the rest is the same.
     Returns (advantages (B, K), radius (B, K), eps (0-d)), float32 (float64 for float64 inputs), no gradient.
     Only radii 0 < Delta_j < inf (a sign to certify, features that move it) enter the quantile.
     """
@@ -247,7 +252,9 @@ def signcert_advantages(rewards, features, quantile, eps_mode="delta", clip=Fals
     certified = torch.ones_like(rewards, dtype=torch.bool) if certified is None else certified.bool()
     h = features.to(dtype) * certified.unsqueeze(-1)  # a fixed reward does not move with the head: h = 0
     adv = rewards - rewards.mean(dim=1, keepdim=True)  # eq. (4)
-    dev = (h - h.mean(dim=1, keepdim=True)).norm(dim=-1) * certified  # ||h_j - hbar||, 0 if fixed
+    dev = (h - h.mean(dim=1, keepdim=True)).norm(dim=-1) * certified  # ||h_j - hbar|| = ||dA_j / dw||, 0 if fixed
+    if other is not None:  # another advantage (App. E) or uncertainty model (App. C.2): its A_j and ||dA_j / dtheta||
+        adv, dev = other[0].to(dtype), other[1].to(dtype) * certified
     radius = torch.where(dev > 0, adv.abs() / dev, torch.full_like(adv, math.inf))  # eq. (8)
     pool = gather(radius).flatten()  # eps from the global batch
     pool = pool[torch.isfinite(pool) & (pool > 0)]

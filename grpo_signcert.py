@@ -30,6 +30,10 @@ the literal Algorithm 1 is `--eps-mode inv_delta`); rho is unclipped (`--clip` c
 completion without EOS gets the fixed reward `--missing-eos-penalty`: a reward the RM did not give is not
 the RM's to certify, so it keeps its Dr.GRPO advantage and stays out of the eps pool, while the others'
 radii stay exact (it enters the group's feature mean as h = 0: its reward does not move with the head).
+
+The paper's other uncertainty models and policy gradients (App. C.2 and E, docs/METHOD.md section 2b):
+`--uncertainty feature|full` (the group's features, every RM parameter) and `--advantage grpo|reinforce` certify by
+the same rule, Delta_j = |A_j| / ||dA_j / dtheta||, with A and ||dA_j / dtheta|| from `other_advantages`.
 """
 
 import argparse
@@ -99,6 +103,17 @@ class Args:
     """`delta`: quantile of the radii Delta_j; `inv_delta`: of 1/Delta_j (the paper's literal Algorithm 1)"""
     clip: bool = False
     """clip rho_j = 1 - eps/Delta_j at 0 (ablation; the paper is unclipped)"""
+    uncertainty: Literal["head", "feature", "full"] = "head"
+    """what the adversary perturbs (App. C.2; `uncertainty_gram`): `head`, the RM's linear head (the paper's method,
+    eq. 8); `feature`, the group's features (eq. 16: the radius is |A_j| up to a constant); `full`, every RM
+    parameter (|A_j| / ||dA_j / dtheta||, per-completion gradients: one RM backward per completion)"""
+    advantage: Literal["drgrpo", "grpo", "reinforce"] = "drgrpo"
+    """the advantage that is certified (App. E; `advantage_jacobian`): `drgrpo`, eq. (4); `grpo`, divided by the
+    group's std (its radius to first order, App. E.2.2); `reinforce`, r_j - V with V = --reinforce-baseline (exact,
+    App. E.1). The loss stays the Dr.GRPO loss (its constant normaliser)"""
+    reinforce_baseline: float = 0.0
+    """V of `--advantage reinforce`, a constant (0: train_rm.py centres the proxy's rewards on the reference
+    responses, so V = 0 is their mean reward)"""
 
     # -- the Dr.GRPO loss and the optimiser
     kl_coef: float = 0.01
@@ -300,7 +315,9 @@ def require_path(path: Optional[str], flag: str) -> None:
 
 
 @torch.no_grad()  # eq. (11): A, Delta and rho are constants of the policy update (stop-gradient)
-def signcert_advantages(rewards, features, quantile, eps_mode="delta", clip=False, certified=None, gather=lambda t: t):
+def signcert_advantages(
+    rewards, features, quantile, eps_mode="delta", clip=False, certified=None, gather=lambda t: t, other=None
+):
     """SignCert-PO advantages for B prompts with K completions each. Self-contained: copy it into any trainer.
 
     What the caller supplies:
@@ -316,6 +333,9 @@ def signcert_advantages(rewards, features, quantile, eps_mode="delta", clip=Fals
                mean of the features as h = 0, which keeps the other completions' radii exact. None: all True.
     gather:    maps this process's (B, K) radii to the global batch's (e.g. accelerator.gather), so every
                process uses the same eps; the identity on one process.
+    other:     None (the paper's method), or (A, s), each (B, K): another advantage and its sensitivity
+               s_j = ||dA_j / dtheta|| under another uncertainty model (App. C.2 and E, `other_advantages`), used
+               instead of eq. (4) and ||h_j - hbar||; the radius is then |A_j| / s_j and the rest is the same.
     Returns (advantages (B, K), radius (B, K), eps (0-d)), float32 (float64 for float64 inputs), no gradient.
     Only radii 0 < Delta_j < inf (a sign to certify, features that move it) enter the quantile.
     """
@@ -332,7 +352,9 @@ def signcert_advantages(rewards, features, quantile, eps_mode="delta", clip=Fals
     certified = torch.ones_like(rewards, dtype=torch.bool) if certified is None else certified.bool()
     h = features.to(dtype) * certified.unsqueeze(-1)  # a fixed reward does not move with the head: h = 0
     adv = rewards - rewards.mean(dim=1, keepdim=True)  # eq. (4)
-    dev = (h - h.mean(dim=1, keepdim=True)).norm(dim=-1) * certified  # ||h_j - hbar||, 0 if fixed
+    dev = (h - h.mean(dim=1, keepdim=True)).norm(dim=-1) * certified  # ||h_j - hbar|| = ||dA_j / dw||, 0 if fixed
+    if other is not None:  # another advantage (App. E) or uncertainty model (App. C.2): its A_j and ||dA_j / dtheta||
+        adv, dev = other[0].to(dtype), other[1].to(dtype) * certified
     radius = torch.where(dev > 0, adv.abs() / dev, torch.full_like(adv, math.inf))  # eq. (8)
     pool = gather(radius).flatten()  # eps from the global batch
     pool = pool[torch.isfinite(pool) & (pool > 0)]
@@ -342,6 +364,91 @@ def signcert_advantages(rewards, features, quantile, eps_mode="delta", clip=Fals
     if clip:
         shrunk = shrunk.clamp(min=0.0)
     return adv.sign() * shrunk, radius, eps  # eq. (10)-(11)
+
+
+# The paper's other uncertainty models (App. C.2) and policy gradients (App. E): --uncertainty and --advantage.
+# Every one is certified the same way: with theta what the adversary perturbs, the radius is
+#     Delta_j = |A_j| / ||dA_j / dtheta||      and the worst case over ||delta|| <= eps is
+#     Atilde_j = A_j - eps * sign(A_j) * ||dA_j / dtheta||          (exact where A is linear in theta, else first order)
+# With g_k = dr_k / dtheta, dA_j / dtheta = sum_k (dA_j / dr_k) g_k, so a group needs only the Jacobian J = dA / dr of
+# its advantage and the Gram matrix G_kl = g_k . g_l of its rewards' gradients (both K x K):
+#     ||dA_j / dtheta||^2 = (J G J^T)_jj
+GRPO_STD_EPS = 1e-4  # vanilla GRPO divides by the group's std + this, as TRL's GRPOTrainer
+
+
+def advantage_jacobian(rewards, advantage, baseline=0.0):
+    """The group advantage A (B, K) and its Jacobian dA_j / dr_k (B, K, K) for `--advantage`:
+    drgrpo     A_j = r_j - mean_k r_k                         eq. (4): linear, so the radius is exact
+    grpo       A_j = (r_j - mean_k r_k) / (std_k r_k + 1e-4)  App. E.2.2 (std unbiased, as TRL): first order
+    reinforce  A_j = r_j - V, V = `baseline` a constant       App. E.1, eq. (19): exact"""
+    B, K = rewards.shape
+    eye = torch.eye(K, dtype=rewards.dtype, device=rewards.device).expand(B, K, K)
+    if advantage == "reinforce":
+        return rewards - baseline, eye
+    centred = rewards - rewards.mean(1, keepdim=True)
+    jac = eye - 1.0 / K
+    if advantage == "drgrpo":
+        return centred, jac
+    std = rewards.std(1, keepdim=True)
+    scale = std + GRPO_STD_EPS
+    dstd = torch.where(std > 0, centred / ((K - 1) * std), 0.0)  # d std / d r_k
+    adv = centred / scale
+    return adv, (jac - adv.unsqueeze(-1) * dstd.unsqueeze(1)) / scale.unsqueeze(-1)
+
+
+def uncertainty_gram(uncertainty, rm, features, ids=None, mask=None, params=None):
+    """The Gram matrix G_kl = g_k . g_l (B, K, K), float64, of each group's reward gradients over what is uncertain:
+    head     the linear head w (eq. 7, the paper's method): g_k = h_k
+    feature  the group's features h_1..h_K (App. C.2, eq. 16): dr_k / dh_l = w if k = l, so G = ||w||^2 I and
+             Delta_j = |A_j| / (||w|| sqrt(1 - 1/K)) for Dr.GRPO: a function of |A_j| alone
+    full     every RM parameter (App. C.2): g_k = dr_k / dtheta, the exact per-completion gradient, one forward and
+             backward per completion (`ids`, `mask`: the RM's inputs, (B * K, L)), the K of a group held at once:
+             K x (RM parameters) floats, e.g. 8 x 1.0e9 x 4 bytes = 32 GB for Pythia-1B's RM in float32
+    features: (B, K, d), the h_k of `reward_and_features`; params: `full` over these alone (default: all)."""
+    B, K, _ = features.shape
+    if uncertainty == "head":
+        h = features.double()
+        return h @ h.transpose(1, 2)
+    if uncertainty == "feature":
+        w2 = rm.score.weight.double().square().sum()
+        return w2 * torch.eye(K, dtype=torch.float64, device=features.device).expand(B, K, K)
+    grams = []
+    for i in range(0, B * K, K):  # one group: its K per-completion gradients, then their Gram matrix
+        g = reward_gradients(rm, ids[i : i + K], mask[i : i + K], params)
+        grams.append(g @ g.T)
+    return torch.stack(grams)
+
+
+def reward_gradients(rm, ids, mask, params=None):
+    """dr_n / dtheta of each row n of (ids, mask) over `params` (default: all the RM's), flattened: (N, P) float64.
+    Exact per-completion gradients: one forward and one backward of the RM per row; the RM is left frozen."""
+    params = list(rm.parameters()) if params is None else params
+    grads = []
+    with torch.enable_grad():
+        rm.requires_grad_(True)
+        try:
+            for n in range(ids.shape[0]):
+                reward, _ = reward_and_features(rm, ids[n : n + 1], mask[n : n + 1])
+                g = torch.autograd.grad(reward.sum(), params, materialize_grads=True)
+                grads.append(torch.cat([t.flatten() for t in g]).double())
+        finally:
+            rm.requires_grad_(False)
+    return torch.stack(grads)
+
+
+def other_advantages(rewards, gram, advantage, baseline=0.0, certified=None):
+    """(A, s) for `signcert_advantages(..., other=(A, s))`: the advantage A (B, K) of `advantage_jacobian` and its
+    sensitivity s_j = ||dA_j / dtheta|| = sqrt((J G J^T)_jj) with `gram` from `uncertainty_gram`. A reward that is
+    not the RM's (`certified` False: the missing-EOS penalty) does not move: its g_k = 0. In float64: GRPO's J has
+    cancellations (a group whose other rewards are all the penalty has dA_j / dr_j = 0 exactly)."""
+    adv, jac = advantage_jacobian(rewards.double(), advantage, baseline)
+    gram = gram.double()
+    if certified is not None:
+        c = certified.double()
+        gram = gram * c.unsqueeze(-1) * c.unsqueeze(-2)
+    sens = torch.einsum("bjk,bkl,bjl->bj", jac, gram, jac).clamp(min=0).sqrt()
+    dtype = torch.promote_types(rewards.dtype, torch.float32)
+    return adv.to(dtype), sens.to(dtype)
 
 
 def advantage_activity(advantages, rewards):
@@ -1301,6 +1408,13 @@ if __name__ == "__main__":
         t2 = time.perf_counter()
 
         # 3. advantages: Dr.GRPO (eq. 4), then the SignCert-PO worst case (eq. 8, 10-11), eps over all processes
+        other = None  # --uncertainty/--advantage other than head/drgrpo: App. C.2 and E
+        if (args.uncertainty, args.advantage) != ("head", "drgrpo"):
+            ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
+            gram = uncertainty_gram(args.uncertainty, rm, features.view(-1, K, features.shape[-1]), ids, mask)
+            other = other_advantages(
+                reward.view(-1, K), gram, args.advantage, args.reinforce_baseline, certified.view(-1, K)
+            )
         advantages, radius, eps = signcert_advantages(
             reward.view(-1, K),
             features.view(-1, K, features.shape[-1]),
@@ -1309,7 +1423,9 @@ if __name__ == "__main__":
             args.clip,
             certified=certified.view(-1, K),
             gather=accelerator.gather,
+            other=other,
         )
+        raw = reward.view(-1, K) - reward.view(-1, K).mean(1, keepdim=True) if other is None else other[0]
 
         # 4. update: the Dr.GRPO loss with the re-weighted advantages
         batch = dict(
@@ -1334,7 +1450,7 @@ if __name__ == "__main__":
 
         # logging: every metric over the global batch
         g = accelerator.gather
-        all_reward, all_radius, all_adv = g(reward.view(-1, K)), g(radius), g(advantages)
+        all_reward, all_radius, all_adv, all_raw = g(reward.view(-1, K)), g(radius), g(advantages), g(raw)
         finite = torch.isfinite(all_radius) & (all_radius > 0)
         n_finite = finite.sum().clamp(min=1)
         loss_kl = g(torch.stack([stats["loss"], stats["k3_sum"], stats["tokens"]]).unsqueeze(0))
@@ -1347,7 +1463,7 @@ if __name__ == "__main__":
             "losses/loss": loss_kl[:, 0].mean(),
             "signcert/eps": eps,
             "signcert/frac_rho_nonpositive": ((all_radius <= eps) & (eps > 0)).float().mean(),
-            "signcert/frac_reweighted": (all_adv != all_reward - all_reward.mean(1, keepdim=True)).float().mean(),
+            "signcert/frac_reweighted": (all_adv != all_raw).float().mean(),  # vs the advantage before eq. (10)
             "signcert/mean_rho": torch.where(
                 finite.any(), torch.where(finite, 1 - eps / all_radius, 0).sum() / n_finite, 1.0
             ),
