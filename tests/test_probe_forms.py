@@ -156,6 +156,21 @@ def test_premise_columns_are_the_radius_of_each_form_in_a_group_of_policy_sample
             h = rm.gpt_neox.final_layer_norm(out.hidden_states[-1])[torch.arange(len(texts)), last]
         return out.logits.squeeze(-1).numpy().astype(np.float64), h.numpy().astype(np.float64)
 
+    def hf_gradients(path, summaries):  # d score / d theta of every summary, HF's forward, torch.func
+        rm = AutoModelForSequenceClassification.from_pretrained(path).eval()
+        texts = [
+            f"SUBREDDIT: r/{r['subreddit']}\n\nTITLE: {r['title']}\n\nPOST: {r['post']}\n\nTL;DR: {s}<|endoftext|>"
+            for r, s in zip([r for r in rows for _ in range(len(summaries) // len(rows))], summaries)
+        ]
+        params = dict(rm.named_parameters())
+        out = []
+        for t in texts:
+            enc = tok([t], return_tensors="pt")
+            score = lambda p: torch.func.functional_call(rm, p, (), dict(enc)).logits.sum()  # noqa: E731, B023
+            grads = torch.func.grad(score)({n: v.detach() for n, v in params.items()})
+            out.append(torch.cat([v.flatten() for v in grads.values()]).double().numpy())
+        return np.stack(out)
+
     gold_s, _ = reward_features(root / "gold_rm", samples["summaries"])
     rm_s, h_s = reward_features(root / "rm", samples["summaries"])
     checked = 0
@@ -179,5 +194,15 @@ def test_premise_columns_are_the_radius_of_each_form_in_a_group_of_policy_sample
         assert got["gold_adv"] == pytest.approx(gadv[:, -1].mean(), abs=1e-5)
         assert got["wrong_sign"] == pytest.approx(((adv[:, -1] > 0) != (gadv[:, -1] > 0)).mean(), abs=1e-9)
         assert got["dev_ratio"] == pytest.approx((dist[:, -1] / dist[:, :-1].mean(1)).mean(), rel=1e-4)
+        # the other uncertainty models: feature noise ranks |A| (its radius is |A| / const); the full-parameter
+        # radius |A_j| / ||g_j - gbar|| with g the per-summary gradients of HF's own score, taken by torch.func
+        fpct = np.array([(np.abs(adv) < np.abs(adv[i, -1])).sum() for i in range(n)]) / (adv.size - 1)
+        assert got["radius_pct_feature"] == pytest.approx(fpct.mean(), abs=1e-9)
+        g = np.concatenate([hf_gradients(root / "rm", samples["summaries"]).reshape(n, k, -1),
+                            hf_gradients(root / "rm", texts)[:, None]], 1)  # fmt: skip
+        full = np.abs(adv) / np.linalg.norm(g - g.mean(1, keepdims=True), axis=-1)
+        ppct = np.array([(full < full[i, -1]).sum() for i in range(n)]) / (full.size - 1)
+        assert got["radius_pct_full"] == pytest.approx(ppct.mean(), abs=1e-9)
+        assert got["radius_low10_full"] == pytest.approx((ppct < 0.1).mean(), abs=1e-9)
         checked += 1
     assert checked == 4

@@ -102,23 +102,24 @@ def audited(tmp_path_factory, ci_world_with_rm):
         )
         subprocess.run(cmd, check=True, cwd=REPO, capture_output=True, timeout=600)
         tool = [sys.executable, "tools/sign_audit.py", "--runs", str(run), "--gold-rm-path", str(world / "gold_rm")]
+        tool += ["--radii", "head", "feature", "full"]
         subprocess.run(tool + ["--output", str(folder / "audit.json")], check=True, cwd=REPO, capture_output=True)
 
     folder = built_once(tmp_path_factory, "sign_audit", build)
     run = folder / "run"
     report = json.loads((folder / "audit.json").read_text())["runs"][str(run)]
-    return read_jsonl(run / "samples.jsonl"), read_metrics(run), report
+    return read_jsonl(run / "samples.jsonl"), read_metrics(run), report, run
 
 
 def test_gold_scores_are_the_trainers_gold_monitor(audited):
-    samples, _, report = audited
+    samples, _, report, _ = audited
     logged = [(s["gold"], g) for s, g in zip(samples, report["gold"]) if s["gold"] is not None]
     assert len(logged) == len(samples)  # --gold-every 1: every logged completion has the trainer's gold score
     assert np.allclose([a for a, _ in logged], [b for _, b in logged], atol=1e-4)
 
 
 def test_reversed_completions_are_those_below_eps(audited):
-    samples, metrics, report = audited
+    samples, metrics, report, _ = audited
     eps = {m["step"]: m["signcert/eps"] for m in metrics if "signcert/eps" in m}
     steps = {r["step"]: r for r in report["steps"]}
     assert steps  # the analysis saw both steps
@@ -126,3 +127,49 @@ def test_reversed_completions_are_those_below_eps(audited):
     for st, r in steps.items():
         kept_radii = want[st][5]  # the completions the audit analyses at that step, recomputed here
         assert r["reversed"] == (kept_radii < eps[st]).sum() > 0
+
+
+def test_recomputed_radii_are_the_logged_head_radius_and_the_feature_ranking(audited):
+    """`--radii`: the proxy RM re-reads prompt + response + EOS as the trainer fed it (its rewards within 1e-4 of the
+    logged ones), its head radius is the logged radius, and the feature model's split is the split by |A| (its
+    radius is |A| / const), recomputed here with numpy; the full model gives its own split of the same completions."""
+    samples, _, report, _ = audited
+    check = report["radii_check"]  # re_encoded: a byte-level token of the CI world cut in a character
+    assert check["proxy"] < 1e-4 and check["head_radius_rel"] < 1e-4 and check["re_encoded"] <= 2
+    logged = report["pooled"]
+    head = report["radii"]["head"]
+    assert (head["n"], head["wrong_small_n"], head["wrong_large_n"]) == (
+        logged["n"], logged["wrong_small_n"], logged["wrong_large_n"])  # fmt: skip
+    by_adv = []
+    for s in samples:
+        members = [t["proxy"] for t in samples if (t["step"], t["group"]) == (s["step"], s["group"])]
+        by_adv.append(s | {"radius": abs(s["proxy"] - sum(members) / len(members))})
+    want = expected(by_adv, report["gold"])
+    small = sum(int(w[1].sum()) for w in want.values())
+    large = sum(int(w[2].sum()) for w in want.values())
+    feature = report["radii"]["feature"]
+    assert (feature["wrong_small_n"], feature["wrong_large_n"]) == (small, large)
+    assert report["radii"]["full"]["n"] == logged["n"]
+
+
+def test_recomputed_feature_radius_against_numpy(audited):
+    """The feature model's radius of every logged completion: |A_j| / (||w|| sqrt((1 - 1/K)^2 + (n - 1) / K^2)) with n
+    the group's completions that have an EOS (the others' rewards are the penalty: g = 0), w from the RM's file."""
+    from safetensors.numpy import load_file
+    from sign_audit import recomputed_radii
+
+    samples, _, _, run = audited
+    args = json.loads((run / "args.json").read_text())
+    radii, _ = recomputed_radii(samples, args, ["feature"])
+    w = load_file(str(Path(args["reward_model_path"]) / "model.safetensors"))["score.weight"].astype(np.float64)
+    checked = 0
+    for s, got in zip(samples, radii["feature"]):
+        group = [t for t in samples if (t["step"], t["group"]) == (s["step"], s["group"])]
+        K, n = len(group), sum(t["has_eos"] for t in group)
+        adv = s["proxy"] - np.mean([t["proxy"] for t in group])
+        if s["has_eos"]:
+            assert got == pytest.approx(abs(adv) / (np.linalg.norm(w) * np.sqrt((1 - 1 / K) ** 2 + (n - 1) / K**2)))
+            checked += 1
+        else:
+            assert got == float("inf")
+    assert checked > 0 and checked < len(samples)  # both kinds seen

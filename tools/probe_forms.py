@@ -42,6 +42,7 @@ import torch
 import tyro
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+import grpo_signcert as gs
 import tiny_world as tw
 
 
@@ -73,6 +74,9 @@ class Args:
     """completions per group with --radius-policy: the form and `group_size - 1` samples (the RL default: 8)"""
     max_new_tokens: int = 24
     """the samples' length limit with --radius-policy (the RL default)"""
+    radii: List[str] = field(default_factory=lambda: ["feature", "full"])
+    """with --radius-policy, the other uncertainty models whose radius is reported beside the head's (grpo_signcert.py
+    --uncertainty; docs/METHOD.md section 2b): `feature`, `full` (a forward and backward of the RM per summary)"""
 
 
 def forms(rng, row, facts):
@@ -160,20 +164,27 @@ def policy_samples(path, prompts, k, max_new_tokens, seed):
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
-def premise_columns(reward, features, gold):
+def premise_columns(reward, features, gold, grams=None):
     """The form's premise columns, from (posts, group) tensors whose LAST column is the form: its radius
     |A| / ||h - hbar|| as a percentile among all the batch's radii, the share of posts where that is below 0.1, its
     advantage and the gold's, the share of posts where their signs differ, and its feature distance to the group's
-    mean over the samples' mean distance."""
+    mean over the samples' mean distance. `grams`: {uncertainty: (posts, group, group) Gram matrix} of the other
+    uncertainty models (grpo_signcert.uncertainty_gram): their radius |A_j| / ||dA_j / dtheta|| the same way,
+    `radius_pct_{uncertainty}` and `radius_low10_{uncertainty}`."""
     adv = reward - reward.mean(1, keepdim=True)
     gold_adv = gold - gold.mean(1, keepdim=True)
     dist = (features - features.mean(1, keepdim=True)).norm(dim=-1)
-    radius = adv.abs() / dist.clamp_min(1e-12)  # the certified radius (docs/METHOD.md section 2)
-    pct = radius.flatten().argsort().argsort().view(radius.shape)[:, -1].double() / (radius.numel() - 1)
+    radii = {"": adv.abs() / dist.clamp_min(1e-12)}  # the certified radius (docs/METHOD.md section 2)
+    for kind, gram in (grams or {}).items():  # the other uncertainty models (docs/METHOD.md section 2b)
+        _, sens = gs.other_advantages(reward.double(), gram, "drgrpo")
+        radii[f"_{kind}"] = adv.double().abs() / sens.clamp_min(1e-300)
     mean = lambda t: t.double().mean().item()
+    cols = {}
+    for suffix, radius in radii.items():
+        pct = radius.flatten().argsort().argsort().view(radius.shape)[:, -1].double() / (radius.numel() - 1)
+        cols |= {f"radius_pct{suffix}": mean(pct), f"radius_low10{suffix}": mean(pct < 0.1)}
     return dict(
-        radius_pct=mean(pct),
-        radius_low10=mean(pct < 0.1),
+        **cols,
         adv=mean(adv[:, -1]),
         adv_pos=mean(adv[:, -1] > 0),
         gold_adv=mean(gold_adv[:, -1]),
@@ -197,6 +208,11 @@ def premise_table(args, rms, tokenizer, rows, by_form, scored, table):
     for label, rm in rms.items():
         r, h = tw.gold_scores(rm, tokenizer, sampled["prompts"], sampled["summaries"], features=True)
         samples[label] = (r.view(len(posts), k), h.view(len(posts), k, -1))
+    full = (
+        {label: full_grams(rms[label], tokenizer, rows, posts, groups, by_form) for label in args.rm_paths}
+        if "full" in args.radii
+        else {}
+    )
     for name, items in by_form.items():
         sel = torch.tensor([at[index[id(r)]] for r, _, _ in items])
         with_form = {  # label -> (reward, features) of the groups with the form as their last member
@@ -206,16 +222,44 @@ def premise_table(args, rms, tokenizer, rows, by_form, scored, table):
             for label in rms
         }
         for label in args.rm_paths:
-            table[name][f"{label} premise"] = premise_columns(*with_form[label], with_form["gold"][0])
+            reward, features = with_form[label]
+            grams = {"feature": gs.uncertainty_gram("feature", rms[label], features)} if "feature" in args.radii else {}
+            if "full" in args.radii:
+                grams["full"] = full[label][name]
+            table[name][f"{label} premise"] = premise_columns(reward, features, with_form["gold"][0], grams)
+    other = [r for r in ("feature", "full") if r in args.radii]
     print(f"premise ({args.radius_policy}, groups of {k} samples + the form)")
-    print("| form | RM | gold adv | RM adv (share > 0) | radius pct (lowest 10%) | distance ratio | signs differ |")
-    print("|---|---|---|---|---|---|---|")
+    print("| form | RM | gold adv | RM adv (share > 0) | radius pct (lowest 10%): head | "
+          + " | ".join(other) + (" | " if other else "") + "distance ratio | signs differ |")  # fmt: skip
+    print("|---|---|---|---|---|" + "---|" * len(other) + "---|---|")
     for name, cols in table.items():
         for label in args.rm_paths:
             c = cols[f"{label} premise"]
+            pcts = [f"{c['radius_pct' + s]:.2f} ({c['radius_low10' + s]:.2f})" for s in ["", *(f"_{r}" for r in other)]]
             print(f"| {name} | {label} | {c['gold_adv']:+.3f} | {c['adv']:+.3f} ({c['adv_pos']:.2f}) | "
-                  f"{c['radius_pct']:.2f} ({c['radius_low10']:.2f}) | {c['dev_ratio']:.2f} | {c['wrong_sign']:.2f} |")  # fmt: skip
+                  + " | ".join(pcts) + f" | {c['dev_ratio']:.2f} | {c['wrong_sign']:.2f} |")  # fmt: skip
     return sampled
+
+
+def full_grams(rm, tokenizer, rows, posts, groups, by_form):
+    """{form: (its posts, group, group)} Gram matrices of the full-parameter model (grpo_signcert.uncertainty_gram
+    `full`): per post, the exact reward gradients of its samples and of each of its forms, one RM backward each."""
+    out = {name: [] for name in by_form}
+    at = {id(rows[p]): j for j, p in enumerate(posts)}
+    forms_of = {}  # group index -> [(form, summary)] in by_form's order of posts
+    for name, items in by_form.items():
+        for row, summary, _ in items:
+            forms_of.setdefault(at[id(row)], []).append((name, summary))
+    for j, post in enumerate(posts):
+        made = forms_of.get(j, [])
+        summaries = groups[j] + [s for _, s in made]
+        enc = tw.encode_scored(tokenizer, [tw.prompt_of(rows[post])] * len(summaries), summaries)
+        g = gs.reward_gradients(rm, enc["input_ids"], enc["attention_mask"])
+        k = len(groups[j])
+        for i, (name, _) in enumerate(made):
+            member = torch.cat([g[:k], g[k + i : k + i + 1]])  # the samples, then the form: the group's order
+            out[name].append(member @ member.T)
+    return {name: torch.stack(grams) for name, grams in out.items() if grams}
 
 
 if __name__ == "__main__":

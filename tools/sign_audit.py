@@ -14,6 +14,11 @@ each logged completion with the gold RM and, per logged step, over the completio
 
     python tools/sign_audit.py --runs runs/tiny_world/rl/signcert_q0.5_kl0.01_s1 runs/tiny_world/rl/drgrpo_kl0.01_s1
 
+`--radii head feature full` (the uncertainty models of grpo_signcert.py `--uncertainty`, docs/METHOD.md section 2b)
+recomputes each logged completion's Dr.GRPO radius under each model with the run's proxy RM (prompt ids + response
+ids + EOS, as the trainer feeds it: the recomputed proxy reward and head radius are checked against the logged ones)
+and reports `wrong_small` / `wrong_large` with the steps split at each model's median instead (`radii` in the JSON).
+
 The gold input is built as every stage builds it (`eval_radius.gold_rewards`); a completion without EOS scores the
 run's `--missing-eos-penalty`, as in the trainer, and is not audited (its reward is not the RM's). Prints a table per run and writes
 the JSON (per step, and every step pooled: counts summed, each step split at its own median radius) to
@@ -21,6 +26,7 @@ the JSON (per step, and every step pooled: counts summed, each step split at its
 """
 
 import json
+import math
 import os
 import sys
 import types
@@ -36,6 +42,7 @@ import tyro
 from transformers import AutoTokenizer
 
 import eval_radius
+import grpo_signcert as gs
 
 
 @dataclass
@@ -50,6 +57,9 @@ class Args:
     """torch CPU threads"""
     gold_batch_size: int = 64
     gold_max_length: int = 256
+    radii: List[str] = field(default_factory=list)
+    """uncertainty models (head, feature, full) whose radius is recomputed with the run's proxy RM and audited beside
+    the logged one; empty: only the logged radius"""
 
 
 def audit(samples: list[dict], gold: list[float], tol: float = 1e-6) -> list[dict]:
@@ -104,6 +114,53 @@ def pooled(steps: list[dict]) -> dict:
     return dict(step="pooled", **counts, **shares(counts))
 
 
+def recomputed_radii(samples: list[dict], run_args: dict, kinds: list[str]) -> tuple[dict, dict]:
+    """{kind: each sample's Dr.GRPO radius |A_j| / ||dA_j / dtheta|| under that uncertainty model} from the run's proxy
+    RM, groups as logged (their K completions in order; a completion without EOS has its logged penalty and g = 0, as
+    in the trainer), and the largest differences of the recomputed proxy reward and head radius from the logged ones."""
+    rm = gs.load_reward_model(run_args["reward_model_path"], False, torch.float32, "the run's --reward-model-path")
+    tok = AutoTokenizer.from_pretrained(run_args["policy_path"])
+    groups = defaultdict(list)
+    for i, s in enumerate(samples):
+        groups[(s["step"], s["group"])].append(i)
+    order = [i for key in sorted(groups) for i in groups[key]]
+    K = len(next(iter(groups.values())))
+    if any(len(g) != K for g in groups.values()):
+        raise SystemExit("samples.jsonl: groups of different sizes (a run with every completion logged is needed)")
+    ids = [eval_radius.rm_input_ids(tok, samples[i]["prompt"], samples[i]["response"], 10**9, False) for i in order]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[tok.pad_token_id or 0] * (width - len(x)) + x for x in ids])  # left padding
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    with torch.no_grad():
+        reward, h = gs.reward_and_features(rm, input_ids, mask)
+    eos = torch.tensor([samples[i]["has_eos"] for i in order]).view(-1, K)
+    logged = torch.tensor([samples[i]["proxy"] for i in order], dtype=torch.float64).view(-1, K)
+    h = h.view(-1, K, h.shape[-1])
+    # a response whose decoded text does not re-encode to its own tokens (a byte-level token cut in a character)
+    differs = [len(tok(samples[i]["response"], add_special_tokens=False).input_ids) + 1 != samples[i]["length"]
+               for i in order]  # fmt: skip
+    exact = eos & ~torch.tensor(differs).view(-1, K)
+    check = {
+        "proxy": (reward.double().view(-1, K) - logged).abs()[exact].max().item(),
+        "re_encoded": int((eos & ~exact).sum()),
+    }
+    out = {}
+    for kind in kinds:
+        gram = gs.uncertainty_gram(kind, rm, h, input_ids, mask)
+        adv, sens = gs.other_advantages(logged, gram, "drgrpo", certified=eos)
+        sens = sens * eos  # the penalty is not the RM's to certify: no radius (as signcert_advantages)
+        radius = torch.where(sens > 0, adv.abs() / sens, torch.inf).flatten().tolist()
+        out[kind] = [0.0] * len(samples)
+        for i, r in zip(order, radius):
+            out[kind][i] = r
+    if "head" in out:
+        pairs = [
+            (a, s["radius"]) for a, s in zip(out["head"], samples) if s["has_eos"] and s["radius"] not in (None, 0)
+        ]
+        check["head_radius_rel"] = max((abs(a - b) / b for a, b in pairs if math.isfinite(b)), default=0.0)
+    return out, check
+
+
 def main(args: Args) -> dict:
     torch.set_num_threads(args.threads)
     for path in [args.gold_rm_path] + [os.path.join(r, f) for r in args.runs for f in ("samples.jsonl", "args.json")]:
@@ -128,6 +185,19 @@ def main(args: Args) -> dict:
             scores = [g if s["has_eos"] else penalty for s, g in zip(samples, scores)]
         steps = audit(samples, scores)
         report["runs"][run] = dict(steps=steps, pooled=pooled(steps), gold=scores)
+        if args.radii:
+            with open(os.path.join(run, "args.json")) as f:
+                radii, check = recomputed_radii(samples, json.load(f), args.radii)
+            per_kind = {
+                k: pooled(audit([s | {"radius": r} for s, r in zip(samples, v)], scores)) for k, v in radii.items()
+            }
+            report["runs"][run] |= dict(radii=per_kind, radii_check=check)
+            print(f"\n{run}: pooled over its logged steps, each split at the model's median radius (recomputed; the "
+                  f"proxy within {check['proxy']:.1e} of the logged, {check['re_encoded']} completions re-encoded "
+                  "otherwise)")  # fmt: skip
+            print("| uncertainty | n | raw sign wrong, small-radius half | large-radius half |\n|---|---|---|---|")
+            for kind, r in per_kind.items():
+                print(f"| {kind} | {r['n']} | {r['wrong_small']:.3f} | {r['wrong_large']:.3f} |")
         print(
             f"\n{run}\n| step | n | raw sign wrong, small-radius half | large-radius half | reversed | of them raw-wrong |"
         )
