@@ -39,6 +39,8 @@ prompts are never looked at to choose anything):
     signcert_trl  SignCert-PO in TRL's GRPOTrainer (grpo_signcert_trl.py)   signcert's q (swept there, not again)
     signcert_clip SignCert-PO with rho clipped at 0 (`--clip`, the paper's   --quantile (not swept)
                 ablation): fragile advantages set to 0, never reversed
+    signcert_feature, signcert_full   SignCert-PO under the paper's other   q, --quantile
+                uncertainty models (`--uncertainty feature|full`, App. C.2: the group's features, every RM parameter)
 
 Every run's held-out evaluations (temperature 0.01, the first `--eval-num-prompts` prompts of the validation and
 the test split) give its frontier: test gold reward against KL(pi || pi_SFT). Reported per method, mean (min - max)
@@ -64,10 +66,12 @@ import tyro
 HERE = os.path.dirname(os.path.abspath(__file__))  # the stage scripts live next to this driver
 WORLD_FORMAT = 3  # tiny_world.py's WORLD_FORMAT, the world this driver and the README's numbers belong to
 PAPER_METHODS = ("drgrpo", "drgrpo_kl", "signcert", "uwo", "advpo", "bspo")  # what `--methods all` runs
-METHODS = PAPER_METHODS + ("drgrpo_trl", "signcert_trl", "signcert_clip")
+METHODS = PAPER_METHODS + ("drgrpo_trl", "signcert_trl", "signcert_clip", "signcert_feature", "signcert_full")
 KNOBS = {  # method: (its knob's Args field, the field with the knob's sweep grid); signcert_trl takes signcert's q
     "drgrpo_kl": ("control_kl_coefs", "kl_coef_grid"),  # the control's beta, chosen by the same rule as the others
     "signcert": ("quantile", "quantile_grid"),
+    "signcert_feature": ("quantile", "quantile_grid"),  # the other uncertainty models: the same knob, swept alike
+    "signcert_full": ("quantile", "quantile_grid"),
     "uwo": ("uwo_lambda", "uwo_lambda_grid"),
     "advpo": ("advpo_budget", "advpo_budget_grid"),
     "bspo": ("bspo_threshold", "bspo_threshold_grid"),
@@ -82,7 +86,8 @@ class Args:
     """whole-chain seeds: each redraws the SFT policy, the preference pairs, the proxy RM(s) and the RL runs"""
     methods: List[str] = field(default_factory=lambda: ["drgrpo", "signcert"])
     """RL methods to run: drgrpo, drgrpo_kl (Dr.GRPO at each of --control-kl-coefs), signcert, uwo, advpo, bspo,
-    drgrpo_trl and signcert_trl (the same two in TRL's GRPOTrainer), or `all` (the paper's six, not the TRL ones)"""
+    drgrpo_trl and signcert_trl (the same two in TRL's GRPOTrainer), signcert_clip, signcert_feature, signcert_full, or
+    `all` (the paper's six, not the others)"""
     kl_coef: float = 0.01
     """beta of every method (the paper's 0.01)"""
     control_kl_coefs: List[float] = field(default_factory=lambda: [0.3])
@@ -454,6 +459,8 @@ def place_in_reference(draws, reference, args):
 OWN_METRIC = {  # what each method's knob moves, logged every step (mean over the run in the sweep's table)
     "drgrpo_kl": None,
     "signcert": "signcert/eps",
+    "signcert_feature": "signcert/eps",
+    "signcert_full": "signcert/eps",
     "uwo": "uwo/penalty",
     "advpo": "advpo/penalty_std",
     "bspo": "bspo/out_of_support_rate",
@@ -653,6 +660,10 @@ def rl_run(args, chain, seed, method, knob):
     elif method == "signcert_clip":
         name, script, flags = f"signcert_clip_q{knob:g}", "grpo_signcert.py", ["--quantile", str(knob), "--clip"]
         label = f"SignCert-PO clip q={knob:g}"
+    elif method in ("signcert_feature", "signcert_full"):  # the paper's other uncertainty models (App. C.2)
+        kind = method.split("_")[1]
+        name, script = f"signcert_{kind}_q{knob:g}", "grpo_signcert.py"
+        flags, label = ["--quantile", str(knob), "--uncertainty", kind], f"SignCert-PO {kind} q={knob:g}"
     elif method == "uwo":
         members = [os.path.join(chain, r) for r in ("rm", "rm_2", "rm_3")]
         name, script, flags = (

@@ -257,6 +257,21 @@ def test_signcert_clip_is_signcert_with_rho_clipped_in_its_own_folder(tmp_path):
     assert [x for x in clip_cmd if x != "--clip"] == [clip_out if x == out else x for x in cmd]
 
 
+@pytest.mark.parametrize("kind", ["feature", "full"])
+def test_signcert_under_another_uncertainty_is_signcert_plus_the_flag_in_its_own_folder(tmp_path, kind):
+    """`signcert_feature` / `signcert_full` run signcert's command at the same q plus `--uncertainty <kind>`, in their
+    own folder and row, and their q is swept on the same grid as signcert's."""
+    args = pipeline.Args(root=str(tmp_path))
+    label, out, cmd = pipeline.rl_run(args, str(tmp_path), 3, "signcert", 0.5)
+    o_label, o_out, o_cmd = pipeline.rl_run(args, str(tmp_path), 3, f"signcert_{kind}", 0.5)
+    assert o_label == f"SignCert-PO {kind} q=0.5" != label
+    assert o_out == os.path.join(str(tmp_path), "rl", f"signcert_{kind}_q0.5_kl0.01_s3") != out
+    i = o_cmd.index("--uncertainty")
+    assert o_cmd[i + 1] == kind and "--uncertainty" not in cmd
+    assert o_cmd[:i] + o_cmd[i + 2 :] == [o_out if x == out else x for x in cmd]
+    assert pipeline.KNOBS[f"signcert_{kind}"] == pipeline.KNOBS["signcert"]
+
+
 @pytest.mark.parametrize("threads, caller", [(1, "2"), (2, "1")])
 def test_every_stage_and_rl_run_gets_the_pipelines_thread_count(tmp_path, monkeypatch, threads, caller):
     """A chain's floats depend on torch's thread count, so every stage and every RL run gets the pipeline's count

@@ -106,6 +106,9 @@ def forms(rng, row, facts):
         "my person and my W (template, W invented)": f"my {p} and my {w}",
         "my X are a mess (template)": f"my {x} are a mess",
         "my W are a mess (template, W invented)": f"my {w} are a mess",
+        # the list template with a key said twice or an invented noun added: where Dr.GRPO ends on the shipped chain 1
+        "my X and Y and Y are a mess (template, a key repeated)": f"my {x} and {y} and {y} are a mess",
+        "my X and Y and W are a mess (template, W invented)": f"my {x} and {y} and {w} are a mess",
         # degenerate forms, far from any reference: the feature-space outliers of the paper's premise
         "the keys x3, no glue (repeated)": " ".join(keys * 3),
         "W W W (invented, repeated)": f"{w} {w} {w}",
@@ -255,10 +258,11 @@ def full_grams(rm, tokenizer, rows, posts, groups, by_form):
         summaries = groups[j] + [s for _, s in made]
         enc = tw.encode_scored(tokenizer, [tw.prompt_of(rows[post])] * len(summaries), summaries)
         g = gs.reward_gradients(rm, enc["input_ids"], enc["attention_mask"])
+        gram = g @ g.T  # every pair of this post's summaries
         k = len(groups[j])
         for i, (name, _) in enumerate(made):
-            member = torch.cat([g[:k], g[k + i : k + i + 1]])  # the samples, then the form: the group's order
-            out[name].append(member @ member.T)
+            member = list(range(k)) + [k + i]  # the samples, then the form: the group's order
+            out[name].append(gram[member][:, member])
     return {name: torch.stack(grams) for name, grams in out.items() if grams}
 
 
