@@ -402,8 +402,9 @@ def uncertainty_gram(uncertainty, rm, features, ids=None, mask=None, params=None
     feature  the group's features h_1..h_K (App. C.2, eq. 16): dr_k / dh_l = w if k = l, so G = ||w||^2 I and
              Delta_j = |A_j| / (||w|| sqrt(1 - 1/K)) for Dr.GRPO: a function of |A_j| alone
     full     every RM parameter (App. C.2): g_k = dr_k / dtheta, the exact per-completion gradient, one forward and
-             backward per completion (`ids`, `mask`: the RM's inputs, (B * K, L)), the K of a group held at once:
-             K x (RM parameters) floats, e.g. 8 x 1.0e9 x 4 bytes = 32 GB for Pythia-1B's RM in float32
+             backward per completion (`ids`, `mask`: the RM's inputs, (B * K, L)), the K of a group held at once in
+             float64: K x (RM parameters) x 8 bytes, e.g. 8 x 1.0e9 x 8 = 64 GB for Pythia-1B's RM (the tiny RM's:
+             10 MB); at that size one would keep them in float32 and accumulate the Gram matrix pair by pair
     features: (B, K, d), the h_k of `reward_and_features`; params: `full` over these alone (default: all)."""
     B, K, _ = features.shape
     if uncertainty == "head":
