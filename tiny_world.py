@@ -771,8 +771,9 @@ def reward_and_features(rm, ids, mask):
 
 
 def encode_scored(tokenizer, prompts, summaries):
-    """Right-padded batch of prompt + " " + summary + EOS: the gold RM's input convention."""
-    texts = [p + " " + s + EOS for p, s in zip(prompts, summaries)]
+    """Right-padded batch of prompt + " " + summary + the tokenizer's EOS: the gold RM's input convention (EOS for
+    the world's tokenizer; another RM's, e.g. SmolLM2's `<|im_end|>`, where the reward is read for it)."""
+    texts = [p + " " + s + tokenizer.eos_token for p, s in zip(prompts, summaries)]
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 

