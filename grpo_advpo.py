@@ -335,7 +335,9 @@ def load_preference_rows(prefs_path):
 def text_features(rm, tokenizer, prompts, responses, max_length, device):
     """(N, d) float64: the RM's last-layer features of (prompt, response) texts fed as train_rm.py feeds them
     (`rm_input_ids`: prompt ids, response ids, EOS, keeping the last `max_length` tokens), right-padded."""
-    seqs = [rm_input_ids(tokenizer, p, r, max_length, chat=False) for p, r in zip(prompts, responses)]
+    seqs = [
+        rm_input_ids(tokenizer, as_query(tokenizer, p), r, max_length, chat=False) for p, r in zip(prompts, responses)
+    ]
     width = max(map(len, seqs))
     ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs], device=device)
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
@@ -562,13 +564,38 @@ def detect_format(rows: list[dict], where: str) -> str:
     )
 
 
+CHAT_EOS_CHECKED = set()  # tokenizers whose chat template was seen to end a turn with their EOS
+
+
+def as_query(tokenizer, prompt: str) -> str:
+    """The text the policy reads for `prompt` (and the proxy RM, which reads the policy's tokens): where the tokenizer
+    has a chat template (an instruct model, e.g. SmolLM2-135M-Instruct), the prompt as the user's turn with the
+    assistant's turn opened; else the prompt as it is (Pythia, the tiny world). The gold always reads the prompt
+    itself. A chat model must end its turn with the tokenizer's EOS, where completions are cut and rewards read."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt
+    if tokenizer.name_or_path not in CHAT_EOS_CHECKED:
+        turn = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        if tokenizer.eos_token is None or "y" + tokenizer.eos_token not in tokenizer.apply_chat_template(
+            turn, tokenize=False
+        ):
+            raise ValueError(
+                f"the chat template of {tokenizer.name_or_path} does not end an assistant turn with the tokenizer's "
+                f"EOS {tokenizer.eos_token!r}: set the tokenizer's eos_token to the token that ends a turn "
+                "(tokenizer.eos_token = ...; save_pretrained), or remove the chat template to train on plain prompts"
+            )
+        CHAT_EOS_CHECKED.add(tokenizer.name_or_path)
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
     """build(text) -> prompt; shorten `text` until the prompt has <= max_len tokens. The cut is at a token
     boundary about on budget, moved back to the last whitespace when there is one in the kept part's second
     half: words stay whole, and text without whitespace (Japanese, a long URL) is cut, not dropped whole."""
     while True:
         prompt = build(text)
-        n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        n = len(tokenizer(as_query(tokenizer, prompt), add_special_tokens=False).input_ids)  # as the policy reads it
         if n <= max_len:
             return prompt
         if not text:
@@ -795,7 +822,9 @@ def heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold,
             records = []
             for start in range(0, len(mine), args.generation_batch_size):
                 chunk = [prompts[i] for i in mine[start : start + args.generation_batch_size]]
-                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                enc = tokenizer(
+                    [as_query(tokenizer, p) for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False
+                ).to(device)
                 generated = sampler(model, enc.input_ids, enc.attention_mask, at_eval, pad_id)
                 response, response_mask, has_eos = truncate_after_eos(generated, eos_id, pad_id)
                 texts = tokenizer.batch_decode(  # as eval_gold.py: the tokens up to the EOS, special ones dropped
@@ -1291,7 +1320,9 @@ if __name__ == "__main__":
             rank * args.local_num_prompts : (rank + 1) * args.local_num_prompts
         ]
         step_prompts = [prompts[i] for i in mine]
-        enc = tokenizer(step_prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = tokenizer(
+            [as_query(tokenizer, p) for p in step_prompts], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(device)
         query, query_mask = enc.input_ids.repeat_interleave(K, 0), enc.attention_mask.repeat_interleave(K, 0)
         sampler = sample if args.generation_backend == "hf" else sample_static  # the same distribution
         generated = in_chunks(

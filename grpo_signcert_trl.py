@@ -416,13 +416,38 @@ def detect_format(rows: list[dict], where: str) -> str:
     )
 
 
+CHAT_EOS_CHECKED = set()  # tokenizers whose chat template was seen to end a turn with their EOS
+
+
+def as_query(tokenizer, prompt: str) -> str:
+    """The text the policy reads for `prompt` (and the proxy RM, which reads the policy's tokens): where the tokenizer
+    has a chat template (an instruct model, e.g. SmolLM2-135M-Instruct), the prompt as the user's turn with the
+    assistant's turn opened; else the prompt as it is (Pythia, the tiny world). The gold always reads the prompt
+    itself. A chat model must end its turn with the tokenizer's EOS, where completions are cut and rewards read."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt
+    if tokenizer.name_or_path not in CHAT_EOS_CHECKED:
+        turn = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        if tokenizer.eos_token is None or "y" + tokenizer.eos_token not in tokenizer.apply_chat_template(
+            turn, tokenize=False
+        ):
+            raise ValueError(
+                f"the chat template of {tokenizer.name_or_path} does not end an assistant turn with the tokenizer's "
+                f"EOS {tokenizer.eos_token!r}: set the tokenizer's eos_token to the token that ends a turn "
+                "(tokenizer.eos_token = ...; save_pretrained), or remove the chat template to train on plain prompts"
+            )
+        CHAT_EOS_CHECKED.add(tokenizer.name_or_path)
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
     """build(text) -> prompt; shorten `text` until the prompt has <= max_len tokens. The cut is at a token
     boundary about on budget, moved back to the last whitespace when there is one in the kept part's second
     half: words stay whole, and text without whitespace (Japanese, a long URL) is cut, not dropped whole."""
     while True:
         prompt = build(text)
-        n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        n = len(tokenizer(as_query(tokenizer, prompt), add_special_tokens=False).input_ids)  # as the policy reads it
         if n <= max_len:
             return prompt
         if not text:
@@ -623,7 +648,9 @@ def heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold,
             records = []
             for start in range(0, len(mine), args.generation_batch_size):
                 chunk = [prompts[i] for i in mine[start : start + args.generation_batch_size]]
-                enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+                enc = tokenizer(
+                    [as_query(tokenizer, p) for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False
+                ).to(device)
                 generated = sampler(model, enc.input_ids, enc.attention_mask, at_eval, pad_id)
                 response, response_mask, has_eos = truncate_after_eos(generated, eos_id, pad_id)
                 texts = tokenizer.batch_decode(  # as eval_gold.py: the tokens up to the EOS, special ones dropped
@@ -942,7 +969,9 @@ if __name__ == "__main__":
             )
     import datasets
 
-    train = datasets.Dataset.from_dict({"prompt": build_prompts(rows, tokenizer, args.max_prompt_length, where)})
+    train = datasets.Dataset.from_dict(
+        {"prompt": [as_query(tokenizer, p) for p in build_prompts(rows, tokenizer, args.max_prompt_length, where)]}
+    )
     if args.resume and args.overwrite:
         raise ValueError("--resume continues a run and --overwrite deletes it: pass one of them")
     default_dir = os.path.join("runs", f"{args.exp_name}__{args.seed}__{int(time.time())}")

@@ -342,13 +342,38 @@ def detect_format(rows: list[dict], where: str) -> str:
     )
 
 
+CHAT_EOS_CHECKED = set()  # tokenizers whose chat template was seen to end a turn with their EOS
+
+
+def as_query(tokenizer, prompt: str) -> str:
+    """The text the policy reads for `prompt` (and the proxy RM, which reads the policy's tokens): where the tokenizer
+    has a chat template (an instruct model, e.g. SmolLM2-135M-Instruct), the prompt as the user's turn with the
+    assistant's turn opened; else the prompt as it is (Pythia, the tiny world). The gold always reads the prompt
+    itself. A chat model must end its turn with the tokenizer's EOS, where completions are cut and rewards read."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt
+    if tokenizer.name_or_path not in CHAT_EOS_CHECKED:
+        turn = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        if tokenizer.eos_token is None or "y" + tokenizer.eos_token not in tokenizer.apply_chat_template(
+            turn, tokenize=False
+        ):
+            raise ValueError(
+                f"the chat template of {tokenizer.name_or_path} does not end an assistant turn with the tokenizer's "
+                f"EOS {tokenizer.eos_token!r}: set the tokenizer's eos_token to the token that ends a turn "
+                "(tokenizer.eos_token = ...; save_pretrained), or remove the chat template to train on plain prompts"
+            )
+        CHAT_EOS_CHECKED.add(tokenizer.name_or_path)
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 def fit_prompt(build, text: str, tokenizer, max_len: int) -> str:
     """build(text) -> prompt; shorten `text` until the prompt has <= max_len tokens. The cut is at a token
     boundary about on budget, moved back to the last whitespace when there is one in the kept part's second
     half: words stay whole, and text without whitespace (Japanese, a long URL) is cut, not dropped whole."""
     while True:
         prompt = build(text)
-        n = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        n = len(tokenizer(as_query(tokenizer, prompt), add_special_tokens=False).input_ids)  # as the policy reads it
         if n <= max_len:
             return prompt
         if not text:
@@ -391,11 +416,12 @@ def tokenize_sft(rows: list[dict], fmt: str, tokenizer, args: Args) -> list[dict
     out = []
     for row in rows:
         prompt, response = to_prompt_response(row, fmt, tokenizer, args.max_prompt_length)
-        p = tokenizer(prompt, add_special_tokens=False).input_ids
+        query = as_query(tokenizer, prompt)  # in the chat template where the tokenizer has one
+        p = tokenizer(query, add_special_tokens=False).input_ids
         r = tokenizer(response, add_special_tokens=False).input_ids[: args.max_response_length - 1] + [
             tokenizer.eos_token_id
         ]
-        out.append({"input_ids": p + r, "labels": [-100] * len(p) + r, "prompt": prompt})
+        out.append({"input_ids": p + r, "labels": [-100] * len(p) + r, "prompt": prompt, "query": query})
     return out
 
 
@@ -623,7 +649,7 @@ if __name__ == "__main__":
         unwrapped.eval()
         tokenizer.padding_side = "left"
         for row in eval_data[: args.num_sample_prompts]:
-            enc = tokenizer(row["prompt"], return_tensors="pt", add_special_tokens=False).to(accelerator.device)
+            enc = tokenizer(row["query"], return_tensors="pt", add_special_tokens=False).to(accelerator.device)
             with torch.no_grad():
                 gen = unwrapped.generate(
                     **enc,

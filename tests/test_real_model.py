@@ -185,8 +185,17 @@ def test_sft_prefs_and_rm_on_the_real_checkpoint(smol_chain, ci_world):
             assert abs(own - pair[f"{side}_score"]) < 1e-4, (pair, side, own)
             checked += 1
     assert checked >= 10, f"only {checked} ended completions among {len(pairs)} pairs: the EOS boost is too weak"
+    assert not any("<|im_start|>" in p["prompt"] for p in pairs)  # the gold reads (and the pairs keep) the prompt
 
+    # train_rm.py's reward offset centres the references as the proxy reads them: in SmolLM2's chat template
+    rows = gs.read_rows(ci_world / "data" / "validation.jsonl")[:8]
+    refs = [gs.to_prompt_response(r, "tldr", tok, 128) for r in rows]
     rm = AutoModelForSequenceClassification.from_pretrained(smol_chain / "rm").eval()
+    with torch.no_grad():
+        raw = [rm(torch.tensor([gs.rm_input_ids(tok, gs.as_query(tok, p), ref, 256, False)])).logits.item()
+               for p, ref in refs]  # fmt: skip
+    assert abs(sum(raw) / len(raw) - rm.config.reward_offset) < 1e-4
+
     assert type(rm).__name__ == "LlamaForSequenceClassification" and rm.config.pad_token_id == tok.pad_token_id
     seqs = [gs.rm_input_ids(tok, p["prompt"], p["chosen"], 256, False) for p in pairs[:6]]
     width = max(map(len, seqs))
@@ -203,6 +212,10 @@ def test_rl_and_evaluations_on_the_real_checkpoint(smol_chain, ci_world, tmp_pat
     each runs to its end; SignCert-PO's eps is positive (completions ended and were scored), the step's logged
     proxy mean is the mean of its logged completions' proxy rewards, and the saved policy is a Llama of the SFT's
     vocabulary."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import grpo_signcert as gs
+
     data, gold = ci_world / "data", ci_world / "gold_rm"
     rl = tmp_path / "rl"
     run("grpo_signcert.py", "--policy-path", smol_chain / "sft", "--reward-model-path", smol_chain / "rm",
@@ -216,6 +229,18 @@ def test_rl_and_evaluations_on_the_real_checkpoint(smol_chain, ci_world, tmp_pat
         mine = [s for s in samples if s["step"] == m["step"]]
         assert len(mine) == 8
         assert abs(sum(s["proxy"] for s in mine) / 8 - m["reward/proxy"]) < 1e-5
+    # the policy read the prompt in the chat template, and the proxy scored what it read: an ended completion's
+    # logged proxy reward is the RM's on as_query(prompt) + its text re-encoded (where re-encoding gives its ids)
+    tok = AutoTokenizer.from_pretrained(smol_chain / "sft")
+    rm = AutoModelForSequenceClassification.from_pretrained(smol_chain / "rm").eval()
+    score = lambda p, r: (
+        rm(torch.tensor([gs.rm_input_ids(tok, p, r, 10**6, False)])).logits.item() - rm.config.reward_offset
+    )
+    ended = [s for s in samples if s["has_eos"]]
+    with torch.no_grad():
+        wrapped = [abs(score(gs.as_query(tok, s["prompt"]), s["response"]) - s["proxy"]) < 1e-3 for s in ended]
+        plain = [abs(score(s["prompt"], s["response"]) - s["proxy"]) < 1e-3 for s in ended]
+    assert len(ended) >= 4 and sum(wrapped) >= 0.75 * len(ended) and not any(plain), (wrapped, plain)
     config = json.loads((rl / "model" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == 49153
 
@@ -238,3 +263,86 @@ def test_the_trl_trainer_on_the_real_checkpoint(smol_chain, ci_world, tmp_path):
         "--eval-every", 0, "--quantile", 0.5, "--output-dir", tmp_path / "trl")  # fmt: skip
     logged = [m for m in read_jsonl(tmp_path / "trl" / "metrics.jsonl") if "signcert/eps" in m]
     assert len(logged) == 1
+
+
+SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+def test_the_policy_reads_a_chat_models_prompt_in_its_template_and_the_plain_prompt_otherwise(smollm2_cut, ci_world):
+    """as_query: SmolLM2's documented turn format written out by hand, the assistant's turn opened; a tokenizer
+    without a template (the tiny world's) reads the prompt as it is; --max-prompt-length bounds what the policy
+    reads (the template's ~30 tokens included)."""
+    from transformers import AutoTokenizer
+
+    import grpo_signcert as gs
+
+    tok = AutoTokenizer.from_pretrained(smollm2_cut / "policy")
+    prompt = TEXTS[0].split(" my dog ate it")[0]
+    expected = f"{SMOL_SYSTEM}<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    assert gs.as_query(tok, prompt) == expected
+    plain = AutoTokenizer.from_pretrained(ci_world / "policy")
+    assert gs.as_query(plain, prompt) == prompt
+    rows = gs.read_rows(ci_world / "data" / "validation.jsonl")[:20]
+    for limit in (72, 96):
+        for row in rows:
+            fitted = gs.to_prompt_response(row, "tldr", tok, limit)[0]
+            n = len(tok(gs.as_query(tok, fitted), add_special_tokens=False).input_ids)
+            assert n <= limit and fitted.endswith("TL;DR:"), (limit, n)
+    assert any(len(tok(gs.as_query(tok, gs.to_prompt_response(r, "tldr", tok, 96)[0])).input_ids) > 88 for r in rows)
+
+
+def test_a_chat_template_that_ends_turns_with_another_token_than_the_eos_is_refused(smollm2_cut, tmp_path):
+    from transformers import AutoTokenizer
+
+    import grpo_signcert as gs
+
+    tok = AutoTokenizer.from_pretrained(smollm2_cut / "policy")
+    tok.eos_token = "<|endoftext|>"
+    tok.save_pretrained(tmp_path)
+    other = AutoTokenizer.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not end an assistant turn with the tokenizer's EOS"):
+        gs.as_query(other, "SUBREDDIT: r/pets\n\nTL;DR:")
+
+
+def test_frozen_rm_fits_the_bradley_terry_head_on_the_backbones_own_features(smollm2_cut, ci_world, tmp_path):
+    """tools/frozen_rm.py on the SmolLM2 cut: the backbone is untouched, and the head it writes is the minimiser of
+    the L2-regularised Bradley-Terry loss on features recomputed here one unpadded sequence at a time (its gradient
+    is zero), its offset centres the references, and its reported held-out accuracy is the share of test pairs the
+    head orders as chosen > rejected."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import grpo_signcert as gs
+
+    rows = gs.read_rows(ci_world / "data" / "train.jsonl")[:41]
+    tok = AutoTokenizer.from_pretrained(smollm2_cut / "rm")
+    prefs = tmp_path / "prefs"
+    prefs.mkdir()
+    pairs = []
+    for a, b in zip(rows[:-1], rows[1:]):  # chosen: the post's own reference; rejected: the next post's
+        prompt, ref = gs.to_prompt_response(a, "tldr", tok, 128)
+        pairs.append({"prompt": prompt, "chosen": ref, "rejected": " " + b["summary"].strip()})
+    for name, part in (("train", pairs[:30]), ("test", pairs[30:])):
+        (prefs / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in part))
+    out = tmp_path / "proxy"
+    run("tools/frozen_rm.py", "--backbone", smollm2_cut / "rm", "--prefs-path", prefs, "--dataset",
+        ci_world / "data", "--output-dir", out, "--num-norm-samples", 6, "--threads", 1)  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    rm = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(smollm2_cut / "rm").eval()
+    for a, b in zip(rm.model.parameters(), base.model.parameters()):
+        assert torch.equal(a, b)
+
+    def h(prompt, response):
+        ids = torch.tensor([gs.rm_input_ids(tok, gs.as_query(tok, prompt), response, 256, False)])
+        with torch.no_grad():
+            return rm.model(ids).last_hidden_state[0, -1].double()
+
+    w = rm.score.weight[0].double()
+    diff = torch.stack([h(p["prompt"], p["chosen"]) - h(p["prompt"], p["rejected"]) for p in pairs])
+    train, test = diff[:30], diff[30:]
+    grad = -(torch.sigmoid(-(train @ w))[:, None] * train).mean(0) + metrics["l2"] * w
+    assert grad.norm() < 1e-4 * max(1.0, train.abs().mean().item()), grad.norm()
+    assert metrics["eval/accuracy"] == pytest.approx((test @ w > 0).double().mean().item())
+    norm = gs.read_rows(ci_world / "data" / "validation.jsonl")[:6]
+    refs = [h(*gs.to_prompt_response(r, "tldr", tok, 128)) @ w for r in norm]
+    assert rm.config.reward_offset == pytest.approx(torch.stack(refs).mean().item(), abs=1e-4)

@@ -9,8 +9,9 @@ backbone under a proxy is to keep it frozen and fit only the `score` head (the q
 
 For each preference pair of `--prefs-path` (gen_prefs.py's output: the gold's choice between two samples of the
 SFT policy) it reads the features `h` of chosen and rejected as every script reads a reward model
-(`grpo_signcert.reward_and_features`: the input of `score` at the last real token; the input is prompt ids +
-response ids + EOS, `rm_input_ids`, so what RL feeds the proxy), then fits `w` by L2-regularised logistic
+(`grpo_signcert.reward_and_features`: the input of `score` at the last real token; the input is the prompt
+as the policy reads it, in the backbone's chat template where its tokenizer has one (`as_query`), then the response
+and the EOS (`rm_input_ids`): what train_rm.py trains on and RL feeds the proxy), then fits `w` by L2-regularised logistic
 regression on `h_chosen - h_rejected` (the Bradley-Terry likelihood; no bias: it cancels), float64 L-BFGS, the L2
 weight chosen from a grid by the log-loss on the last tenth of the training pairs, then refitted on all of them. The
 head is written into the backbone's `*ForSequenceClassification` (a causal LM gets one) with `reward_offset` = the
@@ -113,7 +114,7 @@ def main(args: Args) -> dict:
     norm_rows = norm_rows[: args.num_norm_samples]
     fmt = gs.detect_format(norm_rows, norm_where)
     references = [gs.to_prompt_response(r, fmt, tokenizer, args.max_prompt_length) for r in norm_rows]
-    encode = lambda p, r: gs.rm_input_ids(tokenizer, p, r, args.max_length, False)
+    encode = lambda p, r: gs.rm_input_ids(tokenizer, gs.as_query(tokenizer, p), r, args.max_length, False)
     n_train, n_test = len(pairs["train"]), len(pairs["test"])
     print(f"{args.backbone}: {type(rm).__name__}, hidden {rm.config.hidden_size}, "
           f"{sum(p.numel() for p in rm.parameters()):,} parameters (frozen); {n_train} train / {n_test} test pairs, "

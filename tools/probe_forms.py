@@ -154,7 +154,8 @@ def bonus_forms(facts, bonus):
 
 def rm_tokenizer(path, world_tokenizer):
     """The tokenizer an RM reads with: its own where its folder has one (train_rm.py saves the SFT's; a proxy on
-    another backbone, e.g. tools/frozen_rm.py on SmolLM2, has another vocabulary), else the world's."""
+    another backbone, e.g. tools/frozen_rm.py on SmolLM2, has another vocabulary), else the world's. Each RM reads
+    the prompt as it was trained to (`as_query`: in its chat template where its tokenizer has one)."""
     own = any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
     return AutoTokenizer.from_pretrained(path if own else world_tokenizer)
 
@@ -217,7 +218,8 @@ def premise_table(args, rms, tokenizers, rows, by_form, scored, table):
     at = {post: j for j, post in enumerate(posts)}  # post -> its group
     samples = {}
     for label, rm in rms.items():
-        r, h = tw.gold_scores(rm, tokenizers[label], sampled["prompts"], sampled["summaries"], features=True)
+        queries = [gs.as_query(tokenizers[label], p) for p in sampled["prompts"]]
+        r, h = tw.gold_scores(rm, tokenizers[label], queries, sampled["summaries"], features=True)
         samples[label] = (r.view(len(posts), k), h.view(len(posts), k, -1))
     full = (
         {label: full_grams(rms[label], tokenizers[label], rows, posts, groups, by_form) for label in args.rm_paths}
@@ -264,7 +266,9 @@ def full_grams(rm, tokenizer, rows, posts, groups, by_form):
     for j, post in enumerate(posts):
         made = forms_of.get(j, [])
         summaries = groups[j] + [s for _, s in made]
-        enc = tw.encode_scored(tokenizer, [tw.prompt_of(rows[post])] * len(summaries), summaries)
+        enc = tw.encode_scored(
+            tokenizer, [gs.as_query(tokenizer, tw.prompt_of(rows[post]))] * len(summaries), summaries
+        )
         g = gs.reward_gradients(rm, enc["input_ids"], enc["attention_mask"])
         gram = g @ g.T  # every pair of this post's summaries
         k = len(groups[j])
@@ -309,7 +313,7 @@ if __name__ == "__main__":
     rms = {label: AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
            for label, path in models.items()}  # fmt: skip
     scored = {  # label -> form -> (rewards, features) of the form on its posts
-        label: {name: tw.gold_scores(rm, tokenizers[label], [tw.prompt_of(r) for r, _, _ in items],
+        label: {name: tw.gold_scores(rm, tokenizers[label], [gs.as_query(tokenizers[label], tw.prompt_of(r)) for r, _, _ in items],
                                      [s for _, s, _ in items], features=True)
                 for name, items in by_form.items()}
         for label, rm in rms.items()

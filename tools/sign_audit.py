@@ -127,7 +127,12 @@ def recomputed_radii(samples: list[dict], run_args: dict, kinds: list[str]) -> t
     K = len(next(iter(groups.values())))
     if any(len(g) != K for g in groups.values()):
         raise SystemExit("samples.jsonl: groups of different sizes (a run with every completion logged is needed)")
-    ids = [eval_radius.rm_input_ids(tok, samples[i]["prompt"], samples[i]["response"], 10**9, False) for i in order]
+    ids = [
+        eval_radius.rm_input_ids(
+            tok, eval_radius.as_query(tok, samples[i]["prompt"]), samples[i]["response"], 10**9, False
+        )
+        for i in order
+    ]
     width = max(map(len, ids))
     input_ids = torch.tensor([[tok.pad_token_id or 0] * (width - len(x)) + x for x in ids])  # left padding
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
