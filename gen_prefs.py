@@ -326,7 +326,7 @@ def detect_format(rows: list[dict], where: str) -> str:
     )
 
 
-CHAT_EOS_CHECKED = set()  # tokenizers whose chat template was seen to end a turn with their EOS
+CHAT_EOS_CHECKED = set()  # (chat template, EOS) pairs seen to end a turn with that EOS
 
 
 def as_query(tokenizer, prompt: str) -> str:
@@ -336,7 +336,8 @@ def as_query(tokenizer, prompt: str) -> str:
     itself. A chat model must end its turn with the tokenizer's EOS, where completions are cut and rewards read."""
     if not getattr(tokenizer, "chat_template", None):
         return prompt
-    if tokenizer.name_or_path not in CHAT_EOS_CHECKED:
+    key = (tokenizer.chat_template, tokenizer.eos_token)
+    if key not in CHAT_EOS_CHECKED:
         turn = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
         if tokenizer.eos_token is None or "y" + tokenizer.eos_token not in tokenizer.apply_chat_template(
             turn, tokenize=False
@@ -346,7 +347,7 @@ def as_query(tokenizer, prompt: str) -> str:
                 f"EOS {tokenizer.eos_token!r}: set the tokenizer's eos_token to the token that ends a turn "
                 "(tokenizer.eos_token = ...; save_pretrained), or remove the chat template to train on plain prompts"
             )
-        CHAT_EOS_CHECKED.add(tokenizer.name_or_path)
+        CHAT_EOS_CHECKED.add(key)
     messages = [{"role": "user", "content": prompt}]
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 

@@ -297,7 +297,10 @@ def test_a_chat_template_that_ends_turns_with_another_token_than_the_eos_is_refu
     import grpo_signcert as gs
 
     tok = AutoTokenizer.from_pretrained(smollm2_cut / "policy")
+    assert gs.as_query(tok, "TL;DR:").endswith("<|im_start|>assistant\n")  # accepted: <|im_end|> ends a turn
     tok.eos_token = "<|endoftext|>"
+    with pytest.raises(ValueError, match="does not end an assistant turn with the tokenizer's EOS"):
+        gs.as_query(tok, "TL;DR:")  # the same tokenizer object, its EOS changed since: checked again
     tok.save_pretrained(tmp_path)
     other = AutoTokenizer.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="does not end an assistant turn with the tokenizer's EOS"):
