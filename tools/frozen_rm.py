@@ -22,9 +22,7 @@ written next to the target and renamed into place.
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import grpo_signcert as gs
+import train_rm
 
 
 @dataclass
@@ -155,16 +154,12 @@ def main(args: Args) -> dict:
     rm.score.weight.copy_(w.float().unsqueeze(0))
     rm.config.reward_offset = offset
     rm.config.pad_token_id = pad
-    parent = os.path.dirname(os.path.abspath(args.output_dir))
-    os.makedirs(parent, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".frozen_rm_") as tmp:
-        rm.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        with open(os.path.join(tmp, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
-        shutil.rmtree(args.output_dir, ignore_errors=True)
-        os.replace(tmp, args.output_dir)
-        os.makedirs(tmp)  # for TemporaryDirectory's cleanup
+    out = train_rm.staging_dir(args.output_dir, "frozen_rm")  # written next to the target, then moved in at once
+    rm.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    with open(out / "metrics.json", "w") as f:
+        json.dump(metrics, f, indent=1)
+    train_rm.commit_dir(out, args.output_dir)
     print(f"saved {args.output_dir}")
     return metrics
 

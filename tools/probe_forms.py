@@ -160,6 +160,11 @@ def rm_tokenizer(path, world_tokenizer):
     return AutoTokenizer.from_pretrained(path if own else world_tokenizer)
 
 
+def rm_scores(rm, tokenizer, prompts, summaries):
+    """(rewards, features) of an RM on (prompt, summary) pairs, each prompt as the RM reads it (`as_query`)."""
+    return tw.gold_scores(rm, tokenizer, [gs.as_query(tokenizer, p) for p in prompts], summaries, features=True)
+
+
 def policy_samples(path, prompts, k, max_new_tokens, seed):
     """k samples per prompt of the policy at `path` (temperature 1, cut at the first EOS), as text."""
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
@@ -218,8 +223,7 @@ def premise_table(args, rms, tokenizers, rows, by_form, scored, table):
     at = {post: j for j, post in enumerate(posts)}  # post -> its group
     samples = {}
     for label, rm in rms.items():
-        queries = [gs.as_query(tokenizers[label], p) for p in sampled["prompts"]]
-        r, h = tw.gold_scores(rm, tokenizers[label], queries, sampled["summaries"], features=True)
+        r, h = rm_scores(rm, tokenizers[label], sampled["prompts"], sampled["summaries"])
         samples[label] = (r.view(len(posts), k), h.view(len(posts), k, -1))
     full = (
         {label: full_grams(rms[label], tokenizers[label], rows, posts, groups, by_form) for label in args.rm_paths}
@@ -313,8 +317,7 @@ if __name__ == "__main__":
     rms = {label: AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True).eval()
            for label, path in models.items()}  # fmt: skip
     scored = {  # label -> form -> (rewards, features) of the form on its posts
-        label: {name: tw.gold_scores(rm, tokenizers[label], [gs.as_query(tokenizers[label], tw.prompt_of(r)) for r, _, _ in items],
-                                     [s for _, s, _ in items], features=True)
+        label: {name: rm_scores(rm, tokenizers[label], [tw.prompt_of(r) for r, _, _ in items], [s for _, s, _ in items])
                 for name, items in by_form.items()}
         for label, rm in rms.items()
     }  # fmt: skip

