@@ -491,7 +491,9 @@ def load_split(dataset: str, split: str, config: Optional[str] = None) -> tuple[
     """(rows, where) of one split from a hub id or a local path (a folder of {split}.jsonl/.parquet, one
     file, or save_to_disk); `where` names the file the rows came from, for error messages."""
     path = Path(dataset)
-    if path.is_file():
+    if path.is_file():  # one file is every split: said, so that an evaluation on the training rows is never silent
+        print(f"[data] {path} is one file: the {split!r} split reads all of its rows, as every other split does (for a "
+              f"held-out split, pass a folder with one file per split: train.jsonl, validation.jsonl, test.jsonl)")  # fmt: skip
         return read_rows(path), str(path)
     if path.is_dir():
         for name in (f"{split}.jsonl", f"{split}.parquet", f"{split}.json"):

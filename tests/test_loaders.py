@@ -146,6 +146,20 @@ def test_bad_datasets_give_clear_errors(script, tmp_path):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_one_file_says_every_split_reads_its_rows(script, tldr_sources, capsys):
+    """A dataset given as one file is every split: sft.py's evaluation then reads the training rows, and says so
+    (issue 43); a folder of splits says nothing."""
+    mod = __import__(script)
+    for split in ("train", "validation"):
+        rows, _ = mod.load_split(tldr_sources["single.jsonl"], split)
+        assert len(rows) == len(TLDR)
+        out = capsys.readouterr().out
+        assert f"is one file: the {split!r} split reads all of its rows, as every other split does" in out
+    mod.load_split(tldr_sources["jsonl"], "train")
+    assert "one file" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_save_to_disk_unknown_split(script, tldr_sources):
     mod = __import__(script)
     with pytest.raises(ValueError, match=r"has splits \['train'\], not 'test'"):
