@@ -28,6 +28,8 @@ class Args:
     batch_size: int = 64
     seq_len: int = 70
     """a batch of random token ids, the shape of an SFT batch (64 x about 70 tokens on the tiny world)"""
+    keep: str = ""
+    """a folder to keep the two runs' tensors in (own.pt and {isa}.pt, what the report compares); default: not kept"""
 
 
 def one_step(policy_path, batch_size, seq_len, out):
@@ -97,6 +99,8 @@ if __name__ == "__main__":
     import torch
 
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = args.keep or tmp
+        os.makedirs(tmp, exist_ok=True)
         runs = {"own": {}, args.isa: {"ATEN_CPU_CAPABILITY": args.isa, "MKL_ENABLE_INSTRUCTIONS": args.isa.upper(),
                                       "ONEDNN_MAX_CPU_ISA": args.isa.upper()}}  # fmt: skip
         for name, env in runs.items():
