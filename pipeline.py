@@ -430,10 +430,10 @@ def place_in_reference(draws, reference, args):
     if differ:
         return [f"no reference for these settings: the reference's main job differs in {', '.join(differ)}"]
     chains = reference["chains"]
-    cpus = sorted({c["cpu"] for c in chains})
+    kernels = sorted({c["cpu"] for c in chains})  # a CPU model and the kernels torch ran on it
     shown = sum(over_optimised(c) for c in chains)
     lines = [f"your draw against {len(chains)} reference chains (chain seeds {sorted({c['seed'] for c in chains})} on "
-             f"{len(cpus)} CPU(s): {'; '.join(cpus)}; {os.path.basename(REFERENCE)}):"]  # fmt: skip
+             f"{len(kernels)} kind(s) of torch kernels: {'; '.join(kernels)}; {os.path.basename(REFERENCE)}):"]  # fmt: skip
     for seed, numbers in draws.items():
         outside = []
         lines.append(f"  chain seed {seed}:")
@@ -441,7 +441,9 @@ def place_in_reference(draws, reference, args):
             if key not in numbers:
                 continue
             lo, hi = min(c[key] for c in chains), max(c[key] for c in chains)
-            place = "within" if lo <= numbers[key] <= hi else "OUTSIDE"
+            # compared as printed, so that a number never reads as outside a range it prints inside of
+            printed = lambda x: float(f.format(x).rstrip("%"))
+            place = "within" if printed(lo) <= printed(numbers[key]) <= printed(hi) else "OUTSIDE"
             outside += [what] if place == "OUTSIDE" else []
             lines.append(f"    {what}: {f.format(numbers[key])}   ({place} the range {f.format(lo)} - {f.format(hi)})")
         if "drgrpo_gain_lost" in numbers:
