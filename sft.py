@@ -465,6 +465,24 @@ def distinct_pad_token(tokenizer) -> None:
 
 
 # ---------------------------------------------------------------- outputs
+TINY_MODEL_PARAMETERS = 10**7  # the tiny world's models have under a million parameters; a pretrained LM, 100M and more
+
+
+def learning_rate_warning(model, learning_rate: float, tiny_default: float) -> Optional[str]:
+    """A warning for a pretrained model trained at the tiny world's default learning rate, or None. That default is set
+    for the world's 2-layer models and moves a real LM far in a few steps (the SmolLM2-135M SFT policy at the RL
+    trainer's 2e-4: policy/kl 9.2 after 2 steps, every evaluation completion one token long)."""
+    n = sum(p.numel() for p in model.parameters())
+    if learning_rate != tiny_default or n < TINY_MODEL_PARAMETERS:
+        return None
+    return (
+        f"warning: --learning-rate {learning_rate:g} is the tiny world's default, set for its models of under "
+        f"{TINY_MODEL_PARAMETERS // 10**6}M parameters; this model has {n / 1e6:.0f}M, which that rate moves far in a "
+        "few steps. Pass --learning-rate for this model (SmolLM2-135M: 3e-5 for SFT, 1e-6 for RL; Pythia-1B: --preset "
+        "paper)"
+    )
+
+
 def staging_dir(target: str, run_name: str) -> Path:
     """A temp dir next to the target: everything is written there, then moved in place at once."""
     target = Path(target)
@@ -563,6 +581,9 @@ if __name__ == "__main__":
             print(f"  {k}: {v}")
 
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    warning = learning_rate_warning(model, args.learning_rate, PRESETS["tiny"].learning_rate)
+    if warning and accelerator.is_main_process:
+        print(warning)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # a new [PAD] (Pythia has spare rows)
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -546,6 +546,24 @@ def score_seqs(rm, seqs: list[list[int]], batch_size: int, pad_token_id: int, ac
 
 
 # ---------------------------------------------------------------- outputs
+TINY_MODEL_PARAMETERS = 10**7  # the tiny world's models have under a million parameters; a pretrained LM, 100M and more
+
+
+def learning_rate_warning(model, learning_rate: float, tiny_default: float) -> Optional[str]:
+    """A warning for a pretrained model trained at the tiny world's default learning rate, or None. That default is set
+    for the world's 2-layer models and moves a real LM far in a few steps (the SmolLM2-135M SFT policy at the RL
+    trainer's 2e-4: policy/kl 9.2 after 2 steps, every evaluation completion one token long)."""
+    n = sum(p.numel() for p in model.parameters())
+    if learning_rate != tiny_default or n < TINY_MODEL_PARAMETERS:
+        return None
+    return (
+        f"warning: --learning-rate {learning_rate:g} is the tiny world's default, set for its models of under "
+        f"{TINY_MODEL_PARAMETERS // 10**6}M parameters; this model has {n / 1e6:.0f}M, which that rate moves far in a "
+        "few steps. Pass --learning-rate for this model (SmolLM2-135M: 3e-5 for SFT, 1e-6 for RL; Pythia-1B: --preset "
+        "paper)"
+    )
+
+
 def staging_dir(target: str, run_name: str) -> Path:
     """A temp dir next to the target: everything is written there, then moved in place at once."""
     target = Path(target)
@@ -665,6 +683,9 @@ if __name__ == "__main__":
         raise ValueError(
             f"{type(rm).__name__} has no linear `score` head; the proxy RM needs an architecture whose classification head is `score` (GPT-NeoX, Llama, Qwen2, ...)"
         )
+    warning = learning_rate_warning(rm, args.learning_rate, PRESETS["tiny"].learning_rate)
+    if warning and accelerator.is_main_process:
+        print(warning)
     torch.nn.init.normal_(rm.score.weight, std=1 / math.sqrt(rm.config.hidden_size + 1))  # fresh head, seeded
     if len(tokenizer) > rm.get_input_embeddings().num_embeddings:  # a new [PAD] (Pythia has spare rows)
         rm.resize_token_embeddings(len(tokenizer))

@@ -89,14 +89,18 @@ def smol_chain(tmp_path_factory, smollm2_cut, ci_world) -> Path:
         out.mkdir(parents=True)
         eos_boosted(smollm2_cut / "policy", out / "policy")
         data, gold = ci_world / "data", ci_world / "gold_rm"
-        run("sft.py", "--model-name-or-path", out / "policy", "--dataset", data, "--output-dir", out / "sft",
-            "--max-train-samples", 16, "--max-eval-samples", 8, "--per-device-train-batch-size", 8,
-            "--total-batch-size", 8, "--num-sample-prompts", 1, "--learning-rate", "1e-5")  # fmt: skip
+        sft = run("sft.py", "--model-name-or-path", out / "policy", "--dataset", data, "--output-dir", out / "sft",
+                  "--max-train-samples", 16, "--max-eval-samples", 8, "--per-device-train-batch-size", 8,
+                  "--total-batch-size", 8, "--num-sample-prompts", 1, "--learning-rate", "1e-5")  # fmt: skip
         run("gen_prefs.py", "--policy-path", out / "sft", "--gold-rm-path", gold, "--dataset", data,
             "--output-dir", out / "prefs", "--num-train-prompts", 24, "--num-test-prompts", 8,
             "--max-new-tokens", 12)  # fmt: skip
-        run("train_rm.py", "--policy-path", out / "sft", "--prefs-path", out / "prefs", "--dataset", data,
-            "--output-dir", out / "rm", "--num-norm-samples", 8)  # fmt: skip
+        rm = run("train_rm.py", "--policy-path", out / "sft", "--prefs-path", out / "prefs", "--dataset", data,
+                 "--output-dir", out / "rm", "--num-norm-samples", 8)  # fmt: skip
+        # a real LM at the tiny world's default learning rate is warned about, naming the flag; a rate of its own not
+        warned = "is the tiny world's default, set for its models of under 10M parameters"
+        assert warned in rm.stdout and "Pass --learning-rate for this model" in rm.stdout
+        assert warned not in sft.stdout
 
     return built_once(tmp_path_factory, "smol_chain", build)
 
