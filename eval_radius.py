@@ -223,7 +223,8 @@ def signcert_advantages(
     What the caller supplies:
     rewards:   (B, K) proxy rewards r_j = w^T h_j + b, and
     features:  (B, K, d) the h_j of THE SAME forward: the input of the RM's linear head (`reward_and_features`).
-    quantile:  q in [0, 1]; eps is the q-quantile of the radii (q = 0: eps = 0, exactly Dr.GRPO).
+    quantile:  q in [0, 1]; eps is the q-quantile of the radii (q = 0: eps = 0, the advantage unchanged: Dr.GRPO's,
+               or `other`'s A).
     eps_mode:  "delta" (default): quantile of {Delta_j}; "inv_delta": of {1 / Delta_j} (the paper's Algorithm 1;
                docs/METHOD.md section 3.1).
     clip:      clip rho_j at 0 (ablation); the paper is unclipped: Delta_j < eps reverses the sign of A_j.
@@ -252,6 +253,8 @@ def signcert_advantages(
     certified = torch.ones_like(rewards, dtype=torch.bool) if certified is None else certified.bool()
     h = features.to(dtype) * certified.unsqueeze(-1)  # a fixed reward does not move with the head: h = 0
     adv = rewards - rewards.mean(dim=1, keepdim=True)  # eq. (4)
+    tied = (rewards == rewards[:, :1]).all(1, keepdim=True)  # equal rewards: A = 0 exactly; their mean can be a ulp
+    adv = torch.where(tied, 0.0, adv)  # off (0.1 thrice in float64: 1.4e-17), a radius of 1e-16 dragging eps down
     dev = (h - h.mean(dim=1, keepdim=True)).norm(dim=-1) * certified  # ||h_j - hbar|| = ||dA_j / dw||, 0 if fixed
     if other is not None:  # another advantage (App. E) or uncertainty model (App. C.2): its A_j and ||dA_j / dtheta||
         adv, dev = other[0].to(dtype), other[1].to(dtype) * certified

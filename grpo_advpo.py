@@ -1,3 +1,4 @@
+# --- method: docstring ---
 """AdvPO: adversarial policy optimisation with a lightweight uncertainty estimate from the reward model's
 last-layer features (Zhang et al. 2024), the SignCert-PO paper's baseline, as Dr.GRPO with a pessimistic
 reward. A copy of grpo_signcert.py in which only the reward/advantage section differs
@@ -30,8 +31,10 @@ not depend on phi), so it adds 0 to g's sum and gets no penalty. AdvPO needs the
 Logged: `advpo/reward` (mean pessimistic reward), `advpo/penalty_mean` and `advpo/penalty_std` (of
 b e_j^T M^-1 g / sqrt(g^T M^-1 g)), `advpo/g_norm` (sqrt(g^T M^-1 g)).
 """
+# --- end method ---
 
 import argparse
+import contextlib
 import fcntl
 import inspect
 import json
@@ -76,12 +79,14 @@ class Args:
     # -- models and data
     policy_path: str = "runs/tiny_world/sft"
     """the SFT policy to optimise (a causal LM folder); it is also the frozen reference policy of the KL"""
+    # --- method: reward models ---
     reward_model_path: str = "runs/tiny_world/rm"
     """the proxy reward model: a *ForSequenceClassification with a linear `score` head, one output, trained
     from the policy's SFT (same tokenizer) by train_rm.py"""
     prefs_path: str = "runs/tiny_world/prefs"
     """the proxy RM's training pairs (gen_prefs.py: a folder with train.jsonl, or one file; columns prompt,
     chosen, rejected): M comes from their chosen AND rejected responses, the reference features from chosen"""
+    # --- end method ---
     dataset: str = "runs/tiny_world/data"
     """prompts: a hub id or a local folder/file (jsonl, parquet, save_to_disk); TL;DR or AlpacaFarm columns"""
     dataset_config: Optional[str] = None
@@ -93,6 +98,7 @@ class Args:
     trust_remote_code: bool = False
     """allow models whose code lives on the hub (off: only transformers' own architectures)"""
 
+    # --- method: args ---
     # -- AdvPO (Zhang et al. 2024)
     budget: float = 5.0
     """B = b^2 >= 0, the size of the confidence ellipsoid ||phi - phi_hat||_M <= b (Zhang et al. sweep 1, 5, 10,
@@ -103,6 +109,7 @@ class Args:
     """the reference responses of g = mean_pi e - mean_ref e: `paired`, the chosen response of the SAME prompt, for
     the batch's prompts that the preference data has (as AdvPO's TL;DR run pairs them; the completions of the other
     prompts stay out of g); `pooled`, the mean of every chosen response, whatever the batch's prompts"""
+    # --- end method ---
 
     # -- the Dr.GRPO loss and the optimiser
     kl_coef: float = 0.01
@@ -124,8 +131,8 @@ class Args:
     max_new_tokens: int = 24
     """the maximum completion length, also the constant of the Dr.GRPO normaliser (paper: 53)"""
     missing_eos_penalty: Optional[float] = -1.0
-    """the reward of a completion with no EOS, given instead of the RM's (None: score it as is); it does not
-    depend on the head phi, so such a completion enters g with feature 0 and gets no AdvPO penalty"""
+    """the reward of a completion with no EOS, given instead of the RM's (None: score it as is); what the method
+    does with a reward the RM did not give: the module's docstring"""
     generation_batch_size: int = 128
     """completions generated (and scored) at once on one device"""
     generation_backend: Literal["hf", "static", "compiled"] = "hf"
@@ -139,7 +146,9 @@ class Args:
     num_prompts_per_step: int = 16
     """prompts per optimiser step, over all processes (paper: 32)"""
     micro_batch_size: int = 32
-    """completions per forward/backward on one device (paper: 2)"""
+    """completions per forward/backward on one device; 0: auto, the largest divisor of the per-process batch
+    whose update fits the GPU (measured at startup, printed; on a CPU at most 32). The numbers do not depend on
+    it (the constant normaliser), only speed and memory do (the paper: 2 per GPU on 8 GPUs)"""
     bf16: bool = False
     """bf16 mixed precision (GPU); the reference and reward models are then held in bf16, the reward head
     is applied in float32"""
@@ -171,8 +180,8 @@ class Args:
     """where everything goes (default: runs/{run_name}); a folder that holds a run is refused unless
     `--resume` or `--overwrite`"""
     log_samples_every: int = 25
-    """write every completion of the step (text, rewards, advantage, AdvPO penalty) to samples.jsonl every
-    this many steps"""
+    """write every completion of the step (text, rewards, advantage, the method's own per-completion values) to
+    samples.jsonl every this many steps"""
     save_every: int = 50
     """write a checkpoint every this many steps (atomically; `--resume` continues from the last one)"""
     resume: bool = False
@@ -222,8 +231,10 @@ PRESETS = {
     "paper": Args(
         preset="paper",
         policy_path="runs/paper/sft",
+        # --- method: paper preset ---
         reward_model_path="runs/paper/rm",
         prefs_path="runs/paper/prefs",
+        # --- end method ---
         dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered",
         max_prompt_length=512,
         learning_rate=1e-6,
@@ -231,7 +242,7 @@ PRESETS = {
         generation_batch_size=64,
         total_steps=2000,
         num_prompts_per_step=32,
-        micro_batch_size=2,
+        micro_batch_size=0,  # auto: the paper's 2 x 16 accumulation is for 8 GPUs; on one, 128 of 2 launch-bind it
         bf16=True,
         gradient_checkpointing=True,
         gold_rm_path="Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",
@@ -246,60 +257,8 @@ PRESETS = {
 }
 
 
-def exact_div(a: int, b: int, what: str) -> int:
-    """a // b, or an error that names both ways out: a multiple of b for the first, a divisor of a for the second."""
-    if b < 1 or a % b != 0:
-        multiples = sorted({m for m in (b * (a // b), b * (a // b + 1)) if m > 0}) if b >= 1 else []
-        divisors = [d for d in range(1, a + 1) if a % d == 0]
-        raise ValueError(
-            f"{what}: {a} is not a multiple of {b}; make the first a multiple of {b} (e.g. {multiples}) "
-            f"or the second a divisor of {a} ({divisors})"
-        )
-    return a // b
-
-
-def require_path(path: Optional[str], flag: str) -> None:
-    """Fail now, naming the flag and saying what to do, on a path that cannot be what was meant: a local folder
-    that does not exist, a run folder instead of its model, or a hub id that cannot be had (the hub offline or
-    unreachable, and no cached copy), instead of a hub lookup that fails later under a long traceback."""
-    if not path:
-        return
-    p = Path(path).expanduser()
-    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
-        raise FileNotFoundError(f"{flag} {path} is a run folder, not a model: pass its model, {p / 'model'}")
-    if p.exists():
-        return
-    missing = f"{flag} {path}: no such local folder"
-    todo = "run the stage that writes it, `python pipeline.py` for the tiny world, or give an existing folder"
-    first = p.parts[0] if p.parts else ""
-    # a hub id is `name` or `owner/name`; anything else, or an `owner` that is a local folder, is a local path
-    if path.startswith((".", "/", "~", "runs/")) or path.count("/") > 1 or Path(first).is_dir():
-        raise FileNotFoundError(f"{missing} ({todo})")
-    import huggingface_hub
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-
-    if isinstance(huggingface_hub.try_to_load_from_cache(path, "config.json"), str):
-        return  # the hub's local cache has it: it loads offline too
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise FileNotFoundError(
-            f"{missing}, and the hub is offline (HF_HUB_OFFLINE=1) with no cached copy of {path!r} ({todo}; "
-            "for a hub model, unset HF_HUB_OFFLINE where the hub can be reached)"
-        )
-    try:
-        huggingface_hub.model_info(path, timeout=10)
-    except GatedRepoError:
-        return  # it exists; loading it says what access it needs
-    except RepositoryNotFoundError:
-        raise FileNotFoundError(f"{missing}, nor a hub model you can read ({todo})") from None
-    except HfHubHTTPError:
-        return  # the hub answered: loading it reports the rest
-    except Exception as e:  # no answer: no network, a proxy, a wrong HF_ENDPOINT
-        raise FileNotFoundError(
-            f"{missing}, and the hub is unreachable ({type(e).__name__}: {e}) ({todo}; for a hub model, "
-            "check the network or HF_ENDPOINT)"
-        ) from None
-
-
+# ------------------------------------------------------------------------- the method
+# --- method: method ---
 def dr_grpo_advantages(rewards):
     """Dr.GRPO's group advantage (eq. 4): A_j = r_j - mean_k r_k over the K completions of each prompt
     (no division by the std). rewards: (B, K). Returns (B, K), without gradient."""
@@ -313,6 +272,78 @@ def dr_grpo_advantages(rewards):
     return rewards - rewards.mean(dim=1, keepdim=True)
 
 
+def advpo_cholesky(M):
+    """The Cholesky factor of M, once: a clear error if M is singular or not positive definite."""
+    chol, info = torch.linalg.cholesky_ex(M)
+    if info.item() != 0 or not torch.isfinite(chol).all():
+        raise ValueError(
+            f"AdvPO's M = lambda_ridge I + sum e e^T ({M.shape[0]} x {M.shape[0]}) is singular or not positive "
+            "definite (too few preference responses for the feature size, or lambda_ridge = 0): raise --ridge"
+        )
+    return chol
+
+
+@torch.no_grad()
+def advpo_rewards(rewards, features, chol, references, budget, in_g=None, gather=lambda t: t):
+    """AdvPO's pessimistic reward (Zhang et al. 2024) of a batch of completions.
+
+    rewards:    (N,) proxy rewards r_j = phi_hat^T e_j + b of this process's completions.
+    features:   (N, d) their last-layer features e_j (the input of the linear head).
+    chol:       (d, d) the Cholesky factor of M (advpo_cholesky).
+    references: (N, d) the feature of the reference response of each completion's prompt (paired: the K
+                completions of a prompt share it), or (d,) one mean reference feature for all (pooled).
+    budget:     B = b^2 >= 0 (0: no penalty).
+    in_g:       (N,) bool, the completions that enter g (those whose prompt has a reference); None: all.
+    gather:     maps this process's tensors to those of the GLOBAL batch (e.g. accelerator.gather), so that
+                g, and the adversarial head, are the same on every process; the identity on one process.
+    g = mean over the in_g completions of the global batch of (e_j - reference_j); every completion gets the
+    penalty of the one adversarial head. Returns (pessimistic rewards (N,), penalties
+    b e_j^T M^-1 g / sqrt(g^T M^-1 g) (N,), sqrt(g^T M^-1 g)), the rewards in float32 (float64 for float64
+    inputs), the rest float64, without gradient.
+    """
+    if rewards.ndim != 1 or features.ndim != 2 or features.shape[0] != rewards.shape[0]:
+        raise ValueError(
+            f"need rewards (N,) and features (N, d), got {tuple(rewards.shape)} and {tuple(features.shape)}"
+        )
+    if budget < 0:
+        raise ValueError(f"the budget B must be >= 0 (Zhang et al. sweep 1, 5, 10, 15), got {budget}")
+    if not (torch.isfinite(rewards).all() and torch.isfinite(features).all()):
+        raise ValueError("rewards and features must be finite: found NaN or inf (check the reward model's outputs)")
+    e = features.double()
+    weight = torch.ones_like(e[:, 0]) if in_g is None else in_g.to(e.dtype)
+    diff = gather((e - references.double()) * weight.unsqueeze(1)).sum(0)
+    count = gather(weight).sum()
+    g = diff / count if count > 0 else torch.zeros_like(diff)  # no prompt with a reference: no penalty
+    m_inv_g = torch.cholesky_solve(g.unsqueeze(1), chol).squeeze(1)
+    g_norm = (g @ m_inv_g).clamp(min=0).sqrt()
+    scale = math.sqrt(budget) / g_norm if g_norm > 0 else 0.0  # g = 0: every head gives the same objective
+    penalty = scale * (e @ m_inv_g)
+    out = rewards.double() - penalty
+    return out.to(torch.promote_types(rewards.dtype, torch.float32)), penalty, g_norm
+
+
+# --- end method ---
+
+
+# ------------------------------------------------------------------------- the loss
+def dr_grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range, kl_coef, normalizer):
+    """The Dr.GRPO loss (Liu et al. 2025; TRL `loss_type="dr_grpo"`) of a batch of completions.
+
+    logprobs, old_logprobs, ref_logprobs, mask: (N, T) per response token; advantages: (N,).
+    The token losses are SUMMED and divided by a constant `normalizer` (completions x max_new_tokens),
+    never by a sequence's own length: the loss does not depend on how a batch is split.
+    Returns (loss, kl) with kl the mean k3 estimate per real token (for logging).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages.unsqueeze(1)
+    pg = -torch.min(ratio * adv, ratio.clamp(1 - clip_range, 1 + clip_range) * adv)  # PPO clip
+    log_r = ref_logprobs - logprobs
+    kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(pi || pi_ref), >= 0
+    loss = ((pg + kl_coef * kl) * mask).sum() / normalizer
+    return loss, (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+# --- method: variants ---
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
@@ -367,80 +398,397 @@ def advpo_statistics(rm, tokenizer, rows, ridge, batch_size, max_length, acceler
     return M + ridge * torch.eye(d, dtype=torch.float64, device=device), ref[:d] / ref[d]
 
 
-def advpo_cholesky(M):
-    """The Cholesky factor of M, once: a clear error if M is singular or not positive definite."""
-    chol, info = torch.linalg.cholesky_ex(M)
-    if info.item() != 0 or not torch.isfinite(chol).all():
-        raise ValueError(
-            f"AdvPO's M = lambda_ridge I + sum e e^T ({M.shape[0]} x {M.shape[0]}) is singular or not positive "
-            "definite (too few preference responses for the feature size, or lambda_ridge = 0): raise --ridge"
+# --- end method ---
+
+
+# ========================================================================= the training loop
+def main():
+    """Check every input (before any model loads), set up, then train: steps 1-4 of every optimiser step, the
+    logging, a checkpoint every --save-every steps, and the final policy."""
+    with input_errors_said_once():  # a bad input: its message, once, not a traceback per process
+        args, on_cpu = read_args()  # the preset, the checks that need no file, the batch arithmetic
+        # --- method: checks ---
+        if args.budget < 0 or args.ridge < 0:
+            raise ValueError(
+                f"--budget (B, Zhang et al. sweep 1, 5, 10, 15) and --ridge must be >= 0, got {args.budget} and {args.ridge}"
+            )
+        require_path(args.reward_model_path, "--reward-model-path")
+        # --- end method ---
+        # inputs, checked before any model is loaded and before the run folder exists
+        rows, where = load_split(args.dataset, args.dataset_split, args.dataset_config)
+        if args.gold_rm_path:
+            check_reward_config(args.gold_rm_path, args.trust_remote_code, "--gold-rm-path")
+        trust = dict(trust_remote_code=args.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(args.policy_path, padding_side="left", **trust)
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # only if it has none (pad is masked anyway)
+        eos_id = tokenizer.eos_token_id
+        prompts = build_prompts(rows, tokenizer, args.max_prompt_length, where)
+        # --- method: inputs ---
+        check_reward_config(args.reward_model_path, args.trust_remote_code, "--reward-model-path")
+        check_same_tokenizer(tokenizer, args.reward_model_path, args.trust_remote_code)
+        pref_rows = load_preference_rows(args.prefs_path)  # AdvPO's M: the RM's training pairs, checked now
+        chosen_of = {}  # AdvPO's paired references: prompt -> its chosen response in the preference data
+        for r in pref_rows:
+            chosen_of.setdefault(r["prompt"], r["chosen"])
+        num_paired = sum(p in chosen_of for p in set(prompts))
+        if args.references == "paired" and num_paired == 0:
+            raise ValueError(
+                f"--references paired: none of the {len(set(prompts))} training prompts of {args.dataset} is a prompt of "
+                f"--prefs-path {args.prefs_path} (are both built with the same --max-prompt-length?); pass the preference "
+                "data of these prompts, or --references pooled"
+            )
+        # --- end method ---
+        heldout = load_heldout(args, tokenizer)  # {split: (prompts, references)}: the first --eval-num-prompts
+        accelerator = Accelerator(
+            cpu=on_cpu,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision="bf16" if args.bf16 else "no",
         )
-    return chol
+        device, rank = accelerator.device, accelerator.process_index
+        args.run_name = broadcast_object_list([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
+        args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
+        run_lock = open_run_dir(args, accelerator)  # refuses a used folder, checks a resume, keeps the run's name
+        announce_run(args, heldout, accelerator)  # the batch, the evaluation and args.json
+        seed_everything(args, device)
 
-
-@torch.no_grad()
-def advpo_rewards(rewards, features, chol, references, budget, in_g=None, gather=lambda t: t):
-    """AdvPO's pessimistic reward (Zhang et al. 2024) of a batch of completions.
-
-    rewards:    (N,) proxy rewards r_j = phi_hat^T e_j + b of this process's completions.
-    features:   (N, d) their last-layer features e_j (the input of the linear head).
-    chol:       (d, d) the Cholesky factor of M (advpo_cholesky).
-    references: (N, d) the feature of the reference response of each completion's prompt (paired: the K
-                completions of a prompt share it), or (d,) one mean reference feature for all (pooled).
-    budget:     B = b^2 >= 0 (0: no penalty).
-    in_g:       (N,) bool, the completions that enter g (those whose prompt has a reference); None: all.
-    gather:     maps this process's tensors to those of the GLOBAL batch (e.g. accelerator.gather), so that
-                g, and the adversarial head, are the same on every process; the identity on one process.
-    g = mean over the in_g completions of the global batch of (e_j - reference_j); every completion gets the
-    penalty of the one adversarial head. Returns (pessimistic rewards (N,), penalties
-    b e_j^T M^-1 g / sqrt(g^T M^-1 g) (N,), sqrt(g^T M^-1 g)), the rewards in float32 (float64 for float64
-    inputs), the rest float64, without gradient.
-    """
-    if rewards.ndim != 1 or features.ndim != 2 or features.shape[0] != rewards.shape[0]:
-        raise ValueError(
-            f"need rewards (N,) and features (N, d), got {tuple(rewards.shape)} and {tuple(features.shape)}"
+        # models: the policy (trained), its frozen copy (KL reference), the proxy RM and, to monitor, the gold RM
+        ckpt = latest_checkpoint(args.output_dir) if args.resume else None
+        start_step = checkpoint_step(ckpt)
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        policy, ref_policy = load_policies(args, ckpt, tokenizer, dtype)
+        # --- method: models ---
+        rm = load_reward_model(args.reward_model_path, args.trust_remote_code, dtype, "--reward-model-path")
+        check_vocabulary(rm, "the proxy RM", tokenizer)
+        if accelerator.is_main_process:
+            print(
+                f"AdvPO references ({args.references}): {num_paired} of the {len(set(prompts))} training prompts have "
+                f"their chosen response in the {len(pref_rows)} preference pairs"
+                + (
+                    ": g compares each batch's completions of those prompts with it"
+                    if args.references == "paired"
+                    else ""
+                )
+            )
+        rm.to(device)  # AdvPO: M and the reference features from the RM's training responses, once, in float64
+        M, ref_mean = advpo_statistics(
+            rm,
+            tokenizer,
+            pref_rows,
+            args.ridge,
+            args.generation_batch_size,
+            args.max_prompt_length + args.max_new_tokens + 1,
+            accelerator,
         )
-    if budget < 0:
-        raise ValueError(f"the budget B must be >= 0 (Zhang et al. sweep 1, 5, 10, 15), got {budget}")
-    if not (torch.isfinite(rewards).all() and torch.isfinite(features).all()):
-        raise ValueError("rewards and features must be finite: found NaN or inf (check the reward model's outputs)")
-    e = features.double()
-    weight = torch.ones_like(e[:, 0]) if in_g is None else in_g.to(e.dtype)
-    diff = gather((e - references.double()) * weight.unsqueeze(1)).sum(0)
-    count = gather(weight).sum()
-    g = diff / count if count > 0 else torch.zeros_like(diff)  # no prompt with a reference: no penalty
-    m_inv_g = torch.cholesky_solve(g.unsqueeze(1), chol).squeeze(1)
-    g_norm = (g @ m_inv_g).clamp(min=0).sqrt()
-    scale = math.sqrt(budget) / g_norm if g_norm > 0 else 0.0  # g = 0: every head gives the same objective
-    penalty = scale * (e @ m_inv_g)
-    out = rewards.double() - penalty
-    return out.to(torch.promote_types(rewards.dtype, torch.float32)), penalty, g_norm
+        m_chol = advpo_cholesky(M)
+        # --- end method ---
+        gold, gold_tok = load_gold(args, dtype)
+        if args.micro_batch_size == 0:  # auto on a GPU: measure one update's memory at the longest sequence, then fit
+            auto_micro_batch(args, policy, accelerator)
+        # fused AdamW (one kernel for all parameters) on a GPU; the same update, up to float rounding
+        optimizer = torch.optim.AdamW(
+            policy.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=device.type == "cuda"
+        )
+        policy, optimizer = accelerator.prepare(policy, optimizer)
+        policy.eval()  # generation mode; policy_update switches to train mode and back
+        for m in (ref_policy, rm, gold):
+            if m is not None:
+                m.to(device)
+        torch.manual_seed(args.seed + rank)  # each process samples different completions
+        if ckpt:
+            restore_checkpoint(accelerator, optimizer, ckpt)
+    start_logs(args, accelerator, len(prompts), start_step, ckpt)  # the resumed logs cut at the checkpoint; wandb
+
+    reference_gold, last_eval = {}, {}  # {split: this process's references' gold}, heldout_eval's cache
+    if heldout and start_step == 0:  # the initial policy: the row of step 0
+        t4 = time.perf_counter()
+        last_eval = heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold, args, accelerator)
+        write_logs(args, accelerator, {"step": 0, **last_eval, "time/eval": time.perf_counter() - t4})
+
+    K = args.num_generations
+    bar = tqdm(range(start_step + 1, args.total_steps + 1), disable=not accelerator.is_main_process, desc="steps")
+    for step in bar:
+        t0 = time.perf_counter()
+        # 1. rollouts: K completions of each of this process's prompts
+        mine = prompt_indices(step, len(prompts), args.num_prompts_per_step, args.seed)[
+            rank * args.local_num_prompts : (rank + 1) * args.local_num_prompts
+        ]
+        step_prompts = [prompts[i] for i in mine]
+        enc = tokenizer(
+            [as_query(tokenizer, p) for p in step_prompts], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(device)
+        query, query_mask = enc.input_ids.repeat_interleave(K, 0), enc.attention_mask.repeat_interleave(K, 0)
+        generated = rollouts(accelerator.unwrap_model(policy), query, query_mask, args, tokenizer.pad_token_id)
+        response, response_mask, has_eos = truncate_after_eos(generated, eos_id, tokenizer.pad_token_id)
+        t1 = time.perf_counter()
+
+        # 2. scoring: reward AND features from one proxy-RM forward; reference log-probs for the KL
+        with torch.no_grad():
+            ref_logprobs = in_chunks(
+                lambda *t: response_logprobs(ref_policy, *t, args.temperature),
+                args.generation_batch_size,
+                query,
+                query_mask,
+                response,
+                response_mask,
+            )
+            reward, features = in_chunks(
+                lambda q, qm, r, rmk: reward_and_features(rm, torch.cat([q, r], 1), torch.cat([qm, rmk], 1)),
+                args.generation_batch_size,
+                query,
+                query_mask,
+                response,
+                response_mask,
+            )
+        if args.missing_eos_penalty is not None:  # a fixed reward instead of the RM's
+            reward = torch.where(has_eos, reward, args.missing_eos_penalty)
+        monitor = gold is not None and ((step - 1) % args.gold_every == 0 or step == args.total_steps)
+        log_samples = step % args.log_samples_every == 0 or step == args.total_steps
+        if monitor or log_samples:
+            texts = tokenizer.batch_decode(
+                [r[: int(m.sum()) - int(e)] for r, m, e in zip(response, response_mask, has_eos)]
+            )
+        if monitor:
+            gold_reward = gold_rewards(gold, gold_tok, [p for p in step_prompts for _ in range(K)], texts, args, device)
+            if args.missing_eos_penalty is not None:  # as eval_gold.py scores it
+                gold_reward = torch.where(has_eos, gold_reward, args.missing_eos_penalty)
+        t2 = time.perf_counter()
+
+        # --- method: advantages ---
+        # 3. advantages: AdvPO's pessimistic reward, g over all processes, then Dr.GRPO (eq. 4)
+        if args.missing_eos_penalty is not None:  # a fixed reward does not depend on the head phi: feature 0
+            features = features * has_eos.unsqueeze(1)
+        references, in_g = ref_mean, None
+        if args.references == "paired":  # each prompt's own chosen response, where the preference data has it
+            paired = [i for i, p in enumerate(step_prompts) if p in chosen_of]
+            own = torch.zeros(len(step_prompts), features.shape[1], dtype=torch.float64, device=device)
+            if paired:
+                own[paired] = text_features(
+                    rm,
+                    tokenizer,
+                    [step_prompts[i] for i in paired],
+                    [chosen_of[step_prompts[i]] for i in paired],
+                    args.max_prompt_length + args.max_new_tokens + 1,
+                    device,
+                )
+            in_g = torch.zeros(len(step_prompts), dtype=torch.bool, device=device)
+            in_g[paired] = True
+            references, in_g = own.repeat_interleave(K, 0), in_g.repeat_interleave(K)
+        advpo_reward, penalty, g_norm = advpo_rewards(
+            reward, features, m_chol, references, args.budget, in_g=in_g, gather=accelerator.gather
+        )
+        advantages = dr_grpo_advantages(advpo_reward.view(-1, K))
+        start = dr_grpo_advantages(reward.view(-1, K))  # the proxy's Dr.GRPO advantage
+        # --- end method ---
+
+        # 4. update: the Dr.GRPO loss with the method's advantages
+        batch = dict(
+            query=query,
+            query_mask=query_mask,
+            response=response,
+            response_mask=response_mask,
+            ref_logprobs=ref_logprobs,
+            advantages=advantages.flatten(),
+        )
+        if args.num_ppo_epochs > 1:  # several steps on one batch: the ratio is against the sampling policy
+            with torch.no_grad():
+                batch["old_logprobs"] = in_chunks(
+                    lambda *t: response_logprobs(policy, *t, args.temperature),
+                    args.generation_batch_size,
+                    query,
+                    query_mask,
+                    response,
+                    response_mask,
+                )
+        stats = policy_update(accelerator, policy, optimizer, batch, args)
+
+        # logging, every metric over the global batch (docs/TRAINER.md defines each): what is logged, in this list
+        g = accelerator.gather
+        all_reward, all_adv, all_start = g(reward.view(-1, K)), g(advantages), g(start)
+        loss_kl = g(torch.stack([stats["loss"], stats["k3_sum"], stats["tokens"]]).unsqueeze(0))
+        # --- method: logging ---
+        all_penalty = g(penalty)
+        method_metrics = {
+            "advpo/reward": g(advpo_reward).mean(),
+            "advpo/penalty_mean": all_penalty.mean(),
+            "advpo/penalty_std": all_penalty.std(correction=0),
+            "advpo/g_norm": g_norm,
+            "advpo/paired_fraction": 1.0 if in_g is None else g(in_g.float()).mean(),
+        }
+        per_completion = {"penalty": penalty}  # samples.jsonl's own columns
+        shown = {"penalty": "advpo/penalty_mean"}  # in the progress bar
+        # --- end method ---
+        metrics = {
+            "step": step,
+            "reward/proxy": all_reward.mean(),
+            "policy/kl": g(stats["seq_kl"]).mean(),
+            "policy/kl_k3_per_token": (loss_kl[:, 1].sum() / loss_kl[:, 2].sum().clamp(min=1)),
+            "policy/grad_norm": stats["grad_norm"],
+            "losses/loss": loss_kl[:, 0].mean(),
+            **method_metrics,
+            "completion/length": g(response_mask.sum(1).float()).mean(),
+            "completion/no_eos_rate": 1 - g(has_eos.float()).mean(),
+            **advantage_activity(all_adv, all_start),  # adv/std, adv/relative_change
+        }
+        if monitor:
+            all_gold = g(gold_reward.view(-1, K))
+            metrics["reward/gold"] = all_gold.mean()
+            metrics["rm/proxy_accuracy"] = pairwise_agreement(all_reward, all_gold)
+        metrics = on_host(metrics)  # the step's one host sync; it returns when the update has finished
+        t3 = time.perf_counter()
+        metrics |= {"time/step": t3 - t0, "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2}
+        if heldout and (step % args.eval_every == 0 or step == args.total_steps):  # the policy after this update
+            t4 = time.perf_counter()
+            last_eval = heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold, args, accelerator)
+            metrics |= last_eval | {"time/eval": time.perf_counter() - t4}
+        samples = None
+        if log_samples:  # every completion of the step
+            local = [
+                dict(
+                    step=step,
+                    group=rank * args.local_num_prompts + i // K,
+                    prompt=step_prompts[i // K],
+                    response=texts[i],
+                    has_eos=bool(has_eos[i]),
+                    length=int(response_mask[i].sum()),
+                    proxy=reward[i].item(),
+                    gold=gold_reward[i].item() if monitor else None,
+                    advantage=advantages.flatten()[i].item(),
+                    **{name: values[i].item() for name, values in per_completion.items()},
+                )
+                for i in range(len(texts))
+            ]
+            samples = gather_object(local)
+        write_logs(args, accelerator, metrics, samples)  # metrics.jsonl, samples.jsonl, wandb
+        if accelerator.is_main_process:
+            bar.set_postfix(
+                proxy=f"{metrics['reward/proxy']:.2f}",
+                gold=f"{metrics.get('reward/gold', math.nan):.2f}",
+                kl=f"{metrics['policy/kl']:.1f}",
+                **{name: f"{metrics[key]:.3g}" for name, key in shown.items()},
+                val_gold=f"{last_eval.get('eval/validation/gold_reward', math.nan):.2f}",  # the last held-out eval
+            )
+        if step % args.save_every == 0 and step < args.total_steps:
+            save_checkpoint(accelerator, policy, optimizer, step, args.output_dir)
+
+    save_final(args, accelerator, policy, tokenizer)  # the final policy, for eval_gold.py (atomic)
+    finish(accelerator, run_lock)
 
 
-def advantage_activity(advantages, rewards):
-    """How much a method changes the update's signal (logged so that a knob can be shown to act): the spread of its
-    advantages (population std) and sum |A - A0| / sum |A0|, with A0 = the group-centred `rewards` (eq. 4, the
-    Dr.GRPO advantage the method starts from). advantages, rewards: (B, K), the global batch."""
-    plain = rewards - rewards.mean(dim=1, keepdim=True)
-    change = (advantages - plain).abs().sum() / plain.abs().sum().clamp(min=torch.finfo(plain.dtype).tiny)
-    return {"adv/std": advantages.std(correction=0), "adv/relative_change": change}
+# ------------------------------------------------------------------------- arguments and batch sizes
+def read_args():
+    """(args, on_cpu): the command line over its preset, every check that needs no file (the method's own come after,
+    in `main`), and the batch arithmetic; errors say what to do."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="tiny", choices=PRESETS)
+    args = tyro.cli(Args, default=PRESETS[pre.parse_known_args()[0].preset])
+    if args.num_generations < 2:
+        raise ValueError(
+            f"--num-generations must be >= 2: the group baseline needs at least two completions per prompt (paper: 8), "
+            f"got {args.num_generations}"
+        )
+    if args.resume and not args.output_dir:
+        raise ValueError(
+            f"--resume needs --output-dir: the folder of the run to continue (e.g. runs/{args.exp_name}__1__1764180000)"
+        )
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues a run and --overwrite deletes it: pass one of them")
+    if min(args.gold_every, args.save_every, args.log_samples_every) < 1:
+        raise ValueError("--gold-every, --save-every and --log-samples-every must be >= 1")
+    if args.eval_every < 0 or args.eval_num_prompts < 1 or not args.eval_temperature > 0 or not args.eval_splits:
+        raise ValueError(
+            f"the held-out evaluation needs --eval-every >= 0 (0: off), --eval-num-prompts >= 1, --eval-temperature "
+            f"> 0 and at least one --eval-splits; got {args.eval_every}, {args.eval_num_prompts}, "
+            f"{args.eval_temperature}, {args.eval_splits}"
+        )
+    for name in ("policy_path", "gold_rm_path"):
+        require_path(getattr(args, name), f"--{name.replace('_', '-')}")
+
+    # batch arithmetic, checked before anything heavy is loaded
+    from accelerate import PartialState
+
+    on_cpu = not torch.cuda.is_available()  # then `accelerate launch --multi_gpu` runs CPU processes (gloo)
+    args.num_processes = PartialState(cpu=on_cpu).num_processes
+    args.local_num_prompts = exact_div(
+        args.num_prompts_per_step, args.num_processes, "--num-prompts-per-step over the processes"
+    )
+    args.local_batch_size = args.local_num_prompts * args.num_generations
+    args.batch_size = args.num_prompts_per_step * args.num_generations
+    if args.micro_batch_size == 0 and on_cpu:  # auto on a CPU: no memory to fit, the cap keeps each matmul cache-sized
+        args.micro_batch_size = fit_micro_batch(args.local_batch_size, 0, 1, CPU_MICRO_BATCH)
+    args.gradient_accumulation_steps = exact_div(  # auto on a GPU: 1 until the models are loaded and measured
+        args.local_batch_size,
+        args.micro_batch_size or args.local_batch_size,
+        "completions per process (--num-prompts-per-step x --num-generations / processes) over --micro-batch-size",
+    )
+    return args, on_cpu
 
 
-def dr_grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range, kl_coef, normalizer):
-    """The Dr.GRPO loss (Liu et al. 2025; TRL `loss_type="dr_grpo"`) of a batch of completions.
+@contextlib.contextmanager
+def input_errors_said_once():
+    """Around the setup: a ValueError or FileNotFoundError (the input checks' errors, which say what to do) ends
+    the run with its message alone, printed by the main process only; under `accelerate launch` every process
+    would otherwise print the same traceback (the launcher still adds its own). Errors after the setup keep
+    their traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            raise SystemExit(f"error: {e}") from None
+        raise SystemExit(1) from None
 
-    logprobs, old_logprobs, ref_logprobs, mask: (N, T) per response token; advantages: (N,).
-    The token losses are SUMMED and divided by a constant `normalizer` (completions x max_new_tokens),
-    never by a sequence's own length: the loss does not depend on how a batch is split.
-    Returns (loss, kl) with kl the mean k3 estimate per real token (for logging).
-    """
-    ratio = torch.exp(logprobs - old_logprobs)
-    adv = advantages.unsqueeze(1)
-    pg = -torch.min(ratio * adv, ratio.clamp(1 - clip_range, 1 + clip_range) * adv)  # PPO clip
-    log_r = ref_logprobs - logprobs
-    kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(pi || pi_ref), >= 0
-    loss = ((pg + kl_coef * kl) * mask).sum() / normalizer
-    return loss, (kl * mask).sum() / mask.sum().clamp(min=1)
+
+def exact_div(a: int, b: int, what: str) -> int:
+    """a // b, or an error that names both ways out: a multiple of b for the first, a divisor of a for the second."""
+    if b < 1 or a % b != 0:
+        multiples = sorted({m for m in (b * (a // b), b * (a // b + 1)) if m > 0}) if b >= 1 else []
+        divisors = [d for d in range(1, a + 1) if a % d == 0]
+        raise ValueError(
+            f"{what}: {a} is not a multiple of {b}; make the first a multiple of {b} (e.g. {multiples}) "
+            f"or the second a divisor of {a} ({divisors})"
+        )
+    return a // b
+
+
+def require_path(path: Optional[str], flag: str) -> None:
+    """Fail now, naming the flag and saying what to do, on a path that cannot be what was meant: a local folder
+    that does not exist, a run folder instead of its model, or a hub id that cannot be had (the hub offline or
+    unreachable, and no cached copy), instead of a hub lookup that fails later under a long traceback."""
+    if not path:
+        return
+    p = Path(path).expanduser()
+    if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").exists():
+        raise FileNotFoundError(f"{flag} {path} is a run folder, not a model: pass its model, {p / 'model'}")
+    if p.exists():
+        return
+    missing = f"{flag} {path}: no such local folder"
+    todo = "run the stage that writes it, `python pipeline.py` for the tiny world, or give an existing folder"
+    first = p.parts[0] if p.parts else ""
+    # a hub id is `name` or `owner/name`; anything else, or an `owner` that is a local folder, is a local path
+    if path.startswith((".", "/", "~", "runs/")) or path.count("/") > 1 or Path(first).is_dir():
+        raise FileNotFoundError(f"{missing} ({todo})")
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(path, "config.json"), str):
+        return  # the hub's local cache has it: it loads offline too
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(
+            f"{missing}, and the hub is offline (HF_HUB_OFFLINE=1) with no cached copy of {path!r} ({todo}; "
+            "for a hub model, unset HF_HUB_OFFLINE where the hub can be reached)"
+        )
+    try:
+        huggingface_hub.model_info(path, timeout=10)
+    except GatedRepoError:
+        return  # it exists; loading it says what access it needs
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{missing}, nor a hub model you can read ({todo})") from None
+    except HfHubHTTPError:
+        return  # the hub answered: loading it reports the rest
+    except Exception as e:  # no answer: no network, a proxy, a wrong HF_ENDPOINT
+        raise FileNotFoundError(
+            f"{missing}, and the hub is unreachable ({type(e).__name__}: {e}) ({todo}; for a hub model, "
+            "check the network or HF_ENDPOINT)"
+        ) from None
 
 
 # ------------------------------------------------------------------------- data (as in the stage scripts)
@@ -643,7 +991,33 @@ def build_prompts(rows, tokenizer, max_prompt_length, where):
     return [to_prompt_response(r, fmt, tokenizer, max_prompt_length)[0] for r in rows]
 
 
-# ------------------------------------------------------------------------- models
+def load_heldout(args, tokenizer):
+    """{split: (prompts, references)} of the held-out evaluation: the first --eval-num-prompts rows of each of
+    --eval-splits (empty when the evaluation is off), built as the training prompts are."""
+    heldout = {}
+    if args.eval_every > 0 and args.gold_rm_path:
+        for split in dict.fromkeys(args.eval_splits):
+            try:
+                split_rows, split_where = load_split(args.dataset, split, args.dataset_config)
+            except (FileNotFoundError, ValueError, RuntimeError) as e:
+                raise ValueError(
+                    f"--eval-splits {split}: {e}; pass the held-out splits that {args.dataset} has, or --eval-every 0"
+                ) from None
+            if len(split_rows) < args.eval_num_prompts:
+                raise ValueError(
+                    f"--eval-num-prompts {args.eval_num_prompts} is more than the {len(split_rows)} rows of "
+                    f"{split_where}: pass --eval-num-prompts {len(split_rows)} or fewer"
+                )
+            split_rows = split_rows[: args.eval_num_prompts]
+            fmt = detect_format(split_rows, split_where)
+            heldout[split] = (
+                build_prompts(split_rows, tokenizer, args.max_prompt_length, split_where),
+                [to_prompt_response(r, fmt, tokenizer, args.max_prompt_length)[1] for r in split_rows],
+            )
+    return heldout
+
+
+# ------------------------------------------------------------------------- models and scoring
 def check_reward_config(path: str, trust_remote_code: bool, flag: str) -> None:
     """Refuse a checkpoint that is not a one-output sequence classifier BEFORE loading its weights:
     transformers would silently put a random `score` head on a causal LM."""
@@ -791,6 +1165,43 @@ def pairwise_agreement(proxy, gold):
     return ((dp * dg > 0) & upper).sum() / upper.sum().clamp(min=1)  # a 0-d tensor (on_host syncs it)
 
 
+def load_policies(args, ckpt, tokenizer, dtype):
+    """(policy, reference): the policy to train (from the checkpoint on --resume), and the frozen SFT policy that
+    the KL is taken to, in `dtype` (bf16 with --bf16)."""
+    trust = dict(trust_remote_code=args.trust_remote_code)
+    policy = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "model") if ckpt else args.policy_path, **trust)
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    if args.gradient_checkpointing:  # acts in train mode, which policy_update sets
+        policy.gradient_checkpointing_enable()
+        policy.disable_input_require_grads()  # a hook for frozen (PEFT) embeddings; torch.compile rejects it
+    ref_policy = (
+        AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=dtype, **trust).eval().requires_grad_(False)
+    )
+    return policy, ref_policy
+
+
+def check_vocabulary(model, what, tokenizer):
+    """Refuse a model that reads the policy's token ids with a smaller vocabulary than the policy tokenizer's."""
+    if model.config.vocab_size < len(tokenizer):
+        raise ValueError(
+            f"{what}'s vocabulary ({model.config.vocab_size}) is smaller than the policy tokenizer's "
+            f"({len(tokenizer)}): the proxy must share the policy's tokenizer (train it with train_rm.py)"
+        )
+
+
+def load_gold(args, dtype):
+    """(gold RM, its tokenizer, right-padded), or (None, None) without --gold-rm-path: it only monitors."""
+    if not args.gold_rm_path:
+        return None, None
+    gold = load_reward_model(args.gold_rm_path, args.trust_remote_code, dtype, "--gold-rm-path")
+    gold_tok = AutoTokenizer.from_pretrained(
+        args.gold_rm_path, padding_side="right", trust_remote_code=args.trust_remote_code
+    )
+    gold_tok.pad_token = gold_tok.pad_token or gold_tok.eos_token
+    return gold, gold_tok
+
+
+# ------------------------------------------------------------------------- held-out evaluation
 @torch.no_grad()
 def heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold, args, accelerator):
     """The gold reward of the CURRENT policy on fixed held-out prompts, scored as eval_gold.py scores it.
@@ -866,7 +1277,8 @@ def open_run_dir(args, accelerator):
     """Make `args.output_dir` this run's, on the main process, before anything heavy: refuse a folder that
     holds a run unless --resume or --overwrite; on --resume, refuse arguments that would change the run
     (against its args.json) and keep its run_name; take a lock that this process holds until it exits, so
-    a second run (e.g. a resume while orphaned workers of a killed launcher still write) is refused.
+    a second run (e.g. a resume while orphaned workers of a killed launcher still write) is refused. A folder that
+    holds no run (`holds_a_run`: what a start that failed before its first step left) is emptied and reused, said.
     Errors are raised on every process. Returns the lock's open file (keep it referenced)."""
     error, lock, out = None, None, args.output_dir
     if accelerator.is_main_process:
@@ -879,7 +1291,13 @@ def open_run_dir(args, accelerator):
             error = f"{out} is in use by a live run (pid {lock.read().strip() or '?'}): stop it first, or pick another --output-dir"
         used = [name for name in os.listdir(out) if name != ".lock"]
         saved = os.path.join(out, "args.json")
-        if error is None and used and args.overwrite:
+        stale = error is None and used and not args.resume and not args.overwrite and not holds_a_run(out)
+        if stale:  # emptied below, as --overwrite empties a folder
+            print(
+                f"[run] {out} holds no run, only what a start that failed before its first step left "
+                f"({', '.join(sorted(used))}): starting afresh in it"
+            )
+        if error is None and used and (args.overwrite or stale):
             for name in used:
                 path = os.path.join(out, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -904,8 +1322,28 @@ def open_run_dir(args, accelerator):
             lock.flush()
     error, args.run_name = broadcast_object_list([error, args.run_name])
     if error:
-        raise SystemExit(f"error: {error}")
+        raise ValueError(error)  # said once, by the main process (`input_errors_said_once`)
     return lock
+
+
+def holds_a_run(out):
+    """Whether folder `out` holds a run that a new one must not silently replace: a checkpoint (`latest`,
+    checkpoint-*), a final `model`, or a metrics.jsonl row past step 0 (an unreadable row counts as one). Anything
+    else (args.json, the step-0 evaluation's row, a wandb folder) is what a start that failed before its first step
+    leaves: such a folder holds no run, and the next run into it reuses it."""
+    if any(name in ("latest", "model") or name.startswith("checkpoint-") for name in os.listdir(out)):
+        return True
+    metrics = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(metrics):
+        return False
+    with open(metrics) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] > 0:
+                    return True
+            except (ValueError, KeyError, TypeError):
+                return True
+    return False
 
 
 def save_checkpoint(accelerator, policy, optimizer, step, output_dir):
@@ -968,6 +1406,130 @@ def keep_steps_upto(path, step):
             f.writelines(kept)
 
 
+def announce_run(args, heldout, accelerator):
+    """The main process prints the batch, the held-out evaluation and the arguments, and writes args.json."""
+    if not accelerator.is_main_process:
+        return
+    print(
+        f"[{args.exp_name}] {args.num_processes} process(es) x {args.local_num_prompts} prompts x "
+        f"{args.num_generations} completions = {args.batch_size} completions per step, in "
+        f"{args.gradient_accumulation_steps} micro-batches of {args.micro_batch_size or 'auto (measured below)'} "
+        "per process; "
+        f"Dr.GRPO normaliser = {args.batch_size} x {args.max_new_tokens} tokens"
+    )
+    print(
+        f"held-out gold evaluation: the first {args.eval_num_prompts} prompts of {list(heldout)} at temperature "
+        f"{args.eval_temperature}, at step 0, every {args.eval_every} steps and at the last"
+        if heldout
+        else f"held-out gold evaluation: off ({'--eval-every 0' if args.gold_rm_path else 'no --gold-rm-path'})"
+    )
+    print(json.dumps(asdict(args), indent=1))
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+
+
+def seed_everything(args, device):
+    """The same seed on every process for the initialisation (sampling reseeds with seed + rank); on a CPU the
+    cores shared between the processes (OMP_NUM_THREADS, if set, decides)."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if device.type == "cpu":
+        torch.set_num_threads(
+            int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // args.num_processes)
+        )
+
+
+def checkpoint_step(ckpt):
+    """The step a checkpoint was written after (0: no checkpoint, a fresh start)."""
+    if not ckpt:
+        return 0
+    with open(os.path.join(ckpt, "state.json")) as f:
+        return json.load(f)["step"]
+
+
+def start_logs(args, accelerator, num_prompts, start_step, ckpt):
+    """On the main process: say where the run starts; cut metrics.jsonl and samples.jsonl at the checkpoint (a
+    resumed run writes the steps after it again; without one, all); start wandb with --track."""
+    if not accelerator.is_main_process:
+        return
+    print(
+        f"{num_prompts} prompts from {args.dataset}[{args.dataset_split}]; starting at step {start_step + 1} "
+        f"of {args.total_steps}{' (resumed from ' + ckpt + ')' if ckpt else ''}; writing to {args.output_dir}"
+    )
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        keep_steps_upto(os.path.join(args.output_dir, name), start_step if ckpt else -1)
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            config=asdict(args),
+            name=args.run_name,
+            id=args.run_name,  # a resumed run keeps its name, so it continues the same wandb run
+            resume="allow",
+            dir=args.output_dir,
+            save_code=True,
+        )
+
+
+def write_logs(args, accelerator, metrics, samples=None):
+    """On the main process: a step's metrics to metrics.jsonl, its completions (if logged) to samples.jsonl, both
+    to wandb with --track."""
+    if not accelerator.is_main_process:
+        return
+    with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if samples:
+        with open(os.path.join(args.output_dir, "samples.jsonl"), "a") as f:
+            f.writelines(json.dumps(s) + "\n" for s in samples)
+    if args.track:
+        import wandb
+
+        wandb.log(metrics, step=metrics["step"])
+        if samples:
+            table = wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])
+            wandb.log({"samples": table}, step=metrics["step"])
+
+
+def advantage_activity(advantages, start):
+    """How much a method changes the update's signal (logged so that a knob can be shown to act): the spread of its
+    advantages (population std) and sum |A - A0| / sum |A0|, with A0 = `start`, the advantage the method starts from
+    (Dr.GRPO's, eq. 4, or, under --advantage grpo|reinforce, that form's), so 0 where the method changes nothing.
+    advantages, start: (B, K), the global batch."""
+    change = (advantages - start).abs().sum() / start.abs().sum().clamp(min=torch.finfo(start.dtype).tiny)
+    return {"adv/std": advantages.std(correction=0), "adv/relative_change": change}
+
+
+def save_final(args, accelerator, policy, tokenizer):
+    """The final policy and its tokenizer in {output_dir}/model, for eval_gold.py (atomic: written next to its
+    place, then renamed)."""
+    if accelerator.is_main_process:
+        final, tmp = os.path.join(args.output_dir, "model"), os.path.join(args.output_dir, "model.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(policy).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        print(f"saved the policy to {final}; metrics in {os.path.join(args.output_dir, 'metrics.jsonl')}")
+    accelerator.wait_for_everyone()
+
+
+def finish(accelerator, run_lock):
+    """Stop the trackers and the process group, then let the run folder go (its lock)."""
+    accelerator.end_training()  # stops the trackers, destroys the process group
+    if run_lock is not None:  # None on the other processes
+        run_lock.close()
+    if accelerator.num_processes > 1 and not accelerator.is_main_process and accelerator.device.type == "cpu":
+        # all is written; a gloo worker of torch 2.13 can still abort in its C++ teardown at interpreter exit
+        # ("terminate called without an active exception", exit -6, seen twice in CI runs): leave without it
+        print(end="", flush=True)
+        os._exit(0)
+
+
+# ------------------------------------------------------------------------- sampling
 def prompt_indices(step, num_prompts, per_step, seed):
     """The dataset rows of a step: consecutive slices of a fresh permutation every epoch. A function of
     its arguments alone, so a resumed run sees exactly the prompts an uninterrupted one would have."""
@@ -983,6 +1545,13 @@ def in_chunks(fn, size, *tensors):
     """fn over slices of `size` rows, outputs concatenated (bounds the memory of no-grad forwards)."""
     outs = [fn(*(t[i : i + size] for t in tensors)) for i in range(0, tensors[0].shape[0], size)]
     return tuple(torch.cat(o) for o in zip(*outs)) if isinstance(outs[0], tuple) else torch.cat(outs)
+
+
+def rollouts(policy, query, query_mask, args, pad_id):
+    """Step 1's sampling: a completion of every row of `query`, by --generation-backend (`sample` or `sample_static`:
+    the same distribution), --generation-batch-size rows at a time; padded to max_new_tokens."""
+    sampler = sample if args.generation_backend == "hf" else sample_static
+    return in_chunks(lambda q, m: sampler(policy, q, m, args, pad_id), args.generation_batch_size, query, query_mask)
 
 
 @torch.no_grad()
@@ -1062,6 +1631,70 @@ def sample_static(policy, query, query_mask, args, pad_id, _compiled={}):
     return out
 
 
+# ------------------------------------------------------------------------- update
+CPU_MICRO_BATCH = 32  # --micro-batch-size 0 on a CPU: the largest divisor of the per-process batch up to this
+
+
+def fit_micro_batch(local_batch, fixed_bytes, per_completion_bytes, budget_bytes):
+    """The largest divisor d of `local_batch` with fixed + d x per_completion <= budget (1 if none fits)."""
+    fits = [d for d in range(1, local_batch + 1) if local_batch % d == 0]
+    return max([d for d in fits if fixed_bytes + d * per_completion_bytes <= budget_bytes], default=1)
+
+
+def probe_update_memory(policy, length, args, device):
+    """(fixed, per-completion) bytes of the update's peak GPU memory: one forward/backward of `response_logprobs`
+    at the longest sequence (`length` tokens, the last max_new_tokens the response) with 1 and with 2 completions,
+    as the update runs it (train mode, bf16 autocast if --bf16, gradient checkpointing if on); the gradients it
+    leaves are dropped."""
+    peaks, T = [], args.max_new_tokens
+    policy.train()
+    for b in (1, 2):
+        policy.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        ids = torch.ones(b, length, dtype=torch.long, device=device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16):
+            lp = response_logprobs(policy, ids[:, :-T], torch.ones_like(ids[:, :-T]), ids[:, -T:], ids[:, -T:], 1.0)
+        lp.sum().backward()
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - base)
+    policy.zero_grad(set_to_none=True)
+    policy.eval()
+    per = max(peaks[1] - peaks[0], 1)
+    return peaks[0] - per, per
+
+
+def measured_micro_batch(policy, local_batch, length, args, device):
+    """--micro-batch-size 0 on a GPU: (the largest divisor of `local_batch` whose update fits, (fixed, per-completion,
+    budget) bytes). The budget: 90% of the GPU less what is allocated and AdamW's two fp32 moments (not allocated yet)."""
+    fixed, per = probe_update_memory(policy, length, args, device)
+    budget = 0.9 * torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)
+    budget -= 8 * sum(p.numel() for p in policy.parameters())
+    return fit_micro_batch(local_batch, fixed, per, budget), (fixed, per, budget)
+
+
+def auto_micro_batch(args, policy, accelerator):
+    """--micro-batch-size 0 on a GPU: the largest divisor of the per-process batch whose update fits (measured at
+    the longest sequence), the smallest over the processes (DDP's steps must match); printed and saved in args.json."""
+    device = accelerator.device
+    policy.to(device)
+    length = args.max_prompt_length + args.max_new_tokens
+    fits, (fixed, per, budget) = measured_micro_batch(policy, args.local_batch_size, length, args, device)
+    mine = torch.tensor([fits], device=device)
+    args.micro_batch_size = int(accelerator.gather(mine).min())  # one split on every process (DDP's steps)
+    args.gradient_accumulation_steps = args.local_batch_size // args.micro_batch_size
+    accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
+    if accelerator.is_main_process:
+        print(
+            f"--micro-batch-size 0 (auto): {args.micro_batch_size}, {args.gradient_accumulation_steps} micro-batches "
+            f"per process (measured: {fixed / 2**30:.2f} GiB + {per / 2**30:.3f} GiB per completion of "
+            f"{length} tokens; budget {budget / 2**30:.1f} GiB)"
+        )
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
+
+
 def policy_update(accelerator, policy, optimizer, batch, args):
     """Step 4: `num_ppo_epochs` optimiser steps on this process's rollouts. Every micro-batch's loss is
     its token sum over (micro_batch_size x max_new_tokens); accelerate divides it by the accumulation
@@ -1112,390 +1745,4 @@ def policy_update(accelerator, policy, optimizer, batch, args):
 
 
 if __name__ == "__main__":
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="tiny", choices=PRESETS)
-    args = tyro.cli(Args, default=PRESETS[pre.parse_known_args()[0].preset])
-    if args.budget < 0 or args.ridge < 0:
-        raise ValueError(
-            f"--budget (B, Zhang et al. sweep 1, 5, 10, 15) and --ridge must be >= 0, got {args.budget} and {args.ridge}"
-        )
-    if args.resume and not args.output_dir:
-        raise ValueError(
-            f"--resume needs --output-dir: the folder of the run to continue (e.g. runs/{args.exp_name}__1__1764180000)"
-        )
-    if args.resume and args.overwrite:
-        raise ValueError("--resume continues a run and --overwrite deletes it: pass one of them")
-    if min(args.gold_every, args.save_every, args.log_samples_every) < 1:
-        raise ValueError("--gold-every, --save-every and --log-samples-every must be >= 1")
-    if args.eval_every < 0 or args.eval_num_prompts < 1 or not args.eval_temperature > 0 or not args.eval_splits:
-        raise ValueError(
-            f"the held-out evaluation needs --eval-every >= 0 (0: off), --eval-num-prompts >= 1, --eval-temperature "
-            f"> 0 and at least one --eval-splits; got {args.eval_every}, {args.eval_num_prompts}, "
-            f"{args.eval_temperature}, {args.eval_splits}"
-        )
-    for name in ("policy_path", "reward_model_path", "gold_rm_path"):
-        require_path(getattr(args, name), f"--{name.replace('_', '-')}")
-
-    # batch arithmetic, checked before anything heavy is loaded
-    from accelerate import PartialState
-
-    on_cpu = not torch.cuda.is_available()  # then `accelerate launch --multi_gpu` runs CPU processes (gloo)
-    args.num_processes = PartialState(cpu=on_cpu).num_processes
-    args.local_num_prompts = exact_div(
-        args.num_prompts_per_step, args.num_processes, "--num-prompts-per-step over the processes"
-    )
-    args.local_batch_size = args.local_num_prompts * args.num_generations
-    args.batch_size = args.num_prompts_per_step * args.num_generations
-    args.gradient_accumulation_steps = exact_div(
-        args.local_batch_size,
-        args.micro_batch_size,
-        "completions per process (--num-prompts-per-step x --num-generations / processes) over --micro-batch-size",
-    )
-    # inputs, checked before any model is loaded and before the run folder exists
-    rows, where = load_split(args.dataset, args.dataset_split, args.dataset_config)
-    pref_rows = load_preference_rows(args.prefs_path)  # AdvPO's M: the RM's training pairs, checked now
-    check_reward_config(args.reward_model_path, args.trust_remote_code, "--reward-model-path")
-    if args.gold_rm_path:
-        check_reward_config(args.gold_rm_path, args.trust_remote_code, "--gold-rm-path")
-    trust = dict(trust_remote_code=args.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(args.policy_path, padding_side="left", **trust)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # only if it has none (pad is masked anyway)
-    eos_id = tokenizer.eos_token_id
-    check_same_tokenizer(tokenizer, args.reward_model_path, args.trust_remote_code)
-    prompts = build_prompts(rows, tokenizer, args.max_prompt_length, where)
-    chosen_of = {}  # AdvPO's paired references: prompt -> its chosen response in the preference data
-    for r in pref_rows:
-        chosen_of.setdefault(r["prompt"], r["chosen"])
-    num_paired = sum(p in chosen_of for p in set(prompts))
-    if args.references == "paired" and num_paired == 0:
-        raise ValueError(
-            f"--references paired: none of the {len(set(prompts))} training prompts of {args.dataset} is a prompt of "
-            f"--prefs-path {args.prefs_path} (are both built with the same --max-prompt-length?); pass the preference "
-            "data of these prompts, or --references pooled"
-        )
-    heldout = {}  # {split: (prompts, references)}: the first --eval-num-prompts of each split, fixed
-    if args.eval_every > 0 and args.gold_rm_path:
-        for split in dict.fromkeys(args.eval_splits):
-            try:
-                split_rows, split_where = load_split(args.dataset, split, args.dataset_config)
-            except (FileNotFoundError, ValueError, RuntimeError) as e:
-                raise ValueError(
-                    f"--eval-splits {split}: {e}; pass the held-out splits that {args.dataset} has, or --eval-every 0"
-                ) from None
-            if len(split_rows) < args.eval_num_prompts:
-                raise ValueError(
-                    f"--eval-num-prompts {args.eval_num_prompts} is more than the {len(split_rows)} rows of "
-                    f"{split_where}: pass --eval-num-prompts {len(split_rows)} or fewer"
-                )
-            split_rows = split_rows[: args.eval_num_prompts]
-            fmt = detect_format(split_rows, split_where)
-            heldout[split] = (
-                build_prompts(split_rows, tokenizer, args.max_prompt_length, split_where),
-                [to_prompt_response(r, fmt, tokenizer, args.max_prompt_length)[1] for r in split_rows],
-            )
-    accelerator = Accelerator(
-        cpu=on_cpu,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision="bf16" if args.bf16 else "no",
-    )
-    device, rank = accelerator.device, accelerator.process_index
-    args.run_name = broadcast_object_list([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
-    args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
-    run_lock = open_run_dir(args, accelerator)  # refuses a used folder, checks a resume, keeps the run's name
-    if accelerator.is_main_process:
-        print(
-            f"[{args.exp_name}] {args.num_processes} process(es) x {args.local_num_prompts} prompts x "
-            f"{args.num_generations} completions = {args.batch_size} completions per step, in "
-            f"{args.gradient_accumulation_steps} micro-batches of {args.micro_batch_size} per process; "
-            f"Dr.GRPO normaliser = {args.batch_size} x {args.max_new_tokens} tokens"
-        )
-        print(
-            f"held-out gold evaluation: the first {args.eval_num_prompts} prompts of {list(heldout)} at temperature "
-            f"{args.eval_temperature}, at step 0, every {args.eval_every} steps and at the last"
-            if heldout
-            else f"held-out gold evaluation: off ({'--eval-every 0' if args.gold_rm_path else 'no --gold-rm-path'})"
-        )
-        print(
-            f"AdvPO references ({args.references}): {num_paired} of the {len(set(prompts))} training prompts have their "
-            f"chosen response in the {len(pref_rows)} preference pairs"
-            + (": g compares each batch's completions of those prompts with it" if args.references == "paired" else "")
-        )
-        print(json.dumps(asdict(args), indent=1))
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    if device.type == "cpu":  # share the cores between the processes (OMP_NUM_THREADS, if set, decides)
-        torch.set_num_threads(
-            int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // args.num_processes)
-        )
-
-    # models: the policy (trained), its frozen copy (KL reference), the proxy RM and, to monitor, the gold RM
-    ckpt = latest_checkpoint(args.output_dir) if args.resume else None
-    start_step = 0
-    if ckpt:
-        with open(os.path.join(ckpt, "state.json")) as f:
-            start_step = json.load(f)["step"]
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    policy = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "model") if ckpt else args.policy_path, **trust)
-    policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    if args.gradient_checkpointing:  # acts in train mode, which policy_update sets
-        policy.gradient_checkpointing_enable()
-        policy.disable_input_require_grads()  # a hook for frozen (PEFT) embeddings; torch.compile rejects it
-    ref_policy = (
-        AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=dtype, **trust).eval().requires_grad_(False)
-    )
-    rm = load_reward_model(args.reward_model_path, args.trust_remote_code, dtype, "--reward-model-path")
-    if rm.config.vocab_size < len(tokenizer):
-        raise ValueError(
-            f"the proxy RM's vocabulary ({rm.config.vocab_size}) is smaller than the policy tokenizer's "
-            f"({len(tokenizer)}): the proxy must share the policy's tokenizer (train it with train_rm.py)"
-        )
-    gold, gold_tok = None, None
-    if args.gold_rm_path:
-        gold = load_reward_model(args.gold_rm_path, args.trust_remote_code, dtype, "--gold-rm-path")
-        gold_tok = AutoTokenizer.from_pretrained(args.gold_rm_path, padding_side="right", **trust)
-        gold_tok.pad_token = gold_tok.pad_token or gold_tok.eos_token
-    rm.to(device)  # AdvPO: M and the reference features from the RM's training responses, once, in float64
-    M, ref_mean = advpo_statistics(
-        rm,
-        tokenizer,
-        pref_rows,
-        args.ridge,
-        args.generation_batch_size,
-        args.max_prompt_length + args.max_new_tokens + 1,
-        accelerator,
-    )
-    m_chol = advpo_cholesky(M)
-    # fused AdamW (one kernel for all parameters) on a GPU; the same update, up to float rounding
-    optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=device.type == "cuda"
-    )
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    policy.eval()  # generation mode; policy_update switches to train mode and back
-    for m in (ref_policy, rm, gold):
-        if m is not None:
-            m.to(device)
-    torch.manual_seed(args.seed + rank)  # each process samples different completions
-    if ckpt:
-        restore_checkpoint(accelerator, optimizer, ckpt)
-
-    if accelerator.is_main_process:
-        print(
-            f"{len(prompts)} prompts from {args.dataset}[{args.dataset_split}]; starting at step {start_step + 1} "
-            f"of {args.total_steps}{' (resumed from ' + ckpt + ')' if ckpt else ''}; writing to {args.output_dir}"
-        )
-        for name in ("metrics.jsonl", "samples.jsonl"):  # a resumed run writes the steps after its checkpoint again
-            keep_steps_upto(os.path.join(args.output_dir, name), start_step if ckpt else -1)  # no checkpoint: all
-        if args.track:
-            import wandb
-
-            wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                config=asdict(args),
-                name=args.run_name,
-                id=args.run_name,  # a resumed run keeps its name, so it continues the same wandb run
-                resume="allow",
-                dir=args.output_dir,
-                save_code=True,
-            )
-
-    reference_gold, last_eval = {}, {}  # {split: this process's references' gold}, heldout_eval's cache
-    if heldout and start_step == 0:  # the initial policy: the row of step 0
-        t4 = time.perf_counter()
-        last_eval = heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold, args, accelerator)
-        row = {"step": 0, **last_eval, "time/eval": time.perf_counter() - t4}
-        if accelerator.is_main_process:
-            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if args.track:
-                wandb.log(row, step=0)
-
-    K = args.num_generations
-    bar = tqdm(range(start_step + 1, args.total_steps + 1), disable=not accelerator.is_main_process, desc="steps")
-    for step in bar:
-        t0 = time.perf_counter()
-        # 1. rollouts: K completions of each of this process's prompts
-        mine = prompt_indices(step, len(prompts), args.num_prompts_per_step, args.seed)[
-            rank * args.local_num_prompts : (rank + 1) * args.local_num_prompts
-        ]
-        step_prompts = [prompts[i] for i in mine]
-        enc = tokenizer(
-            [as_query(tokenizer, p) for p in step_prompts], return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(device)
-        query, query_mask = enc.input_ids.repeat_interleave(K, 0), enc.attention_mask.repeat_interleave(K, 0)
-        sampler = sample if args.generation_backend == "hf" else sample_static  # the same distribution
-        generated = in_chunks(
-            lambda q, m: sampler(accelerator.unwrap_model(policy), q, m, args, tokenizer.pad_token_id),
-            args.generation_batch_size,
-            query,
-            query_mask,
-        )
-        response, response_mask, has_eos = truncate_after_eos(generated, eos_id, tokenizer.pad_token_id)
-        t1 = time.perf_counter()
-
-        # 2. scoring: reward AND features from one proxy-RM forward; reference log-probs for the KL
-        with torch.no_grad():
-            ref_logprobs = in_chunks(
-                lambda *t: response_logprobs(ref_policy, *t, args.temperature),
-                args.generation_batch_size,
-                query,
-                query_mask,
-                response,
-                response_mask,
-            )
-            reward, features = in_chunks(
-                lambda q, qm, r, rmk: reward_and_features(rm, torch.cat([q, r], 1), torch.cat([qm, rmk], 1)),
-                args.generation_batch_size,
-                query,
-                query_mask,
-                response,
-                response_mask,
-            )
-        if args.missing_eos_penalty is not None:  # a fixed reward instead of the RM's
-            reward = torch.where(has_eos, reward, args.missing_eos_penalty)
-        monitor = gold is not None and ((step - 1) % args.gold_every == 0 or step == args.total_steps)
-        log_samples = step % args.log_samples_every == 0 or step == args.total_steps
-        if monitor or log_samples:
-            texts = tokenizer.batch_decode(
-                [r[: int(m.sum()) - int(e)] for r, m, e in zip(response, response_mask, has_eos)]
-            )
-        if monitor:
-            gold_reward = gold_rewards(gold, gold_tok, [p for p in step_prompts for _ in range(K)], texts, args, device)
-            if args.missing_eos_penalty is not None:  # as eval_gold.py scores it
-                gold_reward = torch.where(has_eos, gold_reward, args.missing_eos_penalty)
-        t2 = time.perf_counter()
-
-        # 3. advantages: AdvPO's pessimistic reward, g over all processes, then Dr.GRPO (eq. 4)
-        if args.missing_eos_penalty is not None:  # a fixed reward does not depend on the head phi: feature 0
-            features = features * has_eos.unsqueeze(1)
-        references, in_g = ref_mean, None
-        if args.references == "paired":  # each prompt's own chosen response, where the preference data has it
-            paired = [i for i, p in enumerate(step_prompts) if p in chosen_of]
-            own = torch.zeros(len(step_prompts), features.shape[1], dtype=torch.float64, device=device)
-            if paired:
-                own[paired] = text_features(
-                    rm,
-                    tokenizer,
-                    [step_prompts[i] for i in paired],
-                    [chosen_of[step_prompts[i]] for i in paired],
-                    args.max_prompt_length + args.max_new_tokens + 1,
-                    device,
-                )
-            in_g = torch.zeros(len(step_prompts), dtype=torch.bool, device=device)
-            in_g[paired] = True
-            references, in_g = own.repeat_interleave(K, 0), in_g.repeat_interleave(K)
-        advpo_reward, penalty, g_norm = advpo_rewards(
-            reward, features, m_chol, references, args.budget, in_g=in_g, gather=accelerator.gather
-        )
-        advantages = dr_grpo_advantages(advpo_reward.view(-1, K))
-
-        # 4. update: the Dr.GRPO loss with the re-weighted advantages
-        batch = dict(
-            query=query,
-            query_mask=query_mask,
-            response=response,
-            response_mask=response_mask,
-            ref_logprobs=ref_logprobs,
-            advantages=advantages.flatten(),
-        )
-        if args.num_ppo_epochs > 1:  # several steps on one batch: the ratio is against the sampling policy
-            with torch.no_grad():
-                batch["old_logprobs"] = in_chunks(
-                    lambda *t: response_logprobs(policy, *t, args.temperature),
-                    args.generation_batch_size,
-                    query,
-                    query_mask,
-                    response,
-                    response_mask,
-                )
-        stats = policy_update(accelerator, policy, optimizer, batch, args)
-
-        # logging: every metric over the global batch
-        g = accelerator.gather
-        all_reward, all_penalty = g(reward.view(-1, K)), g(penalty)
-        loss_kl = g(torch.stack([stats["loss"], stats["k3_sum"], stats["tokens"]]).unsqueeze(0))
-        metrics = {
-            "step": step,
-            "reward/proxy": all_reward.mean(),
-            "policy/kl": g(stats["seq_kl"]).mean(),
-            "policy/kl_k3_per_token": (loss_kl[:, 1].sum() / loss_kl[:, 2].sum().clamp(min=1)),
-            "policy/grad_norm": stats["grad_norm"],
-            "losses/loss": loss_kl[:, 0].mean(),
-            "advpo/reward": g(advpo_reward).mean(),
-            "advpo/penalty_mean": all_penalty.mean(),
-            "advpo/penalty_std": all_penalty.std(correction=0),
-            "advpo/g_norm": g_norm,
-            "advpo/paired_fraction": 1.0 if in_g is None else g(in_g.float()).mean(),
-            "completion/length": g(response_mask.sum(1).float()).mean(),
-            "completion/no_eos_rate": 1 - g(has_eos.float()).mean(),
-        } | advantage_activity(g(advantages), all_reward)
-        if monitor:
-            all_gold = g(gold_reward.view(-1, K))
-            metrics["reward/gold"] = all_gold.mean()
-            metrics["rm/proxy_accuracy"] = pairwise_agreement(all_reward, all_gold)
-        metrics = on_host(metrics)  # the step's one host sync; it returns when the update has finished
-        t3 = time.perf_counter()
-        metrics |= {"time/step": t3 - t0, "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2}
-        if heldout and (step % args.eval_every == 0 or step == args.total_steps):  # the policy after this update
-            t4 = time.perf_counter()
-            last_eval = heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold, args, accelerator)
-            metrics |= last_eval | {"time/eval": time.perf_counter() - t4}
-        samples = None
-        if log_samples:  # every completion of the step
-            local = [
-                dict(
-                    step=step,
-                    group=rank * args.local_num_prompts + i // K,
-                    prompt=step_prompts[i // K],
-                    response=texts[i],
-                    has_eos=bool(has_eos[i]),
-                    length=int(response_mask[i].sum()),
-                    proxy=reward[i].item(),
-                    gold=gold_reward[i].item() if monitor else None,
-                    advantage=advantages.flatten()[i].item(),
-                    penalty=penalty[i].item(),
-                )
-                for i in range(len(texts))
-            ]
-            samples = gather_object(local)
-        if accelerator.is_main_process:
-            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if samples:
-                with open(os.path.join(args.output_dir, "samples.jsonl"), "a") as f:
-                    f.writelines(json.dumps(s) + "\n" for s in samples)
-            if args.track:
-                wandb.log(metrics, step=step)
-                if samples:
-                    table = wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])
-                    wandb.log({"samples": table}, step=step)
-            bar.set_postfix(
-                proxy=f"{metrics['reward/proxy']:.2f}",
-                gold=f"{metrics.get('reward/gold', math.nan):.2f}",
-                kl=f"{metrics['policy/kl']:.1f}",
-                penalty=f"{metrics['advpo/penalty_mean']:.3g}",
-                val_gold=f"{last_eval.get('eval/validation/gold_reward', math.nan):.2f}",  # the last held-out eval
-            )
-        if step % args.save_every == 0 and step < args.total_steps:
-            save_checkpoint(accelerator, policy, optimizer, step, args.output_dir)
-
-    # the final policy, for eval_gold.py (atomic: written next to its place, then renamed)
-    if accelerator.is_main_process:
-        final, tmp = os.path.join(args.output_dir, "model"), os.path.join(args.output_dir, "model.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(policy).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        print(f"saved the policy to {final}; metrics in {os.path.join(args.output_dir, 'metrics.jsonl')}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # stops the trackers, destroys the process group
-    if accelerator.num_processes > 1 and not accelerator.is_main_process and accelerator.device.type == "cpu":
-        # all is written; a gloo worker of torch 2.13 can still abort in its C++ teardown at interpreter exit
-        # ("terminate called without an active exception", exit -6, seen twice in CI runs): leave without it
-        print(end="", flush=True)
-        os._exit(0)
+    main()

@@ -1,6 +1,8 @@
+# --- method: docstring ---
 """SignCert-PO: Dr.GRPO with every advantage replaced by its worst case under a perturbation of the
 reward model's linear head (arXiv 2604.02986, "Mitigating Reward Hacking in RLHF via Advantage Sign
-Robustness"; the maths and its choices in docs/METHOD.md). `--quantile 0` is exactly Dr.GRPO.
+Robustness"; the maths and its choices in docs/METHOD.md). `--quantile 0` is exactly Dr.GRPO (with the
+default `--advantage drgrpo`; with `grpo` or `reinforce` it is that advantage, unchanged, under the Dr.GRPO loss).
 
     accelerate launch grpo_signcert.py --quantile 0.3 --kl-coef 0.01        # the tiny world, any machine
     accelerate launch --config_file configs/ddp_8gpu.yaml grpo_signcert.py --preset paper \
@@ -17,7 +19,7 @@ linear `score` head. For the K completions of one prompt:
              = (1 - eps / Delta_j) * A_j                eq. (11)  i.e. A_j re-weighted by rho_j
     eps      = q-quantile of {Delta_j} over the batch             so a fraction q gets rho_j <= 0
 
-One training step, top to bottom in the main body below:
+One training step, numbered in `main` below:
   1. rollouts: K completions per prompt from the policy (temperature 1.0), truncated after the first EOS;
   2. scoring: ONE forward of the proxy RM gives both the reward and the features h (the `score`
      head's input) of every completion; the gold RM, if given, only monitors (never enters the update);
@@ -34,9 +36,15 @@ radii stay exact (it enters the group's feature mean as h = 0: its reward does n
 The paper's other uncertainty models and policy gradients (App. C.2 and E, docs/METHOD.md section 2b):
 `--uncertainty feature|full` (the group's features, every RM parameter) and `--advantage grpo|reinforce` certify by
 the same rule, Delta_j = |A_j| / ||dA_j / dtheta||, with A and ||dA_j / dtheta|| from `other_advantages`.
+
+Layout (the same in grpo_uwo.py, grpo_advpo.py and grpo_bspo.py, which differ from this file only inside the
+`# --- method: <name> ---` ... `# --- end method ---` regions; tools/sync_trainers.py writes them from this file):
+Args; the method; the loss; `main`, the training loop; then, under banners, what is not the algorithm.
 """
+# --- end method ---
 
 import argparse
+import contextlib
 import fcntl
 import inspect
 import json
@@ -81,9 +89,11 @@ class Args:
     # -- models and data
     policy_path: str = "runs/tiny_world/sft"
     """the SFT policy to optimise (a causal LM folder); it is also the frozen reference policy of the KL"""
+    # --- method: reward models ---
     reward_model_path: str = "runs/tiny_world/rm"
     """the proxy reward model: a *ForSequenceClassification with a linear `score` head, one output, trained
     from the policy's SFT (same tokenizer) by train_rm.py"""
+    # --- end method ---
     dataset: str = "runs/tiny_world/data"
     """prompts: a hub id or a local folder/file (jsonl, parquet, save_to_disk); TL;DR or AlpacaFarm columns"""
     dataset_config: Optional[str] = None
@@ -95,10 +105,11 @@ class Args:
     trust_remote_code: bool = False
     """allow models whose code lives on the hub (off: only transformers' own architectures)"""
 
+    # --- method: args ---
     # -- SignCert-PO (eq. 8-11)
     quantile: float = 0.3
-    """q in [0, 1]: eps is the q-quantile of the radii over the global batch; 0 is exactly Dr.GRPO (paper: 0.4
-    for Pythia-1B, 0.1 for Qwen2.5-1.5B)"""
+    """q in [0, 1]: eps is the q-quantile of the radii over the global batch; 0: eps = 0, the advantage of
+    `--advantage` unchanged (the default drgrpo: exactly Dr.GRPO) (paper: 0.4 for Pythia-1B, 0.1 for Qwen2.5-1.5B)"""
     eps_mode: Literal["delta", "inv_delta"] = "delta"
     """`delta`: quantile of the radii Delta_j; `inv_delta`: of 1/Delta_j (the paper's literal Algorithm 1)"""
     clip: bool = False
@@ -114,6 +125,7 @@ class Args:
     reinforce_baseline: float = 0.0
     """V of `--advantage reinforce`, a constant (0: train_rm.py centres the proxy's rewards on the reference
     responses, so V = 0 is their mean reward)"""
+    # --- end method ---
 
     # -- the Dr.GRPO loss and the optimiser
     kl_coef: float = 0.01
@@ -135,9 +147,8 @@ class Args:
     max_new_tokens: int = 24
     """the maximum completion length, also the constant of the Dr.GRPO normaliser (paper: 53)"""
     missing_eos_penalty: Optional[float] = -1.0
-    """the reward of a completion with no EOS, given instead of the RM's (None: score it as is). The RM did not
-    give it, so SignCert-PO leaves such completions at their Dr.GRPO advantage (`certified` in
-    signcert_advantages)"""
+    """the reward of a completion with no EOS, given instead of the RM's (None: score it as is); what the method
+    does with a reward the RM did not give: the module's docstring"""
     generation_batch_size: int = 128
     """completions generated (and scored) at once on one device"""
     generation_backend: Literal["hf", "static", "compiled"] = "hf"
@@ -185,8 +196,8 @@ class Args:
     """where everything goes (default: runs/{run_name}); a folder that holds a run is refused unless
     `--resume` or `--overwrite`"""
     log_samples_every: int = 25
-    """write every completion of the step (text, rewards, advantage, radius) to samples.jsonl every this
-    many steps"""
+    """write every completion of the step (text, rewards, advantage, the method's own per-completion values) to
+    samples.jsonl every this many steps"""
     save_every: int = 50
     """write a checkpoint every this many steps (atomically; `--resume` continues from the last one)"""
     resume: bool = False
@@ -236,10 +247,12 @@ PRESETS = {
     "paper": Args(
         preset="paper",
         policy_path="runs/paper/sft",
+        # --- method: paper preset ---
         reward_model_path="runs/paper/rm",
+        quantile=0.4,
+        # --- end method ---
         dataset="vwxyzjn/summarize_from_feedback_tldr_3_filtered",
         max_prompt_length=512,
-        quantile=0.4,
         learning_rate=1e-6,
         max_new_tokens=53,
         generation_batch_size=64,
@@ -258,6 +271,496 @@ PRESETS = {
         save_every=100,
     ),
 }
+
+
+# ------------------------------------------------------------------------- the method
+# --- method: method ---
+@torch.no_grad()  # eq. (11): A, Delta and rho are constants of the policy update (stop-gradient)
+def signcert_advantages(
+    rewards, features, quantile, eps_mode="delta", clip=False, certified=None, gather=lambda t: t, other=None
+):
+    """SignCert-PO advantages for B prompts with K completions each. Self-contained: copy it into any trainer.
+
+    What the caller supplies:
+    rewards:   (B, K) proxy rewards r_j = w^T h_j + b, and
+    features:  (B, K, d) the h_j of THE SAME forward: the input of the RM's linear head (`reward_and_features`).
+    quantile:  q in [0, 1]; eps is the q-quantile of the radii (q = 0: eps = 0, the advantage unchanged: Dr.GRPO's,
+               or `other`'s A).
+    eps_mode:  "delta" (default): quantile of {Delta_j}; "inv_delta": of {1 / Delta_j} (the paper's Algorithm 1;
+               docs/METHOD.md section 3.1).
+    clip:      clip rho_j at 0 (ablation); the paper is unclipped: Delta_j < eps reverses the sign of A_j.
+    certified: (B, K) bool, False where r_j is NOT the RM's score but a fixed value the RM did not give (the
+               missing-EOS penalty). Such a reward does not move with the head, so it is not the RM's to certify:
+               the completion keeps its Dr.GRPO advantage and stays out of the eps pool, and it enters the group
+               mean of the features as h = 0, which keeps the other completions' radii exact. None: all True.
+    gather:    maps this process's (B, K) radii to the global batch's (e.g. accelerator.gather), so every
+               process uses the same eps; the identity on one process.
+    other:     None (the paper's method), or (A, s), each (B, K): another advantage and its sensitivity
+               s_j = ||dA_j / dtheta|| under another uncertainty model (App. C.2 and E, `other_advantages`), used
+               instead of eq. (4) and ||h_j - hbar||; the radius is then |A_j| / s_j and the rest is the same.
+    Returns (advantages (B, K), radius (B, K), eps (0-d)), float32 (float64 for float64 inputs), no gradient.
+    Only radii 0 < Delta_j < inf (a sign to certify, features that move it) enter the quantile.
+    """
+    if rewards.ndim != 2 or rewards.shape[1] < 2 or features.shape[:2] != rewards.shape or features.ndim != 3:
+        raise ValueError(
+            f"need rewards (B, K >= 2) and features (B, K, d), got {list(rewards.shape)}, {list(features.shape)}"
+        )
+    if not 0.0 <= quantile <= 1.0 or eps_mode not in ("delta", "inv_delta"):
+        raise ValueError(f"need 0 <= quantile <= 1 and eps_mode 'delta' or 'inv_delta', got {quantile}, {eps_mode!r}")
+    if not (rewards.isfinite().all() and features.isfinite().all()):
+        raise ValueError("rewards and features must be finite: found NaN or inf (check the reward model's outputs)")
+    dtype = torch.promote_types(rewards.dtype, torch.float32)  # bf16 RM outputs: compute in float32
+    rewards = rewards.to(dtype)
+    certified = torch.ones_like(rewards, dtype=torch.bool) if certified is None else certified.bool()
+    h = features.to(dtype) * certified.unsqueeze(-1)  # a fixed reward does not move with the head: h = 0
+    adv = rewards - rewards.mean(dim=1, keepdim=True)  # eq. (4)
+    tied = (rewards == rewards[:, :1]).all(1, keepdim=True)  # equal rewards: A = 0 exactly; their mean can be a ulp
+    adv = torch.where(tied, 0.0, adv)  # off (0.1 thrice in float64: 1.4e-17), a radius of 1e-16 dragging eps down
+    dev = (h - h.mean(dim=1, keepdim=True)).norm(dim=-1) * certified  # ||h_j - hbar|| = ||dA_j / dw||, 0 if fixed
+    if other is not None:  # another advantage (App. E) or uncertainty model (App. C.2): its A_j and ||dA_j / dtheta||
+        adv, dev = other[0].to(dtype), other[1].to(dtype) * certified
+    radius = torch.where(dev > 0, adv.abs() / dev, torch.full_like(adv, math.inf))  # eq. (8)
+    pool = gather(radius).flatten()  # eps from the global batch
+    pool = pool[torch.isfinite(pool) & (pool > 0)]
+    pool = pool if eps_mode == "delta" else 1.0 / pool
+    eps = torch.quantile(pool, quantile) if quantile > 0 and pool.numel() > 0 else adv.new_zeros(())
+    shrunk = adv.abs() - eps * dev  # |A_j| rho_j
+    if clip:
+        shrunk = shrunk.clamp(min=0.0)
+    return adv.sign() * shrunk, radius, eps  # eq. (10)-(11)
+
+
+# --- end method ---
+
+
+# ------------------------------------------------------------------------- the loss
+def dr_grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range, kl_coef, normalizer):
+    """The Dr.GRPO loss (Liu et al. 2025; TRL `loss_type="dr_grpo"`) of a batch of completions.
+
+    logprobs, old_logprobs, ref_logprobs, mask: (N, T) per response token; advantages: (N,).
+    The token losses are SUMMED and divided by a constant `normalizer` (completions x max_new_tokens),
+    never by a sequence's own length: the loss does not depend on how a batch is split.
+    Returns (loss, kl) with kl the mean k3 estimate per real token (for logging).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages.unsqueeze(1)
+    pg = -torch.min(ratio * adv, ratio.clamp(1 - clip_range, 1 + clip_range) * adv)  # PPO clip
+    log_r = ref_logprobs - logprobs
+    kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(pi || pi_ref), >= 0
+    loss = ((pg + kl_coef * kl) * mask).sum() / normalizer
+    return loss, (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+# --- method: variants ---
+# The paper's other uncertainty models (App. C.2) and policy gradients (App. E): --uncertainty and --advantage.
+# Every one is certified the same way: with theta what the adversary perturbs, the radius is
+#     Delta_j = |A_j| / ||dA_j / dtheta||      and the worst case over ||delta|| <= eps is
+#     Atilde_j = A_j - eps * sign(A_j) * ||dA_j / dtheta||          (exact where A is linear in theta, else first order)
+# With g_k = dr_k / dtheta, dA_j / dtheta = sum_k (dA_j / dr_k) g_k, so a group needs only the Jacobian J = dA / dr of
+# its advantage and the Gram matrix G_kl = g_k . g_l of its rewards' gradients (both K x K):
+#     ||dA_j / dtheta||^2 = (J G J^T)_jj
+GRPO_STD_EPS = 1e-4  # vanilla GRPO divides by the group's std + this, as TRL's GRPOTrainer
+
+
+def advantage_jacobian(rewards, advantage, baseline=0.0):
+    """The group advantage A (B, K) and its Jacobian dA_j / dr_k (B, K, K) for `--advantage`:
+    drgrpo     A_j = r_j - mean_k r_k                         eq. (4): linear, so the radius is exact
+    grpo       A_j = (r_j - mean_k r_k) / (std_k r_k + 1e-4)  App. E.2.2 (std unbiased, as TRL): first order
+    reinforce  A_j = r_j - V, V = `baseline` a constant       App. E.1, eq. (19): exact"""
+    B, K = rewards.shape
+    eye = torch.eye(K, dtype=rewards.dtype, device=rewards.device).expand(B, K, K)
+    if advantage == "reinforce":
+        return rewards - baseline, eye
+    tied = (rewards == rewards[:, :1]).all(1, keepdim=True)  # A = 0 exactly, as in signcert_advantages
+    centred = torch.where(tied, 0.0, rewards - rewards.mean(1, keepdim=True))
+    jac = eye - 1.0 / K
+    if advantage == "drgrpo":
+        return centred, jac
+    std = rewards.std(1, keepdim=True)
+    scale = std + GRPO_STD_EPS
+    dstd = torch.where(std > 0, centred / ((K - 1) * std), 0.0)  # d std / d r_k
+    adv = centred / scale
+    return adv, (jac - adv.unsqueeze(-1) * dstd.unsqueeze(1)) / scale.unsqueeze(-1)
+
+
+def uncertainty_gram(uncertainty, rm, features, ids=None, mask=None, params=None):
+    """The Gram matrix G_kl = g_k . g_l (B, K, K), float64, of each group's reward gradients over what is uncertain:
+    head     the linear head w (eq. 7, the paper's method): g_k = h_k
+    feature  the group's features h_1..h_K (App. C.2, eq. 16): dr_k / dh_l = w if k = l, so G = ||w||^2 I and
+             Delta_j = |A_j| / (||w|| sqrt(1 - 1/K)) for Dr.GRPO: a function of |A_j| alone
+    full     every RM parameter (App. C.2): g_k = dr_k / dtheta, the exact per-completion gradient, one forward and
+             backward per completion (`ids`, `mask`: the RM's inputs, (B * K, L)), the K of a group held at once in
+             float64, written in place: K x (RM parameters) x 8 bytes at the peak (plus one float32 gradient), e.g.
+             8 x 1.0e9 x 8 = 64 GB for Pythia-1B's RM (the tiny RM's: 10 MB); at that size one would keep them in
+             float32 and accumulate the Gram matrix pair by pair
+    features: (B, K, d), the h_k of `reward_and_features`; params: `full` over these alone (default: all)."""
+    B, K, _ = features.shape
+    if uncertainty == "head":
+        h = features.double()
+        return h @ h.transpose(1, 2)
+    if uncertainty == "feature":
+        w2 = rm.score.weight.double().square().sum()
+        return w2 * torch.eye(K, dtype=torch.float64, device=features.device).expand(B, K, K)
+    grams = []
+    for i in range(0, B * K, K):  # one group: its K per-completion gradients, then their Gram matrix
+        g = reward_gradients(rm, ids[i : i + K], mask[i : i + K], params)
+        grams.append(g @ g.T)
+    return torch.stack(grams)
+
+
+def reward_gradients(rm, ids, mask, params=None):
+    """dr_n / dtheta of each row n of (ids, mask) over `params` (default: all the RM's), flattened: (N, P) float64.
+    Exact per-completion gradients: one forward and one backward of the RM per row; the RM is left frozen."""
+    params = list(rm.parameters()) if params is None else params
+    # written row by row into one buffer: a list of N gradients stacked at the end would hold two copies at the peak
+    grads = torch.empty(ids.shape[0], sum(p.numel() for p in params), dtype=torch.float64, device=ids.device)
+    with torch.enable_grad():
+        rm.requires_grad_(True)
+        try:
+            for n in range(ids.shape[0]):
+                reward, _ = reward_and_features(rm, ids[n : n + 1], mask[n : n + 1])
+                at = 0
+                for t in torch.autograd.grad(reward.sum(), params, materialize_grads=True):
+                    grads[n, at : at + t.numel()] = t.flatten()  # cast to float64 in the copy
+                    at += t.numel()
+        finally:
+            rm.requires_grad_(False)
+    return grads
+
+
+def other_advantages(rewards, gram, advantage, baseline=0.0, certified=None):
+    """(A, s) for `signcert_advantages(..., other=(A, s))`: the advantage A (B, K) of `advantage_jacobian` and its
+    sensitivity s_j = ||dA_j / dtheta|| = sqrt((J G J^T)_jj) with `gram` from `uncertainty_gram`. A reward that is
+    not the RM's (`certified` False: the missing-EOS penalty) does not move: its g_k = 0. A in the rewards' precision
+    (so at q = 0 it is the chosen advantage to the bit: Dr.GRPO's for drgrpo); J and s in float64: GRPO's J has
+    cancellations (a group whose other rewards are all the penalty has dA_j / dr_j = 0 exactly)."""
+    dtype = torch.promote_types(rewards.dtype, torch.float32)
+    adv = advantage_jacobian(rewards.to(dtype), advantage, baseline)[0]
+    jac = advantage_jacobian(rewards.double(), advantage, baseline)[1]
+    gram = gram.double()
+    if certified is not None:
+        c = certified.double()
+        gram = gram * c.unsqueeze(-1) * c.unsqueeze(-2)
+    sens = torch.einsum("bjk,bkl,bjl->bj", jac, gram, jac).clamp(min=0).sqrt()
+    return adv, sens.to(dtype)
+
+
+def other_model(args, rm, rewards, features, ids, mask, certified):
+    """The trainer's step 3 for `--uncertainty` and `--advantage`: None for the paper's method (head, drgrpo), else
+    `other` = (A, s) for `signcert_advantages`. rewards, certified: (B, K); features: (B, K, d); ids, mask: the RM's
+    inputs (B * K, L). At q = 0 eps is 0 and s is unused: `full` then skips its B x K gradients (s = 0: radius inf)."""
+    if (args.uncertainty, args.advantage) == ("head", "drgrpo"):
+        return None
+    if args.uncertainty == "full" and args.quantile == 0:
+        gram = torch.zeros(*rewards.shape, rewards.shape[1], dtype=torch.float64, device=rewards.device)
+    else:
+        gram = uncertainty_gram(args.uncertainty, rm, features, ids, mask)
+    return other_advantages(rewards, gram, args.advantage, args.reinforce_baseline, certified)
+
+
+# --- end method ---
+
+
+# ========================================================================= the training loop
+def main():
+    """Check every input (before any model loads), set up, then train: steps 1-4 of every optimiser step, the
+    logging, a checkpoint every --save-every steps, and the final policy."""
+    with input_errors_said_once():  # a bad input: its message, once, not a traceback per process
+        args, on_cpu = read_args()  # the preset, the checks that need no file, the batch arithmetic
+        # --- method: checks ---
+        if not 0.0 <= args.quantile <= 1.0:
+            raise ValueError(
+                f"--quantile must lie in [0, 1] (the paper sweeps 0.1 to 0.5; 0 is Dr.GRPO), got {args.quantile}"
+            )
+        require_path(args.reward_model_path, "--reward-model-path")
+        # --- end method ---
+        # inputs, checked before any model is loaded and before the run folder exists
+        rows, where = load_split(args.dataset, args.dataset_split, args.dataset_config)
+        if args.gold_rm_path:
+            check_reward_config(args.gold_rm_path, args.trust_remote_code, "--gold-rm-path")
+        trust = dict(trust_remote_code=args.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(args.policy_path, padding_side="left", **trust)
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # only if it has none (pad is masked anyway)
+        eos_id = tokenizer.eos_token_id
+        prompts = build_prompts(rows, tokenizer, args.max_prompt_length, where)
+        # --- method: inputs ---
+        check_reward_config(args.reward_model_path, args.trust_remote_code, "--reward-model-path")
+        check_same_tokenizer(tokenizer, args.reward_model_path, args.trust_remote_code)
+        # --- end method ---
+        heldout = load_heldout(args, tokenizer)  # {split: (prompts, references)}: the first --eval-num-prompts
+        accelerator = Accelerator(
+            cpu=on_cpu,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision="bf16" if args.bf16 else "no",
+        )
+        device, rank = accelerator.device, accelerator.process_index
+        args.run_name = broadcast_object_list([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
+        args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
+        run_lock = open_run_dir(args, accelerator)  # refuses a used folder, checks a resume, keeps the run's name
+        announce_run(args, heldout, accelerator)  # the batch, the evaluation and args.json
+        seed_everything(args, device)
+
+        # models: the policy (trained), its frozen copy (KL reference), the proxy RM and, to monitor, the gold RM
+        ckpt = latest_checkpoint(args.output_dir) if args.resume else None
+        start_step = checkpoint_step(ckpt)
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        policy, ref_policy = load_policies(args, ckpt, tokenizer, dtype)
+        # --- method: models ---
+        rm = load_reward_model(args.reward_model_path, args.trust_remote_code, dtype, "--reward-model-path")
+        check_vocabulary(rm, "the proxy RM", tokenizer)
+        # --- end method ---
+        gold, gold_tok = load_gold(args, dtype)
+        if args.micro_batch_size == 0:  # auto on a GPU: measure one update's memory at the longest sequence, then fit
+            auto_micro_batch(args, policy, accelerator)
+        # fused AdamW (one kernel for all parameters) on a GPU; the same update, up to float rounding
+        optimizer = torch.optim.AdamW(
+            policy.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=device.type == "cuda"
+        )
+        policy, optimizer = accelerator.prepare(policy, optimizer)
+        policy.eval()  # generation mode; policy_update switches to train mode and back
+        for m in (ref_policy, rm, gold):
+            if m is not None:
+                m.to(device)
+        torch.manual_seed(args.seed + rank)  # each process samples different completions
+        if ckpt:
+            restore_checkpoint(accelerator, optimizer, ckpt)
+    start_logs(args, accelerator, len(prompts), start_step, ckpt)  # the resumed logs cut at the checkpoint; wandb
+
+    reference_gold, last_eval = {}, {}  # {split: this process's references' gold}, heldout_eval's cache
+    if heldout and start_step == 0:  # the initial policy: the row of step 0
+        t4 = time.perf_counter()
+        last_eval = heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold, args, accelerator)
+        write_logs(args, accelerator, {"step": 0, **last_eval, "time/eval": time.perf_counter() - t4})
+
+    K = args.num_generations
+    bar = tqdm(range(start_step + 1, args.total_steps + 1), disable=not accelerator.is_main_process, desc="steps")
+    for step in bar:
+        t0 = time.perf_counter()
+        # 1. rollouts: K completions of each of this process's prompts
+        mine = prompt_indices(step, len(prompts), args.num_prompts_per_step, args.seed)[
+            rank * args.local_num_prompts : (rank + 1) * args.local_num_prompts
+        ]
+        step_prompts = [prompts[i] for i in mine]
+        enc = tokenizer(
+            [as_query(tokenizer, p) for p in step_prompts], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(device)
+        query, query_mask = enc.input_ids.repeat_interleave(K, 0), enc.attention_mask.repeat_interleave(K, 0)
+        generated = rollouts(accelerator.unwrap_model(policy), query, query_mask, args, tokenizer.pad_token_id)
+        response, response_mask, has_eos = truncate_after_eos(generated, eos_id, tokenizer.pad_token_id)
+        t1 = time.perf_counter()
+
+        # 2. scoring: reward AND features from one proxy-RM forward; reference log-probs for the KL
+        with torch.no_grad():
+            ref_logprobs = in_chunks(
+                lambda *t: response_logprobs(ref_policy, *t, args.temperature),
+                args.generation_batch_size,
+                query,
+                query_mask,
+                response,
+                response_mask,
+            )
+            reward, features = in_chunks(
+                lambda q, qm, r, rmk: reward_and_features(rm, torch.cat([q, r], 1), torch.cat([qm, rmk], 1)),
+                args.generation_batch_size,
+                query,
+                query_mask,
+                response,
+                response_mask,
+            )
+        if args.missing_eos_penalty is not None:  # a fixed reward instead of the RM's
+            reward = torch.where(has_eos, reward, args.missing_eos_penalty)
+        monitor = gold is not None and ((step - 1) % args.gold_every == 0 or step == args.total_steps)
+        log_samples = step % args.log_samples_every == 0 or step == args.total_steps
+        if monitor or log_samples:
+            texts = tokenizer.batch_decode(
+                [r[: int(m.sum()) - int(e)] for r, m, e in zip(response, response_mask, has_eos)]
+            )
+        if monitor:
+            gold_reward = gold_rewards(gold, gold_tok, [p for p in step_prompts for _ in range(K)], texts, args, device)
+            if args.missing_eos_penalty is not None:  # as eval_gold.py scores it
+                gold_reward = torch.where(has_eos, gold_reward, args.missing_eos_penalty)
+        t2 = time.perf_counter()
+
+        # --- method: advantages ---
+        # 3. advantages: Dr.GRPO (eq. 4), then the SignCert-PO worst case (eq. 8, 10-11), eps over all processes
+        certified = has_eos if args.missing_eos_penalty is not None else torch.ones_like(has_eos)  # the RM's rewards
+        ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
+        feats = features.view(-1, K, features.shape[-1])
+        other = other_model(args, rm, reward.view(-1, K), feats, ids, mask, certified.view(-1, K))  # App. C.2, E
+        advantages, radius, eps = signcert_advantages(
+            reward.view(-1, K),
+            feats,
+            args.quantile,
+            args.eps_mode,
+            args.clip,
+            certified=certified.view(-1, K),
+            gather=accelerator.gather,
+            other=other,
+        )
+        start = reward.view(-1, K) - reward.view(-1, K).mean(1, keepdim=True) if other is None else other[0]
+        # --- end method ---
+
+        # 4. update: the Dr.GRPO loss with the method's advantages
+        batch = dict(
+            query=query,
+            query_mask=query_mask,
+            response=response,
+            response_mask=response_mask,
+            ref_logprobs=ref_logprobs,
+            advantages=advantages.flatten(),
+        )
+        if args.num_ppo_epochs > 1:  # several steps on one batch: the ratio is against the sampling policy
+            with torch.no_grad():
+                batch["old_logprobs"] = in_chunks(
+                    lambda *t: response_logprobs(policy, *t, args.temperature),
+                    args.generation_batch_size,
+                    query,
+                    query_mask,
+                    response,
+                    response_mask,
+                )
+        stats = policy_update(accelerator, policy, optimizer, batch, args)
+
+        # logging, every metric over the global batch (docs/TRAINER.md defines each): what is logged, in this list
+        g = accelerator.gather
+        all_reward, all_adv, all_start = g(reward.view(-1, K)), g(advantages), g(start)
+        loss_kl = g(torch.stack([stats["loss"], stats["k3_sum"], stats["tokens"]]).unsqueeze(0))
+        # --- method: logging ---
+        all_radius = g(radius)
+        finite = torch.isfinite(all_radius) & (all_radius > 0)
+        n_finite = finite.sum().clamp(min=1)
+        method_metrics = {
+            "signcert/eps": eps,
+            "signcert/frac_rho_nonpositive": ((all_radius <= eps) & (eps > 0)).float().mean(),
+            "signcert/frac_reweighted": (all_adv != all_start).float().mean(),  # vs the advantage before eq. (10)
+            "signcert/mean_rho": torch.where(
+                finite.any(), torch.where(finite, 1 - eps / all_radius, 0).sum() / n_finite, 1.0
+            ),
+            "signcert/mean_radius": torch.where(
+                finite.any(), torch.where(finite, all_radius, 0).sum() / n_finite, math.inf
+            ),
+        }
+        per_completion = {"radius": radius.flatten()}  # samples.jsonl's own columns
+        shown = {"eps": "signcert/eps"}  # in the progress bar
+        # --- end method ---
+        metrics = {
+            "step": step,
+            "reward/proxy": all_reward.mean(),
+            "policy/kl": g(stats["seq_kl"]).mean(),
+            "policy/kl_k3_per_token": (loss_kl[:, 1].sum() / loss_kl[:, 2].sum().clamp(min=1)),
+            "policy/grad_norm": stats["grad_norm"],
+            "losses/loss": loss_kl[:, 0].mean(),
+            **method_metrics,
+            "completion/length": g(response_mask.sum(1).float()).mean(),
+            "completion/no_eos_rate": 1 - g(has_eos.float()).mean(),
+            **advantage_activity(all_adv, all_start),  # adv/std, adv/relative_change
+        }
+        if monitor:
+            all_gold = g(gold_reward.view(-1, K))
+            metrics["reward/gold"] = all_gold.mean()
+            metrics["rm/proxy_accuracy"] = pairwise_agreement(all_reward, all_gold)
+        metrics = on_host(metrics)  # the step's one host sync; it returns when the update has finished
+        t3 = time.perf_counter()
+        metrics |= {"time/step": t3 - t0, "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2}
+        if heldout and (step % args.eval_every == 0 or step == args.total_steps):  # the policy after this update
+            t4 = time.perf_counter()
+            last_eval = heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold, args, accelerator)
+            metrics |= last_eval | {"time/eval": time.perf_counter() - t4}
+        samples = None
+        if log_samples:  # every completion of the step
+            local = [
+                dict(
+                    step=step,
+                    group=rank * args.local_num_prompts + i // K,
+                    prompt=step_prompts[i // K],
+                    response=texts[i],
+                    has_eos=bool(has_eos[i]),
+                    length=int(response_mask[i].sum()),
+                    proxy=reward[i].item(),
+                    gold=gold_reward[i].item() if monitor else None,
+                    advantage=advantages.flatten()[i].item(),
+                    **{name: values[i].item() for name, values in per_completion.items()},
+                )
+                for i in range(len(texts))
+            ]
+            samples = gather_object(local)
+        write_logs(args, accelerator, metrics, samples)  # metrics.jsonl, samples.jsonl, wandb
+        if accelerator.is_main_process:
+            bar.set_postfix(
+                proxy=f"{metrics['reward/proxy']:.2f}",
+                gold=f"{metrics.get('reward/gold', math.nan):.2f}",
+                kl=f"{metrics['policy/kl']:.1f}",
+                **{name: f"{metrics[key]:.3g}" for name, key in shown.items()},
+                val_gold=f"{last_eval.get('eval/validation/gold_reward', math.nan):.2f}",  # the last held-out eval
+            )
+        if step % args.save_every == 0 and step < args.total_steps:
+            save_checkpoint(accelerator, policy, optimizer, step, args.output_dir)
+
+    save_final(args, accelerator, policy, tokenizer)  # the final policy, for eval_gold.py (atomic)
+    finish(accelerator, run_lock)
+
+
+# ------------------------------------------------------------------------- arguments and batch sizes
+def read_args():
+    """(args, on_cpu): the command line over its preset, every check that needs no file (the method's own come after,
+    in `main`), and the batch arithmetic; errors say what to do."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="tiny", choices=PRESETS)
+    args = tyro.cli(Args, default=PRESETS[pre.parse_known_args()[0].preset])
+    if args.num_generations < 2:
+        raise ValueError(
+            f"--num-generations must be >= 2: the group baseline needs at least two completions per prompt (paper: 8), "
+            f"got {args.num_generations}"
+        )
+    if args.resume and not args.output_dir:
+        raise ValueError(
+            f"--resume needs --output-dir: the folder of the run to continue (e.g. runs/{args.exp_name}__1__1764180000)"
+        )
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues a run and --overwrite deletes it: pass one of them")
+    if min(args.gold_every, args.save_every, args.log_samples_every) < 1:
+        raise ValueError("--gold-every, --save-every and --log-samples-every must be >= 1")
+    if args.eval_every < 0 or args.eval_num_prompts < 1 or not args.eval_temperature > 0 or not args.eval_splits:
+        raise ValueError(
+            f"the held-out evaluation needs --eval-every >= 0 (0: off), --eval-num-prompts >= 1, --eval-temperature "
+            f"> 0 and at least one --eval-splits; got {args.eval_every}, {args.eval_num_prompts}, "
+            f"{args.eval_temperature}, {args.eval_splits}"
+        )
+    for name in ("policy_path", "gold_rm_path"):
+        require_path(getattr(args, name), f"--{name.replace('_', '-')}")
+
+    # batch arithmetic, checked before anything heavy is loaded
+    from accelerate import PartialState
+
+    on_cpu = not torch.cuda.is_available()  # then `accelerate launch --multi_gpu` runs CPU processes (gloo)
+    args.num_processes = PartialState(cpu=on_cpu).num_processes
+    args.local_num_prompts = exact_div(
+        args.num_prompts_per_step, args.num_processes, "--num-prompts-per-step over the processes"
+    )
+    args.local_batch_size = args.local_num_prompts * args.num_generations
+    args.batch_size = args.num_prompts_per_step * args.num_generations
+    if args.micro_batch_size == 0 and on_cpu:  # auto on a CPU: no memory to fit, the cap keeps each matmul cache-sized
+        args.micro_batch_size = fit_micro_batch(args.local_batch_size, 0, 1, CPU_MICRO_BATCH)
+    args.gradient_accumulation_steps = exact_div(  # auto on a GPU: 1 until the models are loaded and measured
+        args.local_batch_size,
+        args.micro_batch_size or args.local_batch_size,
+        "completions per process (--num-prompts-per-step x --num-generations / processes) over --micro-batch-size",
+    )
+    return args, on_cpu
+
+
+@contextlib.contextmanager
+def input_errors_said_once():
+    """Around the setup: a ValueError or FileNotFoundError (the input checks' errors, which say what to do) ends
+    the run with its message alone, printed by the main process only; under `accelerate launch` every process
+    would otherwise print the same traceback (the launcher still adds its own). Errors after the setup keep
+    their traceback."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            raise SystemExit(f"error: {e}") from None
+        raise SystemExit(1) from None
 
 
 def exact_div(a: int, b: int, what: str) -> int:
@@ -312,170 +815,6 @@ def require_path(path: Optional[str], flag: str) -> None:
             f"{missing}, and the hub is unreachable ({type(e).__name__}: {e}) ({todo}; for a hub model, "
             "check the network or HF_ENDPOINT)"
         ) from None
-
-
-@torch.no_grad()  # eq. (11): A, Delta and rho are constants of the policy update (stop-gradient)
-def signcert_advantages(
-    rewards, features, quantile, eps_mode="delta", clip=False, certified=None, gather=lambda t: t, other=None
-):
-    """SignCert-PO advantages for B prompts with K completions each. Self-contained: copy it into any trainer.
-
-    What the caller supplies:
-    rewards:   (B, K) proxy rewards r_j = w^T h_j + b, and
-    features:  (B, K, d) the h_j of THE SAME forward: the input of the RM's linear head (`reward_and_features`).
-    quantile:  q in [0, 1]; eps is the q-quantile of the radii (q = 0: eps = 0, exactly Dr.GRPO).
-    eps_mode:  "delta" (default): quantile of {Delta_j}; "inv_delta": of {1 / Delta_j} (the paper's Algorithm 1;
-               docs/METHOD.md section 3.1).
-    clip:      clip rho_j at 0 (ablation); the paper is unclipped: Delta_j < eps reverses the sign of A_j.
-    certified: (B, K) bool, False where r_j is NOT the RM's score but a fixed value the RM did not give (the
-               missing-EOS penalty). Such a reward does not move with the head, so it is not the RM's to certify:
-               the completion keeps its Dr.GRPO advantage and stays out of the eps pool, and it enters the group
-               mean of the features as h = 0, which keeps the other completions' radii exact. None: all True.
-    gather:    maps this process's (B, K) radii to the global batch's (e.g. accelerator.gather), so every
-               process uses the same eps; the identity on one process.
-    other:     None (the paper's method), or (A, s), each (B, K): another advantage and its sensitivity
-               s_j = ||dA_j / dtheta|| under another uncertainty model (App. C.2 and E, `other_advantages`), used
-               instead of eq. (4) and ||h_j - hbar||; the radius is then |A_j| / s_j and the rest is the same.
-    Returns (advantages (B, K), radius (B, K), eps (0-d)), float32 (float64 for float64 inputs), no gradient.
-    Only radii 0 < Delta_j < inf (a sign to certify, features that move it) enter the quantile.
-    """
-    if rewards.ndim != 2 or rewards.shape[1] < 2 or features.shape[:2] != rewards.shape or features.ndim != 3:
-        raise ValueError(
-            f"need rewards (B, K >= 2) and features (B, K, d), got {list(rewards.shape)}, {list(features.shape)}"
-        )
-    if not 0.0 <= quantile <= 1.0 or eps_mode not in ("delta", "inv_delta"):
-        raise ValueError(f"need 0 <= quantile <= 1 and eps_mode 'delta' or 'inv_delta', got {quantile}, {eps_mode!r}")
-    if not (rewards.isfinite().all() and features.isfinite().all()):
-        raise ValueError("rewards and features must be finite: found NaN or inf (check the reward model's outputs)")
-    dtype = torch.promote_types(rewards.dtype, torch.float32)  # bf16 RM outputs: compute in float32
-    rewards = rewards.to(dtype)
-    certified = torch.ones_like(rewards, dtype=torch.bool) if certified is None else certified.bool()
-    h = features.to(dtype) * certified.unsqueeze(-1)  # a fixed reward does not move with the head: h = 0
-    adv = rewards - rewards.mean(dim=1, keepdim=True)  # eq. (4)
-    dev = (h - h.mean(dim=1, keepdim=True)).norm(dim=-1) * certified  # ||h_j - hbar|| = ||dA_j / dw||, 0 if fixed
-    if other is not None:  # another advantage (App. E) or uncertainty model (App. C.2): its A_j and ||dA_j / dtheta||
-        adv, dev = other[0].to(dtype), other[1].to(dtype) * certified
-    radius = torch.where(dev > 0, adv.abs() / dev, torch.full_like(adv, math.inf))  # eq. (8)
-    pool = gather(radius).flatten()  # eps from the global batch
-    pool = pool[torch.isfinite(pool) & (pool > 0)]
-    pool = pool if eps_mode == "delta" else 1.0 / pool
-    eps = torch.quantile(pool, quantile) if quantile > 0 and pool.numel() > 0 else adv.new_zeros(())
-    shrunk = adv.abs() - eps * dev  # |A_j| rho_j
-    if clip:
-        shrunk = shrunk.clamp(min=0.0)
-    return adv.sign() * shrunk, radius, eps  # eq. (10)-(11)
-
-
-# The paper's other uncertainty models (App. C.2) and policy gradients (App. E): --uncertainty and --advantage.
-# Every one is certified the same way: with theta what the adversary perturbs, the radius is
-#     Delta_j = |A_j| / ||dA_j / dtheta||      and the worst case over ||delta|| <= eps is
-#     Atilde_j = A_j - eps * sign(A_j) * ||dA_j / dtheta||          (exact where A is linear in theta, else first order)
-# With g_k = dr_k / dtheta, dA_j / dtheta = sum_k (dA_j / dr_k) g_k, so a group needs only the Jacobian J = dA / dr of
-# its advantage and the Gram matrix G_kl = g_k . g_l of its rewards' gradients (both K x K):
-#     ||dA_j / dtheta||^2 = (J G J^T)_jj
-GRPO_STD_EPS = 1e-4  # vanilla GRPO divides by the group's std + this, as TRL's GRPOTrainer
-
-
-def advantage_jacobian(rewards, advantage, baseline=0.0):
-    """The group advantage A (B, K) and its Jacobian dA_j / dr_k (B, K, K) for `--advantage`:
-    drgrpo     A_j = r_j - mean_k r_k                         eq. (4): linear, so the radius is exact
-    grpo       A_j = (r_j - mean_k r_k) / (std_k r_k + 1e-4)  App. E.2.2 (std unbiased, as TRL): first order
-    reinforce  A_j = r_j - V, V = `baseline` a constant       App. E.1, eq. (19): exact"""
-    B, K = rewards.shape
-    eye = torch.eye(K, dtype=rewards.dtype, device=rewards.device).expand(B, K, K)
-    if advantage == "reinforce":
-        return rewards - baseline, eye
-    centred = rewards - rewards.mean(1, keepdim=True)
-    jac = eye - 1.0 / K
-    if advantage == "drgrpo":
-        return centred, jac
-    std = rewards.std(1, keepdim=True)
-    scale = std + GRPO_STD_EPS
-    dstd = torch.where(std > 0, centred / ((K - 1) * std), 0.0)  # d std / d r_k
-    adv = centred / scale
-    return adv, (jac - adv.unsqueeze(-1) * dstd.unsqueeze(1)) / scale.unsqueeze(-1)
-
-
-def uncertainty_gram(uncertainty, rm, features, ids=None, mask=None, params=None):
-    """The Gram matrix G_kl = g_k . g_l (B, K, K), float64, of each group's reward gradients over what is uncertain:
-    head     the linear head w (eq. 7, the paper's method): g_k = h_k
-    feature  the group's features h_1..h_K (App. C.2, eq. 16): dr_k / dh_l = w if k = l, so G = ||w||^2 I and
-             Delta_j = |A_j| / (||w|| sqrt(1 - 1/K)) for Dr.GRPO: a function of |A_j| alone
-    full     every RM parameter (App. C.2): g_k = dr_k / dtheta, the exact per-completion gradient, one forward and
-             backward per completion (`ids`, `mask`: the RM's inputs, (B * K, L)), the K of a group held at once in
-             float64: K x (RM parameters) x 8 bytes, e.g. 8 x 1.0e9 x 8 = 64 GB for Pythia-1B's RM (the tiny RM's:
-             10 MB); at that size one would keep them in float32 and accumulate the Gram matrix pair by pair
-    features: (B, K, d), the h_k of `reward_and_features`; params: `full` over these alone (default: all)."""
-    B, K, _ = features.shape
-    if uncertainty == "head":
-        h = features.double()
-        return h @ h.transpose(1, 2)
-    if uncertainty == "feature":
-        w2 = rm.score.weight.double().square().sum()
-        return w2 * torch.eye(K, dtype=torch.float64, device=features.device).expand(B, K, K)
-    grams = []
-    for i in range(0, B * K, K):  # one group: its K per-completion gradients, then their Gram matrix
-        g = reward_gradients(rm, ids[i : i + K], mask[i : i + K], params)
-        grams.append(g @ g.T)
-    return torch.stack(grams)
-
-
-def reward_gradients(rm, ids, mask, params=None):
-    """dr_n / dtheta of each row n of (ids, mask) over `params` (default: all the RM's), flattened: (N, P) float64.
-    Exact per-completion gradients: one forward and one backward of the RM per row; the RM is left frozen."""
-    params = list(rm.parameters()) if params is None else params
-    grads = []
-    with torch.enable_grad():
-        rm.requires_grad_(True)
-        try:
-            for n in range(ids.shape[0]):
-                reward, _ = reward_and_features(rm, ids[n : n + 1], mask[n : n + 1])
-                g = torch.autograd.grad(reward.sum(), params, materialize_grads=True)
-                grads.append(torch.cat([t.flatten() for t in g]).double())
-        finally:
-            rm.requires_grad_(False)
-    return torch.stack(grads)
-
-
-def other_advantages(rewards, gram, advantage, baseline=0.0, certified=None):
-    """(A, s) for `signcert_advantages(..., other=(A, s))`: the advantage A (B, K) of `advantage_jacobian` and its
-    sensitivity s_j = ||dA_j / dtheta|| = sqrt((J G J^T)_jj) with `gram` from `uncertainty_gram`. A reward that is
-    not the RM's (`certified` False: the missing-EOS penalty) does not move: its g_k = 0. In float64: GRPO's J has
-    cancellations (a group whose other rewards are all the penalty has dA_j / dr_j = 0 exactly)."""
-    adv, jac = advantage_jacobian(rewards.double(), advantage, baseline)
-    gram = gram.double()
-    if certified is not None:
-        c = certified.double()
-        gram = gram * c.unsqueeze(-1) * c.unsqueeze(-2)
-    sens = torch.einsum("bjk,bkl,bjl->bj", jac, gram, jac).clamp(min=0).sqrt()
-    dtype = torch.promote_types(rewards.dtype, torch.float32)
-    return adv.to(dtype), sens.to(dtype)
-
-
-def advantage_activity(advantages, rewards):
-    """How much a method changes the update's signal (logged so that a knob can be shown to act): the spread of its
-    advantages (population std) and sum |A - A0| / sum |A0|, with A0 = the group-centred `rewards` (eq. 4, the
-    Dr.GRPO advantage the method starts from). advantages, rewards: (B, K), the global batch."""
-    plain = rewards - rewards.mean(dim=1, keepdim=True)
-    change = (advantages - plain).abs().sum() / plain.abs().sum().clamp(min=torch.finfo(plain.dtype).tiny)
-    return {"adv/std": advantages.std(correction=0), "adv/relative_change": change}
-
-
-def dr_grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_range, kl_coef, normalizer):
-    """The Dr.GRPO loss (Liu et al. 2025; TRL `loss_type="dr_grpo"`) of a batch of completions.
-
-    logprobs, old_logprobs, ref_logprobs, mask: (N, T) per response token; advantages: (N,).
-    The token losses are SUMMED and divided by a constant `normalizer` (completions x max_new_tokens),
-    never by a sequence's own length: the loss does not depend on how a batch is split.
-    Returns (loss, kl) with kl the mean k3 estimate per real token (for logging).
-    """
-    ratio = torch.exp(logprobs - old_logprobs)
-    adv = advantages.unsqueeze(1)
-    pg = -torch.min(ratio * adv, ratio.clamp(1 - clip_range, 1 + clip_range) * adv)  # PPO clip
-    log_r = ref_logprobs - logprobs
-    kl = torch.exp(log_r) - log_r - 1  # k3 estimator of KL(pi || pi_ref), >= 0
-    loss = ((pg + kl_coef * kl) * mask).sum() / normalizer
-    return loss, (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
 # ------------------------------------------------------------------------- data (as in the stage scripts)
@@ -678,7 +1017,33 @@ def build_prompts(rows, tokenizer, max_prompt_length, where):
     return [to_prompt_response(r, fmt, tokenizer, max_prompt_length)[0] for r in rows]
 
 
-# ------------------------------------------------------------------------- models
+def load_heldout(args, tokenizer):
+    """{split: (prompts, references)} of the held-out evaluation: the first --eval-num-prompts rows of each of
+    --eval-splits (empty when the evaluation is off), built as the training prompts are."""
+    heldout = {}
+    if args.eval_every > 0 and args.gold_rm_path:
+        for split in dict.fromkeys(args.eval_splits):
+            try:
+                split_rows, split_where = load_split(args.dataset, split, args.dataset_config)
+            except (FileNotFoundError, ValueError, RuntimeError) as e:
+                raise ValueError(
+                    f"--eval-splits {split}: {e}; pass the held-out splits that {args.dataset} has, or --eval-every 0"
+                ) from None
+            if len(split_rows) < args.eval_num_prompts:
+                raise ValueError(
+                    f"--eval-num-prompts {args.eval_num_prompts} is more than the {len(split_rows)} rows of "
+                    f"{split_where}: pass --eval-num-prompts {len(split_rows)} or fewer"
+                )
+            split_rows = split_rows[: args.eval_num_prompts]
+            fmt = detect_format(split_rows, split_where)
+            heldout[split] = (
+                build_prompts(split_rows, tokenizer, args.max_prompt_length, split_where),
+                [to_prompt_response(r, fmt, tokenizer, args.max_prompt_length)[1] for r in split_rows],
+            )
+    return heldout
+
+
+# ------------------------------------------------------------------------- models and scoring
 def check_reward_config(path: str, trust_remote_code: bool, flag: str) -> None:
     """Refuse a checkpoint that is not a one-output sequence classifier BEFORE loading its weights:
     transformers would silently put a random `score` head on a causal LM."""
@@ -826,6 +1191,43 @@ def pairwise_agreement(proxy, gold):
     return ((dp * dg > 0) & upper).sum() / upper.sum().clamp(min=1)  # a 0-d tensor (on_host syncs it)
 
 
+def load_policies(args, ckpt, tokenizer, dtype):
+    """(policy, reference): the policy to train (from the checkpoint on --resume), and the frozen SFT policy that
+    the KL is taken to, in `dtype` (bf16 with --bf16)."""
+    trust = dict(trust_remote_code=args.trust_remote_code)
+    policy = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "model") if ckpt else args.policy_path, **trust)
+    policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    if args.gradient_checkpointing:  # acts in train mode, which policy_update sets
+        policy.gradient_checkpointing_enable()
+        policy.disable_input_require_grads()  # a hook for frozen (PEFT) embeddings; torch.compile rejects it
+    ref_policy = (
+        AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=dtype, **trust).eval().requires_grad_(False)
+    )
+    return policy, ref_policy
+
+
+def check_vocabulary(model, what, tokenizer):
+    """Refuse a model that reads the policy's token ids with a smaller vocabulary than the policy tokenizer's."""
+    if model.config.vocab_size < len(tokenizer):
+        raise ValueError(
+            f"{what}'s vocabulary ({model.config.vocab_size}) is smaller than the policy tokenizer's "
+            f"({len(tokenizer)}): the proxy must share the policy's tokenizer (train it with train_rm.py)"
+        )
+
+
+def load_gold(args, dtype):
+    """(gold RM, its tokenizer, right-padded), or (None, None) without --gold-rm-path: it only monitors."""
+    if not args.gold_rm_path:
+        return None, None
+    gold = load_reward_model(args.gold_rm_path, args.trust_remote_code, dtype, "--gold-rm-path")
+    gold_tok = AutoTokenizer.from_pretrained(
+        args.gold_rm_path, padding_side="right", trust_remote_code=args.trust_remote_code
+    )
+    gold_tok.pad_token = gold_tok.pad_token or gold_tok.eos_token
+    return gold, gold_tok
+
+
+# ------------------------------------------------------------------------- held-out evaluation
 @torch.no_grad()
 def heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold, args, accelerator):
     """The gold reward of the CURRENT policy on fixed held-out prompts, scored as eval_gold.py scores it.
@@ -901,7 +1303,8 @@ def open_run_dir(args, accelerator):
     """Make `args.output_dir` this run's, on the main process, before anything heavy: refuse a folder that
     holds a run unless --resume or --overwrite; on --resume, refuse arguments that would change the run
     (against its args.json) and keep its run_name; take a lock that this process holds until it exits, so
-    a second run (e.g. a resume while orphaned workers of a killed launcher still write) is refused.
+    a second run (e.g. a resume while orphaned workers of a killed launcher still write) is refused. A folder that
+    holds no run (`holds_a_run`: what a start that failed before its first step left) is emptied and reused, said.
     Errors are raised on every process. Returns the lock's open file (keep it referenced)."""
     error, lock, out = None, None, args.output_dir
     if accelerator.is_main_process:
@@ -914,7 +1317,13 @@ def open_run_dir(args, accelerator):
             error = f"{out} is in use by a live run (pid {lock.read().strip() or '?'}): stop it first, or pick another --output-dir"
         used = [name for name in os.listdir(out) if name != ".lock"]
         saved = os.path.join(out, "args.json")
-        if error is None and used and args.overwrite:
+        stale = error is None and used and not args.resume and not args.overwrite and not holds_a_run(out)
+        if stale:  # emptied below, as --overwrite empties a folder
+            print(
+                f"[run] {out} holds no run, only what a start that failed before its first step left "
+                f"({', '.join(sorted(used))}): starting afresh in it"
+            )
+        if error is None and used and (args.overwrite or stale):
             for name in used:
                 path = os.path.join(out, name)
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
@@ -939,8 +1348,28 @@ def open_run_dir(args, accelerator):
             lock.flush()
     error, args.run_name = broadcast_object_list([error, args.run_name])
     if error:
-        raise SystemExit(f"error: {error}")
+        raise ValueError(error)  # said once, by the main process (`input_errors_said_once`)
     return lock
+
+
+def holds_a_run(out):
+    """Whether folder `out` holds a run that a new one must not silently replace: a checkpoint (`latest`,
+    checkpoint-*), a final `model`, or a metrics.jsonl row past step 0 (an unreadable row counts as one). Anything
+    else (args.json, the step-0 evaluation's row, a wandb folder) is what a start that failed before its first step
+    leaves: such a folder holds no run, and the next run into it reuses it."""
+    if any(name in ("latest", "model") or name.startswith("checkpoint-") for name in os.listdir(out)):
+        return True
+    metrics = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(metrics):
+        return False
+    with open(metrics) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] > 0:
+                    return True
+            except (ValueError, KeyError, TypeError):
+                return True
+    return False
 
 
 def save_checkpoint(accelerator, policy, optimizer, step, output_dir):
@@ -1003,6 +1432,130 @@ def keep_steps_upto(path, step):
             f.writelines(kept)
 
 
+def announce_run(args, heldout, accelerator):
+    """The main process prints the batch, the held-out evaluation and the arguments, and writes args.json."""
+    if not accelerator.is_main_process:
+        return
+    print(
+        f"[{args.exp_name}] {args.num_processes} process(es) x {args.local_num_prompts} prompts x "
+        f"{args.num_generations} completions = {args.batch_size} completions per step, in "
+        f"{args.gradient_accumulation_steps} micro-batches of {args.micro_batch_size or 'auto (measured below)'} "
+        "per process; "
+        f"Dr.GRPO normaliser = {args.batch_size} x {args.max_new_tokens} tokens"
+    )
+    print(
+        f"held-out gold evaluation: the first {args.eval_num_prompts} prompts of {list(heldout)} at temperature "
+        f"{args.eval_temperature}, at step 0, every {args.eval_every} steps and at the last"
+        if heldout
+        else f"held-out gold evaluation: off ({'--eval-every 0' if args.gold_rm_path else 'no --gold-rm-path'})"
+    )
+    print(json.dumps(asdict(args), indent=1))
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+
+
+def seed_everything(args, device):
+    """The same seed on every process for the initialisation (sampling reseeds with seed + rank); on a CPU the
+    cores shared between the processes (OMP_NUM_THREADS, if set, decides)."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    if device.type == "cpu":
+        torch.set_num_threads(
+            int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // args.num_processes)
+        )
+
+
+def checkpoint_step(ckpt):
+    """The step a checkpoint was written after (0: no checkpoint, a fresh start)."""
+    if not ckpt:
+        return 0
+    with open(os.path.join(ckpt, "state.json")) as f:
+        return json.load(f)["step"]
+
+
+def start_logs(args, accelerator, num_prompts, start_step, ckpt):
+    """On the main process: say where the run starts; cut metrics.jsonl and samples.jsonl at the checkpoint (a
+    resumed run writes the steps after it again; without one, all); start wandb with --track."""
+    if not accelerator.is_main_process:
+        return
+    print(
+        f"{num_prompts} prompts from {args.dataset}[{args.dataset_split}]; starting at step {start_step + 1} "
+        f"of {args.total_steps}{' (resumed from ' + ckpt + ')' if ckpt else ''}; writing to {args.output_dir}"
+    )
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        keep_steps_upto(os.path.join(args.output_dir, name), start_step if ckpt else -1)
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            config=asdict(args),
+            name=args.run_name,
+            id=args.run_name,  # a resumed run keeps its name, so it continues the same wandb run
+            resume="allow",
+            dir=args.output_dir,
+            save_code=True,
+        )
+
+
+def write_logs(args, accelerator, metrics, samples=None):
+    """On the main process: a step's metrics to metrics.jsonl, its completions (if logged) to samples.jsonl, both
+    to wandb with --track."""
+    if not accelerator.is_main_process:
+        return
+    with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if samples:
+        with open(os.path.join(args.output_dir, "samples.jsonl"), "a") as f:
+            f.writelines(json.dumps(s) + "\n" for s in samples)
+    if args.track:
+        import wandb
+
+        wandb.log(metrics, step=metrics["step"])
+        if samples:
+            table = wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])
+            wandb.log({"samples": table}, step=metrics["step"])
+
+
+def advantage_activity(advantages, start):
+    """How much a method changes the update's signal (logged so that a knob can be shown to act): the spread of its
+    advantages (population std) and sum |A - A0| / sum |A0|, with A0 = `start`, the advantage the method starts from
+    (Dr.GRPO's, eq. 4, or, under --advantage grpo|reinforce, that form's), so 0 where the method changes nothing.
+    advantages, start: (B, K), the global batch."""
+    change = (advantages - start).abs().sum() / start.abs().sum().clamp(min=torch.finfo(start.dtype).tiny)
+    return {"adv/std": advantages.std(correction=0), "adv/relative_change": change}
+
+
+def save_final(args, accelerator, policy, tokenizer):
+    """The final policy and its tokenizer in {output_dir}/model, for eval_gold.py (atomic: written next to its
+    place, then renamed)."""
+    if accelerator.is_main_process:
+        final, tmp = os.path.join(args.output_dir, "model"), os.path.join(args.output_dir, "model.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(policy).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        print(f"saved the policy to {final}; metrics in {os.path.join(args.output_dir, 'metrics.jsonl')}")
+    accelerator.wait_for_everyone()
+
+
+def finish(accelerator, run_lock):
+    """Stop the trackers and the process group, then let the run folder go (its lock)."""
+    accelerator.end_training()  # stops the trackers, destroys the process group
+    if run_lock is not None:  # None on the other processes
+        run_lock.close()
+    if accelerator.num_processes > 1 and not accelerator.is_main_process and accelerator.device.type == "cpu":
+        # all is written; a gloo worker of torch 2.13 can still abort in its C++ teardown at interpreter exit
+        # ("terminate called without an active exception", exit -6, seen twice in CI runs): leave without it
+        print(end="", flush=True)
+        os._exit(0)
+
+
+# ------------------------------------------------------------------------- sampling
 def prompt_indices(step, num_prompts, per_step, seed):
     """The dataset rows of a step: consecutive slices of a fresh permutation every epoch. A function of
     its arguments alone, so a resumed run sees exactly the prompts an uninterrupted one would have."""
@@ -1018,6 +1571,13 @@ def in_chunks(fn, size, *tensors):
     """fn over slices of `size` rows, outputs concatenated (bounds the memory of no-grad forwards)."""
     outs = [fn(*(t[i : i + size] for t in tensors)) for i in range(0, tensors[0].shape[0], size)]
     return tuple(torch.cat(o) for o in zip(*outs)) if isinstance(outs[0], tuple) else torch.cat(outs)
+
+
+def rollouts(policy, query, query_mask, args, pad_id):
+    """Step 1's sampling: a completion of every row of `query`, by --generation-backend (`sample` or `sample_static`:
+    the same distribution), --generation-batch-size rows at a time; padded to max_new_tokens."""
+    sampler = sample if args.generation_backend == "hf" else sample_static
+    return in_chunks(lambda q, m: sampler(policy, q, m, args, pad_id), args.generation_batch_size, query, query_mask)
 
 
 @torch.no_grad()
@@ -1097,6 +1657,7 @@ def sample_static(policy, query, query_mask, args, pad_id, _compiled={}):
     return out
 
 
+# ------------------------------------------------------------------------- update
 CPU_MICRO_BATCH = 32  # --micro-batch-size 0 on a CPU: the largest divisor of the per-process batch up to this
 
 
@@ -1137,6 +1698,27 @@ def measured_micro_batch(policy, local_batch, length, args, device):
     budget = 0.9 * torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)
     budget -= 8 * sum(p.numel() for p in policy.parameters())
     return fit_micro_batch(local_batch, fixed, per, budget), (fixed, per, budget)
+
+
+def auto_micro_batch(args, policy, accelerator):
+    """--micro-batch-size 0 on a GPU: the largest divisor of the per-process batch whose update fits (measured at
+    the longest sequence), the smallest over the processes (DDP's steps must match); printed and saved in args.json."""
+    device = accelerator.device
+    policy.to(device)
+    length = args.max_prompt_length + args.max_new_tokens
+    fits, (fixed, per, budget) = measured_micro_batch(policy, args.local_batch_size, length, args, device)
+    mine = torch.tensor([fits], device=device)
+    args.micro_batch_size = int(accelerator.gather(mine).min())  # one split on every process (DDP's steps)
+    args.gradient_accumulation_steps = args.local_batch_size // args.micro_batch_size
+    accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
+    if accelerator.is_main_process:
+        print(
+            f"--micro-batch-size 0 (auto): {args.micro_batch_size}, {args.gradient_accumulation_steps} micro-batches "
+            f"per process (measured: {fixed / 2**30:.2f} GiB + {per / 2**30:.3f} GiB per completion of "
+            f"{length} tokens; budget {budget / 2**30:.1f} GiB)"
+        )
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=1)
 
 
 def policy_update(accelerator, policy, optimizer, batch, args):
@@ -1189,386 +1771,4 @@ def policy_update(accelerator, policy, optimizer, batch, args):
 
 
 if __name__ == "__main__":
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="tiny", choices=PRESETS)
-    args = tyro.cli(Args, default=PRESETS[pre.parse_known_args()[0].preset])
-    if not 0.0 <= args.quantile <= 1.0:
-        raise ValueError(
-            f"--quantile must lie in [0, 1] (the paper sweeps 0.1 to 0.5; 0 is Dr.GRPO), got {args.quantile}"
-        )
-    if args.resume and not args.output_dir:
-        raise ValueError(
-            f"--resume needs --output-dir: the folder of the run to continue (e.g. runs/{args.exp_name}__1__1764180000)"
-        )
-    if args.resume and args.overwrite:
-        raise ValueError("--resume continues a run and --overwrite deletes it: pass one of them")
-    if min(args.gold_every, args.save_every, args.log_samples_every) < 1:
-        raise ValueError("--gold-every, --save-every and --log-samples-every must be >= 1")
-    if args.eval_every < 0 or args.eval_num_prompts < 1 or not args.eval_temperature > 0 or not args.eval_splits:
-        raise ValueError(
-            f"the held-out evaluation needs --eval-every >= 0 (0: off), --eval-num-prompts >= 1, --eval-temperature "
-            f"> 0 and at least one --eval-splits; got {args.eval_every}, {args.eval_num_prompts}, "
-            f"{args.eval_temperature}, {args.eval_splits}"
-        )
-    for name in ("policy_path", "reward_model_path", "gold_rm_path"):
-        require_path(getattr(args, name), f"--{name.replace('_', '-')}")
-
-    # batch arithmetic, checked before anything heavy is loaded
-    from accelerate import PartialState
-
-    on_cpu = not torch.cuda.is_available()  # then `accelerate launch --multi_gpu` runs CPU processes (gloo)
-    args.num_processes = PartialState(cpu=on_cpu).num_processes
-    args.local_num_prompts = exact_div(
-        args.num_prompts_per_step, args.num_processes, "--num-prompts-per-step over the processes"
-    )
-    args.local_batch_size = args.local_num_prompts * args.num_generations
-    args.batch_size = args.num_prompts_per_step * args.num_generations
-    if args.micro_batch_size == 0 and on_cpu:  # auto on a CPU: no memory to fit, the cap keeps each matmul cache-sized
-        args.micro_batch_size = fit_micro_batch(args.local_batch_size, 0, 1, CPU_MICRO_BATCH)
-    args.gradient_accumulation_steps = exact_div(  # auto on a GPU: 1 until the models are loaded and measured
-        args.local_batch_size,
-        args.micro_batch_size or args.local_batch_size,
-        "completions per process (--num-prompts-per-step x --num-generations / processes) over --micro-batch-size",
-    )
-    # inputs, checked before any model is loaded and before the run folder exists
-    rows, where = load_split(args.dataset, args.dataset_split, args.dataset_config)
-    check_reward_config(args.reward_model_path, args.trust_remote_code, "--reward-model-path")
-    if args.gold_rm_path:
-        check_reward_config(args.gold_rm_path, args.trust_remote_code, "--gold-rm-path")
-    trust = dict(trust_remote_code=args.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(args.policy_path, padding_side="left", **trust)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # only if it has none (pad is masked anyway)
-    eos_id = tokenizer.eos_token_id
-    check_same_tokenizer(tokenizer, args.reward_model_path, args.trust_remote_code)
-    prompts = build_prompts(rows, tokenizer, args.max_prompt_length, where)
-    heldout = {}  # {split: (prompts, references)}: the first --eval-num-prompts of each split, fixed
-    if args.eval_every > 0 and args.gold_rm_path:
-        for split in dict.fromkeys(args.eval_splits):
-            try:
-                split_rows, split_where = load_split(args.dataset, split, args.dataset_config)
-            except (FileNotFoundError, ValueError, RuntimeError) as e:
-                raise ValueError(
-                    f"--eval-splits {split}: {e}; pass the held-out splits that {args.dataset} has, or --eval-every 0"
-                ) from None
-            if len(split_rows) < args.eval_num_prompts:
-                raise ValueError(
-                    f"--eval-num-prompts {args.eval_num_prompts} is more than the {len(split_rows)} rows of "
-                    f"{split_where}: pass --eval-num-prompts {len(split_rows)} or fewer"
-                )
-            split_rows = split_rows[: args.eval_num_prompts]
-            fmt = detect_format(split_rows, split_where)
-            heldout[split] = (
-                build_prompts(split_rows, tokenizer, args.max_prompt_length, split_where),
-                [to_prompt_response(r, fmt, tokenizer, args.max_prompt_length)[1] for r in split_rows],
-            )
-    accelerator = Accelerator(
-        cpu=on_cpu,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision="bf16" if args.bf16 else "no",
-    )
-    device, rank = accelerator.device, accelerator.process_index
-    args.run_name = broadcast_object_list([f"{args.exp_name}__{args.seed}__{int(time.time())}"])[0]
-    args.output_dir = args.output_dir or os.path.join("runs", args.run_name)
-    run_lock = open_run_dir(args, accelerator)  # refuses a used folder, checks a resume, keeps the run's name
-    if accelerator.is_main_process:
-        print(
-            f"[{args.exp_name}] {args.num_processes} process(es) x {args.local_num_prompts} prompts x "
-            f"{args.num_generations} completions = {args.batch_size} completions per step, in "
-            f"{args.gradient_accumulation_steps} micro-batches of {args.micro_batch_size or 'auto (measured below)'} "
-            "per process; "
-            f"Dr.GRPO normaliser = {args.batch_size} x {args.max_new_tokens} tokens"
-        )
-        print(
-            f"held-out gold evaluation: the first {args.eval_num_prompts} prompts of {list(heldout)} at temperature "
-            f"{args.eval_temperature}, at step 0, every {args.eval_every} steps and at the last"
-            if heldout
-            else f"held-out gold evaluation: off ({'--eval-every 0' if args.gold_rm_path else 'no --gold-rm-path'})"
-        )
-        print(json.dumps(asdict(args), indent=1))
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=1)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    if device.type == "cpu":  # share the cores between the processes (OMP_NUM_THREADS, if set, decides)
-        torch.set_num_threads(
-            int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // args.num_processes)
-        )
-
-    # models: the policy (trained), its frozen copy (KL reference), the proxy RM and, to monitor, the gold RM
-    ckpt = latest_checkpoint(args.output_dir) if args.resume else None
-    start_step = 0
-    if ckpt:
-        with open(os.path.join(ckpt, "state.json")) as f:
-            start_step = json.load(f)["step"]
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    policy = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "model") if ckpt else args.policy_path, **trust)
-    policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    if args.gradient_checkpointing:  # acts in train mode, which policy_update sets
-        policy.gradient_checkpointing_enable()
-        policy.disable_input_require_grads()  # a hook for frozen (PEFT) embeddings; torch.compile rejects it
-    ref_policy = (
-        AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=dtype, **trust).eval().requires_grad_(False)
-    )
-    rm = load_reward_model(args.reward_model_path, args.trust_remote_code, dtype, "--reward-model-path")
-    if rm.config.vocab_size < len(tokenizer):
-        raise ValueError(
-            f"the proxy RM's vocabulary ({rm.config.vocab_size}) is smaller than the policy tokenizer's "
-            f"({len(tokenizer)}): the proxy must share the policy's tokenizer (train it with train_rm.py)"
-        )
-    gold, gold_tok = None, None
-    if args.gold_rm_path:
-        gold = load_reward_model(args.gold_rm_path, args.trust_remote_code, dtype, "--gold-rm-path")
-        gold_tok = AutoTokenizer.from_pretrained(args.gold_rm_path, padding_side="right", **trust)
-        gold_tok.pad_token = gold_tok.pad_token or gold_tok.eos_token
-    if args.micro_batch_size == 0:  # auto on a GPU: measure one update's memory at the longest sequence, then fit
-        policy.to(device)
-        length = args.max_prompt_length + args.max_new_tokens
-        fits, (fixed, per, budget) = measured_micro_batch(policy, args.local_batch_size, length, args, device)
-        mine = torch.tensor([fits], device=device)
-        args.micro_batch_size = int(accelerator.gather(mine).min())  # one split on every process (DDP's steps)
-        args.gradient_accumulation_steps = args.local_batch_size // args.micro_batch_size
-        accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
-        if accelerator.is_main_process:
-            print(
-                f"--micro-batch-size 0 (auto): {args.micro_batch_size}, {args.gradient_accumulation_steps} micro-batches "
-                f"per process (measured: {fixed / 2**30:.2f} GiB + {per / 2**30:.3f} GiB per completion of "
-                f"{length} tokens; budget {budget / 2**30:.1f} GiB)"
-            )
-            with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-                json.dump(asdict(args), f, indent=1)
-    # fused AdamW (one kernel for all parameters) on a GPU; the same update, up to float rounding
-    optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=device.type == "cuda"
-    )
-    policy, optimizer = accelerator.prepare(policy, optimizer)
-    policy.eval()  # generation mode; policy_update switches to train mode and back
-    for m in (ref_policy, rm, gold):
-        if m is not None:
-            m.to(device)
-    torch.manual_seed(args.seed + rank)  # each process samples different completions
-    if ckpt:
-        restore_checkpoint(accelerator, optimizer, ckpt)
-
-    if accelerator.is_main_process:
-        print(
-            f"{len(prompts)} prompts from {args.dataset}[{args.dataset_split}]; starting at step {start_step + 1} "
-            f"of {args.total_steps}{' (resumed from ' + ckpt + ')' if ckpt else ''}; writing to {args.output_dir}"
-        )
-        for name in ("metrics.jsonl", "samples.jsonl"):  # a resumed run writes the steps after its checkpoint again
-            keep_steps_upto(os.path.join(args.output_dir, name), start_step if ckpt else -1)  # no checkpoint: all
-        if args.track:
-            import wandb
-
-            wandb.init(
-                project=args.wandb_project_name,
-                entity=args.wandb_entity,
-                config=asdict(args),
-                name=args.run_name,
-                id=args.run_name,  # a resumed run keeps its name, so it continues the same wandb run
-                resume="allow",
-                dir=args.output_dir,
-                save_code=True,
-            )
-
-    reference_gold, last_eval = {}, {}  # {split: this process's references' gold}, heldout_eval's cache
-    if heldout and start_step == 0:  # the initial policy: the row of step 0
-        t4 = time.perf_counter()
-        last_eval = heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold, args, accelerator)
-        row = {"step": 0, **last_eval, "time/eval": time.perf_counter() - t4}
-        if accelerator.is_main_process:
-            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if args.track:
-                wandb.log(row, step=0)
-
-    K = args.num_generations
-    bar = tqdm(range(start_step + 1, args.total_steps + 1), disable=not accelerator.is_main_process, desc="steps")
-    for step in bar:
-        t0 = time.perf_counter()
-        # 1. rollouts: K completions of each of this process's prompts
-        mine = prompt_indices(step, len(prompts), args.num_prompts_per_step, args.seed)[
-            rank * args.local_num_prompts : (rank + 1) * args.local_num_prompts
-        ]
-        step_prompts = [prompts[i] for i in mine]
-        enc = tokenizer(
-            [as_query(tokenizer, p) for p in step_prompts], return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(device)
-        query, query_mask = enc.input_ids.repeat_interleave(K, 0), enc.attention_mask.repeat_interleave(K, 0)
-        sampler = sample if args.generation_backend == "hf" else sample_static  # the same distribution
-        generated = in_chunks(
-            lambda q, m: sampler(accelerator.unwrap_model(policy), q, m, args, tokenizer.pad_token_id),
-            args.generation_batch_size,
-            query,
-            query_mask,
-        )
-        response, response_mask, has_eos = truncate_after_eos(generated, eos_id, tokenizer.pad_token_id)
-        t1 = time.perf_counter()
-
-        # 2. scoring: reward AND features from one proxy-RM forward; reference log-probs for the KL
-        with torch.no_grad():
-            ref_logprobs = in_chunks(
-                lambda *t: response_logprobs(ref_policy, *t, args.temperature),
-                args.generation_batch_size,
-                query,
-                query_mask,
-                response,
-                response_mask,
-            )
-            reward, features = in_chunks(
-                lambda q, qm, r, rmk: reward_and_features(rm, torch.cat([q, r], 1), torch.cat([qm, rmk], 1)),
-                args.generation_batch_size,
-                query,
-                query_mask,
-                response,
-                response_mask,
-            )
-        certified = torch.ones_like(has_eos)  # rewards the RM gave
-        if args.missing_eos_penalty is not None:  # a fixed reward instead: not the RM's, so not certified
-            certified = has_eos
-            reward = torch.where(has_eos, reward, args.missing_eos_penalty)
-        monitor = gold is not None and ((step - 1) % args.gold_every == 0 or step == args.total_steps)
-        log_samples = step % args.log_samples_every == 0 or step == args.total_steps
-        if monitor or log_samples:
-            texts = tokenizer.batch_decode(
-                [r[: int(m.sum()) - int(e)] for r, m, e in zip(response, response_mask, has_eos)]
-            )
-        if monitor:
-            gold_reward = gold_rewards(gold, gold_tok, [p for p in step_prompts for _ in range(K)], texts, args, device)
-            if args.missing_eos_penalty is not None:  # as eval_gold.py scores it
-                gold_reward = torch.where(has_eos, gold_reward, args.missing_eos_penalty)
-        t2 = time.perf_counter()
-
-        # 3. advantages: Dr.GRPO (eq. 4), then the SignCert-PO worst case (eq. 8, 10-11), eps over all processes
-        other = None  # --uncertainty/--advantage other than head/drgrpo: App. C.2 and E
-        if (args.uncertainty, args.advantage) != ("head", "drgrpo"):
-            ids, mask = torch.cat([query, response], 1), torch.cat([query_mask, response_mask], 1)
-            gram = uncertainty_gram(args.uncertainty, rm, features.view(-1, K, features.shape[-1]), ids, mask)
-            other = other_advantages(
-                reward.view(-1, K), gram, args.advantage, args.reinforce_baseline, certified.view(-1, K)
-            )
-        advantages, radius, eps = signcert_advantages(
-            reward.view(-1, K),
-            features.view(-1, K, features.shape[-1]),
-            args.quantile,
-            args.eps_mode,
-            args.clip,
-            certified=certified.view(-1, K),
-            gather=accelerator.gather,
-            other=other,
-        )
-        raw = reward.view(-1, K) - reward.view(-1, K).mean(1, keepdim=True) if other is None else other[0]
-
-        # 4. update: the Dr.GRPO loss with the re-weighted advantages
-        batch = dict(
-            query=query,
-            query_mask=query_mask,
-            response=response,
-            response_mask=response_mask,
-            ref_logprobs=ref_logprobs,
-            advantages=advantages.flatten(),
-        )
-        if args.num_ppo_epochs > 1:  # several steps on one batch: the ratio is against the sampling policy
-            with torch.no_grad():
-                batch["old_logprobs"] = in_chunks(
-                    lambda *t: response_logprobs(policy, *t, args.temperature),
-                    args.generation_batch_size,
-                    query,
-                    query_mask,
-                    response,
-                    response_mask,
-                )
-        stats = policy_update(accelerator, policy, optimizer, batch, args)
-
-        # logging: every metric over the global batch
-        g = accelerator.gather
-        all_reward, all_radius, all_adv, all_raw = g(reward.view(-1, K)), g(radius), g(advantages), g(raw)
-        finite = torch.isfinite(all_radius) & (all_radius > 0)
-        n_finite = finite.sum().clamp(min=1)
-        loss_kl = g(torch.stack([stats["loss"], stats["k3_sum"], stats["tokens"]]).unsqueeze(0))
-        metrics = {
-            "step": step,
-            "reward/proxy": all_reward.mean(),
-            "policy/kl": g(stats["seq_kl"]).mean(),
-            "policy/kl_k3_per_token": (loss_kl[:, 1].sum() / loss_kl[:, 2].sum().clamp(min=1)),
-            "policy/grad_norm": stats["grad_norm"],
-            "losses/loss": loss_kl[:, 0].mean(),
-            "signcert/eps": eps,
-            "signcert/frac_rho_nonpositive": ((all_radius <= eps) & (eps > 0)).float().mean(),
-            "signcert/frac_reweighted": (all_adv != all_raw).float().mean(),  # vs the advantage before eq. (10)
-            "signcert/mean_rho": torch.where(
-                finite.any(), torch.where(finite, 1 - eps / all_radius, 0).sum() / n_finite, 1.0
-            ),
-            "signcert/mean_radius": torch.where(
-                finite.any(), torch.where(finite, all_radius, 0).sum() / n_finite, math.inf
-            ),
-            "completion/length": g(response_mask.sum(1).float()).mean(),
-            "completion/no_eos_rate": 1 - g(has_eos.float()).mean(),
-        } | advantage_activity(all_adv, all_reward)
-        if monitor:
-            all_gold = g(gold_reward.view(-1, K))
-            metrics["reward/gold"] = all_gold.mean()
-            metrics["rm/proxy_accuracy"] = pairwise_agreement(all_reward, all_gold)
-        metrics = on_host(metrics)  # the step's one host sync; it returns when the update has finished
-        t3 = time.perf_counter()
-        metrics |= {"time/step": t3 - t0, "time/generation": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2}
-        if heldout and (step % args.eval_every == 0 or step == args.total_steps):  # the policy after this update
-            t4 = time.perf_counter()
-            last_eval = heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold, args, accelerator)
-            metrics |= last_eval | {"time/eval": time.perf_counter() - t4}
-        samples = None
-        if log_samples:  # every completion of the step
-            local = [
-                dict(
-                    step=step,
-                    group=rank * args.local_num_prompts + i // K,
-                    prompt=step_prompts[i // K],
-                    response=texts[i],
-                    has_eos=bool(has_eos[i]),
-                    length=int(response_mask[i].sum()),
-                    proxy=reward[i].item(),
-                    gold=gold_reward[i].item() if monitor else None,
-                    advantage=advantages.flatten()[i].item(),
-                    radius=radius.flatten()[i].item(),
-                )
-                for i in range(len(texts))
-            ]
-            samples = gather_object(local)
-        if accelerator.is_main_process:
-            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if samples:
-                with open(os.path.join(args.output_dir, "samples.jsonl"), "a") as f:
-                    f.writelines(json.dumps(s) + "\n" for s in samples)
-            if args.track:
-                wandb.log(metrics, step=step)
-                if samples:
-                    table = wandb.Table(columns=list(samples[0]), data=[list(s.values()) for s in samples])
-                    wandb.log({"samples": table}, step=step)
-            bar.set_postfix(
-                proxy=f"{metrics['reward/proxy']:.2f}",
-                gold=f"{metrics.get('reward/gold', math.nan):.2f}",
-                kl=f"{metrics['policy/kl']:.1f}",
-                eps=f"{metrics['signcert/eps']:.3g}",
-                val_gold=f"{last_eval.get('eval/validation/gold_reward', math.nan):.2f}",  # the last held-out eval
-            )
-        if step % args.save_every == 0 and step < args.total_steps:
-            save_checkpoint(accelerator, policy, optimizer, step, args.output_dir)
-
-    # the final policy, for eval_gold.py (atomic: written next to its place, then renamed)
-    if accelerator.is_main_process:
-        final, tmp = os.path.join(args.output_dir, "model"), os.path.join(args.output_dir, "model.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(policy).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        print(f"saved the policy to {final}; metrics in {os.path.join(args.output_dir, 'metrics.jsonl')}")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # stops the trackers, destroys the process group
-    if accelerator.num_processes > 1 and not accelerator.is_main_process and accelerator.device.type == "cpu":
-        # all is written; a gloo worker of torch 2.13 can still abort in its C++ teardown at interpreter exit
-        # ("terminate called without an active exception", exit -6, seen twice in CI runs): leave without it
-        print(end="", flush=True)
-        os._exit(0)
+    main()

@@ -223,6 +223,8 @@ def run_checks_in_process(cmd: list[str], cwd) -> subprocess.CompletedProcess:
             runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
+        if e.code is not None and not isinstance(e.code, int):  # the interpreter prints a message exit's message
+            err.write(f"{e.code}\n")
     except Exception as e:  # noqa: BLE001 - what the interpreter would print, and exit 1
         err.write("".join(traceback.format_exception_only(type(e), e)))
         code = 1

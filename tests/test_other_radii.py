@@ -326,3 +326,123 @@ def test_trainer_certifies_the_chosen_advantage_with_the_feature_radius(ci_world
         np.testing.assert_allclose([s["advantage"] for s in rows], expected.ravel(), rtol=1e-4, atol=1e-5)
         assert m["signcert/frac_reweighted"] == pytest.approx(np.mean(np.abs(expected - A) > 1e-6))
     assert json.load(open(out / "args.json"))["uncertainty"] == "feature"
+
+
+# ------------------------------------------------------------------ issue 46 item 3: the fidelity slips, each fixed
+@pytest.mark.parametrize("uncertainty", ["head", "feature", "full"])
+@pytest.mark.parametrize("kind", ["drgrpo", "grpo", "reinforce"])
+def test_quantile_0_gives_the_chosen_advantage_to_the_bit(uncertainty, kind):
+    """`--quantile 0`: eps = 0 and every advantage is the chosen form's, bit for bit in float32 (Dr.GRPO's under
+    drgrpo, whatever the uncertainty model: A is no longer computed in float64 and cast, one ulp off)."""
+    g = torch.Generator().manual_seed(3)
+    r, h = torch.randn(4, 6, generator=g), torch.randn(4, 6, 5, generator=g)
+    gram = torch.rand(4, 6, 6, generator=g, dtype=torch.float64) + torch.eye(6, dtype=torch.float64)
+    gram = gram @ gram.transpose(1, 2) if uncertainty == "full" else uncertainty_gram("head", None, h)
+    other = None if (uncertainty, kind) == ("head", "drgrpo") else other_advantages(r, gram, kind, 0.3)
+    adv, _, eps = signcert_advantages(r, h, 0.0, other=other)
+    expected = {"drgrpo": r - r.mean(1, keepdim=True), "grpo": grpo(r), "reinforce": r - 0.3}[kind]
+    assert eps == 0 and adv.dtype == torch.float32 and torch.equal(adv, expected)
+
+
+def test_relative_change_is_measured_from_the_advantage_the_method_starts_from():
+    """adv/relative_change is 0 at q = 0 under every --advantage (it was measured from Dr.GRPO's centred rewards, so
+    grpo and reinforce showed a change where the method made none), and sum |A - A0| / sum |A0| otherwise."""
+    import grpo_signcert as gs
+
+    g = torch.Generator().manual_seed(4)
+    r, h = torch.randn(4, 6, generator=g), torch.randn(4, 6, 5, generator=g)
+    for kind in ("grpo", "reinforce"):
+        other = other_advantages(r, uncertainty_gram("head", None, h), kind, 0.3)
+        adv, _, _ = signcert_advantages(r, h, 0.0, other=other)
+        assert gs.advantage_activity(adv, other[0])["adv/relative_change"] == 0
+        adv, _, _ = signcert_advantages(r, h, 0.5, other=other)
+        change = gs.advantage_activity(adv, other[0])["adv/relative_change"]
+        torch.testing.assert_close(change, (adv - other[0]).abs().sum() / other[0].abs().sum())
+
+
+def test_a_tied_group_in_float64_has_no_radius_and_leaves_eps_alone():
+    """Equal rewards whose float64 mean is a ulp off (0.1 three times): A = 0 exactly, radius 0, out of the pool; eps
+    is the one of the batch without that group (before: A = 1.4e-17, a radius of 1e-16 that dragged eps to it)."""
+    g = torch.Generator().manual_seed(5)
+    r, h = torch.randn(3, 3, generator=g, dtype=torch.float64), torch.randn(4, 3, 5, generator=g, dtype=torch.float64)
+    tied = torch.cat([r, torch.full((1, 3), 0.1, dtype=torch.float64)])
+    assert (tied[-1] - tied[-1].mean()).abs().max() > 0  # the float64 mean is not exact here
+    for kind in ("drgrpo", "grpo"):
+        other = None if kind == "drgrpo" else other_advantages(tied, uncertainty_gram("head", None, h), kind)
+        adv, radius, eps = signcert_advantages(tied, h, 0.2, other=other)
+        alone = None if kind == "drgrpo" else other_advantages(r, uncertainty_gram("head", None, h[:3]), kind)
+        assert (adv[-1] == 0).all() and (radius[-1] == 0).all()
+        assert eps == signcert_advantages(r, h[:3], 0.2, other=alone)[2]
+
+
+@pytest.mark.parametrize("kind", ["drgrpo", "grpo", "reinforce"])
+def test_inv_delta_under_the_other_models_is_the_quantile_of_the_inverse_radii(kind):
+    g = torch.Generator().manual_seed(6)
+    r, h = torch.randn(4, 6, generator=g), torch.randn(4, 6, 5, generator=g)
+    for uncertainty in ("feature", "head"):
+        gram = uncertainty_gram("head", None, h) if uncertainty == "head" else torch.eye(6).expand(4, 6, 6) * 2.0
+        other = other_advantages(r, gram, kind, 0.3)
+        adv, radius, eps = signcert_advantages(r, h, 0.4, eps_mode="inv_delta", other=other)
+        pool = radius[torch.isfinite(radius) & (radius > 0)]
+        torch.testing.assert_close(eps, torch.quantile(1.0 / pool, 0.4))
+        torch.testing.assert_close(adv, other[0] * (1 - eps / radius))
+
+
+@pytest.mark.parametrize("kind", ["grpo", "reinforce"])
+def test_full_with_grpo_and_reinforce_against_per_completion_gradients(tiny_rm, kind):
+    """full x grpo|reinforce: s_j = ||sum_k dA_j/dr_k g_k|| with the gradients taken another way (torch.func)."""
+    rm, ids, mask = tiny_rm
+    with torch.no_grad():
+        r, h = reward_and_features(rm, ids, mask)
+    gram = uncertainty_gram("full", rm, h.view(2, 4, -1), ids, mask)
+    adv, sens = other_advantages(r.view(2, 4), gram, kind, 0.2)
+    grads = per_completion_gradients(rm, ids, mask, list(rm.parameters())).view(2, 4, -1)
+    _, jac = advantage_jacobian(r.view(2, 4).double(), kind, 0.2)
+    torch.testing.assert_close(sens.double(), (jac @ grads).norm(dim=-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(adv, advantage_of(kind, r.view(2, 4), 0.2))
+
+
+def test_full_is_skipped_at_quantile_0(tiny_rm, monkeypatch):
+    """The trainer's step 3 (`other_model`) takes no per-completion gradient at q = 0 (eps = 0: s is unused)."""
+    import argparse
+
+    import grpo_signcert as gs
+
+    rm, ids, mask = tiny_rm
+    with torch.no_grad():
+        r, h = reward_and_features(rm, ids, mask)
+    calls = []
+    monkeypatch.setattr(gs, "reward_gradients", lambda *a, **k: calls.append(1) or torch.zeros(4, 3))
+    ok = torch.ones(2, 4, dtype=torch.bool)
+    for q, called in ((0.0, []), (0.3, [1, 1])):
+        calls.clear()
+        args = argparse.Namespace(uncertainty="full", advantage="drgrpo", quantile=q, reinforce_baseline=0.0)
+        adv, sens = gs.other_model(args, rm, r.view(2, 4), h.view(2, 4, -1), ids, mask, ok)
+        assert calls == called
+    args.quantile = 0.0
+    adv, radius, eps = signcert_advantages(r.view(2, 4), h.view(2, 4, -1), 0.0, other=gs.other_model(args, rm, r.view(2, 4), h.view(2, 4, -1), ids, mask, ok))  # fmt: skip
+    assert torch.equal(adv, r.view(2, 4) - r.view(2, 4).mean(1, keepdim=True)) and torch.isinf(radius).all()
+
+
+def test_full_gradients_are_written_in_place_not_stacked_from_a_list():
+    """reward_gradients' peak memory: the (N, P) float64 result once, not a list of N rows plus their stack (twice
+    the result). Measured as the growth of the process's peak RSS in a fresh interpreter (P = 4M, N = 8: 256 MB)."""
+    code = r"""
+import resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+import grpo_signcert as gs
+class RM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4_000_000) * 1e-3)
+rm = RM().requires_grad_(False)
+gs.reward_and_features = lambda m, ids, mask: ((m.w[: ids.shape[1]] * ids.float()).sum(-1, keepdim=True).sum(-1), None)
+ids = torch.ones(8, 5)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = gs.reward_gradients(rm, ids, ids)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / out.numel() / 8)
+"""
+    res = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    growth = float(res.stdout.split()[-1])  # the peak's growth over the result's own size
+    assert growth < 1.5, f"the peak grew by {growth:.2f} x the result: the gradients are held twice"

@@ -896,3 +896,19 @@ def test_heldout_eval_over_two_processes_equals_one(world, tmp_path):
     for key, value in one.items():
         assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     assert one["eval/validation/gold_reward"] != one["eval/test/gold_reward"]  # the splits' own prompts
+
+
+def test_a_failed_start_does_not_block_the_next_run_into_its_folder(world, tmp_path):
+    """A run that fails after its folder was made (here: its step-0 row and args.json written, no step) leaves a
+    folder that holds no run: the next run into it says so and starts afresh (issue 43); a folder with a step is
+    still refused."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "args.json").write_text("{}")
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "eval/test/gold_reward": 0.0}) + "\n")
+    res = subprocess.run(trainer_cmd(world, out, "--total-steps", "1"), cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "holds no run, only what a start that failed before its first step left" in res.stdout
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 1
+    again = run_checks_in_process(trainer_cmd(world, out, "--total-steps", "1"), ROOT)
+    assert again.returncode != 0 and "already holds a run" in again.stderr
