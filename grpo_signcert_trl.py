@@ -947,6 +947,11 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     if not 0.0 <= args.quantile <= 1.0:
         raise ValueError(f"--quantile must lie in [0, 1] (0 is TRL's own Dr.GRPO advantages), got {args.quantile}")
+    if args.num_generations < 2:
+        raise ValueError(
+            f"--num-generations must be >= 2: the group baseline needs at least two completions per prompt (paper: 8), "
+            f"got {args.num_generations}"
+        )
     for name in ("policy_path", "reward_model_path", "gold_rm_path"):
         require_path(getattr(args, name), f"--{name.replace('_', '-')}")
     from accelerate import PartialState

@@ -284,6 +284,15 @@ def cli(world, out, *extra):
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 
+def test_the_command_line_refuses_one_completion_per_prompt_before_anything_loads(tmp_path):
+    """K = 1 has no group baseline: its own message, before the batch arithmetic and before any path is read."""
+    cmd = [sys.executable, "grpo_signcert_trl.py", "--policy-path", str(tmp_path / "none"), "--num-generations", "1"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "--num-generations must be >= 2" in res.stderr, res.stderr[-2000:]
+    assert "multiple of" not in res.stderr and "no such local folder" not in res.stderr
+    assert not (tmp_path / "none").exists()
+
+
 def test_the_command_line_raises_the_proxy_reward_evaluates_and_resumes(ci_world_with_rm, tmp_path):
     """`python grpo_signcert_trl.py` on the CI world: the proxy reward rises (the policy learns to end, the penalty
     is -1) in 6 steps, the held-out gold evaluation is in metrics.jsonl at step 0 and every --eval-every steps;
