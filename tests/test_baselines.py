@@ -689,5 +689,5 @@ def test_every_helper_shared_by_the_trainers_is_the_same_source():
     assert {"dr_grpo_loss", "policy_update", "sample", "reward_and_features", "save_checkpoint"} <= shared
     for name in sorted(set.union(*(set(s) for s in sources.values()))):
         copies = {script: s[name] for script, s in sources.items() if name in s}
-        if len(copies) > 1:
+        if len(copies) > 1 and name != "main":  # main differs in its method regions only: test_trainer_layout.py
             assert len(set(copies.values())) == 1, f"{name} differs between {sorted(copies)}"
