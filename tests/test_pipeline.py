@@ -466,3 +466,17 @@ def test_shipped_expectation_says_whether_the_run_repeats_the_recorded_numbers()
     other = "\n".join(pipeline.shipped_expectation(numbers(drgrpo_final_gold=0.9), manifest))
     assert "not all the same" in other and "Dr.GRPO final gold: 0.900   (recorded 0.700, a difference of +0.2)" in other
     assert other.count("a difference of") == 1
+
+
+def test_policy_smollm2_takes_its_own_defaults_and_the_tiny_path_keeps_args_own(monkeypatch):
+    """`--policy smollm2` reads SMOLLM2's defaults, an explicit flag over them; without it every default is Args'
+    own (the main job's), and the SmolLM2 chain never copies the tiny world's shipped SFT policy and proxy."""
+    monkeypatch.setattr(sys, "argv", ["pipeline.py"])
+    assert pipeline.args_of_policy() == pipeline.Args()
+    monkeypatch.setattr(sys, "argv", ["pipeline.py", "--policy", "smollm2", "--rl-steps", "7"])
+    args = pipeline.args_of_policy()
+    assert args == pipeline.Args(**(pipeline.SMOLLM2 | {"rl_steps": 7}))
+    assert (args.proxy, args.methods, args.jobs) == ("frozen", ["drgrpo", "signcert", "drgrpo_kl"], 1)
+    assert "--learning-rate 1e-6" in args.extra_rl_args and "--learning-rate 3e-5" in args.extra_sft_args
+    same_settings = pipeline.Args(**{k: getattr(pipeline.Args(), k) for k in pipeline.CHAIN_SETTINGS}, policy="smollm2")
+    assert pipeline.uses_shipped_chain(pipeline.Args(), 1) and not pipeline.uses_shipped_chain(same_settings, 1)
