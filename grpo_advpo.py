@@ -414,6 +414,7 @@ def main():
             )
         require_path(args.reward_model_path, "--reward-model-path")
         # --- end method ---
+        require_path(args.gold_rm_path, "--gold-rm-path")
         # inputs, checked before any model is loaded and before the run folder exists
         rows, where = load_split(args.dataset, args.dataset_split, args.dataset_config)
         if args.gold_rm_path:
@@ -700,8 +701,7 @@ def read_args():
             f"> 0 and at least one --eval-splits; got {args.eval_every}, {args.eval_num_prompts}, "
             f"{args.eval_temperature}, {args.eval_splits}"
         )
-    for name in ("policy_path", "gold_rm_path"):
-        require_path(getattr(args, name), f"--{name.replace('_', '-')}")
+    require_path(args.policy_path, "--policy-path")  # the reward models' in `main` (the method's), then the gold's
 
     # batch arithmetic, checked before anything heavy is loaded
     from accelerate import PartialState

@@ -271,9 +271,9 @@ def test_a_path_typo_on_the_command_line_names_the_flag_offline_and_unreachable(
         proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0
         last = proc.stderr.strip().splitlines()[-1]
-        assert last.startswith("FileNotFoundError: --reward-model-path mymodels/rm: no such local folder"), last
+        assert last.startswith("error: --reward-model-path mymodels/rm: no such local folder"), last  # said plainly
         assert says in last, last
-        assert "huggingface.co" not in proc.stderr and proc.stderr.count("Traceback") == 1
+        assert "huggingface.co" not in proc.stderr and "Traceback" not in proc.stderr
         assert not (tmp_path / "runs").exists()  # refused before any folder is made
 
 
