@@ -283,7 +283,9 @@ def signcert_advantages(
     h = features.to(dtype) * certified.unsqueeze(-1)  # a fixed reward does not move with the head: h = 0
     adv = rewards - rewards.mean(dim=1, keepdim=True)  # eq. (4)
     if dtype == torch.float64:  # equal rewards: A = 0 exactly (0.1 thrice: mean 1.4e-17 off, a radius dragging eps)
-        adv = torch.where((rewards == rewards[:, :1]).all(1, keepdim=True), 0.0, adv)  # float32: as recorded (METHOD 3.3)
+        adv = torch.where(
+            (rewards == rewards[:, :1]).all(1, keepdim=True), 0.0, adv
+        )  # float32: as recorded (METHOD 3.3)
     dev = (h - h.mean(dim=1, keepdim=True)).norm(dim=-1) * certified  # ||h_j - hbar|| = ||dA_j / dw||, 0 if fixed
     if other is not None:  # another advantage (App. E) or uncertainty model (App. C.2): its A_j and ||dA_j / dtheta||
         adv, dev = other[0].to(dtype), other[1].to(dtype) * certified
