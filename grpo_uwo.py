@@ -382,6 +382,9 @@ def main():
         start_step = checkpoint_step(ckpt)
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         policy, ref_policy = load_policies(args, ckpt, tokenizer, dtype)
+        warning = learning_rate_warning(policy, args.learning_rate, PRESETS["tiny"].learning_rate)
+        if warning and accelerator.is_main_process:
+            print(warning)
         # --- method: models ---
         members = [
             load_reward_model(path, args.trust_remote_code, dtype, "--reward-model-paths")
@@ -1089,6 +1092,24 @@ def load_policies(args, ckpt, tokenizer, dtype):
         AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=dtype, **trust).eval().requires_grad_(False)
     )
     return policy, ref_policy
+
+
+TINY_MODEL_PARAMETERS = 10**7  # the tiny world's models have under a million parameters; a pretrained LM, 100M and more
+
+
+def learning_rate_warning(model, learning_rate: float, tiny_default: float) -> Optional[str]:
+    """A warning for a pretrained model trained at the tiny world's default learning rate, or None. That default is set
+    for the world's 2-layer models and moves a real LM far in a few steps (the SmolLM2-135M SFT policy at the RL
+    trainer's 2e-4: policy/kl 9.2 after 2 steps, every evaluation completion one token long)."""
+    n = sum(p.numel() for p in model.parameters())
+    if learning_rate != tiny_default or n < TINY_MODEL_PARAMETERS:
+        return None
+    return (
+        f"warning: --learning-rate {learning_rate:g} is the tiny world's default, set for its models of under "
+        f"{TINY_MODEL_PARAMETERS // 10**6}M parameters; this model has {n / 1e6:.0f}M, which that rate moves far in a "
+        "few steps. Pass --learning-rate for this model (SmolLM2-135M: 3e-5 for SFT, 1e-6 for RL; Pythia-1B: --preset "
+        "paper)"
+    )
 
 
 def check_vocabulary(model, what, tokenizer):

@@ -13,7 +13,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-SCRIPTS = ["sft", "train_rm"]
+SCRIPTS = ["sft", "train_rm", "grpo_signcert", "grpo_uwo", "grpo_advpo", "grpo_bspo"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -229,10 +229,12 @@ def test_rl_and_evaluations_on_the_real_checkpoint(smol_chain, ci_world, tmp_pat
 
     data, gold = ci_world / "data", ci_world / "gold_rm"
     rl = tmp_path / "rl"
-    run("grpo_signcert.py", "--policy-path", smol_chain / "sft", "--reward-model-path", smol_chain / "rm",
+    out = run("grpo_signcert.py", "--policy-path", smol_chain / "sft", "--reward-model-path", smol_chain / "rm",
         "--gold-rm-path", gold, "--dataset", data, "--num-prompts-per-step", 2, "--num-generations", 4,
         "--micro-batch-size", 8, "--max-new-tokens", 8, "--total-steps", 2, "--eval-every", 0, "--quantile", 0.5,
         "--log-samples-every", 1, "--output-dir", rl)  # fmt: skip
+    # the trainer's default learning rate is the tiny world's: on a real LM it says so, naming the flag
+    assert "--learning-rate 0.0002 is the tiny world's default" in out.stdout, out.stdout[-2000:]
     metrics = [m for m in read_jsonl(rl / "metrics.jsonl") if "signcert/eps" in m]
     samples = read_jsonl(rl / "samples.jsonl")
     assert len(metrics) == 2 and any(m["signcert/eps"] > 0 for m in metrics)
