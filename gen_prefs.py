@@ -115,9 +115,11 @@ class Args:
     bf16: bool = False
     """hold the policy and the gold in bf16 (GPU; else float32)"""
     use_vllm: bool = False
-    """sample with vLLM (one process; `pip install -r requirements-vllm.txt`) instead of HF generate"""
+    """sample with vLLM (one process) instead of HF generate; run the script in vLLM's own environment
+    (`bash tools/install_vllm.sh VENV`, then VENV/bin/python; requirements-vllm.txt, CPU or GPU)"""
     vllm_gpu_memory_utilization: float = 0.5
-    """fraction of the GPU vLLM may take (the gold RM is loaded next to it)"""
+    """fraction of the GPU vLLM may take (the gold RM is loaded next to it); on a CPU, of the machine's RAM for its
+    KV cache (VLLM_CPU_KVCACHE_SPACE=N, in GiB, sets the size instead)"""
 
     # to be filled in runtime
     num_processes: Annotated[int, tyro.conf.Suppress] = 0
@@ -502,12 +504,24 @@ def generate_hf(model, tokenizer, prompts: list[str], n: int, args, accelerator)
 
 
 def generate_vllm(path: str, tokenizer, prompts: list[str], n: int, args) -> tuple[list[list[int]], list[bool]]:
+    """n samples per prompt with vLLM, drawn as generate_hf draws them: from the ids of as_query(prompt) (the chat
+    template where there is one; no special tokens added), at the same temperature (top_k off, top_p 1.0) and length
+    budget, stopped by the tokenizer's EOS only (not by the other end ids a model's generation config may list, as
+    Llama-3-Instruct's does), cut after the first EOS (EOS kept). One engine seed and no per-request seed: vLLM gives
+    every request with the same seed the same random stream (a prompt that occurs twice got the same completions
+    twice), and its CPU build fails on a seeded request whose prefill is split ('CPU Generator does not use offset').
+    tests/test_vllm.py checks all of it against generate_hf."""
     try:
         from vllm import LLM, SamplingParams
     except ImportError as e:
         raise ImportError(
-            "--use-vllm needs vLLM, which is not installed: `pip install -r requirements-vllm.txt` (GPU only), or drop --use-vllm"
+            "--use-vllm needs vLLM, which is not installed here: it lives in a virtual environment of its own "
+            "(`bash tools/install_vllm.sh VENV`, requirements-vllm.txt; CPU or GPU): run this script with "
+            "VENV/bin/python, or drop --use-vllm"
         ) from e
+    queries = [
+        {"prompt_token_ids": tokenizer(as_query(tokenizer, p), add_special_tokens=False).input_ids} for p in prompts
+    ]
     llm = LLM(
         model=path,
         seed=args.seed,
@@ -516,16 +530,19 @@ def generate_vllm(path: str, tokenizer, prompts: list[str], n: int, args) -> tup
         gpu_memory_utilization=args.vllm_gpu_memory_utilization,
     )
     params = SamplingParams(
-        n=n, temperature=args.temperature, top_p=1.0, max_tokens=args.max_new_tokens, seed=args.seed
+        n=n,
+        temperature=args.temperature,
+        top_p=1.0,
+        max_tokens=args.max_new_tokens,
+        ignore_eos=True,  # vLLM's own EOS set (the tokenizer's and the generation config's) is replaced by ...
+        stop_token_ids=[tokenizer.eos_token_id],  # ... generate_hf's one EOS
     )
     responses, has_eos = [], []
-    for request in llm.generate(prompts, params):
+    for request in llm.generate(queries, params):
         for o in request.outputs:
-            ids = list(o.token_ids)
-            ended = o.finish_reason == "stop"  # stopped by EOS (not by the length budget)
-            if ended and (not ids or ids[-1] != tokenizer.eos_token_id):
-                ids.append(tokenizer.eos_token_id)
-            t, mask, e = truncate_after_eos(torch.tensor([ids]), tokenizer.eos_token_id, tokenizer.pad_token_id)
+            t, mask, e = truncate_after_eos(
+                torch.tensor([list(o.token_ids)], dtype=torch.long), tokenizer.eos_token_id, tokenizer.pad_token_id
+            )
             responses.append(t[0, : int(mask.sum())].tolist())
             has_eos.append(bool(e[0]))
     del llm
