@@ -38,6 +38,7 @@ import math
 import os
 import random
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -125,10 +126,16 @@ class Args:
     does with a reward the RM did not give: the module's docstring"""
     generation_batch_size: int = 128
     """completions generated (and scored) at once on one device"""
-    generation_backend: Literal["hf", "static", "compiled"] = "hf"
+    generation_backend: Literal["hf", "static", "compiled", "vllm"] = "hf"
     """`hf`: transformers' `generate` (the default, and the CPU path); `static`: our sampling loop over a static KV
     cache (`sample_static`, the same distribution); `compiled`: that loop with the decoding step compiled with CUDA
-    graphs (`torch.compile(mode="reduce-overhead")`, for GPUs)"""
+    graphs (`torch.compile(mode="reduce-overhead")`, for GPUs); `vllm`: a vLLM engine in this process, the policy's
+    weights pushed into it before each step's sampling (`sample_vllm`; GPU or CPU, in vLLM's own environment:
+    `bash tools/install_vllm.sh VENV`, then VENV/bin/python). The held-out evaluation samples with `generate` under
+    `hf` and `vllm` alike"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """`vllm`: the share of the GPU its engine may take beside the training (on a CPU, of the RAM for its KV cache;
+    VLLM_CPU_KVCACHE_SPACE=N, in GiB, sets the size instead)"""
 
     # -- batch sizes and steps
     total_steps: int = 300
@@ -214,6 +221,7 @@ RESUME_MAY_CHANGE = {
     "micro_batch_size",
     "gradient_accumulation_steps",
     "gradient_checkpointing",
+    "vllm_gpu_memory_utilization",
 }
 
 PRESETS = {
@@ -1140,7 +1148,7 @@ def heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold,
 
     heldout: {split: (prompts, references)}, the prompts built by `build_prompts`, the same at every call.
     For each split the prompts are split over the processes; each gets ONE completion sampled at
-    `args.eval_temperature` by the rollouts' sampler (`sample` or `sample_static`, in chunks of
+    `args.eval_temperature` by the rollouts' sampler (`sample` or `sample_static`; `sample` under vllm, in chunks of
     `generation_batch_size`), cut after its first EOS and decoded as eval_gold.py decodes it; the gold RM scores
     it (`gold_rewards`) and the proxy `rm` too (`reward_and_features` on the policy's token ids, as the rollouts);
     a completion without EOS gets `args.missing_eos_penalty` for both. A win is gold(policy) > gold(reference),
@@ -1151,7 +1159,7 @@ def heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold,
     "eval/{split}/length", "eval/{split}/no_eos_rate"}, over all the split's prompts, on every process."""
     device = accelerator.device
     model, pad_id, eos_id = accelerator.unwrap_model(policy), tokenizer.pad_token_id, tokenizer.eos_token_id
-    sampler = sample if args.generation_backend == "hf" else sample_static
+    sampler = sample if args.generation_backend in ("hf", "vllm") else sample_static
     at_eval = replace(args, temperature=args.eval_temperature)
     metrics = {}
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
@@ -1450,7 +1458,9 @@ def save_final(args, accelerator, policy, tokenizer):
 
 
 def finish(accelerator, run_lock):
-    """Stop the trackers and the process group, then let the run folder go (its lock)."""
+    """Stop the vLLM engine (if any), the trackers and the process group, then let the run folder go (its lock)."""
+    if "llm" in VLLM_ENGINE:  # before the process group goes: the engine tears down its own groups
+        VLLM_ENGINE.pop("llm").llm_engine.engine_core.shutdown()
     accelerator.end_training()  # stops the trackers, destroys the process group
     if run_lock is not None:  # None on the other processes
         run_lock.close()
@@ -1462,6 +1472,9 @@ def finish(accelerator, run_lock):
 
 
 # ------------------------------------------------------------------------- sampling
+VLLM_ENGINE = {}  # --generation-backend vllm: this process's engine, made at the first rollouts (sample_vllm)
+
+
 def prompt_indices(step, num_prompts, per_step, seed):
     """The dataset rows of a step: consecutive slices of a fresh permutation every epoch. A function of
     its arguments alone, so a resumed run sees exactly the prompts an uninterrupted one would have."""
@@ -1480,8 +1493,11 @@ def in_chunks(fn, size, *tensors):
 
 
 def rollouts(policy, query, query_mask, args, pad_id):
-    """Step 1's sampling: a completion of every row of `query`, by --generation-backend (`sample` or `sample_static`:
-    the same distribution), --generation-batch-size rows at a time; padded to max_new_tokens."""
+    """Step 1's sampling: a completion of every row of `query`, by --generation-backend (`sample`, `sample_static` or
+    `sample_vllm`: the same distribution), --generation-batch-size rows at a time (vLLM: all at once, it batches them
+    itself); padded to max_new_tokens."""
+    if args.generation_backend == "vllm":
+        return sample_vllm(policy, query, query_mask, args, pad_id)
     sampler = sample if args.generation_backend == "hf" else sample_static
     return in_chunks(lambda q, m: sampler(policy, q, m, args, pad_id), args.generation_batch_size, query, query_mask)
 
@@ -1561,6 +1577,78 @@ def sample_static(policy, query, query_mask, args, pad_id, _compiled={}):
             **{name: cache},
         ).logits
     return out
+
+
+@torch.no_grad()
+def sample_vllm(policy, query, query_mask, args, pad_id, _engine=VLLM_ENGINE):
+    """What `sample` returns, from a vLLM engine that lives in this process beside the policy (colocated, as TRL's
+    `vllm_mode="colocate"`): made at the first call from --policy-path, its seeding kept off the training's random
+    stream; then, at every call, the policy's current weights are pushed into it (`push_weights`: so it samples from
+    the policy after the last update, and from the checkpoint of a resumed run), and each row of `query` (its left
+    padding dropped) gets one completion at `args.temperature` (no top-k, no top-p), stopped by the EOS ids of
+    `policy.generation_config` as `generate` stops, padded with `pad_id`. The log-probs of the loss are still the
+    policy's own (step 4). One engine per process (each takes its share of the prompts, as under `hf`)."""
+    if "llm" not in _engine:
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise ImportError(
+                "--generation-backend vllm needs vLLM, which is not installed here: it lives in a virtual environment "
+                "of its own (`bash tools/install_vllm.sh VENV`, requirements-vllm.txt; CPU or GPU): run this script "
+                "with VENV/bin/python, or use --generation-backend hf"
+            ) from e
+        if "MASTER_PORT" not in os.environ:  # a plain `python` run: vLLM forms a process group of its own, of one
+            with contextlib.closing(socket.socket()) as s:  # on a free port (two runs side by side must not collide)
+                s.bind(("127.0.0.1", 0))
+                os.environ |= dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+        for name in ("RANK", "LOCAL_RANK"):
+            os.environ.setdefault(name, "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        with torch.random.fork_rng(devices=[query.device] if query.device.type == "cuda" else []):
+            _engine["llm"] = LLM(
+                model=args.policy_path,
+                seed=args.seed + int(os.environ["RANK"]),
+                dtype="bfloat16" if args.bf16 else "float32",
+                max_model_len=args.max_prompt_length + args.max_new_tokens,
+                gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                distributed_executor_backend="external_launcher",  # the engine in this process, not a spawned one
+                trust_remote_code=args.trust_remote_code,
+            )
+    from vllm import SamplingParams
+
+    llm = _engine["llm"]
+    push_weights(llm, policy)
+    eos = policy.generation_config.eos_token_id
+    params = SamplingParams(
+        n=1,
+        temperature=args.temperature,
+        top_k=0,
+        top_p=1.0,
+        max_tokens=args.max_new_tokens,
+        ignore_eos=True,  # vLLM's own EOS set (the tokenizer's and the generation config's) is replaced by ...
+        stop_token_ids=[eos] if isinstance(eos, int) else list(eos or []),  # ... the one `generate` stops at
+    )
+    requests = [{"prompt_token_ids": q[m.bool()].tolist()} for q, m in zip(query, query_mask)]
+    out = query.new_full((len(requests), args.max_new_tokens), pad_id)
+    for i, request in enumerate(llm.generate(requests, params, use_tqdm=False)):
+        tokens = list(request.outputs[0].token_ids)
+        out[i, : len(tokens)] = torch.tensor(tokens, dtype=out.dtype)
+    return out
+
+
+def push_weights(llm, policy):
+    """Copy the policy's weights into the vLLM engine (in place, in its own layout), then drop its prefix cache,
+    which holds keys and values of the old weights. vLLM 0.32 on a CPU packs the LM head for its GEMM when it loads
+    the model and does not repack it when an embedding tied to it is reloaded: the head is repacked here."""
+    worker = llm.llm_engine.model_executor.driver_worker.worker
+    worker.reload_weights(weights_iterator=((n, p.detach()) for n, p in policy.named_parameters()))
+    engine_model = worker.model_runner.get_model()
+    head = getattr(engine_model, "lm_head", None)
+    if policy.config.tie_word_embeddings and hasattr(
+        getattr(head, "quant_method", None), "process_weights_after_loading"
+    ):
+        head.quant_method.process_weights_after_loading(head)
+    llm.reset_prefix_cache()
 
 
 # ------------------------------------------------------------------------- update

@@ -11,10 +11,13 @@ end, as in tests/test_real_model.py), and each is compared with the same script'
     templated query (not under the plain prompt: the chat-template bug), and vLLM's samples have the distribution of
     HF's (a two-sample test that rejects HF's samples of the plain prompt);
   - a prompt that occurs twice gets two independent sets of completions.
+And the trainer's rollouts (`grpo_signcert.py --generation-backend vllm`, 3 steps): each step's engine samples from
+the policy as the last update left it (its log-probs are HF's under the checkpoint), and the update trains on what
+the engine sampled.
 
 They need vLLM, which pins transformers below the main environment's, so they run in a virtual environment of their
 own (`bash tools/install_vllm.sh VENV`, requirements-vllm.txt) and skip, saying so, where vLLM is not installed
-(.ci/run does not build that environment yet):
+(.ci/run builds it and runs them there):
     VENV/bin/python -m pytest tests/test_vllm.py -q
 The first test (a stand-in `vllm` module) runs in every environment.
 """
@@ -350,3 +353,81 @@ def test_a_repeated_prompt_gets_independent_completions(prefs_samples):
     assert sorted(first) != sorted(again)
     assert sum(a == b for a, b in zip(first, again)) < NUM_SAMPLES // 4  # not the same streams
     assert call["params"]["seed"] is None
+
+
+# ------------------------------------------------------------------ the trainer's rollouts (--generation-backend vllm)
+RL_STEPS, RL_TOKENS = 3, 8
+
+
+@pytest.fixture(scope="session")
+def trainer_run(tmp_path_factory, vllm_world, smollm2_cut) -> Path:
+    """grpo_signcert.py --generation-backend vllm on the EOS-raised cut, 3 steps of 2 prompts x 4 completions at a
+    learning rate that moves it (1e-3), a checkpoint after every step (the last one kept: the policy after update 2,
+    the one that sampled step 3), recorded by tests/vllm_worker.py (the engine's log-probability of every token)."""
+
+    def build(out):
+        out.mkdir(parents=True)
+        run("tests/vllm_worker.py", out / "record.json", "grpo_signcert.py", "--generation-backend", "vllm",
+            "--policy-path", vllm_world / "policy", "--reward-model-path", smollm2_cut / "rm",
+            "--dataset", vllm_world / "data", "--gold-rm-path", smollm2_cut / "rm", "--seed", 1,
+            "--total-steps", RL_STEPS, "--save-every", 1, "--num-prompts-per-step", 2, "--num-generations", 4,
+            "--max-new-tokens", RL_TOKENS, "--micro-batch-size", 8, "--eval-every", 0, "--log-samples-every", 1,
+            "--learning-rate", 1e-3, "--output-dir", out / "run")  # fmt: skip
+
+    return built_once(tmp_path_factory, "trainer_run", build)
+
+
+def engine_vs_hf(call: dict, policy) -> float:
+    """The largest |engine log-prob - HF log-prob| over every token the engine sampled in one generate call, HF's
+    reading the prompt ids the engine read."""
+    worst = 0.0
+    for request in call["requests"]:
+        ids = [o["token_ids"] for o in request["outputs"]]
+        engine = torch.tensor([lp for o in request["outputs"] for lp in o["logprobs"]])
+        hf = torch.cat(hf_log_probs(policy, request["prompt_token_ids"], ids))
+        worst = max(worst, (hf - engine).abs().max().item())
+    return worst
+
+
+@needs_vllm
+def test_the_trainers_engine_samples_from_the_policy_after_each_update(trainer_run, vllm_world):
+    """Each step's completions come from the policy as the last update left it: the engine's log-probability of every
+    token it sampled at step 3 is the HF log-probability under the checkpoint of step 2 (float32 both), and at step 1
+    under the initial policy; the initial policy gives step 3's tokens other log-probabilities (the updates moved it:
+    the check has power). Seen failing with the weights pushed once only, and without the LM head's repacking (the
+    update moves the tied embedding: the engine's head stayed the old one)."""
+    from transformers import AutoModelForCausalLM
+
+    (entry,) = json.loads((trainer_run / "record.json").read_text())
+    llm, *calls = entry["record"]
+    assert len(calls) == RL_STEPS
+    assert llm["llm"]["distributed_executor_backend"] == "external_launcher" and llm["llm"]["dtype"] == "float32"
+    initial = AutoModelForCausalLM.from_pretrained(vllm_world / "policy").eval()
+    after_2 = AutoModelForCausalLM.from_pretrained(trainer_run / "run" / "checkpoint-2" / "model").eval()
+    assert engine_vs_hf(calls[0], initial) < 2e-3
+    assert engine_vs_hf(calls[2], after_2) < 2e-3
+    assert engine_vs_hf(calls[2], initial) > 0.05
+
+
+@needs_vllm
+def test_the_trainer_trains_on_what_the_engine_sampled(trainer_run, vllm_world):
+    """The rollouts the update used (samples.jsonl, every step) are the engine's completions: per step, the same
+    multiset of lengths and endings, the completions padded with the pad id and cut after the first EOS as under
+    `generate` (here the pad id is the EOS: a completion stopped by the second end id gets one); the engine read the templated
+    queries of the step's prompts (as_query), one request per completion, at temperature 1 with the generation
+    config's end ids as its stops."""
+    tok = tokenizer_of(vllm_world / "policy")
+    (entry,) = json.loads((trainer_run / "record.json").read_text())
+    calls = entry["record"][1:]
+    samples = read_jsonl(trainer_run / "run" / "samples.jsonl")
+    for step, call in enumerate(calls, start=1):
+        rows = [s for s in samples if s["step"] == step]
+        outputs = [r["outputs"][0]["token_ids"] for r in call["requests"]]
+        assert call["params"]["temperature"] == 1.0 and call["params"]["n"] == 1 and call["params"]["ignore_eos"]
+        assert sorted(call["params"]["stop_token_ids"]) == [2, SECOND_END]
+        padded = [o + [tok.pad_token_id] * (RL_TOKENS - len(o)) for o in outputs]  # as the trainer pads them
+        ends = [p.index(tok.eos_token_id) + 1 if tok.eos_token_id in p else None for p in padded]
+        assert sorted(e or RL_TOKENS for e in ends) == sorted(r["length"] for r in rows)
+        assert sorted(e is not None for e in ends) == sorted(r["has_eos"] for r in rows)
+        queries = sorted(query_ids(tok, r["prompt"]) for r in rows)
+        assert sorted(r["prompt_token_ids"] for r in call["requests"]) == queries
