@@ -67,7 +67,7 @@ import sys
 import time
 from argparse import ArgumentParser
 from dataclasses import asdict, dataclass, field
-from typing import List, Literal
+from typing import List, Literal, Optional
 
 import tyro
 
@@ -147,6 +147,9 @@ class Args:
     """torch threads of the SFT and proxy-RM trainings, which run alone: both cores of the 2-core machine (the other
     stages run on --threads and score batches in threads on the spare core). 1 redraws the chains published before
     2026-12-05"""
+    rl_threads: Optional[int] = None
+    """torch threads of each RL run (default: --threads): `--policy smollm2` runs its 3 RL runs side by side on one
+    thread each, its other stages on 2"""
     jobs: int = 2
     """RL runs at once (2: both cores of the 2-core machine, one thread each; 1 with --num-processes > 1)"""
     rl: bool = True
@@ -198,8 +201,9 @@ class Args:
 
 
 # `--policy smollm2`: the real chain's defaults, each chosen by a trial on the 2-core CPU (docs/REAL_MODEL.md, "The
-# real chain"): SFT at 3e-5 on 1024 references (64 updates); the pairs' prompts; the frozen head; RL at 1e-6 with
-# 4 prompts x 4 completions per step, a checkpoint every 5 steps; 2 threads for every stage and one RL run at a time
+# real chain"): SFT at 3e-5 on 1024 references (64 updates); the pairs' prompts; the frozen head; RL at 3e-6 for 80
+# steps of 4 prompts x 4 completions, a checkpoint every 5 steps; 2 threads for every stage before the RL, then the
+# three RL runs side by side on one thread each: a chain seed in about 2.5 hours, within one 3-hour session
 SMOLLM2 = dict(
     policy="smollm2",
     root="runs/smollm2_chain",
@@ -210,13 +214,14 @@ SMOLLM2 = dict(
     pref_prompts=1000,
     extra_prefs_args="--num-test-prompts 256",
     proxy="frozen",
-    rl_steps=150,
+    rl_steps=80,
     eval_every=10,
     eval_num_prompts=64,
-    extra_rl_args="--learning-rate 1e-6 --num-prompts-per-step 4 --num-generations 4 --micro-batch-size 16 "
+    extra_rl_args="--learning-rate 3e-6 --num-prompts-per-step 4 --num-generations 4 --micro-batch-size 16 "
     "--save-every 5 --log-samples-every 5",
     threads=2,
-    jobs=1,
+    rl_threads=1,
+    jobs=3,
 )
 
 
@@ -275,8 +280,8 @@ def stage(args, script, out_marker, *script_args, launch=True, threads=None):
 
 
 def run_all(args, jobs):
-    """Run RL runs [(name, output folder, cmd)], `args.jobs` at a time, each with `args.threads` threads; a run whose
-    final policy exists is skipped (`--force` redoes it)."""
+    """Run RL runs [(name, output folder, cmd)], `args.jobs` at a time, each with `args.rl_threads` (or `args.threads`)
+    threads; a run whose final policy exists is skipped (`--force` redoes it)."""
     todo = []
     for name, out, cmd in jobs:
         marker = os.path.join(out, "model", "config.json")
@@ -288,11 +293,12 @@ def run_all(args, jobs):
     while todo or running:
         while todo and len(running) < max(1, args.jobs):
             name, out, cmd = todo.pop(0)
-            print(f"[pipeline] $ OMP_NUM_THREADS={args.threads} {shlex.join(cmd)}", flush=True)
+            threads = args.rl_threads or args.threads
+            print(f"[pipeline] $ OMP_NUM_THREADS={threads} {shlex.join(cmd)}", flush=True)
             os.makedirs(os.path.dirname(out), exist_ok=True)
             log = open(out + ".log", "w") if args.jobs > 1 else None
             running.append(
-                (name, subprocess.Popen(cmd, env=stage_env(args.threads), stdout=log, stderr=log), time.time(), log)
+                (name, subprocess.Popen(cmd, env=stage_env(threads), stdout=log, stderr=log), time.time(), log)
             )
         time.sleep(0.5)
         for item in list(running):

@@ -476,7 +476,29 @@ def test_policy_smollm2_takes_its_own_defaults_and_the_tiny_path_keeps_args_own(
     monkeypatch.setattr(sys, "argv", ["pipeline.py", "--policy", "smollm2", "--rl-steps", "7"])
     args = pipeline.args_of_policy()
     assert args == pipeline.Args(**(pipeline.SMOLLM2 | {"rl_steps": 7}))
-    assert (args.proxy, args.methods, args.jobs) == ("frozen", ["drgrpo", "signcert", "drgrpo_kl"], 1)
-    assert "--learning-rate 1e-6" in args.extra_rl_args and "--learning-rate 3e-5" in args.extra_sft_args
+    assert (args.proxy, args.methods, args.jobs) == ("frozen", ["drgrpo", "signcert", "drgrpo_kl"], 3)
+    assert (args.threads, args.rl_threads) == (2, 1)
+    assert "--learning-rate 3e-6" in args.extra_rl_args and "--learning-rate 3e-5" in args.extra_sft_args
     same_settings = pipeline.Args(**{k: getattr(pipeline.Args(), k) for k in pipeline.CHAIN_SETTINGS}, policy="smollm2")
     assert pipeline.uses_shipped_chain(pipeline.Args(), 1) and not pipeline.uses_shipped_chain(same_settings, 1)
+
+
+@pytest.mark.parametrize("rl_threads, expected", [(None, "2"), (1, "1")])
+def test_rl_runs_get_rl_threads_and_the_other_stages_threads(monkeypatch, tmp_path, rl_threads, expected):
+    """Each RL run starts with OMP_NUM_THREADS = --rl-threads when given, else --threads (seen failing with the RL
+    runs on --threads always)."""
+    seen = []
+
+    class Done:
+        returncode = 0
+
+        def __init__(self, cmd, env, **kwargs):
+            seen.append(env["OMP_NUM_THREADS"])
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(pipeline.subprocess, "Popen", Done)
+    args = pipeline.Args(threads=2, rl_threads=rl_threads, jobs=2)
+    pipeline.run_all(args, [(f"run{i}", str(tmp_path / f"rl{i}"), ["true"]) for i in range(2)])
+    assert seen == [expected, expected]

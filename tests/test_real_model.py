@@ -408,7 +408,9 @@ def test_the_real_chain_is_one_command_that_resumes_after_a_kill_without_losing_
     for script in ("sft.py", "gen_prefs.py", "frozen_rm.py", "eval_gold.py"):
         assert f"[pipeline] skip {script}:" in second.stdout, script
     assert {p: p.stat().st_mtime_ns for p in done} == done  # nothing before the RL was written again
-    resumed = int(re.search(r"resumed from \S*checkpoint-(\d+)", second.stdout).group(1))
+    rl_log = run_dir.parent / (run_dir.name + ".log")  # the RL's output: there when runs go side by side (--jobs)
+    said = second.stdout + (rl_log.read_text() if rl_log.exists() else "")
+    resumed = int(re.search(r"resumed from \S*checkpoint-(\d+)", said).group(1))
     assert resumed >= max(logged) - 1 >= 0, (resumed, logged)  # at most the step in flight when killed is redone
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in rows if "policy/kl" in r] == [1, 2, 3, 4]  # every step once, none twice
