@@ -628,7 +628,7 @@ def heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold,
 
     heldout: {split: (prompts, references)}, the prompts built by `build_prompts`, the same at every call.
     For each split the prompts are split over the processes; each gets ONE completion sampled at
-    `args.eval_temperature` by the rollouts' sampler (`sample` or `sample_static`, in chunks of
+    `args.eval_temperature` by the rollouts' sampler (`sample` or `sample_static`; `sample` under vllm, in chunks of
     `generation_batch_size`), cut after its first EOS and decoded as eval_gold.py decodes it; the gold RM scores
     it (`gold_rewards`) and the proxy `rm` too (`reward_and_features` on the policy's token ids, as the rollouts);
     a completion without EOS gets `args.missing_eos_penalty` for both. A win is gold(policy) > gold(reference),
@@ -639,7 +639,7 @@ def heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold,
     "eval/{split}/length", "eval/{split}/no_eos_rate"}, over all the split's prompts, on every process."""
     device = accelerator.device
     model, pad_id, eos_id = accelerator.unwrap_model(policy), tokenizer.pad_token_id, tokenizer.eos_token_id
-    sampler = sample if args.generation_backend == "hf" else sample_static
+    sampler = sample if args.generation_backend in ("hf", "vllm") else sample_static
     at_eval = replace(args, temperature=args.eval_temperature)
     metrics = {}
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []):
