@@ -201,7 +201,7 @@ class Args:
 
 
 # `--policy smollm2`: the real chain's defaults, each chosen by a trial on the 2-core CPU (docs/REAL_MODEL.md, "The
-# real chain"): SFT at 3e-5 on 1024 references (64 updates); the pairs' prompts; the frozen head; RL at 3e-6 for 80
+# real chain"): SFT at 3e-5 on 1024 references (64 updates); the pairs' prompts; the frozen head; RL at 3e-6 for 70
 # steps of 4 prompts x 4 completions, a checkpoint every 5 steps; 2 threads for every stage before the RL, then the
 # three RL runs side by side on one thread each: a chain seed in about 2.5 hours, within one 3-hour session
 SMOLLM2 = dict(
@@ -214,7 +214,7 @@ SMOLLM2 = dict(
     pref_prompts=1000,
     extra_prefs_args="--num-test-prompts 256",
     proxy="frozen",
-    rl_steps=80,
+    rl_steps=70,
     eval_every=10,
     eval_num_prompts=64,
     extra_rl_args="--learning-rate 3e-6 --num-prompts-per-step 4 --num-generations 4 --micro-batch-size 16 "
