@@ -1637,6 +1637,12 @@ def sample(policy, query, query_mask, args, pad_id):
     return F.pad(out[:, query.shape[1] :], (0, args.max_new_tokens - (out.shape[1] - query.shape[1])), value=pad_id)
 
 
+def end_ids(policy) -> list:
+    """The ids `generate` stops at: the EOS of `policy.generation_config`, one id or a list of them."""
+    eos = policy.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
 @torch.no_grad()
 def sample_static(policy, query, query_mask, args, pad_id, _compiled={}):
     """What `sample` returns, from a sampling loop of our own over the model's forward with a static KV cache:
@@ -1650,8 +1656,7 @@ def sample_static(policy, query, query_mask, args, pad_id, _compiled={}):
         raise ValueError(f"--temperature must be > 0 for sampling, got {args.temperature}")
     from transformers import StaticCache
 
-    eos = policy.generation_config.eos_token_id
-    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=query.device)
+    eos = torch.tensor(end_ids(policy), device=query.device)
     extra = -query.shape[1] % 64  # fixed shapes per 64-token bucket: few recompilations under `compiled`
     query, query_mask = F.pad(query, (extra, 0), value=pad_id), F.pad(query_mask, (extra, 0), value=0)
     (n, width), T = query.shape, args.max_new_tokens
@@ -1698,7 +1703,7 @@ def sample_static(policy, query, query_mask, args, pad_id, _compiled={}):
 
 
 @torch.no_grad()
-def sample_vllm(policy, query, query_mask, args, pad_id, _engine=VLLM_ENGINE):
+def sample_vllm(policy, query, query_mask, args, pad_id):
     """What `sample` returns, from a vLLM engine that lives in this process beside the policy (colocated, as TRL's
     `vllm_mode="colocate"`): made at the first call from --policy-path, its seeding kept off the training's random
     stream; then, at every call, the policy's current weights are pushed into it (`push_weights`: so it samples from
@@ -1706,7 +1711,7 @@ def sample_vllm(policy, query, query_mask, args, pad_id, _engine=VLLM_ENGINE):
     padding dropped) gets one completion at `args.temperature` (no top-k, no top-p), stopped by the EOS ids of
     `policy.generation_config` as `generate` stops, padded with `pad_id`. The log-probs of the loss are still the
     policy's own (step 4). One engine per process (each takes its share of the prompts, as under `hf`)."""
-    if "llm" not in _engine:
+    if "llm" not in VLLM_ENGINE:
         try:
             from vllm import LLM
         except ImportError as e:
@@ -1723,7 +1728,7 @@ def sample_vllm(policy, query, query_mask, args, pad_id, _engine=VLLM_ENGINE):
             os.environ.setdefault(name, "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         with torch.random.fork_rng(devices=[query.device] if query.device.type == "cuda" else []):
-            _engine["llm"] = LLM(
+            VLLM_ENGINE["llm"] = LLM(
                 model=args.policy_path,
                 seed=args.seed + int(os.environ["RANK"]),
                 dtype="bfloat16" if args.bf16 else "float32",
@@ -1734,9 +1739,8 @@ def sample_vllm(policy, query, query_mask, args, pad_id, _engine=VLLM_ENGINE):
             )
     from vllm import SamplingParams
 
-    llm = _engine["llm"]
+    llm = VLLM_ENGINE["llm"]
     push_weights(llm, policy)
-    eos = policy.generation_config.eos_token_id
     params = SamplingParams(
         n=1,
         temperature=args.temperature,
@@ -1744,7 +1748,7 @@ def sample_vllm(policy, query, query_mask, args, pad_id, _engine=VLLM_ENGINE):
         top_p=1.0,
         max_tokens=args.max_new_tokens,
         ignore_eos=True,  # vLLM's own EOS set (the tokenizer's and the generation config's) is replaced by ...
-        stop_token_ids=[eos] if isinstance(eos, int) else list(eos or []),  # ... the one `generate` stops at
+        stop_token_ids=end_ids(policy),  # ... the ones `generate` stops at
     )
     requests = [{"prompt_token_ids": q[m.bool()].tolist()} for q, m in zip(query, query_mask)]
     out = query.new_full((len(requests), args.max_new_tokens), pad_id)

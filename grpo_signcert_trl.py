@@ -709,6 +709,12 @@ def sample(policy, query, query_mask, args, pad_id):
     return F.pad(out[:, query.shape[1] :], (0, args.max_new_tokens - (out.shape[1] - query.shape[1])), value=pad_id)
 
 
+def end_ids(policy) -> list:
+    """The ids `generate` stops at: the EOS of `policy.generation_config`, one id or a list of them."""
+    eos = policy.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
 @torch.no_grad()
 def sample_static(policy, query, query_mask, args, pad_id, _compiled={}):
     """What `sample` returns, from a sampling loop of our own over the model's forward with a static KV cache:
@@ -722,8 +728,7 @@ def sample_static(policy, query, query_mask, args, pad_id, _compiled={}):
         raise ValueError(f"--temperature must be > 0 for sampling, got {args.temperature}")
     from transformers import StaticCache
 
-    eos = policy.generation_config.eos_token_id
-    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=query.device)
+    eos = torch.tensor(end_ids(policy), device=query.device)
     extra = -query.shape[1] % 64  # fixed shapes per 64-token bucket: few recompilations under `compiled`
     query, query_mask = F.pad(query, (extra, 0), value=pad_id), F.pad(query_mask, (extra, 0), value=0)
     (n, width), T = query.shape, args.max_new_tokens

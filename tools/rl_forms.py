@@ -78,6 +78,7 @@ def describe(sample, row, facts):
     """The quality terms and form flags of one logged completion."""
     text = sample["response"]
     sw = tw.words(text)
+    joined = " ".join(sw)
     nonglue = [w for w in sw if w not in tw.GLUE]
     terms = tw.quality_terms(row, text, facts["keys"])
     return {
@@ -85,10 +86,10 @@ def describe(sample, row, facts):
         **{k: float(v) for k, v in terms.items()},
         "length": sample["length"],
         "proxy": sample["proxy"],
-        "title copied": float(bool(sw) and " ".join(tw.words(row["title"])) in " ".join(sw)),
+        "title copied": float(bool(sw) and " ".join(tw.words(row["title"])) in joined),
         "a key alone": float(len(nonglue) == 1 and nonglue[0] in facts["keys"]),
-        "my P and my X": float(re.fullmatch(r"my \w+ and my \w+", " ".join(sw)) is not None),
-        "list template": float(re.fullmatch(r"my .+ (are|is) a mess.*", " ".join(sw)) is not None),
+        "my P and my X": float(re.fullmatch(r"my \w+ and my \w+", joined) is not None),
+        "list template": float(re.fullmatch(r"my .+ (are|is) a mess.*", joined) is not None),
         "no EOS": float(not sample["has_eos"]),
     }
 
