@@ -10,6 +10,8 @@
     python pipeline.py --no-rl                                # stop after the SFT policy's gold evaluation
     python pipeline.py --train-threads 1 ...   # the chains published before 2026-12-05
     python pipeline.py --policy smollm2          # the real chain: SmolLM2-135M-Instruct, hours on 2 cores
+    python pipeline.py --policy smollm2 --pool docs/real_chain/seed1 docs/real_chain/seed2 --root runs/pooled
+                                                 # the tables of chains run in other sessions: nothing is run
 
 `--policy smollm2` is the real chain on the same world's prompts and gold (docs/REAL_MODEL.md, "The real chain"):
 SmolLM2-135M-Instruct (tools/real_model.py, run as a stage into --base-model unless there) is SFT-ed on a subset of
@@ -187,6 +189,10 @@ class Args:
     ship_chain: bool = False
     """with `--chain-weights train` at the default settings: write chain seed 1's SFT policy and proxy RM to
     tiny_world_gold/chain1, with their manifest (how the shipped ones were made)"""
+    pool: List[str] = field(default_factory=list)
+    """analyse only, nothing is run: pool the chains whose outputs were committed in these folders (each one
+    pipeline's pipeline_summary.json with its RL runs' folders beside it, named as in the summary, each holding the
+    run's metrics.jsonl), e.g. docs/real_chain/seed1 seed2 seed3; their tables, plots and pooled summary go to --root"""
     write_reference: str = ""
     """add this run's main-job chains (Dr.GRPO and SignCert-PO at --quantile), with this CPU's name, to this reference
     file (created with this run's settings; an existing one must have the same): how main_job_reference.json is made"""
@@ -865,12 +871,165 @@ def build_chain(args, seed, methods):
           j("eval_sft_test"), "--num-prompts", str(args.eval_num_prompts))  # fmt: skip
 
 
+def report(args, calib, runs, main_job_runs, chosen, t_start, world=None):
+    """Print the calibration, Table 1 (final policies), the frontier table and the paired differences, draw the
+    plots, and write pipeline_summary.json to --root. calib {seed: {"rm", "sft"}}: the proxy's and the SFT policy's
+    metrics; runs [(label, seed, folder with metrics.jsonl)]; main_job_runs {(seed, "drgrpo" | "signcert"): label}.
+    world: world.json, whose measured calibration is printed (none under --pool). Returns the main job's numbers per
+    chain seed (draws)."""
+    print("\n" + "=" * 100)
+    what = "tiny world" if args.policy == "tiny" else "the SmolLM2 chain on the tiny world"
+    print(f"{what}: {args.root}   (pipeline {time.time() - t_start:.0f} s)")
+    for key, value in (world or {}).get("measured", {}).items():
+        print(f"  world.{key}: {value}")
+    for seed in args.seeds:
+        print(
+            f"  chain seed {seed}: proxy RM accuracy on held-out SFT pairs {calib[seed]['rm']['eval/accuracy']:.3f}; "
+            f"SFT gold win rate vs references {calib[seed]['sft']['eval/win_rate']:.3f} "
+            f"(gold {calib[seed]['sft']['eval/gold_reward_mean']:.3f} vs references "
+            f"{calib[seed]['sft']['eval/reference_gold_reward_mean']:.3f})"
+        )
+    summary = {"root": args.root, "args": asdict(args), "chosen": chosen, "calibration": calib, "runs": []}
+    metrics = {}
+    for label, seed, out in runs:
+        rows = read_metrics(os.path.join(out, "metrics.jsonl"))
+        metrics[(label, seed)] = rows
+        summary["runs"].append(dict(label=label, seed=seed, folder=out, **frontier(rows, args.matched_kl)))
+    if runs:
+        labels = list(dict.fromkeys(label for label, _, _ in runs))
+        by = lambda lbl, key: [r[key] for r in summary["runs"] if r["label"] == lbl]
+        n = len(args.seeds)
+        print(
+            f"\nTable 1 in kind: final policies, held-out TEST prompts ({args.eval_num_prompts}), mean (min - max) over {n} chain seed(s)"
+        )
+        print("| method | gold win rate vs reference | mean gold reward | mean proxy reward | KL |")
+        print("|---|---|---|---|---|")
+        sft = [calib[s]["sft"] for s in args.seeds]
+        print(f"| SFT | {spread([e['eval/win_rate'] for e in sft])} | {spread([e['eval/gold_reward_mean'] for e in sft])} | "
+              f"{spread([e['eval/proxy_reward_mean'] for e in sft])} | 0 |")  # fmt: skip
+        for lbl in labels:
+            cells = [spread(by(lbl, k)) for k in ("final_win_rate", "final_gold", "final_proxy", "final_kl")]
+            print(f"| {lbl} | " + " | ".join(cells) + " |")
+        print(f"\nThe gold-vs-KL frontier (held-out TEST gold reward), mean (min - max) over {n} chain seed(s)")
+        head = ["method", "SFT gold", "peak gold", "step at peak", "KL at peak", "final gold", "share of the gain lost",
+                "stopped at validation-best: gold", "its KL"] + [f"gold at KL {k:g}" for k in args.matched_kl]  # fmt: skip
+        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+        keys = [
+            "sft_gold",
+            "peak_gold",
+            "peak_step",
+            "peak_kl",
+            "final_gold",
+            "gain_lost",
+            "stopped_gold",
+            "stopped_kl",
+        ]
+        for lbl in labels:
+            cells = [spread(by(lbl, k)) for k in keys + [f"gold_at_kl{k:g}" for k in args.matched_kl]]
+            print(f"| {lbl} | " + " | ".join(cells) + " |")
+        references = [lbl for lbl in labels if lbl.startswith("Dr.GRPO") and not lbl.endswith("(TRL)")]
+        keys = list(PAIRED_KEYS) + [f"gold_at_kl{k:g}" for k in args.matched_kl]
+        if n > 1 and references:  # the chain seed moves every method together: compare on the same chain
+            summary["paired"] = {
+                ref: {lbl: paired_differences(summary["runs"], lbl, ref, keys) for lbl in labels if lbl != ref}
+                for ref in references
+            }
+            for ref, rows in summary["paired"].items():
+                print(f"\nPaired by chain seed: method minus {ref}, held-out TEST gold; mean [95% t interval] "
+                      "(chain seeds ahead / compared)")  # fmt: skip
+                head = ["method", "final gold", "stopped at validation-best"] + [
+                    f"at KL {k:g}" for k in args.matched_kl
+                ]
+                print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+                for lbl, diffs in rows.items():
+                    print(f"| {lbl} | " + " | ".join(cell(diffs[k]) for k in keys) + " |")
+            plot_paired(summary["paired"], keys, os.path.join(args.root, "paired_differences.png"))
+            print(f"\nplot: {os.path.join(args.root, 'paired_differences.png')}")
+        reference = calib[args.seeds[0]]["sft"]["eval/reference_gold_reward_mean"]
+        plot_runs(metrics, os.path.join(args.root, "frontier.png"), reference)
+        print(f"\nplot: {os.path.join(args.root, 'frontier.png')}")
+        main = {k: v for k, v in metrics.items() if k[0].startswith(("Dr.GRPO", "SignCert-PO"))}
+        if len(main) < len(metrics):  # the question of the controls, without the other baselines
+            plot_runs(main, os.path.join(args.root, "frontier_signcert_vs_controls.png"), reference)
+            print(f"plot: {os.path.join(args.root, 'frontier_signcert_vs_controls.png')}")
+    draws = {}  # seed: the main job's numbers of that chain
+    for seed in args.seeds:
+        fronts = {m: next(r for r in summary["runs"] if (r["label"], r["seed"]) == (label, seed))
+                  for (s, m), label in main_job_runs.items() if s == seed}  # fmt: skip
+        if "drgrpo" in fronts:
+            draws[seed] = draw_numbers(calib[seed], fronts)
+    if draws:
+        summary["draws"] = draws
+        if os.path.exists(REFERENCE) and args.policy == "tiny":  # the reference chains are the tiny policy's
+            print("\n" + "\n".join(place_in_reference(draws, read_json(REFERENCE), args)))
+        if 1 in draws and on_shipped_chain(args):
+            print("\n".join(shipped_expectation(draws[1], read_json(os.path.join(SHIPPED_CHAIN, "manifest.json")))))
+    with open(os.path.join(args.root, "pipeline_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"summary: {os.path.join(args.root, 'pipeline_summary.json')}   (pipeline {time.time() - t_start:.0f} s)")
+    return draws
+
+
+def chain_calibration(args, seed):
+    """{"rm", "sft"}: the proxy's held-out pair metrics and the SFT policy's gold evaluation of one chain seed."""
+    c = chain_dir(args, seed)
+    rm = os.path.join(c, "rm", "eval.json" if args.proxy == "train_rm" else "metrics.json")
+    return dict(rm=read_json(rm), sft=read_json(os.path.join(c, "eval_sft_test", "eval.json")))
+
+
+# the settings that may differ between chains pooled by --pool: where and how they ran, not what they are
+POOL_FREE = {"root", "seeds", "sweep_seeds", "pool", "force", "jobs", "threads", "train_threads", "rl_threads",
+             "base_model", "write_reference", "ship_chain"}  # fmt: skip
+
+
+def pooled(args):
+    """--pool: (args, calib, runs, main_job_runs, chosen) of the chains committed in the --pool folders, as report()
+    takes them: each run's frontier is computed again from its metrics.jsonl; the settings are the chains' own
+    (they must agree but for POOL_FREE), with --root and the pooled chain seeds."""
+    summaries = []
+    for d in args.pool:
+        path = os.path.join(d, "pipeline_summary.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"--pool {d}: no pipeline_summary.json there (a folder of one pipeline's outputs)")
+        if os.path.realpath(d) == os.path.realpath(args.root):
+            raise SystemExit(f"--pool {d}: that is --root, whose pipeline_summary.json the pooled one would replace")
+        summaries.append((d, read_json(path)))
+    first = summaries[0][1]["args"]
+    for d, s in summaries[1:]:
+        differ = {k: (first.get(k), v) for k, v in s["args"].items() if k not in POOL_FREE and first.get(k) != v}
+        if differ:
+            raise SystemExit(f"--pool: {d} ran with other settings than {summaries[0][0]}: {differ}")
+    calib, runs = {}, []
+    for d, s in summaries:
+        for seed, c in s["calibration"].items():
+            if int(seed) in calib:
+                raise SystemExit(f"--pool: chain seed {seed} twice (again in {d})")
+            calib[int(seed)] = c
+        for r in s["runs"]:
+            folder = os.path.join(d, os.path.basename(r["folder"]))
+            if not os.path.exists(os.path.join(folder, "metrics.jsonl")):
+                raise SystemExit(f"--pool: {d}'s run {r['label']} has no {folder}/metrics.jsonl")
+            runs.append((r["label"], r["seed"], folder))
+    known = set(Args.__dataclass_fields__)
+    pooled_args = Args(**{k: v for k, v in first.items() if k in known})
+    pooled_args.root, pooled_args.seeds, pooled_args.pool = args.root, sorted(calib), args.pool
+    main_labels = {"Dr.GRPO": "drgrpo", f"SignCert-PO q={pooled_args.quantile:g}": "signcert"}
+    main_job_runs = {(seed, main_labels[label]): label for label, seed, _ in runs if label in main_labels}
+    os.makedirs(args.root, exist_ok=True)
+    return pooled_args, calib, runs, main_job_runs, summaries[0][1]["chosen"]
+
+
 def chain_dir(args, seed):
     return args.root if seed == 1 else os.path.join(args.root, f"seed{seed}")
 
 
 if __name__ == "__main__":
     args = args_of_policy()
+    if args.pool:  # analyse only: the tables of chains run elsewhere, from their committed outputs
+        if args.write_reference or args.ship_chain:
+            raise SystemExit("--pool runs nothing: --write-reference and --ship-chain need the chains' own run")
+        report(*pooled(args), t_start=time.time())
+        sys.exit(0)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny world never needs the hub
     os.environ.setdefault("WANDB_MODE", "disabled")
     # `all`: the paper's comparison; the TRL ones by name beside it
@@ -937,103 +1096,9 @@ if __name__ == "__main__":
                         main_job_runs[seed, m] = label
         run_all(args, jobs)
 
-    # the world's calibration, Table 1 (final policies) and the frontier table
-    print("\n" + "=" * 100)
-    print(f"tiny world: {R}   (pipeline {time.time() - t_start:.0f} s)")
-    for key, value in world.get("measured", {}).items():
-        print(f"  world.{key}: {value}")
-    calib = {}
-    for seed in args.seeds:
-        c = chain_dir(args, seed)
-        calib[seed] = dict(
-            rm=read_json(os.path.join(c, "rm", "eval.json" if args.proxy == "train_rm" else "metrics.json")),
-            sft=read_json(os.path.join(c, "eval_sft_test", "eval.json")),
-        )
-        print(
-            f"  chain seed {seed}: proxy RM accuracy on held-out SFT pairs {calib[seed]['rm']['eval/accuracy']:.3f}; "
-            f"SFT gold win rate vs references {calib[seed]['sft']['eval/win_rate']:.3f} "
-            f"(gold {calib[seed]['sft']['eval/gold_reward_mean']:.3f} vs references "
-            f"{calib[seed]['sft']['eval/reference_gold_reward_mean']:.3f})"
-        )
-    summary = {"root": R, "args": asdict(args), "chosen": chosen, "calibration": calib, "runs": []}
-    metrics = {}
-    for label, seed, out in runs:
-        rows = read_metrics(os.path.join(out, "metrics.jsonl"))
-        metrics[(label, seed)] = rows
-        summary["runs"].append(dict(label=label, seed=seed, folder=out, **frontier(rows, args.matched_kl)))
-    if runs:
-        labels = list(dict.fromkeys(label for label, _, _ in runs))
-        by = lambda lbl, key: [r[key] for r in summary["runs"] if r["label"] == lbl]
-        n = len(args.seeds)
-        print(
-            f"\nTable 1 in kind: final policies, held-out TEST prompts ({args.eval_num_prompts}), mean (min - max) over {n} chain seed(s)"
-        )
-        print("| method | gold win rate vs reference | mean gold reward | mean proxy reward | KL |")
-        print("|---|---|---|---|---|")
-        sft = [calib[s]["sft"] for s in args.seeds]
-        print(f"| SFT | {spread([e['eval/win_rate'] for e in sft])} | {spread([e['eval/gold_reward_mean'] for e in sft])} | "
-              f"{spread([e['eval/proxy_reward_mean'] for e in sft])} | 0 |")  # fmt: skip
-        for lbl in labels:
-            cells = [spread(by(lbl, k)) for k in ("final_win_rate", "final_gold", "final_proxy", "final_kl")]
-            print(f"| {lbl} | " + " | ".join(cells) + " |")
-        print(f"\nThe gold-vs-KL frontier (held-out TEST gold reward), mean (min - max) over {n} chain seed(s)")
-        head = ["method", "SFT gold", "peak gold", "step at peak", "KL at peak", "final gold", "share of the gain lost",
-                "stopped at validation-best: gold", "its KL"] + [f"gold at KL {k:g}" for k in args.matched_kl]  # fmt: skip
-        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-        keys = [
-            "sft_gold",
-            "peak_gold",
-            "peak_step",
-            "peak_kl",
-            "final_gold",
-            "gain_lost",
-            "stopped_gold",
-            "stopped_kl",
-        ]
-        for lbl in labels:
-            cells = [spread(by(lbl, k)) for k in keys + [f"gold_at_kl{k:g}" for k in args.matched_kl]]
-            print(f"| {lbl} | " + " | ".join(cells) + " |")
-        references = [lbl for lbl in labels if lbl.startswith("Dr.GRPO") and not lbl.endswith("(TRL)")]
-        keys = list(PAIRED_KEYS) + [f"gold_at_kl{k:g}" for k in args.matched_kl]
-        if n > 1 and references:  # the chain seed moves every method together: compare on the same chain
-            summary["paired"] = {
-                ref: {lbl: paired_differences(summary["runs"], lbl, ref, keys) for lbl in labels if lbl != ref}
-                for ref in references
-            }
-            for ref, rows in summary["paired"].items():
-                print(f"\nPaired by chain seed: method minus {ref}, held-out TEST gold; mean [95% t interval] "
-                      "(chain seeds ahead / compared)")  # fmt: skip
-                head = ["method", "final gold", "stopped at validation-best"] + [
-                    f"at KL {k:g}" for k in args.matched_kl
-                ]
-                print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-                for lbl, diffs in rows.items():
-                    print(f"| {lbl} | " + " | ".join(cell(diffs[k]) for k in keys) + " |")
-            plot_paired(summary["paired"], keys, os.path.join(R, "paired_differences.png"))
-            print(f"\nplot: {os.path.join(R, 'paired_differences.png')}")
-        reference = calib[args.seeds[0]]["sft"]["eval/reference_gold_reward_mean"]
-        plot_runs(metrics, os.path.join(R, "frontier.png"), reference)
-        print(f"\nplot: {os.path.join(R, 'frontier.png')}")
-        main = {k: v for k, v in metrics.items() if k[0].startswith(("Dr.GRPO", "SignCert-PO"))}
-        if len(main) < len(metrics):  # the question of the controls, without the other baselines
-            plot_runs(main, os.path.join(R, "frontier_signcert_vs_controls.png"), reference)
-            print(f"plot: {os.path.join(R, 'frontier_signcert_vs_controls.png')}")
-    draws = {}  # seed: the main job's numbers of that chain
-    for seed in args.seeds:
-        fronts = {m: next(r for r in summary["runs"] if (r["label"], r["seed"]) == (label, seed))
-                  for (s, m), label in main_job_runs.items() if s == seed}  # fmt: skip
-        if "drgrpo" in fronts:
-            draws[seed] = draw_numbers(calib[seed], fronts)
-    if draws:
-        summary["draws"] = draws
-        if os.path.exists(REFERENCE):
-            print("\n" + "\n".join(place_in_reference(draws, read_json(REFERENCE), args)))
-        if 1 in draws and on_shipped_chain(args):
-            print("\n".join(shipped_expectation(draws[1], read_json(os.path.join(SHIPPED_CHAIN, "manifest.json")))))
+    calib = {seed: chain_calibration(args, seed) for seed in args.seeds}
+    draws = report(args, calib, runs, main_job_runs, chosen, t_start, world)
     if args.write_reference:
         add_to_reference(args, draws, args.write_reference)
     if args.ship_chain:
         ship_chain(args, draws.get(1))
-    with open(os.path.join(R, "pipeline_summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(f"summary: {os.path.join(R, 'pipeline_summary.json')}   (pipeline {time.time() - t_start:.0f} s)")

@@ -5,6 +5,11 @@ subclass (grpo_signcert_trl.py), on the same CPU, in one run: Dr.GRPO and SignCe
     python pipeline.py --no-rl                      # the chain, if not built yet
     python benchmarks/trl_step_time.py              # 4 runs of 30 steps, one after the other, one thread each
 
+    # the SmolLM2 chain's (pipeline.py --policy smollm2) RL settings, its chain seed 2 on both cores:
+    python benchmarks/trl_step_time.py --root $CHAIN --chain $CHAIN/seed2 --steps 12 --warmup-steps 3 --threads 2 \
+      --extra-args "--num-prompts-per-step 4 --num-generations 4 --micro-batch-size 16 --learning-rate 3e-6" \
+      --output $CHAIN/trl_step_time.json
+
 Each run is the script's own command line (no held-out evaluation, no gold monitor, no checkpoint inside the timed
 steps) and logs its phases per step in metrics.jsonl under the same names: `time/generation` (sampling),
 `time/scoring` (the proxy's forward that gives reward and features, the reference's log-probs), `time/update`
@@ -16,6 +21,7 @@ falls on both.
 
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -33,7 +39,11 @@ PHASES = ("generation", "scoring", "update", "step")
 @dataclass
 class Args:
     root: str = "runs/tiny_world"
-    """the pipeline's root: its chain seed 1 (sft, rm) and world (data, gold_rm)"""
+    """the pipeline's root: its world (data, gold_rm) and, unless --chain, its chain seed 1 (sft, rm)"""
+    chain: str = ""
+    """the chain whose SFT policy (sft/) and proxy (rm/) both trainers start from; empty: --root"""
+    extra_args: str = ""
+    """flags given to both trainers' commands alike (the shapes and learning rate of another chain)"""
     steps: int = 30
     """optimiser steps per run"""
     warmup_steps: int = 5
@@ -46,14 +56,14 @@ class Args:
 
 
 def command(script, q, out, args):
-    r = args.root
+    r, c = args.root, args.chain or args.root
     cmd = [sys.executable, os.path.join(HERE, script), "--quantile", str(q), "--total-steps", str(args.steps)]
-    cmd += ["--policy-path", f"{r}/sft", "--reward-model-path", f"{r}/rm", "--dataset", f"{r}/data"]
+    cmd += ["--policy-path", f"{c}/sft", "--reward-model-path", f"{c}/rm", "--dataset", f"{r}/data"]
     cmd += ["--gold-rm-path", f"{r}/gold_rm", "--eval-every", "0", "--save-every", str(10 * args.steps)]
     cmd += ["--output-dir", out]
     if script == "grpo_signcert.py":
         cmd += ["--gold-every", str(10 * args.steps)]  # the gold monitor: step 1 and the last only
-    return cmd
+    return cmd + shlex.split(args.extra_args)
 
 
 def medians(path, args):

@@ -502,3 +502,136 @@ def test_rl_runs_get_rl_threads_and_the_other_stages_threads(monkeypatch, tmp_pa
     args = pipeline.Args(threads=2, rl_threads=rl_threads, jobs=2)
     pipeline.run_all(args, [(f"run{i}", str(tmp_path / f"rl{i}"), ["true"]) for i in range(2)])
     assert seen == [expected, expected]
+
+
+def committed_chain(folder, seed, curves, args=None):
+    """A folder as a chain's committed outputs look (docs/real_chain/seed*): pipeline_summary.json (the settings,
+    the calibration, the runs with the folders they ran in elsewhere) and each run's metrics.jsonl beside it, named
+    by the folder's last part. curves {label: (test gold per evaluation, validation gold, KL per stretch)}."""
+    args = args or pipeline.Args(**pipeline.SMOLLM2)
+    os.makedirs(folder)
+    runs = []
+    for label, curve in curves.items():
+        name = f"{label.split()[0].replace('.', '')}_{len(runs)}_s{seed}"
+        os.makedirs(os.path.join(folder, name))
+        with open(os.path.join(folder, name, "metrics.jsonl"), "w") as f:
+            rows = fake_run(*curve)
+            for r in rows[1:]:  # the rollouts' rewards and the proxy's on-policy accuracy, which the plot draws
+                r |= {"reward/proxy": r["policy/kl"], "reward/gold": 0.5, "rm/proxy_accuracy": 0.6}
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        runs.append(dict(label=label, seed=seed, folder=f"/elsewhere/rl/{name}", final_gold=123.0))
+    sft = {"eval/win_rate": 0.25, "eval/gold_reward_mean": 0.5, "eval/reference_gold_reward_mean": 1.0}
+    calibration = {str(seed): {"rm": {"eval/accuracy": 0.8}, "sft": sft | {"eval/proxy_reward_mean": 0.0}}}
+    summary = dict(args=pipeline.asdict(args), chosen={}, calibration=calibration, runs=runs)
+    with open(os.path.join(folder, "pipeline_summary.json"), "w") as f:
+        json.dump(summary, f)
+
+
+def test_pool_pairs_committed_chains_by_seed_from_their_metrics_and_runs_nothing(tmp_path):
+    """`--pool A B`: the tables of chains run in other sessions, from their committed outputs alone: each run's
+    frontier computed again from its metrics.jsonl (not the summary's copy, here a wrong 123), the methods paired by
+    chain seed across the folders (SignCert-PO minus Dr.GRPO: +0.2 on seed 1, -0.1 on seed 2, worked out by hand from
+    the curves), plots and the pooled summary in --root; nothing is trained or sampled."""
+    kls = [0.0, 0.5, 1.0, 1.5]
+    committed_chain(tmp_path / "a", 1, {"Dr.GRPO": ([0.5, 0.8, 1.0, 1.1], [0.5, 0.7, 0.9, 1.0], kls),
+                                        "SignCert-PO q=0.5": ([0.5, 0.9, 1.2, 1.3], [0.5, 0.8, 1.0, 0.9], kls)})  # fmt: skip
+    committed_chain(tmp_path / "b", 2, {"Dr.GRPO": ([0.5, 0.6, 0.7, 0.9], [0.5, 0.6, 0.7, 0.8], kls),
+                                        "SignCert-PO q=0.5": ([0.5, 0.6, 0.8, 0.8], [0.5, 0.6, 0.7, 0.6], kls)})  # fmt: skip
+    out = tmp_path / "pooled"
+    cmd = [sys.executable, os.path.join(ROOT, "pipeline.py"), "--policy", "smollm2", "--root", str(out)]
+    proc = subprocess.run(cmd + ["--pool", str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[pipeline] $" not in proc.stdout  # no stage, no RL run started
+    summary = json.load(open(out / "pipeline_summary.json"))
+    assert summary["args"]["seeds"] == [1, 2] and (out / "frontier.png").exists()
+    finals = {(r["label"], r["seed"]): r["final_gold"] for r in summary["runs"]}
+    assert finals == {("Dr.GRPO", 1): 1.1, ("SignCert-PO q=0.5", 1): 1.3, ("Dr.GRPO", 2): 0.9,
+                      ("SignCert-PO q=0.5", 2): 0.8}  # fmt: skip
+    final = summary["paired"]["Dr.GRPO"]["SignCert-PO q=0.5"]["final_gold"]
+    assert np.allclose(final["diffs"], [0.2, -0.1]) and (final["n"], final["ahead"]) == (2, 1)
+    # t(0.975, 1 df), to the table's 3 decimals, x the standard error: the sd of (0.2, -0.1) is 0.15 sqrt(2)
+    half = 12.7062 * 0.15
+    assert math.isclose(final["mean"], 0.05) and math.isclose(final["hi"] - final["mean"], half, rel_tol=1e-4)
+    stopped = summary["paired"]["Dr.GRPO"]["SignCert-PO q=0.5"]["stopped_gold"]  # the test gold at the step where
+    assert np.allclose(stopped["diffs"], [1.2 - 1.1, 0.8 - 0.9])  # validation peaks: 20 (SignCert-PO), 30 (Dr.GRPO)
+
+
+def test_pool_refuses_chains_of_other_settings_a_seed_twice_and_a_folder_without_a_summary(tmp_path):
+    curves = {"Dr.GRPO": ([0.5, 0.8], [0.5, 0.7], [0.0, 0.5])}
+    committed_chain(tmp_path / "a", 1, curves)
+    committed_chain(tmp_path / "b", 1, curves)
+    committed_chain(tmp_path / "c", 2, curves, pipeline.Args(**pipeline.SMOLLM2 | {"rl_steps": 150}))
+    committed_chain(tmp_path / "d", 3, curves, pipeline.Args(**pipeline.SMOLLM2 | {"jobs": 1, "threads": 1}))
+    pool = lambda *names: pipeline.pooled(pipeline.Args(root=str(tmp_path / "out"), pool=[str(tmp_path / n) for n in names]))  # fmt: skip
+    with pytest.raises(SystemExit, match="chain seed 1 twice"):
+        pool("a", "b")
+    with pytest.raises(SystemExit, match="rl_steps"):
+        pool("a", "c")
+    with pytest.raises(SystemExit, match="no pipeline_summary.json"):
+        pool("a", "e")
+    args, calib, runs, main_job_runs, _ = pool("a", "d")  # where and how many threads: another draw, the same chain
+    assert args.seeds == [1, 3] and args.rl_steps == 70 and sorted(calib) == [1, 3]
+    assert main_job_runs == {(1, "drgrpo"): "Dr.GRPO", (3, "drgrpo"): "Dr.GRPO"}
+    assert [os.path.dirname(f) for _, _, f in runs] == [str(tmp_path / "a"), str(tmp_path / "d")]
+
+
+def test_the_committed_real_chain_pools_to_its_own_summary(tmp_path):
+    """docs/real_chain/seed*: each committed chain, pooled alone, gives back the numbers its pipeline printed (the
+    committed metrics are enough for the tables; a run's frontier is the same computed here or there)."""
+    chains = sorted(d for d in os.listdir(os.path.join(ROOT, "docs", "real_chain")) if d.startswith("seed"))
+    assert chains
+    for d in chains:
+        folder = os.path.join(ROOT, "docs", "real_chain", d)
+        args, calib, runs, _, _ = pipeline.pooled(pipeline.Args(root=str(tmp_path / d), pool=[folder]))
+        committed = json.load(open(os.path.join(folder, "pipeline_summary.json")))["runs"]
+        for (label, seed, run), r in zip(runs, committed):
+            assert (label, seed) == (r["label"], r["seed"])
+            again = pipeline.frontier(pipeline.read_metrics(os.path.join(run, "metrics.jsonl")), args.matched_kl)
+            assert again == {k: r[k] for k in again}
+
+
+def test_export_chain_writes_what_pool_reads_back_without_the_machines_paths(tmp_path):
+    """tools/export_chain.py on a pipeline's root of chain seeds 1 and 2: chain seed 2's stage metrics, its runs'
+    logs and its part of the summary land in the export, every path to the root written as $CHAIN; `--pool` on the
+    export gives the run's frontier from the copied metrics."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import export_chain
+
+    root = tmp_path / "chain"
+    runs = []
+    for seed in (1, 2):
+        c = root if seed == 1 else root / f"seed{seed}"
+        for stage, f in (("sft", "eval.json"), ("prefs", "stats.json"), ("rm", "metrics.json"),
+                         ("eval_sft_test", "eval.json")):  # fmt: skip
+            os.makedirs(c / stage, exist_ok=True)
+            (c / stage / f).write_text(json.dumps({"eval/accuracy": 0.8, "where": str(c / stage)}))
+        run = c / "rl" / f"drgrpo_kl0.01_s{seed}"
+        os.makedirs(run)
+        rows = fake_run([0.5, 0.9], [0.5, 0.8], [0.0, 0.7])
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (run / "samples.jsonl").write_text(json.dumps({"step": 5, "completion": "my map is a mess"}) + "\n")
+        (run / "args.json").write_text(json.dumps({"output_dir": str(run), "policy_path": str(c / "sft")}))
+        runs.append(dict(label="Dr.GRPO", seed=seed, folder=str(run), final_gold=0.9))
+    (root / "seed2" / "rl" / "rl_forms.txt").write_text(f"{root}/seed2/rl/drgrpo_kl0.01_s2\nquality 2.0\n")
+    sft = {"eval/win_rate": 0.25, "eval/gold_reward_mean": 0.5, "eval/reference_gold_reward_mean": 1.0}
+    calib = {str(s): {"rm": {"eval/accuracy": 0.8}, "sft": sft} for s in (1, 2)}
+    args = pipeline.asdict(pipeline.Args(**pipeline.SMOLLM2 | {"root": str(root), "seeds": [1, 2]}))
+    summary = {"root": str(root), "args": args, "chosen": {}, "calibration": calib, "runs": runs, "paired": {}}
+    (root / "pipeline_summary.json").write_text(json.dumps(summary))
+
+    out = tmp_path / "docs" / "seed2"
+    export_chain.main(export_chain.Args(root=str(root), seed=2, output=str(out)))
+    names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert names == ["drgrpo_kl0.01_s2/args.json", "drgrpo_kl0.01_s2/metrics.jsonl", "drgrpo_kl0.01_s2/samples.jsonl",
+                     "pipeline_summary.json", "prefs_stats.json", "rl_forms.txt", "rm_metrics.json",
+                     "sft_eval.json", "sft_gold_eval.json"]  # fmt: skip
+    for p in out.rglob("*"):
+        assert p.is_dir() or str(tmp_path) not in p.read_text(), p
+    assert json.loads((out / "sft_eval.json").read_text())["where"] == "$CHAIN/seed2/sft"
+    exported = json.loads((out / "pipeline_summary.json").read_text())
+    assert list(exported["calibration"]) == ["2"] and [r["seed"] for r in exported["runs"]] == [2]
+    assert exported["args"]["seeds"] == [2] and exported["root"] == "$CHAIN" and "paired" not in exported
+    pooled_args, _, pooled_runs, _, _ = pipeline.pooled(pipeline.Args(root=str(tmp_path / "p"), pool=[str(out)]))
+    assert pooled_args.seeds == [2] and pooled_runs == [("Dr.GRPO", 2, str(out / "drgrpo_kl0.01_s2"))]
+    with pytest.raises(SystemExit, match="no chain seed 3"):
+        export_chain.main(export_chain.Args(root=str(root), seed=3, output=str(tmp_path / "x")))
