@@ -7,7 +7,7 @@ subclass (grpo_signcert_trl.py), on the same CPU, in one run: Dr.GRPO and SignCe
 
     # the SmolLM2 chain's (pipeline.py --policy smollm2) RL settings, its chain seed 2 on both cores:
     python benchmarks/trl_step_time.py --root $CHAIN --chain $CHAIN/seed2 --steps 12 --warmup-steps 3 --threads 2 \
-      --extra-args "--num-prompts-per-step 4 --num-generations 4 --micro-batch-size 16 --learning-rate 3e-6" \
+      --extra-args="--num-prompts-per-step 4 --num-generations 4 --micro-batch-size 16 --learning-rate 3e-6" \
       --output $CHAIN/trl_step_time.json
 
 Each run is the script's own command line (no held-out evaluation, no gold monitor, no checkpoint inside the timed
