@@ -1013,7 +1013,9 @@ def pooled(args):
     known = set(Args.__dataclass_fields__)
     pooled_args = Args(**{k: v for k, v in first.items() if k in known})
     pooled_args.root, pooled_args.seeds, pooled_args.pool = args.root, sorted(calib), args.pool
-    main_labels = {"Dr.GRPO": "drgrpo", f"SignCert-PO q={pooled_args.quantile:g}": "signcert"}
+    main_labels = {
+        rl_run(pooled_args, "", 1, m, k)[0]: m for m, k in (("drgrpo", None), ("signcert", pooled_args.quantile))
+    }
     main_job_runs = {(seed, main_labels[label]): label for label, seed, _ in runs if label in main_labels}
     os.makedirs(args.root, exist_ok=True)
     return pooled_args, calib, runs, main_job_runs, summaries[0][1]["chosen"]

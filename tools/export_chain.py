@@ -17,9 +17,13 @@ Copied (the root's absolute path written as `$CHAIN` in every file, so no machin
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 
 import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # pipeline.py, one level up
+import pipeline  # noqa: E402  its chain_dir: where chain seed s lives under the root
 
 
 @dataclass
@@ -30,10 +34,6 @@ class Args:
     """the chain seed to export"""
     output: str
     """the folder to write (created; files there of the same names are replaced)"""
-
-
-def chain_dir(root, seed):
-    return root if seed == 1 else os.path.join(root, f"seed{seed}")
 
 
 def anonymised(text, root):
@@ -61,7 +61,7 @@ def narrowed_summary(summary, seed):
 
 
 def main(args):
-    c = chain_dir(args.root, args.seed)
+    c = pipeline.chain_dir(args, args.seed)
     summary_path = os.path.join(args.root, "pipeline_summary.json")
     if not os.path.exists(summary_path):
         raise SystemExit(f"{summary_path} is missing: run the pipeline to its end (its tables) before exporting")
