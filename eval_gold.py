@@ -427,14 +427,23 @@ def load_reward_model(path: str, trust_remote_code: bool, dtype, flag: str):
     return rm.eval().requires_grad_(False)
 
 
-def truncate_after_eos(response, eos_id, pad_id):
-    """Keep each completion up to and including its first EOS; the tokens after it become `pad_id`.
-    Returns (response, mask (1 on the kept tokens), has_eos (N,) bool)."""
-    is_eos = response == eos_id
+def truncate_after_eos(response, eos_ids, pad_id):
+    """Keep each completion up to and including its first EOS, any id of `eos_ids` (one id or a list: see
+    `completion_end_ids`); the tokens after it become `pad_id`. Returns (response, mask (1 on the kept tokens),
+    has_eos (N,) bool)."""
+    is_eos = torch.isin(response, torch.as_tensor(eos_ids, dtype=response.dtype, device=response.device))
     has_eos = is_eos.any(1)
     first = torch.where(has_eos, is_eos.int().argmax(1), response.shape[1])
     mask = torch.arange(response.shape[1], device=response.device).unsqueeze(0) <= first.unsqueeze(1)
     return response.masked_fill(~mask, pad_id), mask.long(), has_eos
+
+
+def completion_end_ids(tokenizer, generation_config) -> list:
+    """The ids a completion ends at, in every stage (as TRL's GRPOTrainer and vLLM end it): the tokenizer's EOS and
+    every EOS id of the model's generation config, where a chat model lists its end-of-turn token (Qwen2.5-Instruct:
+    <|im_end|> and <|endoftext|>). Sampling stops at any of them and `truncate_after_eos` cuts at the first."""
+    eos = generation_config.eos_token_id
+    return sorted({tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])} - {None})
 
 
 def position_ids_of(mask):
@@ -464,8 +473,10 @@ def apply_missing_eos_penalty(scores: torch.Tensor, has_eos: torch.Tensor, penal
 
 @torch.no_grad()
 def generate_hf(model, tokenizer, prompts: list[str], n: int, args, accelerator) -> tuple[list[list[int]], list[bool]]:
-    """n samples per prompt -> token ids cut after the first EOS (EOS kept), has_eos."""
+    """n samples per prompt -> token ids cut after the first EOS (EOS kept), has_eos. An EOS is any id of
+    `completion_end_ids`, as in the trainer."""
     tokenizer.padding_side = "left"  # generation continues from the right end of every row
+    ends = completion_end_ids(tokenizer, model.generation_config)
     config = GenerationConfig(
         do_sample=True,
         temperature=args.temperature,
@@ -473,7 +484,7 @@ def generate_hf(model, tokenizer, prompts: list[str], n: int, args, accelerator)
         top_p=1.0,
         max_new_tokens=args.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=ends,
     )
     flat = [p for p in prompts for _ in range(n)]
     responses, has_eos = [], []
@@ -486,20 +497,29 @@ def generate_hf(model, tokenizer, prompts: list[str], n: int, args, accelerator)
             add_special_tokens=False,
         ).to(accelerator.device)
         out = model.generate(**enc, generation_config=config)[:, enc.input_ids.shape[1] :]
-        out, mask, eos = truncate_after_eos(out, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        out, mask, eos = truncate_after_eos(out, ends, tokenizer.pad_token_id)
         responses += [row[:n] for row, n in zip(out.tolist(), mask.sum(1).tolist())]
         has_eos += eos.tolist()
     return responses, has_eos
 
 
+def generation_config_of(path: str, trust_remote_code: bool) -> GenerationConfig:
+    """The generation config that `from_pretrained` gives the model at `path` (its generation_config.json, else one
+    made from its config), read without loading the weights."""
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+
+
 def generate_vllm(path: str, tokenizer, prompts: list[str], n: int, args) -> tuple[list[list[int]], list[bool]]:
     """n samples per prompt with vLLM, drawn as generate_hf draws them: from the ids of as_query(prompt) (the chat
     template where there is one; no special tokens added), at the same temperature (top_k off, top_p 1.0) and length
-    budget, stopped by the tokenizer's EOS only (not by the other end ids a model's generation config may list, as
-    Llama-3-Instruct's does), cut after the first EOS (EOS kept). One engine seed and no per-request seed: vLLM gives
-    every request with the same seed the same random stream (a prompt that occurs twice got the same completions
-    twice), and its CPU build fails on a seeded request whose prefill is split ('CPU Generator does not use offset').
-    tests/test_vllm.py checks all of it against generate_hf."""
+    budget, stopped at the same ids (`completion_end_ids`: the tokenizer's EOS and the generation config's), cut after
+    the first of them (kept). One engine seed and no per-request seed: vLLM gives every request with the same seed
+    the same random stream (a prompt that occurs twice got the same completions twice), and its CPU build fails on
+    a seeded request whose prefill is split ('CPU Generator does not use offset'). tests/test_vllm.py checks all of
+    it against generate_hf."""
     try:
         from vllm import LLM, SamplingParams
     except ImportError as e:
@@ -511,6 +531,7 @@ def generate_vllm(path: str, tokenizer, prompts: list[str], n: int, args) -> tup
     queries = [
         {"prompt_token_ids": tokenizer(as_query(tokenizer, p), add_special_tokens=False).input_ids} for p in prompts
     ]
+    ends = completion_end_ids(tokenizer, generation_config_of(path, args.trust_remote_code))
     llm = LLM(
         model=path,
         seed=args.seed,
@@ -524,13 +545,13 @@ def generate_vllm(path: str, tokenizer, prompts: list[str], n: int, args) -> tup
         top_p=1.0,
         max_tokens=args.max_new_tokens,
         ignore_eos=True,  # vLLM's own EOS set (the tokenizer's and the generation config's) is replaced by ...
-        stop_token_ids=[tokenizer.eos_token_id],  # ... generate_hf's one EOS
+        stop_token_ids=ends,  # ... generate_hf's, the same ids spelt out
     )
     responses, has_eos = [], []
     for request in llm.generate(queries, params):
         for o in request.outputs:
             t, mask, e = truncate_after_eos(
-                torch.tensor([list(o.token_ids)], dtype=torch.long), tokenizer.eos_token_id, tokenizer.pad_token_id
+                torch.tensor([list(o.token_ids)], dtype=torch.long), ends, tokenizer.pad_token_id
             )
             responses.append(t[0, : int(mask.sum())].tolist())
             has_eos.append(bool(e[0]))

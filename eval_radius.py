@@ -555,14 +555,23 @@ def reward_and_features(rm, ids, mask):
     return reward - getattr(rm.config, "reward_offset", 0.0), h
 
 
-def truncate_after_eos(response, eos_id, pad_id):
-    """Keep each completion up to and including its first EOS; the tokens after it become `pad_id`.
-    Returns (response, mask (1 on the kept tokens), has_eos (N,) bool)."""
-    is_eos = response == eos_id
+def truncate_after_eos(response, eos_ids, pad_id):
+    """Keep each completion up to and including its first EOS, any id of `eos_ids` (one id or a list: see
+    `completion_end_ids`); the tokens after it become `pad_id`. Returns (response, mask (1 on the kept tokens),
+    has_eos (N,) bool)."""
+    is_eos = torch.isin(response, torch.as_tensor(eos_ids, dtype=response.dtype, device=response.device))
     has_eos = is_eos.any(1)
     first = torch.where(has_eos, is_eos.int().argmax(1), response.shape[1])
     mask = torch.arange(response.shape[1], device=response.device).unsqueeze(0) <= first.unsqueeze(1)
     return response.masked_fill(~mask, pad_id), mask.long(), has_eos
+
+
+def completion_end_ids(tokenizer, generation_config) -> list:
+    """The ids a completion ends at, in every stage (as TRL's GRPOTrainer and vLLM end it): the tokenizer's EOS and
+    every EOS id of the model's generation config, where a chat model lists its end-of-turn token (Qwen2.5-Instruct:
+    <|im_end|> and <|endoftext|>). Sampling stops at any of them and `truncate_after_eos` cuts at the first."""
+    eos = generation_config.eos_token_id
+    return sorted({tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])} - {None})
 
 
 def rm_input_ids(tokenizer, prompt: str, response: str, max_length: int, chat: bool) -> list[int]:
@@ -828,7 +837,7 @@ if __name__ == "__main__":
     trust = dict(trust_remote_code=args.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(args.policy_path, padding_side="left", **trust)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # only if it has none (pad is masked anyway)
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id
     check_same_tokenizer(tokenizer, args.reward_model_path, args.trust_remote_code)  # it reads the policy's ids
     prompts = build_prompts(rows, tokenizer, args.max_prompt_length, where)
     K = args.num_generations
@@ -843,6 +852,7 @@ if __name__ == "__main__":
     t0 = time.perf_counter()
     policy = AutoModelForCausalLM.from_pretrained(args.policy_path, dtype=dtype, **trust).to(device).eval()
     policy.generation_config.pad_token_id = pad_id
+    policy.generation_config.eos_token_id = completion_end_ids(tokenizer, policy.generation_config)  # as the trainer
     enc = tokenizer(
         [as_query(tokenizer, p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False
     ).to(device)
@@ -860,7 +870,7 @@ if __name__ == "__main__":
             for i in tqdm(chunks, desc="generate")
         ]
     )
-    response, response_mask, has_eos = truncate_after_eos(generated, eos_id, pad_id)
+    response, response_mask, has_eos = truncate_after_eos(generated, policy.generation_config.eos_token_id, pad_id)
     del policy
     texts = tokenizer.batch_decode([r[: int(m.sum()) - int(e)] for r, m, e in zip(response, response_mask, has_eos)])
     timing["generation"] = time.perf_counter() - t0

@@ -493,7 +493,6 @@ def main():
         trust = dict(trust_remote_code=args.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(args.policy_path, padding_side="left", **trust)
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # only if it has none (pad is masked anyway)
-        eos_id = tokenizer.eos_token_id
         prompts = build_prompts(rows, tokenizer, args.max_prompt_length, where)
         # --- method: inputs ---
         check_reward_config(args.reward_model_path, args.trust_remote_code, "--reward-model-path")
@@ -517,6 +516,7 @@ def main():
         start_step = checkpoint_step(ckpt)
         dtype = torch.bfloat16 if args.bf16 else torch.float32
         policy, ref_policy = load_policies(args, ckpt, tokenizer, dtype)
+        ends = end_ids(policy)  # a completion ends at any of these ids (`completion_end_ids`)
         warning = learning_rate_warning(policy, args.learning_rate, PRESETS["tiny"].learning_rate)
         if warning and accelerator.is_main_process:
             print(warning)
@@ -561,7 +561,7 @@ def main():
         ).to(device)
         query, query_mask = enc.input_ids.repeat_interleave(K, 0), enc.attention_mask.repeat_interleave(K, 0)
         generated = rollouts(accelerator.unwrap_model(policy), query, query_mask, args, tokenizer.pad_token_id)
-        response, response_mask, has_eos = truncate_after_eos(generated, eos_id, tokenizer.pad_token_id)
+        response, response_mask, has_eos = truncate_after_eos(generated, ends, tokenizer.pad_token_id)
         t1 = time.perf_counter()
 
         # 2. scoring: reward AND features from one proxy-RM forward; reference log-probs for the KL
@@ -1146,14 +1146,23 @@ def reward_and_features(rm, ids, mask):
     return reward - getattr(rm.config, "reward_offset", 0.0), h
 
 
-def truncate_after_eos(response, eos_id, pad_id):
-    """Keep each completion up to and including its first EOS; the tokens after it become `pad_id`.
-    Returns (response, mask (1 on the kept tokens), has_eos (N,) bool)."""
-    is_eos = response == eos_id
+def truncate_after_eos(response, eos_ids, pad_id):
+    """Keep each completion up to and including its first EOS, any id of `eos_ids` (one id or a list: see
+    `completion_end_ids`); the tokens after it become `pad_id`. Returns (response, mask (1 on the kept tokens),
+    has_eos (N,) bool)."""
+    is_eos = torch.isin(response, torch.as_tensor(eos_ids, dtype=response.dtype, device=response.device))
     has_eos = is_eos.any(1)
     first = torch.where(has_eos, is_eos.int().argmax(1), response.shape[1])
     mask = torch.arange(response.shape[1], device=response.device).unsqueeze(0) <= first.unsqueeze(1)
     return response.masked_fill(~mask, pad_id), mask.long(), has_eos
+
+
+def completion_end_ids(tokenizer, generation_config) -> list:
+    """The ids a completion ends at, in every stage (as TRL's GRPOTrainer and vLLM end it): the tokenizer's EOS and
+    every EOS id of the model's generation config, where a chat model lists its end-of-turn token (Qwen2.5-Instruct:
+    <|im_end|> and <|endoftext|>). Sampling stops at any of them and `truncate_after_eos` cuts at the first."""
+    eos = generation_config.eos_token_id
+    return sorted({tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])} - {None})
 
 
 def rm_input_ids(tokenizer, prompt: str, response: str, max_length: int, chat: bool) -> list[int]:
@@ -1211,6 +1220,7 @@ def load_policies(args, ckpt, tokenizer, dtype):
     trust = dict(trust_remote_code=args.trust_remote_code)
     policy = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "model") if ckpt else args.policy_path, **trust)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
+    policy.generation_config.eos_token_id = completion_end_ids(tokenizer, policy.generation_config)  # `end_ids` reads
     if args.gradient_checkpointing:  # acts in train mode, which policy_update sets
         policy.gradient_checkpointing_enable()
         policy.disable_input_require_grads()  # a hook for frozen (PEFT) embeddings; torch.compile rejects it
@@ -1276,7 +1286,7 @@ def heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold,
     Returns {"eval/{split}/gold_reward", "eval/{split}/win_rate", "eval/{split}/proxy_reward",
     "eval/{split}/length", "eval/{split}/no_eos_rate"}, over all the split's prompts, on every process."""
     device = accelerator.device
-    model, pad_id, eos_id = accelerator.unwrap_model(policy), tokenizer.pad_token_id, tokenizer.eos_token_id
+    model, pad_id = accelerator.unwrap_model(policy), tokenizer.pad_token_id
     sampler = sample if args.generation_backend in ("hf", "vllm") else sample_static
     at_eval = replace(args, temperature=args.eval_temperature)
     metrics = {}
@@ -1298,7 +1308,7 @@ def heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold,
                     [as_query(tokenizer, p) for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False
                 ).to(device)
                 generated = sampler(model, enc.input_ids, enc.attention_mask, at_eval, pad_id)
-                response, response_mask, has_eos = truncate_after_eos(generated, eos_id, pad_id)
+                response, response_mask, has_eos = truncate_after_eos(generated, end_ids(model), pad_id)
                 texts = tokenizer.batch_decode(  # as eval_gold.py: the tokens up to the EOS, special ones dropped
                     [r[: int(m.sum())] for r, m in zip(response, response_mask)], skip_special_tokens=True
                 )
@@ -1638,7 +1648,8 @@ def sample(policy, query, query_mask, args, pad_id):
 
 
 def end_ids(policy) -> list:
-    """The ids `generate` stops at: the EOS of `policy.generation_config`, one id or a list of them."""
+    """The ids `generate` stops at: the EOS of `policy.generation_config`, one id or a list of them (`load_policies`
+    sets them to `completion_end_ids`)."""
     eos = policy.generation_config.eos_token_id
     return [eos] if isinstance(eos, int) else list(eos or [])
 

@@ -579,14 +579,23 @@ def reward_and_features(rm, ids, mask):
     return reward - getattr(rm.config, "reward_offset", 0.0), h
 
 
-def truncate_after_eos(response, eos_id, pad_id):
-    """Keep each completion up to and including its first EOS; the tokens after it become `pad_id`.
-    Returns (response, mask (1 on the kept tokens), has_eos (N,) bool)."""
-    is_eos = response == eos_id
+def truncate_after_eos(response, eos_ids, pad_id):
+    """Keep each completion up to and including its first EOS, any id of `eos_ids` (one id or a list: see
+    `completion_end_ids`); the tokens after it become `pad_id`. Returns (response, mask (1 on the kept tokens),
+    has_eos (N,) bool)."""
+    is_eos = torch.isin(response, torch.as_tensor(eos_ids, dtype=response.dtype, device=response.device))
     has_eos = is_eos.any(1)
     first = torch.where(has_eos, is_eos.int().argmax(1), response.shape[1])
     mask = torch.arange(response.shape[1], device=response.device).unsqueeze(0) <= first.unsqueeze(1)
     return response.masked_fill(~mask, pad_id), mask.long(), has_eos
+
+
+def completion_end_ids(tokenizer, generation_config) -> list:
+    """The ids a completion ends at, in every stage (as TRL's GRPOTrainer and vLLM end it): the tokenizer's EOS and
+    every EOS id of the model's generation config, where a chat model lists its end-of-turn token (Qwen2.5-Instruct:
+    <|im_end|> and <|endoftext|>). Sampling stops at any of them and `truncate_after_eos` cuts at the first."""
+    eos = generation_config.eos_token_id
+    return sorted({tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else eos or [])} - {None})
 
 
 def rm_input_ids(tokenizer, prompt: str, response: str, max_length: int, chat: bool) -> list[int]:
@@ -638,7 +647,7 @@ def heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold,
     Returns {"eval/{split}/gold_reward", "eval/{split}/win_rate", "eval/{split}/proxy_reward",
     "eval/{split}/length", "eval/{split}/no_eos_rate"}, over all the split's prompts, on every process."""
     device = accelerator.device
-    model, pad_id, eos_id = accelerator.unwrap_model(policy), tokenizer.pad_token_id, tokenizer.eos_token_id
+    model, pad_id = accelerator.unwrap_model(policy), tokenizer.pad_token_id
     sampler = sample if args.generation_backend in ("hf", "vllm") else sample_static
     at_eval = replace(args, temperature=args.eval_temperature)
     metrics = {}
@@ -660,7 +669,7 @@ def heldout_eval(policy, tokenizer, rm, gold, gold_tok, heldout, reference_gold,
                     [as_query(tokenizer, p) for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False
                 ).to(device)
                 generated = sampler(model, enc.input_ids, enc.attention_mask, at_eval, pad_id)
-                response, response_mask, has_eos = truncate_after_eos(generated, eos_id, pad_id)
+                response, response_mask, has_eos = truncate_after_eos(generated, end_ids(model), pad_id)
                 texts = tokenizer.batch_decode(  # as eval_gold.py: the tokens up to the EOS, special ones dropped
                     [r[: int(m.sum())] for r, m in zip(response, response_mask)], skip_special_tokens=True
                 )
@@ -710,7 +719,8 @@ def sample(policy, query, query_mask, args, pad_id):
 
 
 def end_ids(policy) -> list:
-    """The ids `generate` stops at: the EOS of `policy.generation_config`, one id or a list of them."""
+    """The ids `generate` stops at: the EOS of `policy.generation_config`, one id or a list of them (`load_policies`
+    sets them to `completion_end_ids`)."""
     eos = policy.generation_config.eos_token_id
     return [eos] if isinstance(eos, int) else list(eos or [])
 
@@ -1050,6 +1060,8 @@ if __name__ == "__main__":
         train_dataset=train,
         processing_class=tokenizer,
     )
+    # the held-out evaluation's sampler (`generate`) stops where TRL's rollouts stop: at `completion_end_ids`
+    trainer.model.generation_config.eos_token_id = completion_end_ids(tokenizer, trainer.model.generation_config)
     if trainer.accelerator.is_main_process:
         print(
             f"[{args.exp_name}] trl {TESTED_TRL} (tested), {num_processes} process(es) x {local_prompts} prompts x "

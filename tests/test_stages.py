@@ -356,6 +356,33 @@ def test_truncate_after_eos_and_penalty(script):
     # eos != pad: tokens after the EOS become pad, the EOS stays
     out, mask, _ = mod.truncate_after_eos(torch.tensor([[3, 9, 4, 9]]), 9, 1)
     assert out.tolist() == [[3, 9, 1, 1]] and mask.tolist() == [[1, 1, 0, 0]]
+    # several end ids (`completion_end_ids`): the first of any
+    out, mask, has_eos = mod.truncate_after_eos(torch.tensor([[3, 4, 9, 4], [3, 5, 6, 7]]), [9, 4], 1)
+    assert out.tolist() == [[3, 4, 1, 1], [3, 5, 6, 7]] and has_eos.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("script", ["gen_prefs", "eval_gold"])
+def test_generate_hf_stops_at_every_end_id(script, ci_world, tmp_path):
+    """generate_hf with a policy whose generation config lists ' mess' as its only end id: the completions stop at
+    the tokenizer's EOS or at ' mess', whichever comes first (both occur), with nothing after it; has_eos is True for
+    both. Seen failing with generate_hf stopping and cutting at the tokenizer's EOS only (' mess' mid-completion)."""
+    from types import SimpleNamespace
+
+    from test_trainer import policy_with_a_second_end_id
+    from transformers import AutoModelForCausalLM
+
+    mod = __import__(script)
+    folder, second = policy_with_a_second_end_id(ci_world, tmp_path / "policy")
+    tok = mod.load_tokenizer(str(folder), False)
+    policy = AutoModelForCausalLM.from_pretrained(folder).eval()
+    args = SimpleNamespace(temperature=1.0, max_new_tokens=8, generation_batch_size=64)
+    torch.manual_seed(0)
+    cpu = SimpleNamespace(device=torch.device("cpu"), is_main_process=False)
+    responses, has_eos = mod.generate_hf(policy, tok, ["my savings are"], 64, args, cpu)
+    ends = {tok.eos_token_id, second}
+    for ids, ended in zip(responses, has_eos):
+        assert not ends & set(ids[:-1]) and ended == (ids[-1] in ends) and (ended or len(ids) == 8), ids
+    assert ends <= {ids[-1] for ids in responses}  # both end some completions
 
 
 # ---------------------------------------------------------------- bad input

@@ -343,6 +343,78 @@ def test_truncate_after_eos():
     assert out.tolist() == [[5, 6, 0, 1, 1], [5, 6, 7, 8, 9], [0, 1, 1, 1, 1]]  # filled with pad = 1
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert has_eos.tolist() == [True, False, True]
+    # several end ids (`completion_end_ids`): the cut is at the first of any of them
+    out, mask, has_eos = truncate_after_eos(response, [0, 7], 1)
+    assert out.tolist() == [[5, 6, 0, 1, 1], [5, 6, 7, 1, 1], [0, 1, 1, 1, 1]]
+    assert mask.sum(1).tolist() == [3, 3, 1] and has_eos.tolist() == [True, True, True]
+
+
+@pytest.mark.parametrize(
+    "config_eos, ends", [(0, [0]), (None, [0]), ([7], [0, 7]), ([7, 0], [0, 7]), (7, [0, 7]), ([], [0])]
+)
+def test_completion_end_ids_are_the_tokenizers_eos_and_the_generation_configs(config_eos, ends):
+    tokenizer = SimpleNamespace(eos_token_id=0)
+    assert grpo_signcert.completion_end_ids(tokenizer, SimpleNamespace(eos_token_id=config_eos)) == ends
+
+
+SECOND_END_WORD = " mess"  # a word of the world, made an end token of the generation config below
+
+
+def policy_with_a_second_end_id(world, dest):
+    """A copy of the CI world's EOS-emitting policy whose generation config lists ' mess' as its ONLY end id (not the
+    tokenizer's EOS: both sides of the union are needed), with the logit of ' mess' raised as the EOS's is (each ends
+    about 1 token in 11). Returns (folder, the id of ' mess')."""
+    shutil.copytree(world / "policy", dest)
+    tok = AutoTokenizer.from_pretrained(dest)
+    (second,) = tok(SECOND_END_WORD, add_special_tokens=False).input_ids
+    policy = AutoModelForCausalLM.from_pretrained(dest)
+    with torch.no_grad():
+        policy.get_output_embeddings().weight[second, 0] = 0.7
+    policy.generation_config.eos_token_id = [second]
+    policy.save_pretrained(dest)
+    return dest, second
+
+
+def test_completions_end_at_the_tokenizers_eos_and_at_every_end_id_of_the_generation_config(world, tmp_path):
+    """A chat model's generation config lists its end-of-turn token besides (or instead of) the tokenizer's EOS. The
+    trainer's policy stops at both (`load_policies` writes `completion_end_ids` into its generation config, which
+    `generate` reads) and the rollouts are cut at the first of them: no end id inside a kept completion, nothing but
+    pad after one, and both ids end some completions. Seen failing with the cut and the stop at one id only."""
+    folder, second = policy_with_a_second_end_id(world, tmp_path / "policy")
+    tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    eos, pad, budget = tok.eos_token_id, tok.pad_token_id, 8
+    args = SimpleNamespace(policy_path=str(folder), trust_remote_code=False, gradient_checkpointing=False,
+                           generation_backend="hf", generation_batch_size=64, temperature=1.0, max_new_tokens=budget)  # fmt: skip
+    policy, _ = grpo_signcert.load_policies(args, None, tok, torch.float32)
+    assert grpo_signcert.end_ids(policy) == sorted([eos, second]) and eos != second != pad
+    enc = tok(["my savings are"] * 64, return_tensors="pt", add_special_tokens=False)
+    torch.manual_seed(0)
+    generated = grpo_signcert.rollouts(policy, enc.input_ids, enc.attention_mask, args, pad)
+    response, mask, has_eos = truncate_after_eos(generated, grpo_signcert.end_ids(policy), pad)
+    last = []
+    for row, kept, ended in zip(generated.tolist(), mask.sum(1).tolist(), has_eos.tolist()):
+        ends_at = [i for i, t in enumerate(row) if t in (eos, second)]
+        assert kept == (ends_at[0] + 1 if ends_at else budget) and ended == bool(ends_at)
+        assert all(t == pad for t in row[kept:])  # generation stopped at the first end id, whichever it was
+        last += [row[kept - 1]] if ended else []
+    assert {eos, second} <= set(last), last  # both end ids end completions
+
+
+def test_the_run_counts_a_completion_stopped_by_the_second_end_id_as_ended(world, tmp_path):
+    """End to end (the loop's own cut): with the policy above (which samples ' mess' often: the test before), no
+    logged completion holds ' mess': each that sampled it ended there, and its text, as the gold reads it, stops
+    before its end token, as before an EOS. Seen failing with the cut at the tokenizer's EOS only: ' mess' then
+    followed by the pads, and the completion without EOS (the missing-EOS penalty)."""
+    folder, _ = policy_with_a_second_end_id(world, tmp_path / "world" / "policy")
+    for name in ("gold_rm", "data", "rm"):
+        (tmp_path / "world" / name).symlink_to(world / name)
+    out = tmp_path / "run"
+    proc = subprocess.run(trainer_cmd(tmp_path / "world", out, "--total-steps", "2", "--log-samples-every", "1"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = [s for rows in read_samples(out).values() for s in rows]
+    assert len(samples) == 2 * 16 and any(s["has_eos"] for s in samples)
+    assert [s for s in samples if SECOND_END_WORD.strip() in s["response"]] == []
 
 
 def test_reward_is_read_at_the_last_real_token_with_any_padding_and_pad_equal_eos():

@@ -6,7 +6,8 @@ the real tokenizer, chat template and Llama architecture; its EOS logit raised s
 end, as in tests/test_real_model.py), and each is compared with the same script's HF path:
   - the engine reads the query the policy reads everywhere else (as_query: the chat template), token for token;
   - at temperature 0.01 (eval_gold.py's) vLLM's completions are HF's, token for token, with the same endings;
-  - completions end at the first EOS (kept) or at the length budget, and only there;
+  - completions end at the first end token (kept) or at the length budget, and only there: the end tokens are the
+    tokenizer's EOS and every EOS id of the model's generation config (`completion_end_ids`), in every path;
   - at temperature 1 (gen_prefs.py's) the engine's log-probability of every sampled token is HF's under the
     templated query (not under the plain prompt: the chat-template bug), and vLLM's samples have the distribution of
     HF's (a two-sample test that rejects HF's samples of the plain prompt);
@@ -47,7 +48,11 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "VLLM_CPU_
 WORDS = "my dog cat rent car job boss friend mom dad sister house plan trip money school exam party game phone".split()
 TRAIN_PROMPTS, NUM_SAMPLES, SAMPLE_TOKENS = 4, 32, 12  # gen_prefs.py: 4 train prompts (+ one repeated), temperature 1
 EVAL_PROMPTS, EVAL_TOKENS = 8, 5  # eval_gold.py: temperature 0.01 (its near-greedy completions end after 5 to 9)
-SECOND_END = 216  # ' ': listed as an end token by the test policy's generation config, not the tokenizer's EOS
+# ' "': listed as an end token by the test policy's generation config, not the tokenizer's EOS; in about 1 in 5 of
+# gen_prefs.py's completions at temperature 1, never on eval_gold.py's near-greedy paths (which then still end both
+# ways, at EOS and at the budget; ' ', in all of them, ended every one at its second token)
+SECOND_END = 476
+END_IDS = [2, SECOND_END]  # the ids every path ends a completion at: the tokenizer's EOS (2) and the second
 # the two fields of an Accelerator that generate_hf reads
 CPU = SimpleNamespace(device=torch.device("cpu"), is_main_process=False)
 
@@ -76,7 +81,7 @@ def smollm2_cut(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def vllm_world(tmp_path_factory, smollm2_cut) -> Path:
     """policy/: the cut with its EOS raised (ends ~1 token in 10) and a generation config that lists a second end
-    token, as Llama-3-Instruct's does (' ', id 216, sampled often here; the scripts stop at the tokenizer's EOS only);
+    token, as Llama-3-Instruct's and Qwen2.5-Instruct's do (' "', id 476: every path ends a completion there too);
     data/: TL;DR rows, the first training row twice."""
     from test_real_model import eos_boosted
 
@@ -145,8 +150,10 @@ def query_ids(tok, prompt: str) -> list[int]:
     return tok(gen_prefs.as_query(tok, prompt), add_special_tokens=False).input_ids
 
 
-def cut_after_eos(ids: list[int], eos: int) -> list[int]:
-    return ids[: ids.index(eos) + 1] if eos in ids else ids
+def cut_after_end(ids: list[int]) -> list[int]:
+    """ids up to and including the first of END_IDS (all of them if none)."""
+    ends = [i for i, t in enumerate(ids) if t in END_IDS]
+    return ids[: ends[0] + 1] if ends else ids
 
 
 def fake_vllm(eos: int) -> ModuleType:
@@ -228,31 +235,35 @@ def test_eval_gold_samples_hf_completions_at_temperature_0_01(vllm_runs, vllm_wo
     assert [(s["has_eos"], s["length"]) for s in samples] == [(e, len(r)) for e, r in zip(hf_eos, hf_ids)]
     assert 0 < sum(hf_eos) < len(hf_eos)  # both kinds of ending occur
     _, call = recorded(vllm_runs, "eval_gold.py")
-    assert [cut_after_eos(r["outputs"][0]["token_ids"], tok.eos_token_id) for r in call["requests"]] == hf_ids
+    assert [cut_after_end(r["outputs"][0]["token_ids"]) for r in call["requests"]] == hf_ids
     assert call["params"]["temperature"] == 0.01 and call["params"]["n"] == 1
 
 
 @needs_vllm
 @pytest.mark.parametrize("script", ["gen_prefs.py", "eval_gold.py"])
 def test_completions_end_at_the_first_eos_or_at_the_length_budget(script, vllm_runs, vllm_world):
-    """Every completion the engine returned stops at its first EOS (kept) or has exactly the token budget without
-    an EOS (the second end token of the model's generation config does not stop it, as it does not stop
-    generate_hf); the script records each as the engine's ids up to that EOS, with has_eos and the length."""
+    """Every completion the engine returned stops at its first end token (kept), the tokenizer's EOS or the second
+    end id of the model's generation config (as generate_hf stops), or has exactly the token budget without one;
+    both end tokens do end some; the script records each as the engine's ids up to its end, with has_eos and the
+    length. Seen failing with the engine stopped at the tokenizer's EOS only (the second end id then sampled
+    mid-completion)."""
     tok = tokenizer_of(vllm_world / "policy")
-    eos = tok.eos_token_id
     _, call = recorded(vllm_runs, script)
+    assert sorted(call["params"]["stop_token_ids"]) == END_IDS
     budget = call["params"]["max_tokens"]
     assert budget == (SAMPLE_TOKENS if script == "gen_prefs.py" else EVAL_TOKENS)
     completions = [o for r in call["requests"] for o in r["outputs"]]
     for o in completions:
         ids = o["token_ids"]
         if o["finish_reason"] == "stop":
-            assert eos in ids and ids.index(eos) == len(ids) - 1, o
+            assert ids[-1] in END_IDS and not set(ids[:-1]) & set(END_IDS), o
         else:
-            assert o["finish_reason"] == "length" and len(ids) == budget and eos not in ids, o
+            assert o["finish_reason"] == "length" and len(ids) == budget and not set(ids) & set(END_IDS), o
     ended = [o["finish_reason"] == "stop" for o in completions]
     assert 0 < sum(ended) < len(ended)
-    assert any(SECOND_END in o["token_ids"] for o in completions)  # sampled, and not taken as an end
+    last = [o["token_ids"][-1] for o, e in zip(completions, ended) if e]
+    if script == "gen_prefs.py":  # temperature 1: both end tokens end some completions
+        assert {2, SECOND_END} <= set(last), last
     if script == "gen_prefs.py":  # each pair written is two of the engine's completions of its prompt
         decoded = {}  # prompt ids -> the decoded completions of its requests (the repeated prompt has two)
         for r in call["requests"]:
@@ -334,7 +345,7 @@ def test_vllm_samples_have_the_distribution_of_hf_samples_at_temperature_1(prefs
         flat, _ = gen_prefs.generate_hf(policy, tok, prompts, NUM_SAMPLES, args, CPU)
         return [flat[i * NUM_SAMPLES : (i + 1) * NUM_SAMPLES] for i in range(len(prompts))]
 
-    engine = scores([[cut_after_eos(o["token_ids"], tok.eos_token_id) for o in r["outputs"]] for r in call["requests"]])
+    engine = scores([[cut_after_end(o["token_ids"]) for o in r["outputs"]] for r in call["requests"]])
     hf = scores(hf_samples())
     monkeypatch.setattr(gen_prefs, "as_query", lambda tokenizer, prompt: prompt)  # the old bug: the plain prompt
     plain = scores(hf_samples())
@@ -412,10 +423,10 @@ def test_the_trainers_engine_samples_from_the_policy_after_each_update(trainer_r
 @needs_vllm
 def test_the_trainer_trains_on_what_the_engine_sampled(trainer_run, vllm_world):
     """The rollouts the update used (samples.jsonl, every step) are the engine's completions: per step, the same
-    multiset of lengths and endings, the completions padded with the pad id and cut after the first EOS as under
-    `generate` (here the pad id is the EOS: a completion stopped by the second end id gets one); the engine read the templated
-    queries of the step's prompts (as_query), one request per completion, at temperature 1 with the generation
-    config's end ids as its stops."""
+    multiset of lengths and endings, each completion cut after its first end token, the tokenizer's EOS or the
+    second end id (seen failing when the trainer cut at the tokenizer's EOS only: a completion stopped by the second
+    end id then counted as unended, padded to the budget); the engine read the templated queries of the step's
+    prompts (as_query), one request per completion, at temperature 1 with both end ids as its stops."""
     tok = tokenizer_of(vllm_world / "policy")
     (entry,) = json.loads((trainer_run / "record.json").read_text())
     calls = entry["record"][1:]
@@ -425,8 +436,7 @@ def test_the_trainer_trains_on_what_the_engine_sampled(trainer_run, vllm_world):
         outputs = [r["outputs"][0]["token_ids"] for r in call["requests"]]
         assert call["params"]["temperature"] == 1.0 and call["params"]["n"] == 1 and call["params"]["ignore_eos"]
         assert sorted(call["params"]["stop_token_ids"]) == [2, SECOND_END]
-        padded = [o + [tok.pad_token_id] * (RL_TOKENS - len(o)) for o in outputs]  # as the trainer pads them
-        ends = [p.index(tok.eos_token_id) + 1 if tok.eos_token_id in p else None for p in padded]
+        ends = [len(cut_after_end(o)) if set(o) & set(END_IDS) else None for o in outputs]
         assert sorted(e or RL_TOKENS for e in ends) == sorted(r["length"] for r in rows)
         assert sorted(e is not None for e in ends) == sorted(r["has_eos"] for r in rows)
         queries = sorted(query_ids(tok, r["prompt"]) for r in rows)
