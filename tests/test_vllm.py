@@ -14,7 +14,8 @@ end, as in tests/test_real_model.py), and each is compared with the same script'
   - a prompt that occurs twice gets two independent sets of completions.
 And the trainer's rollouts (`grpo_signcert.py --generation-backend vllm`, 3 steps): each step's engine samples from
 the policy as the last update left it (its log-probs are HF's under the checkpoint), and the update trains on what
-the engine sampled.
+the engine sampled; under `accelerate launch` with 2 processes (gloo on the CPU, as on 2 GPUs) each process's own
+engine does so for its own share of the prompts.
 
 They need vLLM, which pins transformers below the main environment's, so they run in a virtual environment of their
 own (`bash tools/install_vllm.sh VENV`, requirements-vllm.txt) and skip, saying so, where vLLM is not installed
@@ -33,7 +34,7 @@ from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
-from conftest import built_once, read_jsonl
+from conftest import accelerate_cmd, built_once, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -441,3 +442,54 @@ def test_the_trainer_trains_on_what_the_engine_sampled(trainer_run, vllm_world):
         assert sorted(e is not None for e in ends) == sorted(r["has_eos"] for r in rows)
         queries = sorted(query_ids(tok, r["prompt"]) for r in rows)
         assert sorted(r["prompt_token_ids"] for r in call["requests"]) == queries
+
+
+@pytest.fixture(scope="session")
+def trainer_run_2_processes(tmp_path_factory, vllm_world, smollm2_cut) -> Path:
+    """trainer_run's run under `accelerate launch` with 2 processes, each with its own engine (one prompt x 4
+    completions each per step), recorded by tests/vllm_worker.py per process (record.json.rank0, .rank1)."""
+
+    def build(out):
+        out.mkdir(parents=True)
+        cmd = accelerate_cmd(2) + [
+            "tests/vllm_worker.py", out / "record.json", "grpo_signcert.py", "--generation-backend", "vllm",
+            "--policy-path", vllm_world / "policy", "--reward-model-path", smollm2_cut / "rm",
+            "--dataset", vllm_world / "data", "--gold-rm-path", smollm2_cut / "rm", "--seed", 1,
+            "--total-steps", RL_STEPS, "--save-every", 1, "--num-prompts-per-step", 2, "--num-generations", 4,
+            "--max-new-tokens", RL_TOKENS, "--micro-batch-size", 4, "--eval-every", 0, "--log-samples-every", 1,
+            "--learning-rate", 1e-3, "--output-dir", out / "run",
+        ]  # fmt: skip
+        proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    return built_once(tmp_path_factory, "trainer_run_2_processes", build)
+
+
+@needs_vllm
+def test_two_processes_each_sample_their_share_from_the_policy_after_each_update(trainer_run_2_processes, vllm_world):
+    """Under `accelerate launch` with 2 processes: each process made its own engine (in-process, seeded seed + rank)
+    and, at every step, sampled its own prompt's 4 completions (the two processes' queries are the step's two
+    groups' prompts in samples.jsonl); at step 3 each engine's log-probability of every token it sampled is the
+    HF log-probability under the checkpoint of step 2 (to 2e-3; under the initial policy off by more than 0.05): both
+    engines got the weights of the update the two processes made together."""
+    from transformers import AutoModelForCausalLM
+
+    tok = tokenizer_of(vllm_world / "policy")
+    runs = trainer_run_2_processes
+    initial = AutoModelForCausalLM.from_pretrained(vllm_world / "policy").eval()
+    after_2 = AutoModelForCausalLM.from_pretrained(runs / "run" / "checkpoint-2" / "model").eval()
+    records = [json.loads((runs / f"record.json.rank{rank}").read_text()) for rank in (0, 1)]
+    samples = read_jsonl(runs / "run" / "samples.jsonl")
+    calls = []
+    for rank, record in enumerate(records):
+        (entry,) = record
+        llm, *per_step = entry["record"]
+        assert llm["llm"]["distributed_executor_backend"] == "external_launcher" and llm["llm"]["seed"] == 1 + rank
+        assert len(per_step) == RL_STEPS and all(len(c["requests"]) == 4 for c in per_step)
+        assert engine_vs_hf(per_step[2], after_2) < 2e-3 and engine_vs_hf(per_step[2], initial) > 0.05
+        calls.append(per_step)
+    for step in range(1, RL_STEPS + 1):
+        mine = [{tuple(r["prompt_token_ids"]) for r in calls[rank][step - 1]["requests"]} for rank in (0, 1)]
+        assert len(mine[0]) == len(mine[1]) == 1  # each process: its one prompt, 4 times
+        groups = {s["group"]: tuple(query_ids(tok, s["prompt"])) for s in samples if s["step"] == step}
+        assert sorted(groups) == [0, 1] and sorted(groups.values()) == sorted([*mine[0], *mine[1]])

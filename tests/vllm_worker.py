@@ -7,7 +7,8 @@ added to a copy of the parameters: it asks for the sampled token's log-probabili
     python tests/vllm_worker.py OUT.json SCRIPT ARG... [-- SCRIPT ARG...]...
 
 Every script runs as `__main__` in this process (runpy), one after the other. vLLM's engine runs in processes it
-starts itself, so this file's body is under `if __name__ == "__main__":` (a spawned process imports it again)."""
+starts itself, so this file's body is under `if __name__ == "__main__":` (a spawned process imports it again).
+Under `accelerate launch` (WORLD_SIZE > 1) each process writes its own record, OUT.json.rank{RANK}."""
 
 import json
 import os
@@ -54,6 +55,8 @@ if __name__ == "__main__":
     import vllm
 
     out, rest = sys.argv[1], sys.argv[2:]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        out = f"{out}.rank{os.environ['RANK']}"
     runs = []
     while rest:
         cut = rest.index("--") if "--" in rest else len(rest)
@@ -62,10 +65,18 @@ if __name__ == "__main__":
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     results, record = [], []
     recording(vllm, record)
+
+    def write(current=()):
+        with open(out, "w") as f:
+            json.dump(results + list(current), f)
+
+    exit_now = os._exit  # the trainers' non-main CPU processes leave by os._exit (see `finish`): write first
+
     for script, *argv in runs:
+        entry = {"script": script, "argv": argv, "record": record}
+        os._exit = lambda code, entry=entry: (write([entry]), exit_now(code))
         sys.argv = [os.path.join(root, script), *argv]
         runpy.run_path(sys.argv[0], run_name="__main__")
-        results.append({"script": script, "argv": argv, "record": list(record)})
+        results.append({**entry, "record": list(record)})
         record.clear()
-    with open(out, "w") as f:
-        json.dump(results, f)
+    write()
