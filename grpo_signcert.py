@@ -1220,7 +1220,8 @@ def load_policies(args, ckpt, tokenizer, dtype):
     trust = dict(trust_remote_code=args.trust_remote_code)
     policy = AutoModelForCausalLM.from_pretrained(os.path.join(ckpt, "model") if ckpt else args.policy_path, **trust)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    policy.generation_config.eos_token_id = completion_end_ids(tokenizer, policy.generation_config)  # `end_ids` reads
+    # the end ids every sampler stops at (`generate` reads them here, `end_ids` too), and the rollouts are cut at
+    policy.generation_config.eos_token_id = completion_end_ids(tokenizer, policy.generation_config)
     if args.gradient_checkpointing:  # acts in train mode, which policy_update sets
         policy.gradient_checkpointing_enable()
         policy.disable_input_require_grads()  # a hook for frozen (PEFT) embeddings; torch.compile rejects it
