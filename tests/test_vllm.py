@@ -376,17 +376,20 @@ def trainer_run(tmp_path_factory, vllm_world, smollm2_cut) -> Path:
     """grpo_signcert.py --generation-backend vllm on the EOS-raised cut, 3 steps of 2 prompts x 4 completions at a
     learning rate that moves it (1e-3), a checkpoint after every step (the last one kept: the policy after update 2,
     the one that sampled step 3), recorded by tests/vllm_worker.py (the engine's log-probability of every token)."""
+    return built_once(tmp_path_factory, "trainer_run", lambda out: run_trainer(out, vllm_world, smollm2_cut, 1))
 
-    def build(out):
-        out.mkdir(parents=True)
-        run("tests/vllm_worker.py", out / "record.json", "grpo_signcert.py", "--generation-backend", "vllm",
-            "--policy-path", vllm_world / "policy", "--reward-model-path", smollm2_cut / "rm",
-            "--dataset", vllm_world / "data", "--gold-rm-path", smollm2_cut / "rm", "--seed", 1,
-            "--total-steps", RL_STEPS, "--save-every", 1, "--num-prompts-per-step", 2, "--num-generations", 4,
-            "--max-new-tokens", RL_TOKENS, "--micro-batch-size", 8, "--eval-every", 0, "--log-samples-every", 1,
-            "--learning-rate", 1e-3, "--output-dir", out / "run")  # fmt: skip
 
-    return built_once(tmp_path_factory, "trainer_run", build)
+def run_trainer(out: Path, vllm_world: Path, smollm2_cut: Path, processes: int) -> None:
+    """The trainer fixtures' run into `out`: 3 steps of 2 prompts x 4 completions (all 8 in one micro-batch per
+    process), recorded by tests/vllm_worker.py; on `processes` > 1 under `accelerate launch`."""
+    out.mkdir(parents=True)
+    launch = accelerate_cmd(processes)[1:] if processes > 1 else []  # `run` puts sys.executable in front
+    run(*launch, "tests/vllm_worker.py", out / "record.json", "grpo_signcert.py", "--generation-backend", "vllm",
+        "--policy-path", vllm_world / "policy", "--reward-model-path", smollm2_cut / "rm",
+        "--dataset", vllm_world / "data", "--gold-rm-path", smollm2_cut / "rm", "--seed", 1,
+        "--total-steps", RL_STEPS, "--save-every", 1, "--num-prompts-per-step", 2, "--num-generations", 4,
+        "--max-new-tokens", RL_TOKENS, "--micro-batch-size", 8 // processes, "--eval-every", 0,
+        "--log-samples-every", 1, "--learning-rate", 1e-3, "--output-dir", out / "run")  # fmt: skip
 
 
 def engine_vs_hf(call: dict, policy) -> float:
@@ -449,20 +452,9 @@ def trainer_run_2_processes(tmp_path_factory, vllm_world, smollm2_cut) -> Path:
     """trainer_run's run under `accelerate launch` with 2 processes, each with its own engine (one prompt x 4
     completions each per step), recorded by tests/vllm_worker.py per process (record.json.rank0, .rank1)."""
 
-    def build(out):
-        out.mkdir(parents=True)
-        cmd = accelerate_cmd(2) + [
-            "tests/vllm_worker.py", out / "record.json", "grpo_signcert.py", "--generation-backend", "vllm",
-            "--policy-path", vllm_world / "policy", "--reward-model-path", smollm2_cut / "rm",
-            "--dataset", vllm_world / "data", "--gold-rm-path", smollm2_cut / "rm", "--seed", 1,
-            "--total-steps", RL_STEPS, "--save-every", 1, "--num-prompts-per-step", 2, "--num-generations", 4,
-            "--max-new-tokens", RL_TOKENS, "--micro-batch-size", 4, "--eval-every", 0, "--log-samples-every", 1,
-            "--learning-rate", 1e-3, "--output-dir", out / "run",
-        ]  # fmt: skip
-        proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-    return built_once(tmp_path_factory, "trainer_run_2_processes", build)
+    return built_once(
+        tmp_path_factory, "trainer_run_2_processes", lambda out: run_trainer(out, vllm_world, smollm2_cut, 2)
+    )
 
 
 @needs_vllm
